@@ -1,0 +1,2966 @@
+#!/usr/bin/env python3
+"""stromboli — run the Claude Code CLI inside Podman containers behind a REST API.
+
+One file, three dependencies (aiohttp, podman, pyjwt). Wire-compatible with upstream
+Stromboli (Go) v0.5.6: synchronous runs (POST /run), SSE streams (GET /run/stream), async
+jobs (POST /run/async, /jobs), resumable sessions, JWT auth, per-IP rate limiting and a
+Prometheus exporter. Where upstream is weak it is better: jobs survive restarts (SQLite),
+cancel really kills the container, containers are hardened by default.
+
+    python3 stromboli.py serve                  # run the daemon (the default command)
+    python3 stromboli.py check-config           # print the effective configuration
+    python3 stromboli.py image build --offline  # build the agent image from a local claude
+
+Configuration: flags > environment (STROMBOLI_*) > TOML file (--config,
+$STROMBOLI_CONFIG, /etc/stromboli/stromboli.toml) > defaults. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime as dt
+import fnmatch
+import functools
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import os
+import pathlib
+import re
+import secrets as pysecrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import tomllib
+import uuid
+from typing import Any, Awaitable, Callable, Iterable
+
+import aiohttp
+import jwt
+import podman
+import podman.errors
+from aiohttp import web
+
+VERSION = "0.5.6-alpha"
+log = logging.getLogger("stromboli")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+PLACEHOLDER_SECRETS = {
+    "change-me", "changeme", "replace-me", "your-secret-here", "your-jwt-secret",
+    "generate-with-openssl-rand-base64-32", "insecure-secret-do-not-use-in-prod", "test-secret",
+}
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration ("30m", "1h30m", "500ms", "0") into seconds."""
+    text = str(text).strip()
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for m in DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"invalid duration {text!r} (use Go syntax such as 30s, 5m, 1h)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def parse_list(text: Any) -> tuple[str, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(str(item).strip() for item in text if str(item).strip())
+    return tuple(item.strip() for item in str(text).split(",") if item.strip())
+
+
+def parse_env_pairs(text: Any) -> tuple[tuple[str, str], ...]:
+    """`KEY=VALUE,KEY2=VALUE2` (or a TOML table) → ordered pairs."""
+    if isinstance(text, dict):
+        return tuple((str(k), str(v)) for k, v in text.items())
+    pairs = []
+    for item in parse_list(text):
+        key, sep, value = item.partition("=")
+        if not sep or not ENV_NAME_RE.match(key):
+            raise ValueError(f"invalid KEY=VALUE pair {item!r}")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "str": str, "bool": parse_bool, "int": int, "float": float,
+    "duration": parse_duration, "list": parse_list, "env": parse_env_pairs,
+}
+
+
+def setting(default: Any, key: str, *env: str, kind: str = "str", secret: bool = False,
+            help: str = "") -> Any:
+    """A configuration field: its TOML key, environment names, parser and description."""
+    meta = {"key": key, "env": env, "kind": kind, "secret": secret, "help": help}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The daemon's whole configuration; every field is one documented setting."""
+
+    server_address: str = setting(":8080", "server.address", "STROMBOLI_SERVER_ADDRESS",
+                                  help="API listen address (host:port, :port)")
+    server_max_body_bytes: int = setting(10 * 1024 * 1024, "server.max_body_bytes",
+                                         "STROMBOLI_SERVER_MAX_BODY_BYTES", kind="int",
+                                         help="largest accepted request body (413 beyond)")
+    state_dir: str = setting("", "server.state_dir", "STROMBOLI_STATE_DIR", "STATE_DIRECTORY",
+                             help="SQLite store folder (default ~/.local/share/stromboli)")
+    podman_url: str = setting("", "podman.url", "STROMBOLI_PODMAN_URL", "CONTAINER_HOST",
+                              help="Podman API URL; empty = discover or start a private service")
+    max_concurrent_runs: int = setting(0, "server.max_concurrent_runs",
+                                       "STROMBOLI_MAX_CONCURRENT_RUNS", kind="int",
+                                       help="runs executing at once (0 = number of CPUs)")
+    agent_image: str = setting("stromboli-agent", "agent.image", "STROMBOLI_AGENT_IMAGE",
+                               help="default agent image")
+    agent_image_tag: str = setting("latest", "agent.image_tag", "STROMBOLI_AGENT_IMAGE_TAG",
+                                   help="default agent image tag")
+    agent_allowed_image_patterns: tuple = setting(
+        (), "agent.allowed_image_patterns", "STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS",
+        kind="list", help="image globs a request may choose (empty = any)")
+    agent_allowed_volumes: tuple = setting((), "agent.allowed_volumes",
+                                           "STROMBOLI_AGENT_ALLOWED_VOLUMES", kind="list",
+                                           help="host path roots a request may mount")
+    agent_allow_all_volumes: bool = setting(False, "agent.allow_all_volumes",
+                                            "STROMBOLI_AGENT_ALLOW_ALL_VOLUMES", kind="bool",
+                                            help="allow any host path (development only)")
+    agent_workdir_auto_create: bool = setting(True, "agent.workdir_auto_create",
+                                              "STROMBOLI_AGENT_WORKDIR_AUTO_CREATE", kind="bool",
+                                              help="mkdir -p the workdir inside the container")
+    agent_volume_auto_create: bool = setting(True, "agent.volume_auto_create",
+                                             "STROMBOLI_AGENT_VOLUME_AUTO_CREATE", kind="bool",
+                                             help="create missing host paths of volumes")
+    agent_mount_claude_cli: bool = setting(False, "agent.mount_claude_cli",
+                                           "STROMBOLI_AGENT_MOUNT_CLAUDE_CLI", kind="bool",
+                                           help="mount the CLI image into the base image")
+    agent_cli_image: str = setting("stromboli-agent", "agent.cli_image",
+                                   "STROMBOLI_AGENT_CLI_IMAGE", help="image that holds claude")
+    agent_cli_image_tag: str = setting("latest", "agent.cli_image_tag",
+                                       "STROMBOLI_AGENT_CLI_IMAGE_TAG", help="CLI image tag")
+    agent_credentials_file: str = setting("~/.claude/.credentials.json", "agent.credentials_file",
+                                          "STROMBOLI_AGENT_CREDENTIALS_FILE",
+                                          help="Claude OAuth credentials synced to a secret")
+    agent_sessions_dir: str = setting("", "agent.sessions_dir", "STROMBOLI_AGENT_SESSIONS_DIR",
+                                      help="session homes (default <state dir>/sessions)")
+    agent_sessions_host_dir: str = setting("", "agent.sessions_host_dir",
+                                           "STROMBOLI_AGENT_SESSIONS_HOST_DIR",
+                                           help="sessions dir as Podman sees it")
+    agent_network: str = setting("", "agent.network", "STROMBOLI_AGENT_NETWORK",
+                                 help="network mode: bridge, host, none or a network name")
+    agent_env: tuple = setting((), "agent.env", "STROMBOLI_AGENT_ENV", kind="env",
+                               help="KEY=VALUE pairs set in every agent container")
+    agent_pids_limit: int = setting(512, "agent.pids_limit", "STROMBOLI_AGENT_PIDS_LIMIT",
+                                    kind="int", help="process limit per agent container")
+    anthropic_api_key: str = setting("", "agent.anthropic_api_key", "ANTHROPIC_API_KEY",
+                                     secret=True, help="API key injected as a Podman secret")
+    anthropic_api_key_file: str = setting("", "agent.anthropic_api_key_file",
+                                          "STROMBOLI_ANTHROPIC_API_KEY_FILE",
+                                          help="file holding the API key")
+    resources_memory: str = setting("512m", "resources.memory", "STROMBOLI_RESOURCES_MEMORY",
+                                    "STROMBOLI_DEFAULT_MEMORY", help="default memory limit")
+    resources_cpus: str = setting("1", "resources.cpus", "STROMBOLI_RESOURCES_CPUS",
+                                  "STROMBOLI_DEFAULT_CPUS", help="default CPU limit")
+    resources_timeout: float = setting(1800.0, "resources.timeout", "STROMBOLI_RESOURCES_TIMEOUT",
+                                       "STROMBOLI_DEFAULT_TIMEOUT", kind="duration",
+                                       help="default run timeout")
+    auth_enabled: bool = setting(True, "auth.enabled", "STROMBOLI_AUTH_ENABLED", kind="bool",
+                                 help="require a token on protected routes")
+    auth_valid_tokens: tuple = setting((), "auth.valid_tokens", "STROMBOLI_API_TOKENS",
+                                       kind="list", secret=True, help="static bearer tokens")
+    auth_blacklist_cleanup_interval: float = setting(
+        3600.0, "auth.blacklist.cleanup_interval", "STROMBOLI_AUTH_BLACKLIST_CLEANUP_INTERVAL",
+        kind="duration", help="how often expired revocations are reaped")
+    jwt_secret: str = setting("", "jwt.secret", "STROMBOLI_JWT_SECRET", secret=True,
+                              help="HS256 signing secret (>= 32 chars)")
+    jwt_access_expiry: float = setting(86400.0, "jwt.access_expiry", "STROMBOLI_JWT_EXPIRY",
+                                       kind="duration", help="access token lifetime")
+    jwt_refresh_expiry: float = setting(604800.0, "jwt.refresh_expiry",
+                                        "STROMBOLI_JWT_REFRESH_EXPIRY", kind="duration",
+                                        help="refresh token lifetime")
+    rate_limit_enabled: bool = setting(False, "rate_limit.enabled", "STROMBOLI_RATE_LIMIT_ENABLED",
+                                       kind="bool", help="per-IP token bucket")
+    rate_limit_rate: float = setting(10.0, "rate_limit.rate", "STROMBOLI_RATE_LIMIT_RPS",
+                                     kind="float", help="tokens refilled per second")
+    rate_limit_burst: int = setting(20, "rate_limit.burst", "STROMBOLI_RATE_LIMIT_BURST",
+                                    kind="int", help="bucket capacity")
+    rate_limit_trusted_proxies: tuple = setting(
+        (), "rate_limit.trusted_proxies", "STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES", kind="list",
+        help="CIDRs whose X-Forwarded-For / X-Real-IP are believed")
+    webhook_signing_secret: str = setting("", "webhook.signing_secret",
+                                          "STROMBOLI_WEBHOOK_SIGNING_SECRET", secret=True,
+                                          help="HMAC-SHA256 key for webhook signatures")
+    webhook_max_attempts: int = setting(5, "webhook.max_attempts", "STROMBOLI_WEBHOOK_MAX_ATTEMPTS",
+                                        kind="int", help="deliveries tried per webhook")
+    jobs_cleanup_ttl: float = setting(3600.0, "jobs.cleanup_ttl", "STROMBOLI_JOBS_CLEANUP_TTL",
+                                      kind="duration", help="finished jobs kept this long")
+    jobs_cleanup_interval: float = setting(300.0, "jobs.cleanup_interval",
+                                           "STROMBOLI_JOBS_CLEANUP_INTERVAL", kind="duration",
+                                           help="how often old jobs are deleted")
+    metrics_enabled: bool = setting(True, "metrics.enabled", "STROMBOLI_METRICS_ENABLED",
+                                    kind="bool", help="serve /metrics on its own listener")
+    metrics_address: str = setting("127.0.0.1:9090", "metrics.address",
+                                   "STROMBOLI_METRICS_ADDRESS", help="metrics listen address")
+    log_format: str = setting("json", "log.format", "STROMBOLI_LOG_FORMAT",
+                              help="json or text")
+    log_level: str = setting("info", "log.level", "STROMBOLI_LOG_LEVEL",
+                             help="debug, info, warn, error")
+
+    # -- derived values -----------------------------------------------------
+    @property
+    def state_path(self) -> pathlib.Path:
+        if self.state_dir:
+            return pathlib.Path(self.state_dir.split(":")[0]).expanduser()
+        return pathlib.Path("~/.local/share/stromboli").expanduser()
+
+    @property
+    def sessions_path(self) -> pathlib.Path:
+        if self.agent_sessions_dir:
+            return pathlib.Path(self.agent_sessions_dir).expanduser().absolute()
+        return self.state_path.absolute() / "sessions"
+
+    @property
+    def sessions_host_path(self) -> pathlib.Path:
+        if self.agent_sessions_host_dir:
+            return pathlib.Path(self.agent_sessions_host_dir).expanduser()
+        return self.sessions_path
+
+    @property
+    def default_image(self) -> str:
+        return f"{self.agent_image}:{self.agent_image_tag}"
+
+    @property
+    def cli_image(self) -> str:
+        return f"{self.agent_cli_image}:{self.agent_cli_image_tag}"
+
+    @property
+    def credentials_path(self) -> pathlib.Path:
+        return pathlib.Path(self.agent_credentials_file).expanduser()
+
+    @property
+    def run_slots(self) -> int:
+        return self.max_concurrent_runs or os.cpu_count() or 1
+
+    def api_key(self) -> str:
+        """The Anthropic API key from the variable, a key file or a systemd credential."""
+        if self.anthropic_api_key:
+            return self.anthropic_api_key.strip()
+        candidates = [self.anthropic_api_key_file]
+        if os.environ.get("CREDENTIALS_DIRECTORY"):
+            candidates.append(os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "anthropic-api-key"))
+        for path in filter(None, candidates):
+            try:
+                return pathlib.Path(path).read_text().strip()
+            except OSError:
+                continue
+        return ""
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def load(cls, file: str | None = None, overrides: dict[str, str] | None = None,
+             environ: dict[str, str] | None = None) -> "Config":
+        environ = dict(os.environ if environ is None else environ)
+        table = cls._read_toml(file or environ.get("STROMBOLI_CONFIG") or "")
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            meta, raw, source = f.metadata, None, None
+            if meta["key"] in table:
+                raw, source = table[meta["key"]], f"{meta['key']} in the config file"
+            for name in reversed(meta["env"]):
+                if environ.get(name, "") != "":
+                    raw, source = environ[name], name
+            if f.name == "jwt_secret" and raw is None and credentials:
+                raw = cls._read_credential(credentials, "jwt-secret")
+                source = "the jwt-secret credential"
+            if overrides and meta["key"] in overrides:
+                raw, source = overrides[meta["key"]], f"--set {meta['key']}"
+            if raw is None:
+                continue
+            try:
+                values[f.name] = PARSERS[meta["kind"]](raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        return cls(**values)
+
+    @staticmethod
+    def _read_credential(directory: str, name: str) -> str | None:
+        try:
+            return pathlib.Path(directory, name).read_text().strip()
+        except OSError:
+            return None
+
+    @staticmethod
+    def _read_toml(file: str) -> dict[str, Any]:
+        """Read the TOML file into a flat {"section.key": value} table."""
+        path = pathlib.Path(file) if file else pathlib.Path("/etc/stromboli/stromboli.toml")
+        if not file and not path.exists():
+            return {}
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict) -> None:
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                if isinstance(value, dict) and name != "agent.env":
+                    walk(name + ".", value)
+                else:
+                    flat[name] = value
+        walk("", data)
+        known = {f.metadata["key"] for f in dataclasses.fields(Config)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown keys: {', '.join(unknown)}")
+        return flat
+
+    def validate(self) -> list[str]:
+        """Startup checks; upstream's messages where upstream has them (U§13.3)."""
+        errors = []
+        hint = "generate one with: openssl rand -base64 32"
+        secret = self.jwt_secret.strip()
+        if self.auth_enabled:
+            if not secret:
+                errors.append(f"auth is enabled but STROMBOLI_JWT_SECRET is empty — {hint}")
+            elif len(secret) < 32:
+                errors.append(f"STROMBOLI_JWT_SECRET is too short ({len(secret)} chars, need at "
+                              f"least 32) — {hint}")
+            elif secret.lower() in PLACEHOLDER_SECRETS:
+                errors.append(f"STROMBOLI_JWT_SECRET is a known placeholder value — {hint}")
+        if self.rate_limit_enabled and (self.rate_limit_rate <= 0 or self.rate_limit_burst <= 0):
+            errors.append("rate limit rate and burst must be > 0")
+        if secret and (self.jwt_access_expiry <= 0 or self.jwt_refresh_expiry <= 0):
+            errors.append("JWT access and refresh expiry must be > 0")
+        if self.jobs_cleanup_ttl <= 0 or self.jobs_cleanup_interval <= 0:
+            errors.append("jobs cleanup TTL and interval must be > 0")
+        if self.max_concurrent_runs < 0:
+            errors.append("STROMBOLI_MAX_CONCURRENT_RUNS must be >= 0")
+        if self.log_format not in ("json", "text"):
+            errors.append("STROMBOLI_LOG_FORMAT must be json or text")
+        for problem in (check_memory(self.resources_memory), check_cpus(self.resources_cpus)):
+            if problem:
+                errors.append(f"resources: {problem}")
+        if self.resources_timeout <= 0:
+            errors.append("resources timeout must be > 0")
+        for label, address in (("server", self.server_address), ("metrics", self.metrics_address)):
+            try:
+                split_address(address)
+            except ValueError as exc:
+                errors.append(f"{label} address: {exc}")
+        return errors
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(key, env, value) rows with secrets masked, for check-config."""
+        rows = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                shown = "<set, hidden>"
+            elif f.metadata["kind"] == "env":
+                shown = ",".join(f"{k}=<hidden>" for k, _ in value)
+            elif isinstance(value, tuple):
+                shown = ",".join(value)
+            elif f.metadata["kind"] == "duration":
+                shown = format_duration(value)
+            else:
+                shown = str(value)
+            rows.append((f.metadata["key"], f.metadata["env"][0], shown))
+        return rows
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the daemon exits with code 1."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"invalid address {address!r} (use host:port or :port)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.I)
+
+
+def parse_memory(text: str) -> int:
+    m = MEMORY_RE.match(str(text).strip())
+    if not m:
+        raise ValueError(f"invalid memory value {text!r} (use e.g. 512m, 2g)")
+    value = int(m.group(1)) * 1024 ** "bkmg".index((m.group(2) or "b").lower())
+    if value < 6 * 1024 * 1024:
+        raise ValueError(f"memory value {text!r} is below Podman's minimum of 6m")
+    return value
+
+
+def check_memory(text: str) -> str | None:
+    try:
+        parse_memory(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_cpus(text: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"invalid cpus value {text!r} (use e.g. 1, 0.5, 2)") from None
+    if not 0.01 <= value <= 1024:
+        raise ValueError(f"cpus value {text!r} must be between 0.01 and 1024")
+    return value
+
+
+def check_cpus(text: str) -> str | None:
+    try:
+        parse_cpus(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def setup_logging(cfg: Config) -> None:
+    level_name = cfg.log_level.lower().replace("warning", "warn")
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "error": logging.ERROR}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if cfg.log_format == "json" else TextLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(levels.get(level_name, logging.INFO))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if level_name not in levels:
+        log.warning("unknown log level, using info", extra={"fields": {"level": cfg.log_level}})
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+                 .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        text = f"{when} {record.levelname:<7} {record.getMessage()} {fields}".rstrip()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def fields(**kwargs: Any) -> dict:
+    """Structured log fields: log.info("msg", extra=fields(a=1))."""
+    return {"fields": kwargs}
+
+
+# ---------------------------------------------------------------------------
+# Errors and JSON envelopes
+# ---------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An HTTP outcome other than success, rendered in one of upstream's envelopes.
+
+    shape: "error" → {"error": msg}; "run" → RunResponse {"id":"","status":"error","error"};
+    "success" → {"success": false, "error"}; "text" → plain text (the SSE endpoint's errors).
+    """
+
+    def __init__(self, status: int, message: str, shape: str = "error", **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.shape, self.extra = status, message, shape, extra
+
+    def response(self) -> web.Response:
+        if self.shape == "text":
+            return web.Response(status=self.status, text=self.message)
+        if self.shape == "run":
+            body = {"id": "", "status": "error", "error": self.message}
+        elif self.shape == "success":
+            body = {"success": False, "error": self.message}
+        else:
+            body = {"error": self.message}
+        body.update(self.extra)
+        return json_response(body, status=self.status)
+
+
+class BadRequest(ApiError):
+    def __init__(self, message: str, shape: str = "error", **extra: Any):
+        super().__init__(400, message, shape, **extra)
+
+
+class NotFound(ApiError):
+    def __init__(self, message: str, shape: str = "error", **extra: Any):
+        super().__init__(404, message, shape, **extra)
+
+
+class Conflict(ApiError):
+    def __init__(self, message: str, shape: str = "error", **extra: Any):
+        super().__init__(409, message, shape, **extra)
+
+
+class Unavailable(ApiError):
+    def __init__(self, message: str, shape: str = "error", **extra: Any):
+        super().__init__(503, message, shape, **extra)
+
+
+class RunFailed(Exception):
+    """A run that could not execute (podman failure, non-crash exit, ...)."""
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, headers=headers, content_type="application/json",
+                        text=json.dumps(body, separators=(",", ":"), default=str))
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    text = dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    return text.replace("+00:00", "Z")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{pysecrets.token_hex(8)}"
+
+
+def drop_none(body: dict) -> dict:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------
+# Store — SQLite (jobs, run events, revoked tokens, webhook deliveries)
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id TEXT NOT NULL, run_id TEXT NOT NULL,
+    request TEXT NOT NULL, output TEXT, error TEXT, structured_output TEXT, usage TEXT,
+    crash_info TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    started_at REAL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, updated_at);
+CREATE TABLE IF NOT EXISTS run_events (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, url TEXT NOT NULL,
+    attempt INTEGER NOT NULL, status_code INTEGER, error TEXT, at REAL NOT NULL
+);
+"""
+JOB_JSON_COLUMNS = ("request", "structured_output", "usage", "crash_info")
+TERMINAL_STATES = ("completed", "failed", "crashed", "cancelled")
+
+
+class Store:
+    """The SQLite database. Every query runs on one dedicated thread, off the event loop."""
+
+    def __init__(self, path: pathlib.Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._db: sqlite3.Connection | None = None
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        os.chmod(self.path, 0o600)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.submit(self._db.close).result()
+        self._executor.shutdown()
+
+    # -- jobs (called through .call) ------------------------------------------
+    def insert_job(self, job: dict) -> None:
+        row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
+               for k, v in job.items()}
+        cols = ",".join(row)
+        self._db.execute(f"INSERT INTO jobs ({cols}) VALUES ({','.join('?' * len(row))})",
+                         tuple(row.values()))
+
+    def update_job(self, job_id: str, only_if_active: bool = True, **changes: Any) -> bool:
+        """Update a job; by default only while it is pending/running, so that a cancelled
+        job stays cancelled whatever its run reports afterwards."""
+        changes["updated_at"] = time.time()
+        row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
+               for k, v in changes.items()}
+        sql = f"UPDATE jobs SET {','.join(f'{k}=?' for k in row)} WHERE id=?"
+        if only_if_active:
+            sql += " AND status IN ('pending','running')"
+        return self._db.execute(sql, (*row.values(), job_id)).rowcount > 0
+
+    def get_job(self, job_id: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def list_jobs(self, status: str | None = None, limit: int = 1000) -> list[dict]:
+        if status:
+            rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY created_at DESC "
+                                    "LIMIT ?", (status, limit))
+        else:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [self._job(r) for r in rows.fetchall()]
+
+    def jobs_in(self, states: Iterable[str]) -> list[dict]:
+        states = tuple(states)
+        rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({','.join('?' * len(states))})"
+                                " ORDER BY created_at", states).fetchall()
+        return [self._job(r) for r in rows]
+
+    def delete_old_jobs(self, older_than: float) -> int:
+        ids = [r[0] for r in self._db.execute(
+            "SELECT run_id FROM jobs WHERE status IN ('completed','failed','crashed','cancelled') "
+            "AND updated_at < ?", (older_than,))]
+        self._db.executemany("DELETE FROM run_events WHERE run_id=?", [(i,) for i in ids])
+        return self._db.execute(
+            "DELETE FROM jobs WHERE status IN ('completed','failed','crashed','cancelled') "
+            "AND updated_at < ?", (older_than,)).rowcount
+
+    def count_jobs_by_status(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> dict:
+        job = dict(row)
+        for key in JOB_JSON_COLUMNS:
+            if job.get(key) is not None:
+                job[key] = json.loads(job[key])
+        return job
+
+    # -- run events --------------------------------------------------------------
+    def add_run_events(self, rows: list[tuple[str, int, str, str, float]]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO run_events VALUES (?,?,?,?,?)", rows)
+
+    def run_events(self, run_id: str, after: int = -1) -> list[tuple[int, str, str]]:
+        return [tuple(r) for r in self._db.execute(
+            "SELECT seq, kind, data FROM run_events WHERE run_id=? AND seq>? ORDER BY seq",
+            (run_id, after))]
+
+    def delete_run_events_before(self, older_than: float) -> None:
+        self._db.execute("DELETE FROM run_events WHERE at < ? AND run_id NOT IN "
+                         "(SELECT run_id FROM jobs)", (older_than,))
+
+    # -- revoked tokens ----------------------------------------------------------
+    def revoke(self, jti: str, expires_at: float) -> None:
+        self._db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?,?)", (jti, expires_at))
+
+    def is_revoked(self, jti: str) -> bool:
+        return self._db.execute("SELECT 1 FROM revoked_tokens WHERE jti=? AND expires_at>?",
+                                (jti, time.time())).fetchone() is not None
+
+    def reap_revoked(self) -> int:
+        return self._db.execute("DELETE FROM revoked_tokens WHERE expires_at<=?",
+                                (time.time(),)).rowcount
+
+    # -- webhook deliveries ------------------------------------------------------
+    def record_delivery(self, job_id: str, url: str, attempt: int, status_code: int | None,
+                        error: str | None) -> None:
+        self._db.execute("INSERT INTO webhook_deliveries (job_id,url,attempt,status_code,error,at)"
+                         " VALUES (?,?,?,?,?,?)", (job_id, url, attempt, status_code, error,
+                                                   time.time()))
+
+    def deliveries(self, job_id: str) -> list[dict]:
+        return [dict(r) for r in self._db.execute(
+            "SELECT attempt, status_code, error, at FROM webhook_deliveries WHERE job_id=? "
+            "ORDER BY id", (job_id,))]
+
+
+# ---------------------------------------------------------------------------
+# Metrics — counters, gauges and histograms in the Prometheus text format
+# ---------------------------------------------------------------------------
+
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+RUN_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.series: dict[tuple, list] = {}
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.series.setdefault(labels, [[0] * len(self.buckets), 0.0, 0])
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[0][i] += 1
+        counts[1] += value
+        counts[2] += 1
+
+
+def label_text(names: tuple[str, ...], values: tuple) -> str:
+    def escape(v: Any) -> str:
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return ",".join(f'{n}="{escape(v)}"' for n, v in zip(names, values))
+
+
+class Metrics:
+    """Process-wide counters, exported by hand in text format 0.0.4. Upstream's three
+    names keep their meaning; `path` is the route template so ids do not explode it."""
+
+    def __init__(self):
+        self.requests: collections.Counter = collections.Counter()
+        self.durations = Histogram(DEFAULT_BUCKETS)
+        self.run_durations = Histogram(RUN_BUCKETS)
+        self.runs: collections.Counter = collections.Counter()
+        self.rate_limited = 0
+        self.auth_failures = 0
+        self.active_containers = 0
+        self.gauges: dict[str, Callable[[], float]] = {}
+
+    def request(self, method: str, path: str, status: int, seconds: float) -> None:
+        self.requests[(method, path, str(status))] += 1
+        self.durations.observe((method, path), seconds)
+
+    def run_finished(self, seconds: float) -> None:
+        self.run_durations.observe((), seconds)
+
+    def run_status(self, status: str) -> None:
+        self.runs[status] += 1
+
+    def render(self, jobs_by_status: dict[str, int]) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("http_requests_total", "counter", "HTTP requests by method, route and status.")
+        for (method, path, status), n in sorted(self.requests.items()):
+            out.append(f"http_requests_total{{{label_text(('method', 'path', 'status'), (method, path, status))}}} {n}")
+        self._histogram(out, family, "http_request_duration_seconds",
+                        "HTTP request latency by method and route.", self.durations,
+                        ("method", "path"))
+        family("active_containers", "gauge", "Agent containers currently executing.")
+        out.append(f"active_containers {self.active_containers}")
+        family("stromboli_runs_total", "counter", "Finished runs by final status.")
+        for status, n in sorted(self.runs.items()):
+            out.append(f'stromboli_runs_total{{status="{status}"}} {n}')
+        self._histogram(out, family, "stromboli_run_duration_seconds",
+                        "Time agent containers ran.", self.run_durations, ())
+        family("stromboli_jobs", "gauge", "Stored async jobs by state.")
+        for state in ("pending", "running", *TERMINAL_STATES):
+            out.append(f'stromboli_jobs{{state="{state}"}} {jobs_by_status.get(state, 0)}')
+        family("stromboli_rate_limited_total", "counter", "Requests rejected with 429.")
+        out.append(f"stromboli_rate_limited_total {self.rate_limited}")
+        family("stromboli_auth_failures_total", "counter", "Requests rejected with 401.")
+        out.append(f"stromboli_auth_failures_total {self.auth_failures}")
+        for name, (help_text, fn) in sorted(self.gauges.items()):
+            family(name, "gauge", help_text)
+            out.append(f"{name} {fn()}")
+        return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _histogram(out: list[str], family: Callable, name: str, help_text: str,
+                   hist: Histogram, names: tuple[str, ...]) -> None:
+        family(name, "histogram", help_text)
+        for labels, (counts, total, count) in sorted(hist.series.items()):
+            base = label_text(names, labels)
+            sep = "," if base else ""
+            for bound, n in zip(hist.buckets, counts):
+                out.append(f'{name}_bucket{{{base}{sep}le="{bound:g}"}} {n}')
+            out.append(f'{name}_bucket{{{base}{sep}le="+Inf"}} {count}')
+            suffix = f"{{{base}}}" if base else ""
+            out.append(f"{name}_sum{suffix} {total:.6f}")
+            out.append(f"{name}_count{suffix} {count}")
+
+
+def process_resident_bytes() -> float:
+    try:
+        pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+        return float(pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def process_open_fds() -> float:
+    try:
+        return float(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------
+# Podman — connection discovery, the private API service, the podman-py wrapper
+# ---------------------------------------------------------------------------
+
+class PodmanUnavailable(Exception):
+    """The Podman API cannot be reached."""
+
+
+class PodmanService:
+    """Finds a Podman API socket that answers, or starts a private `podman system service`
+    on a socket in the state dir and stops it when the daemon exits."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.process: subprocess.Popen | None = None
+
+    def candidates(self) -> list[str]:
+        if self.cfg.podman_url:
+            return [self.cfg.podman_url]
+        found = []
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        for path in ([f"{runtime}/podman/podman.sock"] if runtime else []) + ["/run/podman/podman.sock"]:
+            if os.path.exists(path):
+                found.append(f"unix://{path}")
+        return found
+
+    def resolve(self) -> str:
+        """Blocking: the URL of a Podman API that answers (starting one if needed)."""
+        for url in self.candidates():
+            if self.cfg.podman_url or self._answers(url):
+                return url
+        return self._start_private()
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        try:
+            with podman.PodmanClient(base_url=url, timeout=5) as client:
+                return bool(client.ping())
+        except Exception:  # any failure means "not this one"
+            return False
+
+    def _start_private(self) -> str:
+        binary = shutil.which("podman")
+        sock = self.cfg.state_path / "podman.sock"
+        url = f"unix://{sock}"
+        if not binary:
+            log.warning("no Podman socket answers and the podman binary is not installed; "
+                        "runs will fail until Podman is reachable")
+            return url
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        self.process = subprocess.Popen([binary, "system", "service", "--time=0", url],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if sock.exists() and self._answers(url):
+                log.info("started a private Podman API service", extra=fields(url=url))
+                return url
+            time.sleep(0.1)
+        log.warning("could not start a private Podman API service", extra=fields(url=url))
+        return url
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Podman:
+    """podman-py behind a dedicated thread pool: every call here is awaited, none blocks
+    the event loop. Long calls (wait, follow logs) each hold one worker thread."""
+
+    def __init__(self, url: str, workers: int = 64):
+        self.url = url
+        self.client = podman.PodmanClient(base_url=url, max_pool_size=workers)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="podman")
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    # -- blocking helpers, run through .call -------------------------------------
+    def version(self) -> dict:
+        try:
+            return self.client.version()
+        except Exception as exc:
+            raise PodmanUnavailable(f"failed to connect to podman: {short_error(exc)}") from None
+
+    def rootless(self) -> bool:
+        return bool(self.client.info().get("host", {}).get("security", {}).get("rootless"))
+
+    def secret_exists(self, name: str) -> bool:
+        return self.client.secrets.exists(name)
+
+    def replace_secret(self, name: str, data: bytes) -> None:
+        """Create or replace a secret; the value travels in the request body only."""
+        if self.client.secrets.exists(name):
+            self.client.secrets.remove(name)
+        self.client.secrets.create(name, data)
+
+    def image_exists(self, ref: str) -> bool:
+        return self.client.images.exists(ref)
+
+    def create(self, image: str, command: list[str], **spec: Any) -> str:
+        return self.client.containers.create(image, command, **spec).id
+
+    def start(self, cid: str) -> None:
+        self.client.containers.get(cid).start()
+
+    def wait(self, cid: str) -> int:
+        container = self.client.containers.get(cid)
+        return int(container.wait(condition="exited", interval="20ms"))
+
+    def kill(self, cid: str) -> None:
+        try:
+            self.client.containers.get(cid).kill("SIGKILL")
+        except podman.errors.NotFound:
+            pass
+        except podman.errors.APIError as exc:
+            if "not running" not in str(exc) and "state" not in str(exc):
+                raise
+
+    def remove(self, cid: str) -> None:
+        try:
+            self.client.containers.remove(cid, force=True)
+        except podman.errors.NotFound:
+            pass
+
+    def follow_logs(self, cid: str, sink: Callable[[bytes], None]) -> None:
+        for frame in self.client.containers.get(cid).logs(stream=True, follow=True):
+            sink(frame)
+
+    def containers(self, label: str) -> list[dict]:
+        return [{"id": c.id, "labels": c.labels or {}, "status": c.status}
+                for c in self.client.containers.list(all=True, filters={"label": [label]})]
+
+    def import_image(self, tar_path: str, reference: str, changes: list[str]) -> None:
+        with open(tar_path, "rb") as data:
+            response = self.client.api.post(
+                "/images/import", params={"reference": reference, "changes": changes},
+                data=data, headers={"Content-Type": "application/x-tar"})
+        response.raise_for_status()
+
+
+def short_error(exc: BaseException) -> str:
+    """A one-line error text without request URLs (which may name socket paths)."""
+    text = getattr(exc, "explanation", None) or str(exc) or type(exc).__name__
+    return str(text).splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------
+# Claude — option → argv mapping, output parsing, usage and cost, crash info
+# ---------------------------------------------------------------------------
+
+# (JSON field, kind, CLI flag) in upstream's argv order (U§4.2, U§6.2).
+CLAUDE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("continue", "bool", "--continue"),
+    ("fork_session", "bool", "--fork-session"),
+    ("no_persistence", "bool", "--no-session-persistence"),
+    ("model", "str", "--model"),
+    ("fallback_model", "str", "--fallback-model"),
+    ("effort", "str", "--effort"),
+    ("system_prompt", "str", "--system-prompt"),
+    ("append_system_prompt", "str", "--append-system-prompt"),
+    ("tools", "multi", "--tools"),
+    ("allowed_tools", "joined", "--allowedTools"),
+    ("disallowed_tools", "joined", "--disallowedTools"),
+    ("permission_mode", "str", "--permission-mode"),
+    ("dangerously_skip_permissions", "bool", "--dangerously-skip-permissions"),
+    ("allow_dangerously_skip_permissions", "bool", "--allow-dangerously-skip-permissions"),
+    ("input_format", "str", "--input-format"),
+    ("output_format", "str", "--output-format"),
+    ("include_partial_messages", "bool", "--include-partial-messages"),
+    ("replay_user_messages", "bool", "--replay-user-messages"),
+    ("json_schema", "json_text", "--json-schema"),
+    ("max_budget_usd", "budget", "--max-budget-usd"),
+    ("max_turns", "int", "--max-turns"),
+    ("mcp_configs", "multi", "--mcp-config"),
+    ("strict_mcp_config", "bool", "--strict-mcp-config"),
+    ("agent", "str", "--agent"),
+    ("agents", "object", "--agents"),
+    ("add_dirs", "multi", "--add-dir"),
+    ("plugin_dirs", "multi", "--plugin-dir"),
+    ("files", "multi", "--file"),
+    ("settings", "str", "--settings"),
+    ("setting_sources", "joined", "--setting-sources"),
+    ("betas", "multi", "--betas"),
+    ("verbose", "bool", "--verbose"),
+    ("debug", "debug", "--debug"),
+    ("disable_slash_commands", "bool", "--disable-slash-commands"),
+)
+# Options that are not flags: the session (runner-owned) and the env-var options.
+CLAUDE_OTHER = {"session_id": "str", "resume": "bool", "prompt_caching_ttl": "str",
+                "bedrock_service_tier": "str", "enable_powershell_tool": "bool"}
+CLAUDE_KINDS = {name: kind for name, kind, _ in CLAUDE_FLAGS} | CLAUDE_OTHER
+CHOICES = {"output_format": ("text", "json", "stream-json"), "input_format": ("text", "stream-json")}
+
+
+def check_kind(where: str, value: Any, kind: str) -> None:
+    """Raise BadRequest unless a JSON value fits an option kind."""
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "debug": lambda v: isinstance(v, (str, bool)),
+        "multi": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "joined": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "budget": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "json_text": lambda v: isinstance(v, (str, dict)),
+        "object": lambda v: isinstance(v, dict),
+        "map": lambda v: isinstance(v, dict) and all(isinstance(i, str) for i in v.values()),
+    }[kind](value)
+    if not ok:
+        expected = {"bool": "a boolean", "str": "a string", "debug": "a string",
+                    "multi": "an array of strings", "joined": "an array of strings",
+                    "int": "an integer", "budget": "a number", "json_text": "a JSON string",
+                    "object": "an object", "map": "an object of strings"}[kind]
+        raise BadRequest(f"Invalid request: {where} must be {expected}", "run")
+
+
+def validate_claude_options(options: Any) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise BadRequest("Invalid request: claude must be an object", "run")
+    for name, value in options.items():
+        if name in CLAUDE_KINDS and value is not None:
+            check_kind(f"claude.{name}", value, CLAUDE_KINDS[name])
+    for name, allowed in CHOICES.items():
+        if options.get(name) and options[name] not in allowed:
+            raise BadRequest(f"Invalid request: claude.{name} must be one of "
+                             f"{', '.join(allowed)}", "run")
+    for name in ("max_turns", "max_budget_usd"):
+        if options.get(name) is not None and options[name] < 0:
+            raise BadRequest(f"Invalid request: claude.{name} must not be negative", "run")
+    return {k: v for k, v in options.items() if k in CLAUDE_KINDS and v is not None}
+
+
+def claude_argv(prompt: str, options: dict, session_id: str) -> list[str]:
+    """The `claude` command line for one run (U§6.2)."""
+    argv = ["claude", "-p", prompt]
+    argv += ["--resume" if options.get("resume") else "--session-id", session_id]
+    for name, kind, flag in CLAUDE_FLAGS:
+        value = options.get(name)
+        if value is None or value is False or value == "" or value == []:
+            continue
+        if kind == "bool" or (kind == "debug" and value is True):
+            argv.append(flag)
+        elif kind in ("str", "debug", "int"):
+            argv += [flag, str(value)]
+        elif kind == "multi":
+            argv += [flag, *value]
+        elif kind == "joined":
+            argv += [flag, ",".join(value)]
+        elif kind == "budget":
+            argv += [flag, f"{value:.2f}"]
+        elif kind == "json_text":
+            argv += [flag, value if isinstance(value, str) else json.dumps(value)]
+        elif kind == "object":
+            argv += [flag, json.dumps(value)]
+    if options.get("output_format") == "stream-json" and "--verbose" not in argv:
+        argv.append("--verbose")  # the CLI refuses stream-json in print mode without it
+    return argv
+
+
+def claude_env(options: dict) -> dict[str, str]:
+    """Options that the CLI reads from its environment (U§4.2)."""
+    env = {}
+    ttl = options.get("prompt_caching_ttl")
+    if ttl == "1h":
+        env["ENABLE_PROMPT_CACHING_1H"] = "1"
+    elif ttl == "5m":
+        env["FORCE_PROMPT_CACHING_5M"] = "1"
+    if options.get("bedrock_service_tier"):
+        env["ANTHROPIC_BEDROCK_SERVICE_TIER"] = options["bedrock_service_tier"]
+    if options.get("enable_powershell_tool"):
+        env["CLAUDE_CODE_USE_POWERSHELL_TOOL"] = "1"
+    return env
+
+
+def parse_json_lines(lines: Iterable[str]) -> Iterable[dict]:
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
+def result_event(output: str) -> dict | None:
+    """The CLI's final `result` object from json or stream-json output, if any."""
+    text = output.strip()
+    try:
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return whole
+    except ValueError:
+        pass
+    found = None
+    for event in parse_json_lines(text.splitlines()):
+        if event.get("type") == "result":
+            found = event
+    return found
+
+
+def structured_output(output: str) -> Any:
+    result = result_event(output)
+    return None if result is None else result.get("structured_output")
+
+
+# USD per million tokens: input, output, cache write, cache read (U§4.7).
+PRICES = (("haiku", (0.25, 1.25, 0.30, 0.025)), ("sonnet", (3.0, 15.0, 3.75, 0.30)),
+          ("opus", (15.0, 75.0, 18.75, 1.50)))
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+              "cache_read_input_tokens")
+
+
+def usage_summary(messages: dict[str, dict], model: str) -> dict | None:
+    """Flat Usage object from {message id: usage}; None when nothing was found."""
+    if not messages:
+        return None
+    totals = {k: sum(int(u.get(k) or 0) for u in messages.values()) for k in USAGE_KEYS}
+    rates = next((r for family, r in PRICES if family in model.lower()), (0, 0, 0, 0))
+    cost = sum(totals[k] * rate for k, rate in zip(USAGE_KEYS, rates)) / 1e6
+    return drop_none({"model": model or None, **totals, "total_tokens": sum(totals.values()),
+                      "estimated_cost_usd": round(cost, 6)})
+
+
+def transcript_usage(path: pathlib.Path | None, offset: int = 0) -> dict | None:
+    """Usage of the assistant messages written to a transcript after byte `offset`.
+
+    The CLI writes one line per content block, each repeating its message's usage, so
+    lines are grouped by message id before summing."""
+    if path is None or not path.exists():
+        return None
+    messages: dict[str, dict] = {}
+    model = ""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            if b'"assistant"' not in raw:
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            message = line.get("message") if isinstance(line, dict) else None
+            if line.get("type") != "assistant" or not isinstance(message, dict):
+                continue
+            if isinstance(message.get("usage"), dict):
+                key = message.get("id") or line.get("uuid") or str(len(messages))
+                messages[key] = message["usage"]
+                model = message.get("model") or model
+    return usage_summary(messages, model)
+
+
+CRASH_SIGNALS = {2: "SIGINT", 4: "SIGILL", 6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL",
+                 11: "SIGSEGV", 15: "SIGTERM"}
+COMPLETION_MARKERS = ("No messages returned", "Task completed", "finished successfully")
+
+
+def crash_info(exit_code: int, output: str, reason: str | None = None) -> dict:
+    """CrashInfo for an exit by signal (exit code > 128), as U§6.8 derives it."""
+    sig = CRASH_SIGNALS.get(exit_code - 128, f"signal {exit_code - 128}")
+    partial = output[-2000:]
+    if len(output) > 2000:
+        partial = "..." + partial
+    return drop_none({
+        "exit_code": exit_code, "signal": sig,
+        "reason": reason or f"Process exited with {sig}",
+        "partial_output": partial or None,
+        "task_completed": any(m in output for m in COMPLETION_MARKERS) or None,
+    })
+
+
+# ---------------------------------------------------------------------------
+# Sessions — session homes, per-session locks, transcripts
+# ---------------------------------------------------------------------------
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+CONTAINER_UID = 1000  # the agent image's `user`; session homes are chowned to it (rootful)
+CONTAINER_HOME = "/home/user"
+
+
+def check_session_id(session_id: Any, shape: str = "run") -> str:
+    """Session ids become path names: only the lowercase UUID form is accepted."""
+    if not isinstance(session_id, str) or not UUID_RE.match(session_id):
+        raise BadRequest("invalid session ID: must be a lowercase UUID", shape)
+    return session_id
+
+
+def cwd_folder(cwd: str) -> str:
+    """The CLI's project folder name for a working directory."""
+    return re.sub(r"[^A-Za-z0-9]", "-", cwd)
+
+
+class SessionStore:
+    """Session homes under the sessions dir (each is $HOME of its runs' containers),
+    and one lock per session so that two runs never write one transcript at once."""
+
+    def __init__(self, root: pathlib.Path, host_root: pathlib.Path, chown: bool):
+        self.root, self.host_root, self.chown = root, host_root, chown
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: collections.Counter = collections.Counter()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def home(self, session_id: str) -> pathlib.Path:
+        return self.root / check_session_id(session_id)
+
+    def host_home(self, session_id: str) -> str:
+        return str(self.host_root / check_session_id(session_id))
+
+    def ensure(self, session_id: str) -> pathlib.Path:
+        home = self.home(session_id)
+        for path in (home, home / ".claude"):
+            path.mkdir(mode=0o700, exist_ok=True)
+            if self.chown:
+                os.chown(path, CONTAINER_UID, CONTAINER_UID)
+        return home
+
+    def transcript(self, session_id: str) -> pathlib.Path | None:
+        projects = self.home(session_id) / ".claude" / "projects"
+        found = sorted(projects.glob(f"*/{session_id}.jsonl"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    def busy(self, session_id: str) -> bool:
+        return self._users[session_id] > 0
+
+    @contextlib.asynccontextmanager
+    async def lock(self, session_id: str):
+        self._users[session_id] += 1
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[session_id] -= 1
+            if not self._users[session_id]:
+                del self._users[session_id]
+                self._locks.pop(session_id, None)
+
+
+# ---------------------------------------------------------------------------
+# Runner — request validation, container spec, run lifecycle
+# ---------------------------------------------------------------------------
+
+API_KEY_SECRET = "stromboli-anthropic-api-key"
+CREDENTIALS_SECRET = "claude-credentials"
+WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
+BLOCKED_CONTAINER_PATHS = (
+    "/home/user/.claude", "/home/user/.ssh", "/home/user/.gnupg", "/home/user/.aws",
+    "/home/user/.docker", "/home/user/.kube", "/home/user/.config", "/home/user/.local",
+    "/home/user/.netrc", "/home/user/.git-credentials", "/home/user/.password-store",
+    "/home/user/.bashrc", "/home/user/.bash_profile", "/home/user/.profile", "/home/user/.zshrc",
+    "/etc", "/root", "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/lib",
+    "/lib64", "/var/run", "/run", "/proc", "/sys", "/dev")
+MOUNT_OPTIONS = {"ro", "rw", "z", "Z", "noexec", "nosuid", "nodev", "rslave", "rprivate",
+                 "rshared", "slave", "private", "shared", "nocopy", "copy", "U"}
+INCOMPATIBLE_IMAGES = ("*alpine*", "*-alpine", "alpine:*", "gcr.io/distroless/*", "scratch",
+                       "busybox*")
+PODMAN_KINDS = {"image": "str", "volumes": "multi", "secrets_env": "map", "timeout": "str",
+                "memory": "str", "cpus": "str", "cpu_shares": "int", "lifecycle": "object",
+                "environment": "object"}
+HOOK_KEYS = ("on_create_command", "post_create", "post_start")
+
+
+def shell_quote(arg: str) -> str:
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def check_workdir(workdir: str) -> None:
+    """U§12.3, with upstream's messages."""
+    prefix = "workdir validation failed: "
+    if len(workdir) > 4096:
+        raise BadRequest(prefix + "workdir path too long (max 4096 characters)", "run")
+    if not workdir.startswith("/"):
+        raise BadRequest(prefix + "workdir must be an absolute path starting with /", "run")
+    if not WORKDIR_RE.match(workdir):
+        raise BadRequest(prefix + "workdir contains invalid characters (only alphanumeric, /, _,"
+                         " ., - allowed)", "run")
+    if ".." in workdir:
+        raise BadRequest(prefix + "workdir cannot contain path traversal (..) sequences", "run")
+
+
+def normalize_image(name: str) -> str:
+    first, sep, rest = name.partition("/")
+    if not sep:
+        return f"docker.io/library/{name}"
+    if "." in first or ":" in first or first == "localhost":
+        return name
+    if first == "library":
+        return f"docker.io/{name}"
+    return f"docker.io/{name}"
+
+
+def image_matches(name: str, patterns: Iterable[str]) -> bool:
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, p) or p.strip("*") in lowered for p in patterns)
+
+
+def check_image(cfg: Config, image: str) -> None:
+    """U§12.4: the allowlist, and the CLI-mount compatibility check."""
+    prefix = "image validation failed: "
+    patterns = cfg.agent_allowed_image_patterns
+    if patterns and not any(image == p or fnmatch.fnmatchcase(image, p)
+                            or fnmatch.fnmatchcase(normalize_image(image), normalize_image(p))
+                            for p in patterns):
+        raise BadRequest(f'{prefix}image "{image}" not in allowed patterns', "run")
+    if cfg.agent_mount_claude_cli and image_matches(image, INCOMPATIBLE_IMAGES):
+        raise BadRequest(f'{prefix}image "{image}" is incompatible with Claude CLI mount '
+                         "(Alpine/musl-based images not supported, use glibc-based alternatives "
+                         "like debian/slim)", "run")
+
+
+def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
+    """U§12.2: parse and validate one `host:container[:options]` entry."""
+    prefix = "volume validation failed: "
+    parts = volume.split(":")
+    if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
+        raise BadRequest(f'{prefix}invalid volume format "{volume}": invalid volume format, '
+                         "expected host:container[:options]", "run")
+    host, target = parts[0], parts[1]
+    options = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
+    resolved = os.path.realpath(os.path.abspath(host))
+    if not cfg.agent_allowed_volumes:
+        if not cfg.agent_allow_all_volumes:
+            raise BadRequest(prefix + "volume host path not allowed: no volume allowlist "
+                             "configured; set allowed_volumes or enable allow_all_volumes for "
+                             "development", "run")
+    else:
+        roots = [os.path.realpath(os.path.abspath(r)) for r in cfg.agent_allowed_volumes]
+        if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots):
+            raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{resolved}" '
+                             "is not in allowed directories", "run")
+    if len(target) > 4096 or not target.startswith("/"):
+        raise BadRequest(f'{prefix}container path "{target}" must be an absolute path', "run")
+    clean = os.path.normpath(target)
+    if any(clean == b or clean.startswith(b + "/") for b in BLOCKED_CONTAINER_PATHS):
+        raise BadRequest(f'{prefix}container path "{target}" is blocked for security reasons',
+                         "run")
+    for option in options:
+        if option not in MOUNT_OPTIONS:
+            raise BadRequest(f'{prefix}mount option "{option}" is not allowed', "run")
+    return resolved, clean, options
+
+
+def check_secrets_env(mapping: dict[str, str]) -> None:
+    """U§12.5."""
+    prefix = "secrets validation failed: "
+    if len(mapping) > 50:
+        raise BadRequest(f"{prefix}too many secrets requested ({len(mapping)}), maximum is 50",
+                         "run")
+    for env, name in mapping.items():
+        if not ENV_NAME_RE.match(env):
+            raise BadRequest(f'{prefix}invalid environment variable name "{env}": must start with'
+                             " letter or underscore, contain only alphanumeric and underscore",
+                             "run")
+        if env in ("LD_PRELOAD", "LD_LIBRARY_PATH"):
+            raise BadRequest(f'{prefix}environment variable "{env}" is not allowed for security '
+                             "reasons", "run")
+        if not name:
+            raise BadRequest(f'{prefix}secret name for environment variable "{env}" cannot be '
+                             "empty", "run")
+        if len(name) > 253:
+            raise BadRequest(f'{prefix}secret name "{name}" exceeds maximum length of 253 '
+                             "characters", "run")
+
+
+def check_hooks(hooks: dict) -> dict[str, list[str]]:
+    """U§4.4 limits; each element is one shell command."""
+    prefix = "lifecycle hooks validation failed: "
+    checked, total, size = {}, 0, 0
+    for key in HOOK_KEYS:
+        if key not in hooks or hooks[key] is None:
+            continue
+        check_kind(f"podman.lifecycle.{key}", hooks[key], "multi")
+        commands = hooks[key]
+        if not commands or len(commands) > 100:
+            raise BadRequest(f"{prefix}{key} must hold 1 to 100 commands", "run")
+        for command in commands:
+            if not 0 < len(command.encode()) <= 4096 or "\0" in command:
+                raise BadRequest(f"{prefix}each {key} command must be 1..4096 bytes without NUL",
+                                 "run")
+            size += len(command.encode())
+        total += len(commands)
+        checked[key] = commands
+    if total > 200 or size > 65536:
+        raise BadRequest(f"{prefix}too many hook commands (max 200, 64 KiB in all)", "run")
+    if hooks.get("hooks_timeout") is not None:
+        try:
+            parse_duration(hooks["hooks_timeout"])
+        except ValueError as exc:
+            raise BadRequest(f"{prefix}hooks_timeout: {exc}", "run") from None
+    return checked
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """A validated run request (RunRequest of U§4.1)."""
+
+    prompt: str
+    workdir: str = ""
+    webhook_url: str = ""
+    claude: dict = dataclasses.field(default_factory=dict)
+    podman: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, body: Any, cfg: Config) -> "RunRequest":
+        if not isinstance(body, dict):
+            raise BadRequest("Invalid request: body must be a JSON object", "run")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequest("Invalid request: Key: 'RunRequest.Prompt' Error:Field validation "
+                             "for 'Prompt' failed on the 'required' tag", "run")
+        if "\0" in prompt:
+            raise BadRequest("Invalid request: prompt must not contain NUL characters", "run")
+        for name in ("workdir", "webhook_url"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise BadRequest(f"Invalid request: {name} must be a string", "run")
+        req = cls(prompt=prompt, workdir=body.get("workdir") or "",
+                  webhook_url=body.get("webhook_url") or "",
+                  claude=validate_claude_options(body.get("claude")),
+                  podman=cls._podman_options(body.get("podman"), cfg))
+        if req.workdir:
+            check_workdir(req.workdir)
+        if req.webhook_url and not re.match(r"^https?://[^\s/]+", req.webhook_url):
+            raise BadRequest("Invalid request: webhook_url must be an http(s) URL", "run")
+        if req.claude.get("session_id") is not None:
+            check_session_id(req.claude["session_id"])
+        return req
+
+    @staticmethod
+    def _podman_options(options: Any, cfg: Config) -> dict:
+        if options is None:
+            return {}
+        if not isinstance(options, dict):
+            raise BadRequest("Invalid request: podman must be an object", "run")
+        options = {k: v for k, v in options.items() if k in PODMAN_KINDS and v not in (None, "")}
+        for name, value in options.items():
+            check_kind(f"podman.{name}", value, PODMAN_KINDS[name])
+        if "image" in options:
+            check_image(cfg, options["image"])
+        for volume in options.get("volumes", []):
+            check_volume(cfg, volume)
+        check_secrets_env(options.get("secrets_env", {}))
+        checks = (("timeout", parse_duration), ("memory", parse_memory), ("cpus", parse_cpus))
+        for name, parse in checks:
+            if name in options:
+                try:
+                    value = parse(options[name])
+                except ValueError as exc:
+                    raise BadRequest(f"Invalid request: podman.{name}: {exc}", "run") from None
+                if name == "timeout" and value <= 0:
+                    raise BadRequest("invalid timeout duration: must be > 0", "run")
+        if "lifecycle" in options:
+            check_hooks(options["lifecycle"])
+        if (options.get("environment") or {}).get("type") not in (None, ""):
+            raise BadRequest("compose environments are not supported by this server", "run")
+        return options
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_id: str
+    session_id: str
+    status: str  # completed | crashed
+    output: str
+    exit_code: int
+    crash_info: dict | None = None
+    usage: dict | None = None
+    structured_output: Any = None
+
+    def response(self) -> dict:
+        return drop_none({"id": self.run_id, "status": self.status, "output": self.output,
+                          "structured_output": self.structured_output,
+                          "session_id": self.session_id, "usage": self.usage,
+                          "crash_info": self.crash_info})
+
+
+class RunFeed:
+    """The output of one run as numbered events, for live followers and replay.
+
+    Events are (seq, kind, data): kind "line" for each output line, then one final
+    "done" (data = JSON {id, session_id, status}) or "error" (data = message)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.events: list[tuple[int, str, str]] = []
+        self.finished = False
+        self._changed = asyncio.Event()
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        """Split raw log frames into lines (a long line may span frames)."""
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            self.push("line", line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self._partial:
+            self.push("line", self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+
+    def push(self, kind: str, data: str) -> None:
+        self.events.append((len(self.events), kind, data))
+        if kind != "line":
+            self.finished = True
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def output(self) -> str:
+        return "\n".join(d for _, k, d in self.events if k == "line")
+
+    async def follow(self, after: int = -1):
+        """Yield events with seq > after, live, until the final event."""
+        cursor = after + 1
+        while True:
+            waiter = self._changed
+            while cursor < len(self.events):
+                yield self.events[cursor]
+                cursor += 1
+            if self.finished:
+                return
+            await waiter.wait()
+
+
+class RunSlots:
+    """A FIFO semaphore: at most `size` runs execute; the rest wait in arrival order."""
+
+    def __init__(self, size: int):
+        self.size, self.active = size, 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.active >= self.size or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._release()  # the slot was handed to us as we were cancelled
+                raise
+        else:
+            self.active += 1
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # hand the slot over: `active` stays the same
+                return
+        self.active -= 1
+
+
+class ContainerRunner:
+    """Runs one request in one fresh, hardened agent container and always removes it."""
+
+    def __init__(self, cfg: Config, podman_api: Podman, sessions: SessionStore, store: Store,
+                 metrics: "Metrics"):
+        self.cfg, self.podman, self.sessions, self.store = cfg, podman_api, sessions, store
+        self.metrics = metrics
+        self.slots = RunSlots(cfg.run_slots)
+        self.feeds: dict[str, RunFeed] = {}
+        self.rootless = False
+        self._credentials_digest = ""
+        self._api_key_synced = False
+
+    # -- credentials ---------------------------------------------------------------
+    def configured(self) -> bool:
+        return bool(self.cfg.api_key()) or self.cfg.credentials_path.is_file()
+
+    async def sync_credentials(self) -> None:
+        """Keep the Podman secrets in step with the credentials file and the API key."""
+        path = self.cfg.credentials_path
+        if path.is_file():
+            data = await asyncio.to_thread(path.read_bytes)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != self._credentials_digest:
+                await self.podman.call(self.podman.replace_secret, CREDENTIALS_SECRET, data)
+                self._credentials_digest = digest
+        key = self.cfg.api_key()
+        if key and not self._api_key_synced:
+            await self.podman.call(self.podman.replace_secret, API_KEY_SECRET, key.encode())
+            self._api_key_synced = True
+
+    # -- the container ---------------------------------------------------------------
+    def command(self, req: RunRequest, session_id: str, needs_init: bool) -> list[str]:
+        argv = claude_argv(req.prompt, req.claude, session_id)
+        hooks = check_hooks(req.podman.get("lifecycle") or {})
+        steps = []
+        if req.workdir and self.cfg.agent_workdir_auto_create:
+            steps.append(f"mkdir -p {shell_quote(req.workdir)}")
+            steps.append(f"cd {shell_quote(req.workdir)}")
+        for key in HOOK_KEYS:
+            if key != "post_start" and not needs_init:
+                continue
+            steps += hooks.get(key, [])
+        if not steps:
+            return argv
+        return ["sh", "-c", " && ".join(steps + ["exec " + " ".join(map(shell_quote, argv))])]
+
+    def spec(self, req: RunRequest, run_id: str, session_id: str, labels: dict) -> dict:
+        opts = req.podman
+        cpus = parse_cpus(opts.get("cpus") or self.cfg.resources_cpus)
+        env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(self.cfg.agent_env),
+               **claude_env(req.claude)}
+        volumes = {self.sessions.host_home(session_id): {"bind": CONTAINER_HOME, "mode": "rw"}}
+        for volume in opts.get("volumes", []):
+            host, target, options = check_volume(self.cfg, volume)
+            if self.cfg.agent_volume_auto_create:
+                os.makedirs(host, mode=0o755, exist_ok=True)
+            volumes[host] = {"bind": target, "extended_mode": options}
+        secret_env = dict(opts.get("secrets_env", {}))
+        if self.cfg.api_key():
+            secret_env.setdefault("ANTHROPIC_API_KEY", API_KEY_SECRET)
+        spec: dict[str, Any] = dict(
+            name=f"stromboli-agent-{run_id}",
+            labels={"managed-by": "stromboli", "stromboli.run": run_id,
+                    "stromboli.session": session_id, **labels},
+            environment=env, volumes=volumes, secret_env=secret_env,
+            cap_drop=["ALL"], no_new_privileges=True, pids_limit=self.cfg.agent_pids_limit,
+            mem_limit=parse_memory(opts.get("memory") or self.cfg.resources_memory),
+            cpu_period=100000, cpu_quota=int(cpus * 100000),
+        )
+        if opts.get("cpu_shares"):
+            spec["cpu_shares"] = opts["cpu_shares"]
+        if self._credentials_digest:
+            spec["secrets"] = [{"source": CREDENTIALS_SECRET, "uid": CONTAINER_UID,
+                                "gid": CONTAINER_UID, "mode": 0o600,
+                                "target": f"{CONTAINER_HOME}/.claude/.credentials.json"}]
+        if self.rootless:
+            spec.update(userns_mode="keep-id", user=f"{os.getuid()}:{os.getgid()}")
+        else:
+            spec["user"] = f"{CONTAINER_UID}:{CONTAINER_UID}"
+        if req.workdir:
+            spec["working_dir"] = req.workdir
+        network = self.cfg.agent_network
+        if network in ("bridge", "host", "none", "private", "slirp4netns", "pasta"):
+            spec["network_mode"] = network
+        elif network:
+            spec["networks"] = {network: {}}
+        return spec
+
+    # -- a run ---------------------------------------------------------------------
+    async def run(self, req: RunRequest, run_id: str, session_id: str,
+                  labels: dict | None = None,
+                  on_start: Callable[[], Awaitable[None]] | None = None) -> RunResult:
+        """Wait for the session and a slot, then execute. Cancelling the calling task
+        kills and removes the container."""
+        feed = self.feeds.get(run_id) or self.open_feed(run_id)
+        try:
+            async with self.sessions.lock(session_id):
+                async with self.slots.slot():
+                    if on_start:
+                        await on_start()
+                    result = await self._execute(req, run_id, session_id, labels or {}, feed)
+            feed.push("done", json.dumps({"id": run_id, "session_id": session_id,
+                                          "status": result.status}, separators=(",", ":")))
+            return result
+        except asyncio.CancelledError:
+            feed.push("error", "run cancelled")
+            raise
+        except Exception as exc:
+            feed.push("error", getattr(exc, "message", None) or str(exc))
+            raise
+        finally:
+            asyncio.get_running_loop().call_later(300, self.feeds.pop, run_id, None)
+            await asyncio.shield(self._persist(feed))
+
+    def open_feed(self, run_id: str) -> RunFeed:
+        feed = self.feeds[run_id] = RunFeed(run_id)
+        return feed
+
+    async def _persist(self, feed: RunFeed) -> None:
+        now = time.time()
+        rows = [(feed.run_id, seq, kind, data, now) for seq, kind, data in feed.events]
+        await self.store.call(self.store.add_run_events, rows)
+
+    async def _execute(self, req: RunRequest, run_id: str, session_id: str, labels: dict,
+                       feed: RunFeed) -> RunResult:
+        image = req.podman.get("image") or self.cfg.default_image
+        try:
+            await self.sync_credentials()
+            if not await self.podman.call(self.podman.image_exists, image):
+                hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
+                        else "pull it first (POST /images/pull)")
+                raise BadRequest(f'image validation failed: image "{image}" not found; {hint}',
+                                 "run")
+        except PodmanUnavailable as exc:
+            raise Unavailable(str(exc), "run") from None
+        except (podman.errors.APIError, OSError, aiohttp.ClientError) as exc:
+            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+        home = await asyncio.to_thread(self.sessions.ensure, session_id)
+        marker = home / ".stromboli-initialized"
+        needs_init = not marker.exists()
+        before = self.sessions.transcript(session_id)
+        offset = before.stat().st_size if before else 0
+        timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
+            else self.cfg.resources_timeout
+        spec = self.spec(req, run_id, session_id, labels)
+        command = self.command(req, session_id, needs_init)
+        started = time.monotonic()
+        exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
+        output = feed.output().strip()
+        after = self.sessions.transcript(session_id)
+        usage = transcript_usage(after, offset if after == before else 0)
+        self.metrics.run_finished(time.monotonic() - started)
+        if timed_out:
+            info = crash_info(137, output, f"Timeout: the run exceeded {format_duration(timeout)}"
+                                           " and its container was killed")
+            return RunResult(run_id, session_id, "crashed", output, 137, info, usage)
+        if exit_code > 128:
+            return RunResult(run_id, session_id, "crashed", output, exit_code,
+                             crash_info(exit_code, output), usage)
+        if exit_code != 0:
+            raise RunFailed(f"execution failed: exit status {exit_code}, output: {output}")
+        if req.podman.get("lifecycle"):
+            marker.write_text(rfc3339(time.time()) or "")
+        return RunResult(run_id, session_id, "completed", output, 0, None, usage,
+                         structured_output(output))
+
+    async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
+                         timeout: float) -> tuple[int, bool]:
+        """Create, start, stream and wait; always kill and remove. → (exit code, timed out)"""
+        try:
+            cid = await self.podman.call(self.podman.create, image, command, **spec)
+        except podman.errors.APIError as exc:
+            raise RunFailed(f"failed to create container: {short_error(exc)}") from None
+        except (OSError, aiohttp.ClientError, podman.errors.PodmanError) as exc:
+            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+        self.metrics.active_containers += 1
+        loop = asyncio.get_running_loop()
+        try:
+            await self.podman.call(self.podman.start, cid)
+            sink = functools.partial(loop.call_soon_threadsafe, feed.feed)
+            logs = asyncio.ensure_future(self.podman.call(self.podman.follow_logs, cid, sink))
+            try:
+                exit_code = await asyncio.wait_for(self.podman.call(self.podman.wait, cid), timeout)
+                timed_out = False
+            except asyncio.TimeoutError:
+                await self.podman.call(self.podman.kill, cid)
+                exit_code, timed_out = 137, True
+            await asyncio.wait({logs}, timeout=10)
+            await asyncio.sleep(0)  # let the last call_soon_threadsafe frames land
+            feed.flush()
+            return exit_code, timed_out
+        except podman.errors.APIError as exc:
+            raise RunFailed(f"container failed: {short_error(exc)}") from None
+        finally:
+            self.metrics.active_containers -= 1
+            await asyncio.shield(self._destroy(cid))
+
+    async def _destroy(self, cid: str) -> None:
+        try:
+            await self.podman.call(self.podman.kill, cid)
+            await self.podman.call(self.podman.remove, cid)
+        except Exception as exc:  # the orphan sweep at startup will retry
+            log.warning("could not remove container", extra=fields(container=cid[:12],
+                                                                    error=short_error(exc)))
+
+
+# ---------------------------------------------------------------------------
+# Webhooks — signed job notifications, retried with backoff and recorded
+# ---------------------------------------------------------------------------
+
+def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + digest.hexdigest()
+
+
+class WebhookSender:
+    """POSTs a job's final state to its webhook_url. Upstream tries twice 100 ms apart;
+    we retry with exponential backoff and record every attempt in the store."""
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg, self.store = cfg, store
+        self.tasks: set[asyncio.Task] = set()
+        self.first_delay = 0.5
+
+    def notify(self, url: str, job: dict) -> None:
+        task = asyncio.ensure_future(self._deliver(url, job))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _deliver(self, url: str, job: dict) -> None:
+        payload = drop_none({"job_id": job["id"], "status": job["status"],
+                             "output": job.get("output") or None, "error": job.get("error"),
+                             "session_id": job.get("session_id"), "usage": job.get("usage")})
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": f"stromboli/{VERSION}"}
+        if self.cfg.webhook_signing_secret:
+            stamp = str(int(time.time()))
+            headers["X-Stromboli-Timestamp"] = stamp
+            headers["X-Stromboli-Signature"] = sign_webhook(self.cfg.webhook_signing_secret,
+                                                            stamp, body)
+        delay = self.first_delay
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for attempt in range(1, max(1, self.cfg.webhook_max_attempts) + 1):
+                status, error = None, None
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        status = resp.status
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    error = short_error(exc) if str(exc) else type(exc).__name__
+                await self.store.call(self.store.record_delivery, job["id"], url, attempt,
+                                      status, error)
+                if status is not None and 200 <= status < 300:
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60)
+        log.warning("webhook not delivered", extra=fields(job_id=job["id"],
+                                                          attempts=self.cfg.webhook_max_attempts))
+
+
+# ---------------------------------------------------------------------------
+# Jobs — async runs: queue, cancel, restart recovery, retention
+# ---------------------------------------------------------------------------
+
+RESTART_ERROR = "the daemon restarted while this job was running; its container was stopped"
+
+
+class JobManager:
+    """Async jobs live in the store; their runs are tasks here. Cancel kills the run's
+    container and `cancelled` stays terminal."""
+
+    def __init__(self, cfg: Config, store: Store, runner: ContainerRunner,
+                 webhooks: WebhookSender, metrics: Metrics):
+        self.cfg, self.store, self.runner = cfg, store, runner
+        self.webhooks, self.metrics = webhooks, metrics
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    async def submit(self, req: RunRequest) -> dict:
+        session_id = req.claude.get("session_id") or str(uuid.uuid4())
+        req.claude["session_id"] = session_id
+        now = time.time()
+        job = {"id": new_id("job"), "status": "pending", "session_id": session_id,
+               "run_id": new_id("run"), "request": req.to_json(), "created_at": now,
+               "updated_at": now}
+        await self.store.call(self.store.insert_job, job)
+        self._start(job)
+        return job
+
+    def _start(self, job: dict) -> None:
+        task = asyncio.ensure_future(self._run(job))
+        self.tasks[job["id"]] = task
+        task.add_done_callback(lambda _: self.tasks.pop(job["id"], None))
+
+    async def _run(self, job: dict) -> None:
+        req = RunRequest(**job["request"])
+
+        async def started() -> None:
+            await self.store.call(functools.partial(self.store.update_job, job["id"],
+                                                    status="running", started_at=time.time()))
+        try:
+            result = await self.runner.run(req, job["run_id"], job["session_id"],
+                                           {"stromboli.job": job["id"]}, started)
+            changes = dict(status=result.status, output=result.output,
+                           crash_info=result.crash_info, usage=result.usage,
+                           structured_output=result.structured_output)
+        except asyncio.CancelledError:
+            return
+        except ApiError as exc:
+            changes = dict(status="failed", error=exc.message)
+        except RunFailed as exc:
+            changes = dict(status="failed", error=str(exc))
+        except Exception as exc:  # a bug must not leave the job running forever
+            log.exception("job failed unexpectedly", extra=fields(job_id=job["id"]))
+            changes = dict(status="failed", error=f"internal error: {short_error(exc)}")
+        changes["finished_at"] = time.time()
+        await self._finish(job, changes)
+
+    async def _finish(self, job: dict, changes: dict, only_if_active: bool = True) -> None:
+        updated = await self.store.call(functools.partial(
+            self.store.update_job, job["id"], only_if_active, **changes))
+        if not updated:
+            return
+        self.metrics.run_status(changes["status"])
+        final = await self.store.call(self.store.get_job, job["id"])
+        if final and final["request"].get("webhook_url"):
+            self.webhooks.notify(final["request"]["webhook_url"], final)
+
+    async def cancel(self, job_id: str) -> None:
+        job = await self.store.call(self.store.get_job, job_id)
+        if job is None:
+            raise NotFound("job not found", "run")
+        updated = await self.store.call(functools.partial(
+            self.store.update_job, job_id, status="cancelled", finished_at=time.time(),
+            error="cancelled by request"))
+        if not updated:
+            raise Conflict("cannot cancel job (already completed, failed, or cancelled)", "run")
+        self.metrics.run_status("cancelled")
+        task = self.tasks.get(job_id)
+        if task:
+            task.cancel()
+            await asyncio.wait({task}, timeout=20)  # the container is gone when this returns
+        if job["request"].get("webhook_url"):
+            self.webhooks.notify(job["request"]["webhook_url"],
+                                 await self.store.call(self.store.get_job, job_id))
+
+    async def get(self, job_id: str) -> dict:
+        job = await self.store.call(self.store.get_job, job_id)
+        if job is None:
+            raise NotFound("job not found", "run")
+        return job
+
+    async def recover(self) -> None:
+        """At startup: requeue pending jobs, fail running ones (stopping their containers)
+        and remove containers that belong to no job."""
+        containers = await self.runner.podman.call(self.runner.podman.containers,
+                                                   "managed-by=stromboli")
+        for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
+            if job["status"] == "pending":
+                self._start(job)
+                continue
+            await self._finish(job, dict(status="failed", error=RESTART_ERROR,
+                                         finished_at=time.time()))
+        for container in containers:
+            log.info("removing leftover agent container",
+                     extra=fields(container=container["id"][:12],
+                                  job_id=container["labels"].get("stromboli.job")))
+            await self.runner._destroy(container["id"])
+
+    async def cleanup_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.jobs_cleanup_interval)
+            cutoff = time.time() - self.cfg.jobs_cleanup_ttl
+            removed = await self.store.call(self.store.delete_old_jobs, cutoff)
+            await self.store.call(self.store.delete_run_events_before, cutoff)
+            if removed:
+                log.info("deleted finished jobs", extra=fields(count=removed))
+
+    async def shutdown(self) -> None:
+        """Stop running jobs' containers; their rows are failed at the next start."""
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks.values()), timeout=20)
+
+
+def job_response(job: dict) -> dict:
+    return drop_none({
+        "id": job["id"], "status": job["status"], "output": job.get("output") or None,
+        "structured_output": job.get("structured_output"), "error": job.get("error"),
+        "session_id": job.get("session_id"), "crash_info": job.get("crash_info"),
+        "usage": job.get("usage"), "run_id": job.get("run_id"),
+        "created_at": rfc3339(job["created_at"]), "updated_at": rfc3339(job["updated_at"]),
+    })
+
+
+# ---------------------------------------------------------------------------
+# Auth — static tokens, HS256 JWT issue/verify, persistent revocation
+# ---------------------------------------------------------------------------
+
+class AuthError(ApiError):
+    def __init__(self, message: str, status: int = 401):
+        super().__init__(status, message)
+
+
+class Auth:
+    """Bearer tokens: static API tokens (compared in constant time) and HS256 JWTs whose
+    revocations live in the store, so a logout survives a restart."""
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg, self.store = cfg, store
+        self.secret = cfg.jwt_secret.strip()
+        self.static = [t.encode() for t in cfg.auth_valid_tokens]
+
+    @staticmethod
+    def bearer(request: web.Request) -> str:
+        header = request.headers.get("Authorization", "")
+        if not header:
+            raise AuthError("missing authorization header")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("invalid authorization header format")
+        return token.strip()
+
+    def is_static(self, token: str) -> bool:
+        encoded = token.encode()
+        return any(hmac.compare_digest(encoded, t) for t in self.static)
+
+    def issue(self, subject: str, refresh: bool = False) -> str:
+        now = int(time.time())
+        lifetime = self.cfg.jwt_refresh_expiry if refresh else self.cfg.jwt_access_expiry
+        claims = {"sub": subject, "iat": now, "exp": now + int(lifetime), "jti": str(uuid.uuid4())}
+        if refresh:
+            claims["is_refresh"] = True
+        return jwt.encode(claims, self.secret, algorithm="HS256")
+
+    def decode(self, token: str, refresh: bool = False) -> dict:
+        """Verify signature (HS256 only), expiry and token kind; raise AuthError."""
+        message = "invalid or expired refresh token" if refresh else "invalid or expired token"
+        if not self.secret:
+            raise AuthError(message)
+        try:
+            claims = jwt.decode(token, self.secret, algorithms=["HS256"],
+                                options={"require": ["exp", "iat", "sub", "jti"]})
+        except jwt.PyJWTError:
+            raise AuthError(message) from None
+        if bool(claims.get("is_refresh")) != refresh:
+            raise AuthError(message)
+        return claims
+
+    async def check_access(self, token: str) -> dict | None:
+        """The access token's claims (None for a static token), or AuthError."""
+        if self.is_static(token):
+            return None
+        claims = self.decode(token)
+        try:
+            revoked = await self.store.call(self.store.is_revoked, claims["jti"])
+        except sqlite3.Error:
+            raise AuthError("auth backend unavailable", 503) from None
+        if revoked:
+            raise AuthError("token revoked")
+        return claims
+
+    async def revoke(self, claims: dict) -> None:
+        try:
+            await self.store.call(self.store.revoke, claims["jti"], float(claims["exp"]))
+        except sqlite3.Error:
+            raise AuthError("auth backend unavailable", 503) from None
+
+    def tokens(self, subject: str) -> dict:
+        return {"access_token": self.issue(subject), "refresh_token": self.issue(subject, True),
+                "token_type": "bearer", "expires_in": int(self.cfg.jwt_access_expiry)}
+
+
+# ---------------------------------------------------------------------------
+# Rate limiting — token buckets per client IP, trusted proxies
+# ---------------------------------------------------------------------------
+
+class TokenBucket:
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, burst: float, now: float):
+        self.tokens, self.stamp = float(burst), now
+
+    def take(self, rate: float, burst: float, now: float) -> bool:
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def strip_port(address: str) -> str:
+    """`1.2.3.4:80` → `1.2.3.4`, `[::1]:80` → `::1`; a bare address is kept."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    m = re.match(r"^\[([^\]]+)\](?::\d+)?$", address) or re.match(r"^([^:]+):\d+$", address)
+    return m.group(1) if m else address
+
+
+class RateLimiter:
+    """Per-IP token buckets (U§9). Idle buckets are evicted so that an IP-rotation flood
+    cannot grow memory without bound."""
+
+    IDLE_SECONDS = 600
+
+    def __init__(self, cfg: Config):
+        self.rate, self.burst = cfg.rate_limit_rate, cfg.rate_limit_burst
+        self.buckets: dict[str, TokenBucket] = {}
+        self.trusted = []
+        for entry in cfg.rate_limit_trusted_proxies:
+            try:
+                self.trusted.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                log.warning("ignoring invalid trusted proxy", extra=fields(entry=entry))
+        self._last_sweep = time.monotonic()
+
+    def client_ip(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        try:
+            trusted = any(ipaddress.ip_address(peer) in net for net in self.trusted)
+        except ValueError:
+            trusted = False
+        if trusted:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            real = request.headers.get("X-Real-IP", "").strip()
+            if forwarded or real:
+                return strip_port(forwarded or real)
+        return peer
+
+    def check(self, ip: str) -> tuple[bool, dict[str, str]]:
+        now = time.monotonic()
+        if now - self._last_sweep > 60:
+            self._sweep(now)
+        bucket = self.buckets.get(ip)
+        if bucket is None:
+            bucket = self.buckets[ip] = TokenBucket(self.burst, now)
+        allowed = bucket.take(self.rate, self.burst, now)
+        headers = {"X-RateLimit-Limit": f"{self.rate:g}",
+                   "X-RateLimit-Remaining": str(max(0, int(bucket.tokens))),
+                   "X-RateLimit-Reset": str(int(time.time()) + 1)}
+        if not allowed:
+            headers["X-RateLimit-Remaining"] = "0"
+            headers["Retry-After"] = str(max(1, int((1 - bucket.tokens) / self.rate + 0.999)))
+        return allowed, headers
+
+    def _sweep(self, now: float) -> None:
+        self._last_sweep = now
+        stale = [ip for ip, b in self.buckets.items() if now - b.stamp > self.IDLE_SECONDS]
+        for ip in stale:
+            del self.buckets[ip]
+
+
+# ---------------------------------------------------------------------------
+# Images — building the default agent image (from a registry, or offline)
+# ---------------------------------------------------------------------------
+
+AGENT_CONTAINERFILE = """\
+FROM docker.io/library/node:20-slim
+RUN apt-get update && apt-get install -y --no-install-recommends git jq procps ca-certificates \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && npm install -g @anthropic-ai/claude-code && npm cache clean --force \\
+ && (userdel -r node || true) && useradd -m -u 1000 -s /bin/bash user \\
+ && mkdir -p /workspace && chown user:user /workspace
+ENV DISABLE_AUTOUPDATER=1
+LABEL ai.stromboli.compatible="true" ai.stromboli.claude-cli="true" \\
+      ai.stromboli.description="Default stromboli agent image"
+USER user
+WORKDIR /workspace
+"""
+IMAGE_CHANGES = ["USER user", "WORKDIR /workspace", "ENV PATH=/usr/local/bin:/usr/bin:/bin",
+                 "ENV HOME=/home/user", "LABEL ai.stromboli.compatible=true",
+                 "LABEL ai.stromboli.claude-cli=true"]
+ROOTFS_PASSWD = ("root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/bash\n"
+                 "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+ROOTFS_FILES = {"etc/passwd": ROOTFS_PASSWD, "etc/group": "root:x:0:\nuser:x:1000:\n",
+                "etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+                "etc/hosts": "127.0.0.1 localhost\n::1 localhost\n",
+                "etc/shells": "/bin/sh\n/bin/bash\n"}
+
+
+def find_claude_binary() -> str | None:
+    """A native `claude` binary: on PATH, or inside an npm install of the CLI."""
+    candidates = [shutil.which("claude") or ""]
+    for root in ("/usr/local/lib/node_modules", "/usr/lib/node_modules", "node_modules",
+                 os.path.expanduser("~/.npm-global/lib/node_modules")):
+        candidates += sorted(map(str, pathlib.Path(root).glob(
+            "@anthropic-ai/claude-code*/**/claude")))
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.realpath(path)
+    return None
+
+
+class RootfsBuilder:
+    """A minimal usr-merged root filesystem as a tar: static busybox, bash, the libraries
+    that bash and claude link against, the claude binary, a `user` (uid 1000)."""
+
+    def __init__(self, tar: tarfile.TarFile):
+        self.tar = tar
+        self.seen: set[str] = set()
+
+    def _add(self, name: str, kind: bytes, mode: int, uid: int = 0, data: bytes | None = None,
+             link: str = "", source: str | None = None) -> None:
+        name = name.strip("/")
+        if name in self.seen:
+            return
+        parent = os.path.dirname(name)
+        if parent and parent not in self.seen:
+            self.dir(parent)
+        self.seen.add(name)
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.uid, info.gid, info.linkname = kind, mode, uid, uid, link
+        info.mtime = 1_700_000_000
+        if source:
+            info.size = os.path.getsize(source)
+            with open(source, "rb") as fh:
+                self.tar.addfile(info, fh)
+            return
+        info.size = len(data or b"")
+        self.tar.addfile(info, io.BytesIO(data or b""))
+
+    def dir(self, name: str, mode: int = 0o755, uid: int = 0) -> None:
+        self._add(name, tarfile.DIRTYPE, mode, uid)
+
+    def link(self, name: str, target: str) -> None:
+        self._add(name, tarfile.SYMTYPE, 0o777, link=target)
+
+    def text(self, name: str, content: str) -> None:
+        self._add(name, tarfile.REGTYPE, 0o644, data=content.encode())
+
+    def copy(self, name: str, source: str) -> None:
+        real = os.path.realpath(source)
+        self._add(name, tarfile.REGTYPE, os.stat(real).st_mode & 0o7777, source=real)
+
+    @staticmethod
+    def in_image(path: str) -> str:
+        path = os.path.normpath(path).lstrip("/")
+        top = path.split("/")[0]
+        return f"usr/{path}" if top in ("bin", "sbin", "lib", "lib64") else path
+
+    def library(self, path: str) -> None:
+        """A shared library under the path ldd names, keeping its symlink chain."""
+        for _ in range(10):
+            if not os.path.islink(path):
+                break
+            target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+            self.link(self.in_image(path), "/" + self.in_image(target))
+            path = target
+        self.copy(self.in_image(path), path)
+
+    def build(self, claude: str, busybox: str, bash: str) -> None:
+        for top in ("bin", "sbin", "lib", "lib64"):
+            self.dir(f"usr/{top}")
+            self.link(top, f"usr/{top}")
+        for name, mode, uid in (("tmp", 0o1777, 0), ("var/tmp", 0o1777, 0), ("root", 0o700, 0),
+                                ("home/user", 0o755, CONTAINER_UID),
+                                ("workspace", 0o777, CONTAINER_UID),
+                                ("proc", 0o755, 0), ("sys", 0o755, 0), ("dev", 0o755, 0),
+                                ("run", 0o755, 0), ("etc", 0o755, 0)):
+            self.dir(name, mode, uid)
+        self.copy("usr/bin/busybox", busybox)
+        applets = subprocess.run([busybox, "--list"], capture_output=True, text=True).stdout
+        for applet in applets.split():
+            if applet not in ("bash", "busybox") and "/" not in applet:
+                self.link(f"usr/bin/{applet}", "busybox")
+        self.copy("usr/bin/bash", bash)
+        self.copy("usr/local/bin/claude", claude)
+        for binary in (bash, claude):
+            ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+            for m in re.finditer(r"(?:=>\s*|^\s*)(/\S+)", ldd, re.M):
+                self.library(m.group(1))
+        for name, content in ROOTFS_FILES.items():
+            self.text(name, content)
+        if os.path.isfile("/etc/ssl/certs/ca-certificates.crt"):
+            self.copy("etc/ssl/certs/ca-certificates.crt", "/etc/ssl/certs/ca-certificates.crt")
+
+
+def build_offline_image(podman_api: Podman, reference: str, claude: str) -> None:
+    """Assemble the root filesystem and import it through the Podman API (no registry)."""
+    busybox = shutil.which("busybox")
+    bash = shutil.which("bash")
+    if not busybox or subprocess.run(["ldd", busybox], capture_output=True).returncode == 0:
+        raise SystemExit("image build --offline needs a static busybox "
+                         "(apt-get install busybox-static)")
+    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
+        with tarfile.open(tmp.name, "w", format=tarfile.GNU_FORMAT) as tar:
+            RootfsBuilder(tar).build(claude, busybox, bash)
+        podman_api.import_image(tmp.name, reference, IMAGE_CHANGES)
+
+
+def build_registry_image(podman_api: Podman, reference: str) -> None:
+    """Build from the embedded Containerfile (needs a reachable registry and npm)."""
+    with tempfile.TemporaryDirectory() as ctx:
+        pathlib.Path(ctx, "Containerfile").write_text(AGENT_CONTAINERFILE)
+        _, logs = podman_api.client.images.build(path=ctx, dockerfile="Containerfile",
+                                                 tag=reference, rm=True)
+        for entry in logs:
+            text = entry.get("stream", "") if isinstance(entry, dict) else str(entry)
+            sys.stderr.write(text)
+
+
+# ---------------------------------------------------------------------------
+# HTTP — the application object, middlewares, handlers, the route table
+# ---------------------------------------------------------------------------
+
+class Stromboli:
+    """Everything the daemon holds, created once and shared by the handlers."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = Store(cfg.state_path / "stromboli.db")
+        self.metrics = Metrics()
+        self.podman_service = PodmanService(cfg)
+        self.podman: Podman | None = None
+        self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
+                                     chown=os.geteuid() == 0)
+        self.auth = Auth(cfg, self.store)
+        self.limiter = RateLimiter(cfg)
+        self.webhooks = WebhookSender(cfg, self.store)
+        self.runner: ContainerRunner | None = None
+        self.jobs: JobManager | None = None
+        self.background: list[asyncio.Task] = []
+        self.metrics.gauges.update({
+            "process_resident_memory_bytes": ("Resident memory in bytes.", process_resident_bytes),
+            "process_open_fds": ("Open file descriptors.", process_open_fds),
+            "stromboli_queued_runs": ("Runs waiting for a slot.",
+                                      lambda: self.runner.slots.queued if self.runner else 0),
+        })
+
+    async def start(self) -> None:
+        url = await asyncio.to_thread(self.podman_service.resolve)
+        self.podman = Podman(url)
+        self.runner = ContainerRunner(self.cfg, self.podman, self.sessions, self.store,
+                                      self.metrics)
+        self.jobs = JobManager(self.cfg, self.store, self.runner, self.webhooks, self.metrics)
+        self.background.append(asyncio.ensure_future(self._connect()))
+        self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
+        self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
+
+    async def _connect(self) -> None:
+        """Once Podman answers: learn its mode, sync credentials, recover jobs."""
+        delay = 1.0
+        while True:
+            try:
+                await self.podman.call(self.podman.version)
+                self.runner.rootless = await self.podman.call(self.podman.rootless)
+                await self.runner.sync_credentials()
+                await self.jobs.recover()
+                log.info("podman connected", extra=fields(url=self.podman.url,
+                                                          rootless=self.runner.rootless))
+                return
+            except Exception as exc:
+                log.warning("podman not ready, retrying", extra=fields(error=short_error(exc)))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    async def _reap_tokens_forever(self) -> None:
+        while True:
+            await self.store.call(self.store.reap_revoked)
+            await asyncio.sleep(self.cfg.auth_blacklist_cleanup_interval)
+
+    async def stop(self) -> None:
+        for task in self.background:
+            task.cancel()
+        if self.jobs:
+            await self.jobs.shutdown()
+        if self.webhooks.tasks:
+            await asyncio.wait(self.webhooks.tasks, timeout=5)
+        if self.podman:
+            self.podman.close()
+        await asyncio.to_thread(self.podman_service.stop)
+        self.store.close()
+
+
+APP_KEY = web.AppKey("stromboli", Stromboli)
+
+
+def state(request: web.Request) -> Stromboli:
+    return request.app[APP_KEY]
+
+
+def route_template(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Request id, error envelopes, one access log line and the request metrics."""
+    app = state(request)
+    request_id = request.headers.get("X-Request-ID") or pysecrets.token_hex(8)
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        response = http_exception_response(exc)
+    except Exception:
+        log.exception("unhandled error", extra=fields(request_id=request_id, path=request.path))
+        response = json_response({"error": "internal server error"}, status=500)
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    elapsed = time.monotonic() - started
+    app.metrics.request(request.method, route_template(request), response.status, elapsed)
+    if response.status == 401:
+        app.metrics.auth_failures += 1
+    log.info("request", extra=fields(request_id=request_id, method=request.method,
+                                     path=request.path, status=response.status,
+                                     duration_ms=round(elapsed * 1000, 2),
+                                     client_ip=request.remote))
+    return response
+
+
+def http_exception_response(exc: web.HTTPException) -> web.Response:
+    messages = {404: "not found", 405: "method not allowed",
+                413: "request body too large"}
+    message = messages.get(exc.status, exc.reason.lower())
+    response = json_response({"error": message}, status=exc.status)
+    if exc.status == 405 and "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Rate limit, then auth, on the routes the route table marks (U§3)."""
+    app = state(request)
+    access = ROUTE_ACCESS.get((request.method, route_template(request)), "public")
+    limit_headers: dict[str, str] = {}
+    if access == "protected" and app.cfg.rate_limit_enabled:
+        allowed, limit_headers = app.limiter.check(app.limiter.client_ip(request))
+        if not allowed:
+            app.metrics.rate_limited += 1
+            return json_response({"error": "rate limit exceeded"}, 429, limit_headers)
+    if access in ("protected", "token") and app.cfg.auth_enabled:
+        try:
+            request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
+        except ApiError as exc:
+            response = exc.response()
+            response.headers.update(limit_headers)
+            return response
+    response = await handler(request)
+    if limit_headers and not response.prepared:
+        response.headers.update(limit_headers)
+    return response
+
+
+async def read_json(request: web.Request, shape: str = "error", prefix: str = "") -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body too large (limit "
+                            f"{state(request).cfg.server_max_body_bytes} bytes)", shape) from None
+    if not raw.strip():
+        raise BadRequest(f"{prefix}request body is empty", shape)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{prefix}invalid JSON: {exc}", shape) from None
+
+
+def require_configured(app: Stromboli, shape: str) -> None:
+    if not app.runner.configured():
+        raise Unavailable("Claude not configured. Run 'make claude-setup' first", shape)
+
+
+# -- system -------------------------------------------------------------------
+
+async def health(request: web.Request) -> web.Response:
+    app = state(request)
+    components = [await check_component("podman", app.podman.call(app.podman.version))]
+    creds = app.cfg.credentials_path
+    if app.cfg.api_key():
+        components.append(await check_component(
+            "anthropic-api-key", secret_present(app, API_KEY_SECRET)))
+    if creds.is_file() or not app.cfg.api_key():
+        components.append({"name": "claude-credentials-file", "status": "ok"} if creds.is_file()
+                          else {"name": "claude-credentials-file", "status": "error",
+                                "error": f"credentials file not found at {creds}: run 'claude'"
+                                         " to authenticate"})
+        components.append(await check_component(
+            "claude-credentials-secret", secret_present(app, CREDENTIALS_SECRET)))
+    status = "ok" if all(c["status"] == "ok" for c in components) else "degraded"
+    return json_response({"status": status, "name": "stromboli", "version": VERSION,
+                          "components": components})
+
+
+async def secret_present(app: Stromboli, name: str) -> None:
+    if not await app.podman.call(app.podman.secret_exists, name):
+        raise LookupError(f"podman secret '{name}' not found: run stromboli to create it")
+
+
+async def check_component(name: str, check: Awaitable) -> dict:
+    try:
+        await asyncio.wait_for(check, 5)
+        return {"name": name, "status": "ok"}
+    except asyncio.TimeoutError:
+        return {"name": name, "status": "error", "error": "timed out after 5s"}
+    except Exception as exc:
+        return {"name": name, "status": "error", "error": short_error(exc)}
+
+
+async def claude_status(request: web.Request) -> web.Response:
+    configured = state(request).runner.configured()
+    return json_response({"configured": configured, "message": "Claude is configured"
+                          if configured else "Run 'make claude-setup' to configure (or set "
+                                             "ANTHROPIC_API_KEY)"})
+
+
+# -- runs ---------------------------------------------------------------------
+
+async def run_sync(request: web.Request) -> web.Response:
+    app = state(request)
+    req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
+    require_configured(app, "run")
+    session_id = req.claude.get("session_id") or str(uuid.uuid4())
+    try:
+        result = await app.runner.run(req, new_id("run"), session_id)
+    except RunFailed as exc:
+        app.metrics.run_status("failed")
+        raise ApiError(500, str(exc), "run") from None
+    app.metrics.run_status(result.status)
+    return json_response(result.response())
+
+
+async def run_async(request: web.Request) -> web.Response:
+    app = state(request)
+    req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
+    require_configured(app, "run")
+    job = await app.jobs.submit(req)
+    return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
+
+
+STREAM_LISTS = {n for n, k in CLAUDE_KINDS.items() if k in ("multi", "joined")} | {"volumes"}
+
+
+def stream_request_body(query: Any) -> dict:
+    """Query parameters → a RunRequest body: prompt, workdir, session_id as upstream, plus
+    every claude option (`model=` or `claude.model=`) and podman option (`podman.timeout=`,
+    or bare `timeout=`) as an extension. Lists are comma-separated."""
+    body: dict[str, Any] = {"prompt": query.get("prompt", ""), "claude": {}, "podman": {}}
+    for key, value in query.items():
+        section, _, name = key.rpartition(".")
+        if key in ("prompt", "workdir", "webhook_url"):
+            body[key] = value
+            continue
+        if section not in ("", "claude", "podman"):
+            continue
+        target = "podman" if section == "podman" or (not section and name in PODMAN_KINDS) \
+            else "claude"
+        kind = (PODMAN_KINDS if target == "podman" else CLAUDE_KINDS).get(name)
+        if kind is None:
+            continue
+        body[target][name] = convert_query_value(name, kind, value)
+    return body
+
+
+def convert_query_value(name: str, kind: str, value: str) -> Any:
+    try:
+        if kind == "bool":
+            return parse_bool(value)
+        if kind in ("multi", "joined"):
+            return list(parse_list(value))
+        if kind == "int":
+            return int(value)
+        if kind == "budget":
+            return float(value)
+        if kind in ("object", "map"):
+            return json.loads(value)
+    except ValueError:
+        raise BadRequest(f"Invalid request: {name}: cannot parse {value!r}", "text") from None
+    return value
+
+
+async def run_stream(request: web.Request) -> web.StreamResponse:
+    app = state(request)
+    query = request.query
+    if query.get("run_id"):
+        return await replay_stream(request, query["run_id"])
+    if not query.get("prompt", "").strip():
+        raise BadRequest("Missing required parameter: prompt", "text")
+    try:
+        req = RunRequest.parse(stream_request_body(query), app.cfg)
+        require_configured(app, "text")
+    except ApiError as exc:
+        exc.shape = "text"
+        raise
+    session_id = req.claude.get("session_id") or str(uuid.uuid4())
+    run_id = new_id("run")
+    feed = app.runner.open_feed(run_id)
+    task = asyncio.ensure_future(app.runner.run(req, run_id, session_id))
+    try:
+        response = await sse_response(request, run_id)
+        await write_feed(response, feed.follow())
+        result = await task
+        app.metrics.run_status(result.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        task.cancel()  # the client went away: stop its container
+        await asyncio.wait({task}, timeout=20)
+        raise
+    except (ApiError, RunFailed):
+        app.metrics.run_status("failed")  # already reported to the client as event: error
+    finally:
+        if not task.done():
+            task.cancel()
+    return response
+
+
+async def sse_response(request: web.Request, run_id: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "Connection": "keep-alive", "X-Accel-Buffering": "no", "X-Run-ID": run_id,
+        "X-Request-ID": request.headers.get("X-Request-ID") or pysecrets.token_hex(8)})
+    await response.prepare(request)
+    return response
+
+
+async def write_feed(response: web.StreamResponse, events: Any) -> None:
+    """SSE framing of U§5.5: raw `data:` lines, then `event: done` or `event: error`.
+    Each event carries an `id:` so a client can resume with Last-Event-ID."""
+    async def keepalive() -> None:
+        while True:
+            await asyncio.sleep(15)
+            await response.write(b": keepalive\n\n")
+    pinger = asyncio.ensure_future(keepalive())
+    try:
+        async for seq, kind, data in events:
+            head = "" if kind == "line" else f"event: {kind}\n"
+            await response.write(f"id: {seq}\n{head}data: {data}\n\n".encode())
+    finally:
+        pinger.cancel()
+
+
+async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse:
+    """Resume a run's stream after Last-Event-ID (extension): live while it runs, from the
+    store once it has finished."""
+    app = state(request)
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
+    try:
+        after = int(last)
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an integer", "text") from None
+    feed = app.runner.feeds.get(run_id)
+    if feed is not None:
+        events: Any = feed.follow(after)
+    else:
+        rows = await app.store.call(app.store.run_events, run_id, after)
+        if not rows and not await app.store.call(app.store.run_events, run_id):
+            raise NotFound(f"run not found: {run_id}", "text")
+
+        async def stored():
+            for row in rows:
+                yield row
+        events = stored()
+    response = await sse_response(request, run_id)
+    await write_feed(response, events)
+    return response
+
+
+# -- jobs -----------------------------------------------------------------------
+
+async def list_jobs(request: web.Request) -> web.Response:
+    app = state(request)
+    status = request.query.get("status")
+    if status and status not in ("pending", "running", *TERMINAL_STATES):
+        raise BadRequest(f"invalid status filter {status!r}", "run")
+    jobs = await app.store.call(app.store.list_jobs, status)
+    return json_response({"jobs": [job_response(j) for j in jobs]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = await state(request).jobs.get(request.match_info["id"])
+    return json_response(job_response(job))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    await state(request).jobs.cancel(job_id)
+    return json_response({"cancelled": True, "job_id": job_id})
+
+
+# -- auth -------------------------------------------------------------------------
+
+def require_jwt(app: Stromboli) -> None:
+    if not app.auth.secret:
+        raise Unavailable("JWT authentication not configured")
+
+
+async def auth_token(request: web.Request) -> web.Response:
+    app = state(request)
+    require_jwt(app)
+    body = await read_json(request, prefix="invalid request: ")
+    client_id = body.get("client_id") if isinstance(body, dict) else None
+    if not isinstance(client_id, str) or not client_id.strip():
+        raise BadRequest("invalid request: Key: 'TokenRequest.ClientID' Error:Field validation "
+                         "for 'ClientID' failed on the 'required' tag")
+    return json_response(app.auth.tokens(client_id))
+
+
+async def auth_refresh(request: web.Request) -> web.Response:
+    app = state(request)
+    require_jwt(app)
+    body = await read_json(request, prefix="invalid request: ")
+    token = body.get("refresh_token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise BadRequest("invalid request: Key: 'RefreshRequest.RefreshToken' Error:Field "
+                         "validation for 'RefreshToken' failed on the 'required' tag")
+    claims = app.auth.decode(token, refresh=True)
+    if await app.store.call(app.store.is_revoked, claims["jti"]):
+        raise AuthError("invalid or expired refresh token")
+    return json_response(app.auth.tokens(claims["sub"]))
+
+
+async def auth_validate(request: web.Request) -> web.Response:
+    app = state(request)
+    require_jwt(app)
+    claims = await app.auth.check_access(Auth.bearer(request))
+    if claims is None:
+        raise AuthError("invalid or expired token")
+    return json_response({"valid": True, "subject": claims["sub"], "expires_at": claims["exp"]})
+
+
+async def auth_logout(request: web.Request) -> web.Response:
+    """Revoke the presented access token; a `refresh_token` in the body is revoked too."""
+    app = state(request)
+    require_jwt(app)
+    token = Auth.bearer(request)
+    claims = app.auth.decode(token)
+    await app.auth.revoke(claims)
+    raw = await request.read()
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("refresh_token"), str):
+            await app.auth.revoke(app.auth.decode(body["refresh_token"], refresh=True))
+    return json_response({"success": True, "message": "token invalidated"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    app = state(request)
+    jobs = await app.store.call(app.store.count_jobs_by_status)
+    return web.Response(text=app.metrics.render(jobs),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+# -- the route table --------------------------------------------------------------
+
+# (method, path, handler, access): "public", "token" (auth, no rate limit: /auth/token),
+# or "protected" (rate limit, then auth).
+ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
+    ("GET", "/health", health, "public"),
+    ("POST", "/auth/token", auth_token, "token"),
+    ("POST", "/auth/refresh", auth_refresh, "public"),
+    ("GET", "/auth/validate", auth_validate, "public"),
+    ("POST", "/auth/logout", auth_logout, "public"),
+    ("GET", "/claude/status", claude_status, "protected"),
+    ("POST", "/run", run_sync, "protected"),
+    ("GET", "/run/stream", run_stream, "protected"),
+    ("POST", "/run/async", run_async, "protected"),
+    ("GET", "/jobs", list_jobs, "protected"),
+    ("GET", "/jobs/{id}", get_job, "protected"),
+    ("DELETE", "/jobs/{id}", cancel_job, "protected"),
+)
+ROUTE_ACCESS = {(method, path): access for method, path, _, access in ROUTES}
+
+
+def build_app(app_state: Stromboli) -> web.Application:
+    app = web.Application(middlewares=[request_context, perimeter],
+                          client_max_size=app_state.cfg.server_max_body_bytes)
+    app[APP_KEY] = app_state
+    for method, path, handler, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+def build_metrics_app(app_state: Stromboli) -> web.Application:
+    app = web.Application()
+    app[APP_KEY] = app_state
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+# ---------------------------------------------------------------------------
+# main() — argument parsing and dispatch
+# ---------------------------------------------------------------------------
+
+async def serve(cfg: Config) -> None:
+    app_state = Stromboli(cfg)
+    await app_state.start()
+    runners = [web.AppRunner(build_app(app_state), handler_cancellation=True, access_log=None)]
+    addresses = [cfg.server_address]
+    if cfg.metrics_enabled:
+        runners.append(web.AppRunner(build_metrics_app(app_state), access_log=None))
+        addresses.append(cfg.metrics_address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for runner, address in zip(runners, addresses):
+            await runner.setup()
+            host, port = split_address(address)
+            await web.TCPSite(runner, host, port, shutdown_timeout=30).start()
+        log.info("Starting Stromboli 🌋", extra=fields(version=VERSION, address=cfg.server_address,
+                                                       metrics=cfg.metrics_enabled and
+                                                       cfg.metrics_address))
+        if not cfg.auth_enabled:
+            log.warning("Authentication disabled: every client can run agents")
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await app_state.stop()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.set)
+    for key, attr in (("server.address", "address"), ("server.state_dir", "state_dir"),
+                      ("podman.url", "podman_url")):
+        if getattr(args, attr, None):
+            overrides[key] = getattr(args, attr)
+    return Config.load(args.config, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    setup_logging(cfg)
+    errors = cfg.validate()
+    if errors:
+        log.error("Failed to load configuration",
+                  extra=fields(error="invalid configuration: " + "; ".join(errors)))
+        return 1
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    rows = cfg.describe()
+    width = max(len(key) for key, _, _ in rows)
+    for key, env, value in rows:
+        print(f"{key:<{width}}  {value}    ({env})")
+    errors = cfg.validate()
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    print("configuration is valid" if not errors else "configuration is INVALID",
+          file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    reference = args.tag or cfg.default_image
+    service = PodmanService(cfg)
+    podman_api = Podman(service.resolve(), workers=2)
+    started = time.monotonic()
+    try:
+        if args.offline:
+            claude = args.claude_bin or find_claude_binary()
+            if not claude:
+                print("error: no claude binary found; install it with "
+                      "`npm install -g @anthropic-ai/claude-code` or pass --claude-bin",
+                      file=sys.stderr)
+                return 1
+            print(f"building {reference} offline from {claude}", file=sys.stderr)
+            build_offline_image(podman_api, reference, claude)
+        else:
+            print(f"building {reference} from the embedded Containerfile", file=sys.stderr)
+            build_registry_image(podman_api, reference)
+    except (podman.errors.PodmanError, OSError) as exc:
+        print(f"error: image build failed: {short_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        podman_api.close()
+        service.stop()
+    print(f"built {reference} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default $STROMBOLI_CONFIG, "
+                                         "/etc/stromboli/stromboli.toml)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a setting by its TOML key, e.g. --set resources.memory=1g")
+    common.add_argument("--state-dir", help="SQLite store folder")
+    common.add_argument("--podman-url", help="Podman API URL")
+    parser = argparse.ArgumentParser(
+        prog="stromboli", parents=[common],
+        description="Run the Claude Code CLI in Podman containers behind a REST API.")
+    parser.add_argument("--version", action="version", version=f"stromboli {VERSION}")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("serve", parents=[common], help="run the daemon (default)")
+    p.add_argument("--address", help="API listen address, e.g. :8080")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", parents=[common],
+                       help="print the effective configuration (secrets masked) and validate it")
+    p.set_defaults(func=cmd_check_config)
+    image = sub.add_parser("image", help="agent image commands")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    p = image_sub.add_parser("build", parents=[common], help="build the default agent image")
+    p.add_argument("--offline", action="store_true",
+                   help="assemble it from a local claude binary, without any registry")
+    p.add_argument("--claude-bin", help="the claude binary for --offline")
+    p.add_argument("--tag", help="image reference (default: the configured agent image)")
+    p.set_defaults(func=cmd_image_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+        func = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
