@@ -376,3 +376,593 @@ def run_error(response: httpx.Response) -> str:
     body = response.json()
     assert body["status"] == "error" and body["id"] == "", body
     return body["error"]
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+def test_check_config_precedence_flags_over_env_over_file(tmp_path):
+    config = tmp_path / "stromboli.toml"
+    config.write_text('[resources]\nmemory = "1g"\ncpus = "2"\ntimeout = "10m"\n'
+                      '[auth]\nenabled = false\n')
+    env = {"STROMBOLI_RESOURCES_CPUS": "3", "STROMBOLI_AUTH_ENABLED": ""}
+    result = stromboli_cli("check-config", "--config", str(config),
+                           "--set", "resources.timeout=5m", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.findall(r"^(\S+)\s+(\S*)", result.stdout, re.M))
+    assert rows["resources.memory"] == "1g"      # from the file
+    assert rows["resources.cpus"] == "3"         # env beats the file
+    assert rows["resources.timeout"] == "5m"     # the flag beats both
+
+
+def test_check_config_masks_secrets(tmp_path):
+    env = {"STROMBOLI_JWT_SECRET": "s3cret-" + "x" * 40, "STROMBOLI_API_TOKENS": "tok-visible-1",
+           "ANTHROPIC_API_KEY": "sk-ant-very-secret", "STROMBOLI_AGENT_ENV": "TOKEN=hunter2"}
+    result = stromboli_cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    for secret in ("s3cret-", "tok-visible-1", "sk-ant-very-secret", "hunter2"):
+        assert secret not in result.stdout + result.stderr
+    assert "<set, hidden>" in result.stdout
+
+
+@pytest.mark.parametrize("secret, message", [
+    ("", "auth is enabled but STROMBOLI_JWT_SECRET is empty"),
+    ("short", "is too short (5 chars, need at least 32)"),
+    ("change-me", "is too short"),
+])
+def test_serve_refuses_bad_jwt_secret(tmp_path, secret, message):
+    env = {"STROMBOLI_AUTH_ENABLED": "true", "STROMBOLI_JWT_SECRET": secret,
+           "STROMBOLI_STATE_DIR": str(tmp_path), "STROMBOLI_LOG_FORMAT": "text"}
+    result = stromboli_cli("serve", env=env)
+    assert result.returncode == 1
+    assert "invalid configuration" in result.stderr and message in result.stderr
+
+
+def test_serve_refuses_placeholder_secret(tmp_path):
+    env = {"STROMBOLI_JWT_SECRET": "generate-with-openssl-rand-base64-32",
+           "STROMBOLI_STATE_DIR": str(tmp_path)}
+    result = stromboli_cli("serve", env=env)
+    assert result.returncode == 1 and "known placeholder value" in result.stderr
+
+
+def test_bad_config_values_are_reported(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[resources]\nmemory = \"lots\"\n")
+    result = stromboli_cli("check-config", "--config", str(config))
+    assert result.returncode == 1 and "invalid memory value" in result.stderr
+    config.write_text("[nonsense]\nkey = 1\n")
+    result = stromboli_cli("check-config", "--config", str(config))
+    assert result.returncode == 1 and "unknown keys: nonsense.key" in result.stderr
+    result = stromboli_cli("check-config", env={"STROMBOLI_RESOURCES_TIMEOUT": "forever"})
+    assert result.returncode == 1 and "STROMBOLI_RESOURCES_TIMEOUT" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Health and Claude status
+# ---------------------------------------------------------------------------
+
+def test_health_reports_components(daemon):
+    r = daemon.http.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["name"] == "stromboli"
+    assert re.match(r"^\d+\.\d+\.\d+", body["version"])
+    names = [c["name"] for c in body["components"]]
+    assert names[0] == "podman" and "anthropic-api-key" in names
+    assert r.headers["X-Request-ID"]
+
+
+def test_request_id_is_echoed(daemon):
+    r = daemon.http.get("/health", headers={"X-Request-ID": "my-request-42"})
+    assert r.headers["X-Request-ID"] == "my-request-42"
+
+
+def test_podman_gone_degrades_health_and_runs_fail_clearly(make_daemon, tmp_path):
+    d = make_daemon(STROMBOLI_PODMAN_URL=f"unix://{tmp_path}/no-such.sock")
+    body = d.http.get("/health").json()
+    assert body["status"] == "degraded"
+    podman_component = body["components"][0]
+    assert podman_component["name"] == "podman" and podman_component["status"] == "error"
+    assert "failed to connect to podman" in podman_component["error"]
+    r = d.http.post("/run", json={"prompt": "hello"})
+    assert r.status_code == 503 and "podman" in run_error(r)
+    assert d.http.get("/health").status_code == 200  # the daemon keeps serving
+
+
+def test_claude_status_and_runs_need_credentials(make_daemon):
+    d = make_daemon(ANTHROPIC_API_KEY="")
+    status = d.http.get("/claude/status").json()
+    assert status["configured"] is False
+    r = d.http.post("/run", json={"prompt": "hello"})
+    assert r.status_code == 503
+    assert run_error(r) == "Claude not configured. Run 'make claude-setup' first"
+    r = d.http.get("/run/stream", params={"prompt": "hello"})
+    assert r.status_code == 503 and r.text.startswith("Claude not configured")
+
+
+def test_claude_status_configured(daemon):
+    assert daemon.http.get("/claude/status").json() == {"configured": True,
+                                                        "message": "Claude is configured"}
+
+
+# ---------------------------------------------------------------------------
+# Runs — POST /run
+# ---------------------------------------------------------------------------
+
+def test_run_hello(daemon, model):
+    r = daemon.http.post("/run", json={"prompt": "say hello"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "completed"
+    assert body["output"] == "Hello from the scripted model"
+    assert re.match(r"^run-[0-9a-f]{16}$", body["id"])
+    assert uuid.UUID(body["session_id"]).version == 4
+    assert not agent_containers(f"stromboli.run={body['id']}")  # removed after the run
+
+
+def test_run_usage_comes_from_the_transcript_with_prices(daemon, model):
+    tag = marker()
+    body = daemon.http.post("/run", json={"prompt": f"hello {tag}"}).json()
+    usage = body["usage"]
+    sent = model.requests_with(tag)
+    assert len(sent) == 1
+    assert usage["model"] == sent[0]["model"]
+    assert usage["input_tokens"] == estimate_tokens(sent[0]["messages"])
+    assert usage["total_tokens"] == sum(usage[k] for k in (
+        "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    rates = {"haiku": (0.25, 1.25), "sonnet": (3.0, 15.0), "opus": (15.0, 75.0)}
+    family = next(f for f in rates if f in usage["model"])
+    expected = (usage["input_tokens"] * rates[family][0]
+                + usage["output_tokens"] * rates[family][1]) / 1e6
+    assert usage["estimated_cost_usd"] == pytest.approx(round(expected, 6))
+
+
+def test_bash_tool_loop_runs_inside_a_hardened_container(daemon, model):
+    tag = marker()
+    command = (f"echo {tag} uid=$(id -u) home=$HOME pwd=$PWD; "
+               "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status | tr -s '\\t\\n' ' '; "
+               "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null")
+    r = daemon.http.post("/run", json={"prompt": f"bash: {command}",
+                                       "claude": {"dangerously_skip_permissions": True}})
+    body = r.json()
+    assert body["status"] == "completed", body
+    output = body["output"]
+    assert output.startswith("tool said: ")
+    assert f"{tag} uid=1000 home=/home/user pwd=/workspace" in output
+    assert re.search(r"CapEff:\s*0000000000000000", output)
+    assert re.search(r"NoNewPrivs:\s*1", output)
+    assert "512" in output  # pids limit
+    # The model really got the tool result back from the CLI (a full agent loop).
+    assert len(model.requests_with(tag)) == 2
+
+
+def test_container_limits_labels_and_env(daemon, model):
+    tag = marker()
+    session = str(uuid.uuid4())
+    job = daemon.http.post("/run/async", json={
+        "prompt": f"sleep 3 {tag}", "claude": {"session_id": session, "model": "haiku"},
+        "podman": {"memory": "300m", "cpus": "0.5"}}).json()
+    containers = wait_until(lambda: agent_containers(f"stromboli.job={job['job_id']}"), 20,
+                            what="the job's container")
+    attrs = containers[0].attrs
+    with podman_client() as client:
+        info = client.containers.get(containers[0].id).inspect()
+    host = info["HostConfig"]
+    assert host["Memory"] == 300 * 1024 * 1024
+    assert host["CpuQuota"] == 50000 and host["CpuPeriod"] == 100000
+    assert host["PidsLimit"] == 512
+    assert info["Config"]["User"] == "1000:1000"
+    labels = info["Config"]["Labels"]
+    assert labels["managed-by"] == "stromboli" and labels["stromboli.session"] == session
+    assert labels["stromboli.run"].startswith("run-")
+    env = dict(e.split("=", 1) for e in info["Config"]["Env"])
+    assert env["HOME"] == "/home/user" and env["CLAUDE_CODE_MAX_RETRIES"] == "0"
+    assert "sk-test-not-a-real-key" not in json.dumps(info["Config"]["Cmd"])
+    assert "--model" in info["Config"]["Cmd"] and "haiku" in info["Config"]["Cmd"]
+    assert attrs
+    assert daemon.wait_job(job["job_id"])["status"] == "completed"
+
+
+def test_workdir_is_created_and_used(daemon):
+    r = daemon.http.post("/run", json={"prompt": "bash: pwd; ls -ld .", "workdir": "/workspace/a/b-c",
+                                       "claude": {"dangerously_skip_permissions": True}})
+    body = r.json()
+    assert body["status"] == "completed", body
+    assert "/workspace/a/b-c" in body["output"]
+
+
+def test_structured_output(daemon):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
+              "required": ["answer"]}
+    r = daemon.http.post("/run", json={"prompt": 'give json: {"answer": 42}', "claude": {
+        "output_format": "json", "json_schema": json.dumps(schema)}})
+    body = r.json()
+    assert body["status"] == "completed", body
+    assert body["structured_output"] == {"answer": 42}
+    assert json.loads(body["output"])["type"] == "result"
+
+
+def test_stream_json_output_format(daemon):
+    body = daemon.http.post("/run", json={"prompt": "hello", "claude": {
+        "output_format": "stream-json"}}).json()
+    events = [json.loads(line) for line in body["output"].splitlines() if line.startswith("{")]
+    assert events[0]["type"] == "system" and events[-1]["type"] == "result"
+    assert events[-1]["result"] == "Hello from the scripted model"
+
+
+def test_api_error_is_an_execution_failure(daemon):
+    r = daemon.http.post("/run", json={"prompt": "please fail 500"})
+    assert r.status_code == 500
+    error = run_error(r)
+    assert error.startswith("execution failed: exit status 1, output:") and "500" in error
+
+
+def test_timeout_kills_and_removes_the_container(daemon):
+    started = time.monotonic()
+    r = daemon.http.post("/run", json={"prompt": "sleep 30", "podman": {"timeout": "3s"}})
+    elapsed = time.monotonic() - started
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "crashed", body
+    assert body["crash_info"]["exit_code"] == 137 and body["crash_info"]["signal"] == "SIGKILL"
+    assert "Timeout" in body["crash_info"]["reason"]
+    assert elapsed < 20
+    assert not agent_containers(f"stromboli.run={body['id']}")
+
+
+def test_client_disconnect_from_run_stops_its_container(daemon):
+    session = str(uuid.uuid4())
+    label = f"stromboli.session={session}"
+
+    def post():
+        try:
+            httpx.post(daemon.url + "/run", timeout=4,
+                       json={"prompt": "sleep 60", "claude": {"session_id": session}})
+        except httpx.TimeoutException:
+            pass
+    thread = threading.Thread(target=post)
+    thread.start()
+    wait_until(lambda: agent_containers(label), 15, what="the run's container")
+    thread.join()
+    wait_until(lambda: not agent_containers(label), 20, what="container removal on disconnect")
+
+
+# ---------------------------------------------------------------------------
+# Bad input — 4xx envelopes, never 500
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "Invalid request: invalid JSON"),
+    (b"", 400, "request body is empty"),
+    (b"[1,2]", 400, "body must be a JSON object"),
+    (b'{"workdir": "/w"}', 400, "'RunRequest.Prompt' Error:Field validation"),
+    (b'{"prompt": ""}', 400, "failed on the 'required' tag"),
+    (b'{"prompt": "x", "workdir": "/workspace/../etc"}', 400,
+     "workdir validation failed: workdir cannot contain path traversal"),
+    (b'{"prompt": "x", "workdir": "relative"}', 400, "must be an absolute path"),
+    (b'{"prompt": "x", "workdir": "/a b"}', 400, "invalid characters"),
+    (b'{"prompt": "x", "claude": {"model": 5}}', 400, "claude.model must be a string"),
+    (b'{"prompt": "x", "claude": {"allowed_tools": "Bash"}}', 400, "must be an array of strings"),
+    (b'{"prompt": "x", "claude": {"output_format": "xml"}}', 400, "output_format must be one of"),
+    (b'{"prompt": "x", "claude": {"session_id": "../../etc"}}', 400, "invalid session ID"),
+    (b'{"prompt": "x", "podman": {"memory": "lots"}}', 400, "invalid memory value"),
+    (b'{"prompt": "x", "podman": {"timeout": "soon"}}', 400, "invalid duration"),
+    (b'{"prompt": "x", "podman": {"volumes": ["/tmp:/data"]}}', 400,
+     "no volume allowlist configured"),
+    (b'{"prompt": "x", "podman": {"secrets_env": {"LD_PRELOAD": "s"}}}', 400,
+     "is not allowed for security reasons"),
+    (b'{"prompt": "x", "podman": {"image": "nosuch.example/img:1"}}', 400, "not found"),
+])
+def test_bad_run_requests_get_400_envelopes(daemon, body, status, fragment):
+    for path in ("/run", "/run/async"):
+        r = daemon.http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == status or (path == "/run/async" and "not found" in fragment), r.text
+        if r.status_code == status:
+            assert fragment in run_error(r)
+
+
+def test_oversized_body_is_413(make_daemon):
+    d = make_daemon(STROMBOLI_SERVER_MAX_BODY_BYTES=str(64 * 1024))
+    r = d.http.post("/run", json={"prompt": "x" * (100 * 1024)})
+    assert r.status_code == 413
+    assert "request body too large" in run_error(r)
+
+
+def test_unknown_route_and_method_are_json(daemon):
+    r = daemon.http.get("/no/such/route")
+    assert r.status_code == 404 and r.json() == {"error": "not found"}
+    r = daemon.http.put("/run", json={})
+    assert r.status_code == 405 and r.json() == {"error": "method not allowed"}
+    assert daemon.http.get("/metrics").status_code == 404  # only on the metrics listener
+
+
+# ---------------------------------------------------------------------------
+# Streams — GET /run/stream
+# ---------------------------------------------------------------------------
+
+def read_sse(daemon: Daemon, params: dict, headers: dict | None = None):
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        with connect_sse(client, "GET", "/run/stream", params=params,
+                         headers=headers or {}) as source:
+            assert source.response.headers["content-type"].startswith("text/event-stream")
+            return source.response, list(source.iter_sse())
+
+
+def test_stream_sends_data_lines_then_done(daemon):
+    response, events = read_sse(daemon, {"prompt": "hello"})
+    data = [e for e in events if e.event == "message"]
+    assert [e.data for e in data] == ["Hello from the scripted model"]
+    done = events[-1]
+    assert done.event == "done"
+    final = json.loads(done.data)
+    assert final["status"] == "completed" and final["id"] == response.headers["X-Run-ID"]
+    uuid.UUID(final["session_id"])
+
+
+def test_stream_accepts_run_options_as_query_parameters(daemon, model):
+    tag = marker()
+    _, events = read_sse(daemon, {"prompt": f"hello {tag}", "model": "sonnet",
+                                  "claude.output_format": "stream-json"})
+    lines = [json.loads(e.data) for e in events if e.event == "message"]
+    assert lines[0]["type"] == "system" and lines[-1]["type"] == "result"
+    assert "sonnet" in model.requests_with(tag)[0]["model"]
+
+
+def test_stream_error_event_on_failure(daemon):
+    _, events = read_sse(daemon, {"prompt": "please fail 500"})
+    assert events[-1].event == "error"
+    assert "execution failed" in events[-1].data
+
+
+def test_stream_missing_prompt_is_plain_400(daemon):
+    r = daemon.http.get("/run/stream")
+    assert r.status_code == 400 and r.text == "Missing required parameter: prompt"
+    r = daemon.http.get("/run/stream", params={"prompt": "x", "workdir": "../x"})
+    assert r.status_code == 400 and "workdir validation failed" in r.text
+
+
+def test_stream_replay_with_last_event_id(daemon):
+    response, events = read_sse(daemon, {"prompt": "bash: printf 'one\\ntwo\\nthree\\n'",
+                                         "dangerously_skip_permissions": "true",
+                                         "output_format": "stream-json"})
+    run_id = response.headers["X-Run-ID"]
+    _, replay = read_sse(daemon, {"run_id": run_id}, {"Last-Event-ID": events[1].id})
+    assert [e.data for e in replay] == [e.data for e in events[2:]]
+    assert replay[-1].event == "done"
+    r = daemon.http.get("/run/stream", params={"run_id": "run-0000000000000000"})
+    assert r.status_code == 404
+
+
+def test_stream_disconnect_stops_the_container(daemon):
+    session = str(uuid.uuid4())
+    label = f"stromboli.session={session}"
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        with client.stream("GET", "/run/stream", params={"prompt": "sleep 60",
+                                                         "session_id": session}) as response:
+            assert response.status_code == 200
+            wait_until(lambda: agent_containers(label), 15, what="the stream's container")
+    wait_until(lambda: not agent_containers(label), 20, what="container removal on disconnect")
+
+
+# ---------------------------------------------------------------------------
+# Jobs — POST /run/async, /jobs
+# ---------------------------------------------------------------------------
+
+def test_async_job_completes(daemon):
+    session = str(uuid.uuid4())
+    r = daemon.http.post("/run/async", json={"prompt": "hello", "claude": {"session_id": session}})
+    assert r.status_code == 202
+    accepted = r.json()
+    assert re.match(r"^job-[0-9a-f]{16}$", accepted["job_id"]) and accepted["session_id"] == session
+    job = daemon.wait_job(accepted["job_id"])
+    assert job["status"] == "completed" and job["output"] == "Hello from the scripted model"
+    assert job["session_id"] == session and job["usage"]["output_tokens"] > 0
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d)$", job["created_at"])
+    listed = daemon.http.get("/jobs").json()["jobs"]
+    assert accepted["job_id"] in [j["id"] for j in listed]
+
+
+def test_async_job_gets_a_session_id(daemon):
+    accepted = daemon.http.post("/run/async", json={"prompt": "hello"}).json()
+    uuid.UUID(accepted["session_id"])
+    assert daemon.wait_job(accepted["job_id"])["session_id"] == accepted["session_id"]
+
+
+def test_cancel_kills_the_container_and_stays_cancelled(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    daemon.wait_job(job_id, ("running",))
+    wait_until(lambda: agent_containers(f"stromboli.job={job_id}"), 15, what="job container")
+    r = daemon.http.delete(f"/jobs/{job_id}")
+    assert r.status_code == 200 and r.json() == {"cancelled": True, "job_id": job_id}
+    assert not agent_containers(f"stromboli.job={job_id}")  # gone when DELETE returns
+    time.sleep(1)
+    assert daemon.http.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    r = daemon.http.delete(f"/jobs/{job_id}")
+    assert r.status_code == 409
+    assert run_error(r) == "cannot cancel job (already completed, failed, or cancelled)"
+
+
+def test_unknown_job_is_404(daemon):
+    for method in ("GET", "DELETE"):
+        r = daemon.http.request(method, "/jobs/job-doesnotexist00")
+        assert r.status_code == 404 and run_error(r) == "job not found"
+
+
+def test_killed_container_reports_crash_info(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    containers = wait_until(lambda: [c for c in agent_containers(f"stromboli.job={job_id}")
+                                     if c.status == "running"], 20, what="running container")
+    containers[0].kill("SIGKILL")
+    job = daemon.wait_job(job_id)
+    assert job["status"] == "crashed", job
+    assert job["crash_info"]["exit_code"] == 137
+    assert job["crash_info"]["signal"] == "SIGKILL"
+    assert job["crash_info"]["reason"] == "Process exited with SIGKILL"
+
+
+def test_concurrency_cap_queues_jobs_fifo(make_daemon):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    ids = [d.http.post("/run/async", json={"prompt": "sleep 1.5"}).json()["job_id"]
+           for _ in range(3)]
+    seen_pending = False
+    while True:
+        jobs = {j["id"]: j for j in d.http.get("/jobs").json()["jobs"]}
+        states = [jobs[i]["status"] for i in ids]
+        assert states.count("running") <= 1, states
+        seen_pending |= "pending" in states
+        if all(s == "completed" for s in states):
+            break
+        assert not any(s in ("failed", "crashed") for s in states), states
+        time.sleep(0.05)
+    assert seen_pending
+    started = [jobs[i]["started_at"] for i in ids]
+    assert started == sorted(started)  # first in, first out
+    finished = [jobs[i]["finished_at"] for i in ids]
+    assert started[1] >= finished[0] - 0.5 and started[2] >= finished[1] - 0.5
+
+
+def test_restart_keeps_finished_jobs_and_fails_dangling_ones(make_daemon, tmp_path):
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    done_id = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    d.wait_job(done_id)
+    long_id = d.http.post("/run/async", json={"prompt": "sleep 120"}).json()["job_id"]
+    d.wait_job(long_id, ("running",))
+    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    d.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
+    assert agent_containers(f"stromboli.job={long_id}")
+    again = make_daemon(state_dir=state)
+    finished = again.http.get(f"/jobs/{done_id}").json()
+    assert finished["status"] == "completed"
+    assert finished["output"] == "Hello from the scripted model"
+    dangling = again.wait_job(long_id, timeout=30)
+    assert dangling["status"] == "failed"
+    assert "daemon restarted" in dangling["error"]
+    wait_until(lambda: not agent_containers(f"stromboli.job={long_id}"), 20,
+               what="the dangling job's container removal")
+
+
+def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state, STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    first = d.http.post("/run/async", json={"prompt": "sleep 30"}).json()["job_id"]
+    queued = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    d.wait_job(first, ("running",))
+    assert d.http.get(f"/jobs/{queued}").json()["status"] == "pending"
+    d.stop(signal.SIGKILL)
+    again = make_daemon(state_dir=state, STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    assert again.wait_job(queued)["status"] == "completed"
+    assert again.http.get(f"/jobs/{first}").json()["status"] == "failed"
+
+
+def test_finished_jobs_are_deleted_after_the_ttl(make_daemon):
+    d = make_daemon(STROMBOLI_JOBS_CLEANUP_TTL="1s", STROMBOLI_JOBS_CLEANUP_INTERVAL="500ms")
+    job_id = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    d.wait_job(job_id)
+    wait_until(lambda: d.http.get(f"/jobs/{job_id}").status_code == 404, 10,
+               what="job retention cleanup")
+
+
+def test_webhook_is_delivered_signed(make_daemon, model):
+    received = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(status=500 if len(received) == 1 else 200)  # first attempt fails
+
+    port = free_port()
+
+    async def start_hook():
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    asyncio.run_coroutine_threadsafe(start_hook(), model.loop).result(5)
+    secret = "whsec-test"
+    d = make_daemon(STROMBOLI_WEBHOOK_SIGNING_SECRET=secret)
+    job_id = d.http.post("/run/async", json={"prompt": "hello",
+                                             "webhook_url": f"http://127.0.0.1:{port}/hook"}
+                         ).json()["job_id"]
+    wait_until(lambda: len(received) >= 2, 30, what="webhook retry")
+    headers, raw = received[-1]
+    payload = json.loads(raw)
+    assert payload["job_id"] == job_id and payload["status"] == "completed"
+    import hmac, hashlib
+    expected = hmac.new(secret.encode(), headers["X-Stromboli-Timestamp"].encode() + b"." + raw,
+                        hashlib.sha256).hexdigest()
+    assert headers["X-Stromboli-Signature"] == f"sha256={expected}"
+
+
+# ---------------------------------------------------------------------------
+# Auth and rate limiting (the basics; the full checklist is with the perimeter)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def auth_daemon(make_daemon):
+    return make_daemon(STROMBOLI_AUTH_ENABLED="true", STROMBOLI_JWT_SECRET=JWT_SECRET,
+                       STROMBOLI_API_TOKENS="static-token-1")
+
+
+def test_protected_routes_need_a_token(auth_daemon):
+    r = auth_daemon.http.get("/jobs")
+    assert r.status_code == 401 and r.json() == {"error": "missing authorization header"}
+    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Basic abc"})
+    assert r.json() == {"error": "invalid authorization header format"}
+    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json() == {"error": "invalid or expired token"}
+    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Bearer static-token-1"})
+    assert r.status_code == 200
+    assert auth_daemon.http.get("/health").status_code == 200  # public
+
+
+def test_jwt_flow_and_revocation_survives_restart(auth_daemon, make_daemon):
+    static = {"Authorization": "Bearer static-token-1"}
+    tokens = auth_daemon.http.post("/auth/token", json={"client_id": "ci"}, headers=static).json()
+    assert tokens["token_type"] == "bearer" and tokens["expires_in"] == 86400
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert auth_daemon.http.get("/jobs", headers=bearer).status_code == 200
+    valid = auth_daemon.http.get("/auth/validate", headers=bearer).json()
+    assert valid["valid"] is True and valid["subject"] == "ci"
+    refresh_as_access = {"Authorization": f"Bearer {tokens['refresh_token']}"}
+    assert auth_daemon.http.get("/jobs", headers=refresh_as_access).status_code == 401
+    r = auth_daemon.http.post("/auth/refresh", json={"refresh_token": tokens["access_token"]})
+    assert r.status_code == 401
+    rotated = auth_daemon.http.post("/auth/refresh",
+                                    json={"refresh_token": tokens["refresh_token"]}).json()
+    assert rotated["access_token"] != tokens["access_token"]
+    r = auth_daemon.http.post("/auth/logout", headers=bearer)
+    assert r.json() == {"success": True, "message": "token invalidated"}
+    assert auth_daemon.http.get("/jobs", headers=bearer).json() == {"error": "token revoked"}
+    auth_daemon.stop()
+    again = make_daemon(state_dir=auth_daemon.state_dir, STROMBOLI_AUTH_ENABLED="true",
+                        STROMBOLI_JWT_SECRET=JWT_SECRET)
+    r = again.http.get("/jobs", headers=bearer)
+    assert r.status_code == 401 and r.json() == {"error": "token revoked"}
+
+
+def test_rate_limit_429_with_headers(make_daemon):
+    d = make_daemon(STROMBOLI_RATE_LIMIT_ENABLED="true", STROMBOLI_RATE_LIMIT_RPS="1",
+                    STROMBOLI_RATE_LIMIT_BURST="1")
+    first = d.http.get("/jobs")
+    assert first.status_code == 200 and first.headers["X-RateLimit-Limit"] == "1"
+    second = d.http.get("/jobs")
+    assert second.status_code == 429 and second.json() == {"error": "rate limit exceeded"}
+    assert second.headers["X-RateLimit-Remaining"] == "0"
+    assert int(second.headers["Retry-After"]) >= 1
+    assert d.http.get("/health").status_code == 200  # not rate-limited
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+def test_metrics_listener_counts_requests_by_route(daemon):
+    daemon.http.get("/jobs/job-nonexistent0001")
+    text = httpx.get(f"http://127.0.0.1:{daemon.metrics_port}/metrics").text
+    assert re.search(r'http_requests_total\{method="GET",path="/jobs/\{id\}",status="404"\} \d+',
+                     text)
+    assert "job-nonexistent0001" not in text
+    assert "# TYPE http_request_duration_seconds histogram" in text
+    assert re.search(r"^active_containers \d+$", text, re.M)
+    assert re.search(r'^stromboli_runs_total\{status="completed"\} \d+$', text, re.M)
