@@ -561,10 +561,10 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
                         text=json.dumps(body, separators=(",", ":"), default=str))
 
 
-def rfc3339(ts: float | None) -> str | None:
+def rfc3339(ts: float | None, timespec: str = "seconds") -> str | None:
     if ts is None:
         return None
-    text = dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    text = dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec=timespec)
     return text.replace("+00:00", "Z")
 
 
@@ -977,8 +977,12 @@ class Podman:
             sink(frame)
 
     def containers(self, label: str) -> list[dict]:
-        return [{"id": c.id, "labels": c.labels or {}, "status": c.status}
-                for c in self.client.containers.list(all=True, filters={"label": [label]})]
+        found = []
+        for c in self.client.containers.list(all=True, filters={"label": label}):
+            state = c.attrs.get("State")  # a string in list results, unlike inspect's object
+            found.append({"id": c.id, "labels": c.labels or {},
+                          "status": state if isinstance(state, str) else c.status})
+        return found
 
     def import_image(self, tar_path: str, reference: str, changes: list[str]) -> None:
         with open(tar_path, "rb") as data:
@@ -1697,8 +1701,8 @@ class ContainerRunner:
             spec.update(userns_mode="keep-id", user=f"{os.getuid()}:{os.getgid()}")
         else:
             spec["user"] = f"{CONTAINER_UID}:{CONTAINER_UID}"
-        if req.workdir:
-            spec["working_dir"] = req.workdir
+        if req.workdir and not self.cfg.agent_workdir_auto_create:
+            spec["working_dir"] = req.workdir  # else the command's `mkdir -p && cd` does it
         network = self.cfg.agent_network
         if network in ("bridge", "host", "none", "private", "slirp4netns", "pasta"):
             spec["network_mode"] = network
@@ -1707,6 +1711,22 @@ class ContainerRunner:
         return spec
 
     # -- a run ---------------------------------------------------------------------
+    async def prepare(self, req: RunRequest) -> str:
+        """Sync credentials and check that the run's image exists; → the image."""
+        image = req.podman.get("image") or self.cfg.default_image
+        try:
+            await self.sync_credentials()
+            exists = await self.podman.call(self.podman.image_exists, image)
+        except PodmanUnavailable as exc:
+            raise Unavailable(str(exc), "run") from None
+        except Exception as exc:  # requests/urllib3 errors when the socket is gone
+            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+        if not exists:
+            hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
+                    else "pull it first (POST /images/pull)")
+            raise BadRequest(f'image validation failed: image "{image}" not found; {hint}', "run")
+        return image
+
     async def run(self, req: RunRequest, run_id: str, session_id: str,
                   labels: dict | None = None,
                   on_start: Callable[[], Awaitable[None]] | None = None) -> RunResult:
@@ -1743,18 +1763,7 @@ class ContainerRunner:
 
     async def _execute(self, req: RunRequest, run_id: str, session_id: str, labels: dict,
                        feed: RunFeed) -> RunResult:
-        image = req.podman.get("image") or self.cfg.default_image
-        try:
-            await self.sync_credentials()
-            if not await self.podman.call(self.podman.image_exists, image):
-                hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
-                        else "pull it first (POST /images/pull)")
-                raise BadRequest(f'image validation failed: image "{image}" not found; {hint}',
-                                 "run")
-        except PodmanUnavailable as exc:
-            raise Unavailable(str(exc), "run") from None
-        except (podman.errors.APIError, OSError, aiohttp.ClientError) as exc:
-            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+        image = await self.prepare(req)
         home = await asyncio.to_thread(self.sessions.ensure, session_id)
         marker = home / ".stromboli-initialized"
         needs_init = not marker.exists()
@@ -1787,8 +1796,16 @@ class ContainerRunner:
     async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
                          timeout: float) -> tuple[int, bool]:
         """Create, start, stream and wait; always kill and remove. → (exit code, timed out)"""
+        creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
+                                                          **spec))
         try:
-            cid = await self.podman.call(self.podman.create, image, command, **spec)
+            cid = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # Cancelled mid-create: the container may exist anyway, so wait and remove it.
+            await asyncio.wait({creating})
+            if not creating.cancelled() and creating.exception() is None:
+                await self._destroy(creating.result())
+            raise
         except podman.errors.APIError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
         except (OSError, aiohttp.ClientError, podman.errors.PodmanError) as exc:
@@ -2010,6 +2027,8 @@ def job_response(job: dict) -> dict:
         "session_id": job.get("session_id"), "crash_info": job.get("crash_info"),
         "usage": job.get("usage"), "run_id": job.get("run_id"),
         "created_at": rfc3339(job["created_at"]), "updated_at": rfc3339(job["updated_at"]),
+        "started_at": rfc3339(job.get("started_at"), "milliseconds"),
+        "finished_at": rfc3339(job.get("finished_at"), "milliseconds"),
     })
 
 
@@ -2538,6 +2557,7 @@ async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
     require_configured(app, "run")
+    await app.runner.prepare(req)
     session_id = req.claude.get("session_id") or str(uuid.uuid4())
     try:
         result = await app.runner.run(req, new_id("run"), session_id)
@@ -2552,6 +2572,7 @@ async def run_async(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
     require_configured(app, "run")
+    await app.runner.prepare(req)
     job = await app.jobs.submit(req)
     return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
 
@@ -2607,6 +2628,7 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     try:
         req = RunRequest.parse(stream_request_body(query), app.cfg)
         require_configured(app, "text")
+        await app.runner.prepare(req)
     except ApiError as exc:
         exc.shape = "text"
         raise
