@@ -1298,6 +1298,8 @@ class SessionStore:
 # ---------------------------------------------------------------------------
 
 API_KEY_SECRET = "stromboli-anthropic-api-key"
+CLI_MOUNT = "/opt/claude"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CREDENTIALS_SECRET = "claude-credentials"
 WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
 BLOCKED_CONTAINER_PATHS = (
@@ -1630,6 +1632,9 @@ class ContainerRunner:
         self.metrics = metrics
         self.slots = RunSlots(cfg.run_slots)
         self.feeds: dict[str, RunFeed] = {}
+        # Daemons sharing one Podman (a user and a system service, say) tell their
+        # containers apart by this label, derived from the state dir.
+        self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
         self.rootless = False
         self._credentials_digest = ""
         self._api_key_synced = False
@@ -1684,7 +1689,8 @@ class ContainerRunner:
             secret_env.setdefault("ANTHROPIC_API_KEY", API_KEY_SECRET)
         spec: dict[str, Any] = dict(
             name=f"stromboli-agent-{run_id}",
-            labels={"managed-by": "stromboli", "stromboli.run": run_id,
+            labels={"managed-by": "stromboli", "stromboli.instance": self.instance,
+                    "stromboli.run": run_id,
                     "stromboli.session": session_id, **labels},
             environment=env, volumes=volumes, secret_env=secret_env,
             cap_drop=["ALL"], no_new_privileges=True, pids_limit=self.cfg.agent_pids_limit,
@@ -1693,6 +1699,11 @@ class ContainerRunner:
         )
         if opts.get("cpu_shares"):
             spec["cpu_shares"] = opts["cpu_shares"]
+        if self.cfg.agent_mount_claude_cli:
+            # Two-image mode: the CLI image read-only at /opt/claude, its claude first on PATH.
+            spec["image_volumes"] = [{"Source": self.cfg.cli_image, "Destination": CLI_MOUNT,
+                                      "ReadWrite": False}]
+            env["PATH"] = f"{CLI_MOUNT}/usr/local/bin:{DEFAULT_PATH}"
         if self._credentials_digest:
             spec["secrets"] = [{"source": CREDENTIALS_SECRET, "uid": CONTAINER_UID,
                                 "gid": CONTAINER_UID, "mode": 0o600,
@@ -1767,7 +1778,7 @@ class ContainerRunner:
         home = await asyncio.to_thread(self.sessions.ensure, session_id)
         marker = home / ".stromboli-initialized"
         needs_init = not marker.exists()
-        before = self.sessions.transcript(session_id)
+        before = await asyncio.to_thread(self.sessions.transcript, session_id)
         offset = before.stat().st_size if before else 0
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
@@ -1776,8 +1787,8 @@ class ContainerRunner:
         started = time.monotonic()
         exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
         output = feed.output().strip()
-        after = self.sessions.transcript(session_id)
-        usage = transcript_usage(after, offset if after == before else 0)
+        after = await asyncio.to_thread(self.sessions.transcript, session_id)
+        usage = await asyncio.to_thread(transcript_usage, after, offset if after == before else 0)
         self.metrics.run_finished(time.monotonic() - started)
         if timed_out:
             info = crash_info(137, output, f"Timeout: the run exceeded {format_duration(timeout)}"
@@ -1989,8 +2000,8 @@ class JobManager:
     async def recover(self) -> None:
         """At startup: requeue pending jobs, fail running ones (stopping their containers)
         and remove containers that belong to no job."""
-        containers = await self.runner.podman.call(self.runner.podman.containers,
-                                                   "managed-by=stromboli")
+        containers = await self.runner.podman.call(
+            self.runner.podman.containers, f"stromboli.instance={self.runner.instance}")
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "pending":
                 self._start(job)
@@ -2850,7 +2861,7 @@ async def serve(cfg: Config) -> None:
         for runner, address in zip(runners, addresses):
             await runner.setup()
             host, port = split_address(address)
-            await web.TCPSite(runner, host, port, shutdown_timeout=30).start()
+            await web.TCPSite(runner, host, port, shutdown_timeout=10).start()
         log.info("Starting Stromboli 🌋", extra=fields(version=VERSION, address=cfg.server_address,
                                                        metrics=cfg.metrics_enabled and
                                                        cfg.metrics_address))
@@ -2859,9 +2870,11 @@ async def serve(cfg: Config) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
-        await app_state.stop()
+        # Stop taking requests first (in-flight runs are cancelled, which removes their
+        # containers), then stop jobs and close Podman and the store.
         for runner in runners:
             await runner.cleanup()
+        await app_state.stop()
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
