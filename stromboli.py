@@ -947,6 +947,10 @@ class Podman:
     def image_exists(self, ref: str) -> bool:
         return self.client.images.exists(ref)
 
+    def image_workdir(self, ref: str) -> str:
+        config = self.client.images.get(ref).attrs.get("Config") or {}
+        return config.get("WorkingDir") or "/"
+
     def create(self, image: str, command: list[str], **spec: Any) -> str:
         return self.client.containers.create(image, command, **spec).id
 
@@ -1004,8 +1008,6 @@ def short_error(exc: BaseException) -> str:
 
 # (JSON field, kind, CLI flag) in upstream's argv order (U§4.2, U§6.2).
 CLAUDE_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("continue", "bool", "--continue"),
-    ("fork_session", "bool", "--fork-session"),
     ("no_persistence", "bool", "--no-session-persistence"),
     ("model", "str", "--model"),
     ("fallback_model", "str", "--fallback-model"),
@@ -1039,8 +1041,9 @@ CLAUDE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("debug", "debug", "--debug"),
     ("disable_slash_commands", "bool", "--disable-slash-commands"),
 )
-# Options that are not flags: the session (runner-owned) and the env-var options.
-CLAUDE_OTHER = {"session_id": "str", "resume": "bool", "prompt_caching_ttl": "str",
+# Options that are not plain flags: the session ones (see SessionPlan) and env-var options.
+CLAUDE_OTHER = {"session_id": "str", "resume": "bool", "continue": "bool",
+                "fork_session": "bool", "prompt_caching_ttl": "str",
                 "bedrock_service_tier": "str", "enable_powershell_tool": "bool"}
 CLAUDE_KINDS = {name: kind for name, kind, _ in CLAUDE_FLAGS} | CLAUDE_OTHER
 CHOICES = {"output_format": ("text", "json", "stream-json"), "input_format": ("text", "stream-json")}
@@ -1086,10 +1089,9 @@ def validate_claude_options(options: Any) -> dict:
     return {k: v for k, v in options.items() if k in CLAUDE_KINDS and v is not None}
 
 
-def claude_argv(prompt: str, options: dict, session_id: str) -> list[str]:
+def claude_argv(prompt: str, options: dict, session_flags: list[str]) -> list[str]:
     """The `claude` command line for one run (U§6.2)."""
-    argv = ["claude", "-p", prompt]
-    argv += ["--resume" if options.get("resume") else "--session-id", session_id]
+    argv = ["claude", "-p", prompt, *session_flags]
     for name, kind, flag in CLAUDE_FLAGS:
         value = options.get(name)
         if value is None or value is False or value == "" or value == []:
@@ -1227,12 +1229,14 @@ def crash_info(exit_code: int, output: str, reason: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Sessions — session homes, per-session locks, transcripts
+# Sessions — session homes, per-session locks, transcripts and titles
 # ---------------------------------------------------------------------------
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 CONTAINER_UID = 1000  # the agent image's `user`; session homes are chowned to it (rootful)
 CONTAINER_HOME = "/home/user"
+MAX_TRANSCRIPT_LINE = 10 * 1024 * 1024
+TITLE_MARKERS = (b"sessionTitle", b'"custom-title"', b'"summary"')
 
 
 def check_session_id(session_id: Any, shape: str = "run") -> str:
@@ -1247,14 +1251,127 @@ def cwd_folder(cwd: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "-", cwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionPlan:
+    """Which conversation a run continues, and the id its transcript lives under."""
+
+    session_id: str
+    mode: str  # new | resume | continue | fork
+    source: str = ""  # the session a fork starts from
+
+    @classmethod
+    def of(cls, options: dict, fork_id: str | None = None) -> "SessionPlan":
+        sid = options.get("session_id")
+        if not sid and any(options.get(k) for k in ("resume", "continue", "fork_session")):
+            raise BadRequest("Invalid request: claude.resume, claude.continue and "
+                             "claude.fork_session need claude.session_id", "run")
+        if options.get("fork_session"):
+            return cls(fork_id or str(uuid.uuid4()), "fork", sid)
+        if options.get("continue"):
+            return cls(sid, "continue")
+        if options.get("resume"):
+            return cls(sid, "resume")
+        return cls(sid or str(uuid.uuid4()), "new")
+
+    def argv(self) -> list[str]:
+        """The CLI's session flags (it refuses --session-id beside --resume/--continue
+        unless forking, so each mode gets exactly what it accepts)."""
+        return {"new": ["--session-id", self.session_id],
+                "resume": ["--resume", self.session_id],
+                "continue": ["--continue"],
+                "fork": ["--resume", self.source, "--fork-session",
+                         "--session-id", self.session_id]}[self.mode]
+
+
+def read_transcript(path: pathlib.Path) -> Iterable[dict]:
+    """Each JSON object line of a transcript; unparseable, partial and oversized lines
+    (over 10 MiB) are skipped without reading them whole into memory."""
+    with path.open("rb") as fh:
+        while True:
+            line = fh.readline(MAX_TRANSCRIPT_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_TRANSCRIPT_LINE and not line.endswith(b"\n"):
+                while (rest := fh.readline(MAX_TRANSCRIPT_LINE)) and not rest.endswith(b"\n"):
+                    pass
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
+def content_block(block: Any) -> dict:
+    if not isinstance(block, dict):
+        return {"type": "text", "text": str(block)}
+    content = block.get("content")
+    if isinstance(content, list):  # tool results may hold blocks: keep their text
+        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return drop_none({"type": block.get("type", ""), "text": block.get("text"),
+                      "id": block.get("id"), "name": block.get("name"),
+                      "input": block.get("input"), "tool_use_id": block.get("tool_use_id"),
+                      "content": content, "is_error": block.get("is_error")})
+
+
+def transcript_message(line: dict) -> dict | None:
+    """A transcript line as upstream's history Message (U§7.3); None for skipped lines."""
+    if line.get("type") == "queue-operation":
+        return None
+    message = line.get("message") if isinstance(line.get("message"), dict) else {}
+    content = message.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
+        [content_block(b) for b in content or [] if b is not None]
+    result = line.get("toolUseResult") if isinstance(line.get("toolUseResult"), dict) else None
+    return drop_none({
+        "uuid": line.get("uuid", ""), "parent_uuid": line.get("parentUuid"),
+        "type": line.get("type", ""), "session_id": line.get("sessionId", ""),
+        "timestamp": line.get("timestamp") or rfc3339(time.time()),
+        "cwd": line.get("cwd"), "git_branch": line.get("gitBranch"),
+        "version": line.get("version"), "permission_mode": line.get("permissionMode"),
+        "content": drop_none({"role": message.get("role", ""), "model": message.get("model"),
+                              "message_id": message.get("id"), "content": blocks,
+                              "stop_reason": message.get("stop_reason"),
+                              "usage": message.get("usage")}),
+        "tool_result": drop_none({"stdout": result.get("stdout"), "stderr": result.get("stderr"),
+                                  "interrupted": result.get("interrupted"),
+                                  "is_image": result.get("isImage")}) if result else None,
+    })
+
+
+def transcript_title(path: pathlib.Path) -> str:
+    """A session's title: the last title the CLI recorded (a UserPromptSubmit hook's
+    sessionTitle, a custom title or a summary), else its first prompt, shortened."""
+    title, first_prompt = "", ""
+    for line in read_transcript(path):
+        hook = line.get("hookSpecificOutput")
+        if isinstance(hook, dict) and isinstance(hook.get("sessionTitle"), str):
+            title = hook["sessionTitle"]
+        elif line.get("type") == "custom-title" and isinstance(line.get("customTitle"), str):
+            title = line["customTitle"]
+        elif line.get("type") == "summary" and isinstance(line.get("summary"), str):
+            title = line["summary"]
+        elif not first_prompt and line.get("type") == "user":
+            content = (line.get("message") or {}).get("content")
+            if isinstance(content, str):
+                first_prompt = content
+    if title:
+        return title
+    first_prompt = " ".join(first_prompt.split())
+    return first_prompt if len(first_prompt) <= 80 else first_prompt[:79] + "…"
+
+
 class SessionStore:
     """Session homes under the sessions dir (each is $HOME of its runs' containers),
-    and one lock per session so that two runs never write one transcript at once."""
+    and one lock per session so that two runs never write one transcript at once.
+    Methods that touch the disk are blocking: call them through a thread."""
 
     def __init__(self, root: pathlib.Path, host_root: pathlib.Path, chown: bool):
         self.root, self.host_root, self.chown = root, host_root, chown
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: collections.Counter = collections.Counter()
+        self._titles: dict[str, tuple[tuple, str]] = {}
         root.mkdir(parents=True, exist_ok=True)
 
     def home(self, session_id: str) -> pathlib.Path:
@@ -1263,18 +1380,86 @@ class SessionStore:
     def host_home(self, session_id: str) -> str:
         return str(self.host_root / check_session_id(session_id))
 
+    def _own(self, path: pathlib.Path) -> None:
+        if self.chown:
+            os.chown(path, CONTAINER_UID, CONTAINER_UID)
+
     def ensure(self, session_id: str) -> pathlib.Path:
         home = self.home(session_id)
         for path in (home, home / ".claude"):
             path.mkdir(mode=0o700, exist_ok=True)
-            if self.chown:
-                os.chown(path, CONTAINER_UID, CONTAINER_UID)
+            self._own(path)
         return home
 
     def transcript(self, session_id: str) -> pathlib.Path | None:
         projects = self.home(session_id) / ".claude" / "projects"
         found = sorted(projects.glob(f"*/{session_id}.jsonl"), key=lambda p: p.stat().st_mtime)
         return found[-1] if found else None
+
+    def relocate(self, session_id: str, conversation: str, cwd: str) -> None:
+        """Move a conversation's transcript (in this session's home) into the project
+        folder of `cwd`: the CLI only resumes conversations recorded under its cwd."""
+        projects = self.home(session_id) / ".claude" / "projects"
+        found = list(projects.glob(f"*/{check_session_id(conversation)}.jsonl"))
+        current = max(found, key=lambda p: p.stat().st_mtime) if found else None
+        target = projects / cwd_folder(cwd)
+        if current is None or current.parent == target:
+            return
+        for path in (target.parent, target):
+            path.mkdir(mode=0o700, exist_ok=True)
+            self._own(path)
+        for item in (current, current.with_suffix("")):  # the transcript and its side folder
+            if item.exists():
+                os.replace(item, target / item.name)
+
+    def fork(self, source: str, session_id: str) -> None:
+        """A new session home holding a copy of `source`'s history."""
+        home = self.home(session_id)
+        shutil.copytree(self.home(source), home, symlinks=True)
+        if self.chown:
+            for folder, dirs, files in os.walk(home):
+                for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+                    os.lchown(name, CONTAINER_UID, CONTAINER_UID)
+
+    def drop_fork_source(self, session_id: str, source: str) -> None:
+        for path in (self.home(session_id) / ".claude" / "projects").glob(f"*/{source}.jsonl"):
+            path.unlink()
+
+    def list(self) -> list[dict]:
+        """Sessions newest first, with titles (cached by transcript size and mtime)."""
+        entries = []
+        for home in self.root.iterdir():
+            if not (UUID_RE.match(home.name) and home.is_dir()):
+                continue
+            transcript = self.transcript(home.name)
+            stat = (transcript or home).stat()
+            entries.append((stat.st_mtime, home.name, transcript, (stat.st_mtime, stat.st_size)))
+        entries.sort(reverse=True)
+        return [{"id": sid, "title": self._title(sid, path, key)}
+                for _, sid, path, key in entries]
+
+    def _title(self, session_id: str, path: pathlib.Path | None, key: tuple) -> str:
+        if path is None:
+            return ""
+        cached = self._titles.get(session_id)
+        if cached and cached[0] == key:
+            return cached[1]
+        title = transcript_title(path)
+        self._titles[session_id] = (key, title)
+        return title
+
+    def messages(self, session_id: str) -> list[dict]:
+        path = self.transcript(session_id)
+        if path is None:
+            raise NotFound(f"session history not found: {session_id}")
+        return [m for m in map(transcript_message, read_transcript(path)) if m is not None]
+
+    def delete(self, session_id: str) -> None:
+        home = self.home(session_id)
+        if not home.is_dir():
+            raise NotFound(f"session not found: {session_id}", "success")
+        shutil.rmtree(home)
+        self._titles.pop(session_id, None)
 
     def busy(self, session_id: str) -> bool:
         return self._users[session_id] > 0
@@ -1482,6 +1667,7 @@ class RunRequest:
             raise BadRequest("Invalid request: webhook_url must be an http(s) URL", "run")
         if req.claude.get("session_id") is not None:
             check_session_id(req.claude["session_id"])
+        SessionPlan.of(req.claude)  # rejects resume/continue/fork without a session id
         return req
 
     @staticmethod
@@ -1638,6 +1824,7 @@ class ContainerRunner:
         self.rootless = False
         self._credentials_digest = ""
         self._api_key_synced = False
+        self._workdirs: dict[str, str] = {}
 
     # -- credentials ---------------------------------------------------------------
     def configured(self) -> bool:
@@ -1658,8 +1845,8 @@ class ContainerRunner:
             self._api_key_synced = True
 
     # -- the container ---------------------------------------------------------------
-    def command(self, req: RunRequest, session_id: str, needs_init: bool) -> list[str]:
-        argv = claude_argv(req.prompt, req.claude, session_id)
+    def command(self, req: RunRequest, plan: SessionPlan, needs_init: bool) -> list[str]:
+        argv = claude_argv(req.prompt, req.claude, plan.argv())
         hooks = check_hooks(req.podman.get("lifecycle") or {})
         steps = []
         if req.workdir and self.cfg.agent_workdir_auto_create:
@@ -1738,19 +1925,19 @@ class ContainerRunner:
             raise BadRequest(f'image validation failed: image "{image}" not found; {hint}', "run")
         return image
 
-    async def run(self, req: RunRequest, run_id: str, session_id: str,
+    async def run(self, req: RunRequest, run_id: str, plan: SessionPlan,
                   labels: dict | None = None,
                   on_start: Callable[[], Awaitable[None]] | None = None) -> RunResult:
         """Wait for the session and a slot, then execute. Cancelling the calling task
         kills and removes the container."""
         feed = self.feeds.get(run_id) or self.open_feed(run_id)
         try:
-            async with self.sessions.lock(session_id):
+            async with self.sessions.lock(plan.session_id):
                 async with self.slots.slot():
                     if on_start:
                         await on_start()
-                    result = await self._execute(req, run_id, session_id, labels or {}, feed)
-            feed.push("done", json.dumps({"id": run_id, "session_id": session_id,
+                    result = await self._execute(req, run_id, plan, labels or {}, feed)
+            feed.push("done", json.dumps({"id": run_id, "session_id": result.session_id,
                                           "status": result.status}, separators=(",", ":")))
             return result
         except asyncio.CancelledError:
@@ -1772,10 +1959,38 @@ class ContainerRunner:
         rows = [(feed.run_id, seq, kind, data, now) for seq, kind, data in feed.events]
         await self.store.call(self.store.add_run_events, rows)
 
-    async def _execute(self, req: RunRequest, run_id: str, session_id: str, labels: dict,
+    async def _open_session(self, req: RunRequest, plan: SessionPlan, image: str) -> None:
+        """Create the session home (a copy of the source for a fork), check that the
+        history matches the mode, and put the transcript where the CLI will look."""
+        sid = plan.session_id
+        if plan.mode == "fork":
+            async with self.sessions.lock(plan.source):
+                if await asyncio.to_thread(self.sessions.transcript, plan.source) is None:
+                    raise NotFound(f"session has no history: {plan.source}", "run")
+                await asyncio.to_thread(self.sessions.fork, plan.source, sid)
+        else:
+            await asyncio.to_thread(self.sessions.ensure, sid)
+            history = await asyncio.to_thread(self.sessions.transcript, sid)
+            if plan.mode == "new" and history is not None:
+                raise Conflict(f"session {sid} already has history; set claude.resume=true "
+                               "to continue it", "run")
+            if plan.mode != "new" and history is None:
+                raise NotFound(f"session has no history: {sid}", "run")
+        if plan.mode != "new":
+            cwd = req.workdir or await self.image_workdir(image)
+            await asyncio.to_thread(self.sessions.relocate, sid, plan.source or sid, cwd)
+
+    async def image_workdir(self, image: str) -> str:
+        if image not in self._workdirs:
+            self._workdirs[image] = await self.podman.call(self.podman.image_workdir, image)
+        return self._workdirs[image]
+
+    async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
                        feed: RunFeed) -> RunResult:
         image = await self.prepare(req)
-        home = await asyncio.to_thread(self.sessions.ensure, session_id)
+        await self._open_session(req, plan, image)
+        session_id = plan.session_id
+        home = self.sessions.home(session_id)
         marker = home / ".stromboli-initialized"
         needs_init = not marker.exists()
         before = await asyncio.to_thread(self.sessions.transcript, session_id)
@@ -1783,7 +1998,7 @@ class ContainerRunner:
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
         spec = self.spec(req, run_id, session_id, labels)
-        command = self.command(req, session_id, needs_init)
+        command = self.command(req, plan, needs_init)
         started = time.monotonic()
         exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
         output = feed.output().strip()
@@ -1799,6 +2014,8 @@ class ContainerRunner:
                              crash_info(exit_code, output), usage)
         if exit_code != 0:
             raise RunFailed(f"execution failed: exit status {exit_code}, output: {output}")
+        if plan.mode == "fork":
+            await asyncio.to_thread(self.sessions.drop_fork_source, session_id, plan.source)
         if req.podman.get("lifecycle"):
             marker.write_text(rfc3339(time.time()) or "")
         return RunResult(run_id, session_id, "completed", output, 0, None, usage,
@@ -1924,8 +2141,10 @@ class JobManager:
         self.tasks: dict[str, asyncio.Task] = {}
 
     async def submit(self, req: RunRequest) -> dict:
-        session_id = req.claude.get("session_id") or str(uuid.uuid4())
-        req.claude["session_id"] = session_id
+        plan = SessionPlan.of(req.claude)
+        session_id = plan.session_id
+        if plan.mode == "new":
+            req.claude["session_id"] = session_id  # a requeue after restart keeps it
         now = time.time()
         job = {"id": new_id("job"), "status": "pending", "session_id": session_id,
                "run_id": new_id("run"), "request": req.to_json(), "created_at": now,
@@ -1946,7 +2165,8 @@ class JobManager:
             await self.store.call(functools.partial(self.store.update_job, job["id"],
                                                     status="running", started_at=time.time()))
         try:
-            result = await self.runner.run(req, job["run_id"], job["session_id"],
+            plan = SessionPlan.of(req.claude, fork_id=job["session_id"])
+            result = await self.runner.run(req, job["run_id"], plan,
                                            {"stromboli.job": job["id"]}, started)
             changes = dict(status=result.status, output=result.output,
                            crash_info=result.crash_info, usage=result.usage,
@@ -2569,9 +2789,8 @@ async def run_sync(request: web.Request) -> web.Response:
     req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
     require_configured(app, "run")
     await app.runner.prepare(req)
-    session_id = req.claude.get("session_id") or str(uuid.uuid4())
     try:
-        result = await app.runner.run(req, new_id("run"), session_id)
+        result = await app.runner.run(req, new_id("run"), SessionPlan.of(req.claude))
     except RunFailed as exc:
         app.metrics.run_status("failed")
         raise ApiError(500, str(exc), "run") from None
@@ -2643,24 +2862,22 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         exc.shape = "text"
         raise
-    session_id = req.claude.get("session_id") or str(uuid.uuid4())
     run_id = new_id("run")
     feed = app.runner.open_feed(run_id)
-    task = asyncio.ensure_future(app.runner.run(req, run_id, session_id))
+    response = await sse_response(request, run_id)
+    task = asyncio.ensure_future(app.runner.run(req, run_id, SessionPlan.of(req.claude)))
     try:
-        response = await sse_response(request, run_id)
         await write_feed(response, feed.follow())
         result = await task
         app.metrics.run_status(result.status)
-    except (ConnectionResetError, asyncio.CancelledError):
-        task.cancel()  # the client went away: stop its container
-        await asyncio.wait({task}, timeout=20)
-        raise
     except (ApiError, RunFailed):
         app.metrics.run_status("failed")  # already reported to the client as event: error
+    except ConnectionResetError:
+        pass  # the client went away; `finally` stops its container
     finally:
         if not task.done():
             task.cancel()
+            await asyncio.wait({task}, timeout=20)
     return response
 
 
@@ -2735,6 +2952,62 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     await state(request).jobs.cancel(job_id)
     return json_response({"cancelled": True, "job_id": job_id})
+
+
+# -- sessions ---------------------------------------------------------------------
+
+def page_params(request: web.Request, default: int, maximum: int) -> tuple[int, int]:
+    """offset/limit query parameters: invalid or negative values fall back (U§5.12)."""
+    def number(name: str, fallback: int) -> int:
+        try:
+            value = int(request.query.get(name, ""))
+        except ValueError:
+            return fallback
+        return value if value >= 0 else fallback
+    offset = number("offset", 0)
+    limit = number("limit", default) or default
+    return offset, min(limit, maximum)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """Newest first; `offset`/`limit` paginate (extension, default: all)."""
+    app = state(request)
+    sessions = await asyncio.to_thread(app.sessions.list)
+    offset, limit = page_params(request, len(sessions) or 1, max(len(sessions), 1))
+    return json_response({"sessions": sessions[offset:offset + limit], "total": len(sessions)})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    app = state(request)
+    session_id = check_session_id(request.match_info["id"], "success")
+    if app.sessions.busy(session_id):
+        raise Conflict("session is in use by a run; wait for it or cancel it first", "success")
+    async with app.sessions.lock(session_id):  # no run can start while the home goes
+        await asyncio.to_thread(app.sessions.delete, session_id)
+    return json_response({"success": True, "session_id": session_id})
+
+
+async def session_messages(request: web.Request) -> web.Response:
+    """A page of the transcript, plus the session's cumulative `usage` (extension)."""
+    app = state(request)
+    session_id = check_session_id(request.match_info["id"], "error")
+    offset, limit = page_params(request, 50, 200)
+    messages = await asyncio.to_thread(app.sessions.messages, session_id)
+    usage = await asyncio.to_thread(transcript_usage, app.sessions.transcript(session_id))
+    return json_response(drop_none({
+        "messages": messages[offset:offset + limit], "total": len(messages), "offset": offset,
+        "limit": limit, "has_more": offset + limit < len(messages), "usage": usage}))
+
+
+async def session_message(request: web.Request) -> web.Response:
+    app = state(request)
+    session_id = check_session_id(request.match_info["id"], "error")
+    message_id = request.match_info["message_id"]
+    messages = await asyncio.to_thread(app.sessions.messages, session_id)
+    for message in messages:
+        if message["uuid"] == message_id:
+            return json_response({"message": message})
+    raise NotFound(f"message not found: {message_id}")
 
 
 # -- auth -------------------------------------------------------------------------
@@ -2821,6 +3094,10 @@ ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
     ("GET", "/jobs", list_jobs, "protected"),
     ("GET", "/jobs/{id}", get_job, "protected"),
     ("DELETE", "/jobs/{id}", cancel_job, "protected"),
+    ("GET", "/sessions", list_sessions, "protected"),
+    ("DELETE", "/sessions/{id}", delete_session, "protected"),
+    ("GET", "/sessions/{id}/messages", session_messages, "protected"),
+    ("GET", "/sessions/{id}/messages/{message_id}", session_message, "protected"),
 )
 ROUTE_ACCESS = {(method, path): access for method, path, _, access in ROUTES}
 

@@ -901,6 +901,191 @@ def test_webhook_is_delivered_signed(make_daemon, model):
 
 
 # ---------------------------------------------------------------------------
+# Sessions — resume, continue, fork, serialisation, the history API
+# ---------------------------------------------------------------------------
+
+def prompts_seen(model: ScriptedModel, tag: str) -> list[list[str]]:
+    """For each model request mentioning `tag`, the user prompts it carried."""
+    return [user_prompts(r["messages"]) for r in model.requests_with(tag)]
+
+
+def test_resume_in_a_fresh_container_and_another_workdir(daemon, model):
+    tag = marker()
+    first = daemon.http.post("/run", json={"prompt": f"first turn {tag}"}).json()
+    session = first["session_id"]
+    second = daemon.http.post("/run", json={
+        "prompt": f"second turn {tag}", "workdir": "/workspace/elsewhere",
+        "claude": {"session_id": session, "resume": True}}).json()
+    assert second["status"] == "completed", second
+    assert second["session_id"] == session
+    last = prompts_seen(model, tag)[-1]
+    assert last[0] == f"first turn {tag}" and last[-1] == f"second turn {tag}"
+    # Usage covers this run only: the second request's input, not the whole session.
+    assert second["usage"]["input_tokens"] == estimate_tokens(model.requests_with(tag)[-1]["messages"])
+
+
+def test_continue(daemon, model):
+    tag = marker()
+    session = daemon.http.post("/run", json={"prompt": f"one {tag}"}).json()["session_id"]
+    body = daemon.http.post("/run", json={"prompt": f"two {tag}", "claude": {
+        "session_id": session, "continue": True}}).json()
+    assert body["status"] == "completed" and body["session_id"] == session
+    assert prompts_seen(model, tag)[-1] == [f"one {tag}", f"two {tag}"]
+
+
+def test_fork_gets_a_new_id_and_leaves_the_original_intact(daemon, model):
+    tag = marker()
+    original = daemon.http.post("/run", json={"prompt": f"root {tag}"}).json()["session_id"]
+    before = daemon.http.get(f"/sessions/{original}/messages").json()["total"]
+    fork = daemon.http.post("/run", json={"prompt": f"branch {tag}", "claude": {
+        "session_id": original, "fork_session": True}}).json()
+    assert fork["status"] == "completed", fork
+    assert fork["session_id"] != original
+    assert prompts_seen(model, tag)[-1] == [f"root {tag}", f"branch {tag}"]
+    assert daemon.http.get(f"/sessions/{original}/messages").json()["total"] == before
+    forked = daemon.http.get(f"/sessions/{fork['session_id']}/messages").json()
+    assert forked["total"] > before
+    texts = json.dumps(forked["messages"])
+    assert f"root {tag}" in texts and f"branch {tag}" in texts
+    # The original goes on without the branch.
+    daemon.http.post("/run", json={"prompt": f"trunk {tag}", "claude": {
+        "session_id": original, "resume": True}})
+    assert prompts_seen(model, tag)[-1] == [f"root {tag}", f"trunk {tag}"]
+
+
+def test_async_fork_returns_the_new_id_at_once(daemon):
+    original = daemon.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    accepted = daemon.http.post("/run/async", json={"prompt": "hello again", "claude": {
+        "session_id": original, "fork_session": True}}).json()
+    assert accepted["session_id"] != original
+    job = daemon.wait_job(accepted["job_id"])
+    assert job["status"] == "completed" and job["session_id"] == accepted["session_id"]
+
+
+def test_resume_without_history_is_an_error_not_a_new_conversation(daemon):
+    session = str(uuid.uuid4())
+    for options in ({"resume": True}, {"continue": True}, {"fork_session": True}):
+        r = daemon.http.post("/run", json={"prompt": "hello",
+                                           "claude": {"session_id": session, **options}})
+        assert r.status_code == 404
+        assert run_error(r) == f"session has no history: {session}"
+    r = daemon.http.post("/run", json={"prompt": "hello", "claude": {"resume": True}})
+    assert r.status_code == 400 and "need claude.session_id" in run_error(r)
+
+
+def test_new_run_on_a_session_with_history_is_409(daemon):
+    session = daemon.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    r = daemon.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session}})
+    assert r.status_code == 409 and "already has history" in run_error(r)
+
+
+def test_runs_on_one_session_are_serialised(daemon):
+    session = str(uuid.uuid4())
+    first = daemon.http.post("/run/async", json={"prompt": "sleep 2",
+                                                 "claude": {"session_id": session}}).json()
+    second = daemon.http.post("/run/async", json={"prompt": "hello", "claude": {
+        "session_id": session, "resume": True}}).json()
+    label = f"stromboli.session={session}"
+    while daemon.http.get(f"/jobs/{second['job_id']}").json()["status"] in ("pending", "running"):
+        assert len(agent_containers(label)) <= 1
+        time.sleep(0.05)
+    a, b = daemon.wait_job(first["job_id"]), daemon.wait_job(second["job_id"])
+    assert a["status"] == b["status"] == "completed", (a, b)
+    assert parse_time(b["started_at"]) >= parse_time(a["finished_at"]) - 0.01
+
+
+def test_session_list_messages_pagination_and_single_message(daemon):
+    tag = marker()
+    session = daemon.http.post("/run", json={"prompt": f"title me {tag}"}).json()["session_id"]
+    daemon.http.post("/run", json={"prompt": f"more {tag}",
+                                   "claude": {"session_id": session, "resume": True}})
+    listed = daemon.http.get("/sessions").json()["sessions"]
+    assert listed[0] == {"id": session, "title": f"title me {tag}"}  # newest first
+    assert daemon.http.get("/sessions", params={"limit": 1, "offset": 1}).json()["sessions"] \
+        == listed[1:2]
+    page = daemon.http.get(f"/sessions/{session}/messages").json()
+    assert page["offset"] == 0 and page["limit"] == 50
+    total = page["total"]
+    assert total >= 4 and page["has_more"] is False
+    assert page["usage"]["total_tokens"] > 0
+    types = [m["type"] for m in page["messages"]]
+    assert "queue-operation" not in types and "user" in types and "assistant" in types
+    first_page = daemon.http.get(f"/sessions/{session}/messages",
+                                 params={"limit": 2, "offset": 0}).json()
+    assert len(first_page["messages"]) == 2 and first_page["has_more"] is True
+    last_page = daemon.http.get(f"/sessions/{session}/messages",
+                                params={"limit": 2, "offset": total - 1}).json()
+    assert len(last_page["messages"]) == 1 and last_page["has_more"] is False
+    clamped = daemon.http.get(f"/sessions/{session}/messages",
+                              params={"limit": 1000, "offset": -3}).json()
+    assert clamped["limit"] == 200 and clamped["offset"] == 0
+    assistant = next(m for m in page["messages"] if m["type"] == "assistant")
+    assert assistant["content"]["role"] == "assistant"
+    assert assistant["content"]["content"][0]["type"] == "text"
+    one = daemon.http.get(f"/sessions/{session}/messages/{assistant['uuid']}").json()
+    assert one == {"message": assistant}
+    r = daemon.http.get(f"/sessions/{session}/messages/no-such-message")
+    assert r.status_code == 404 and r.json() == {"error": "message not found: no-such-message"}
+
+
+def test_transcript_parsing_tolerates_bad_lines(daemon):
+    session = daemon.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    home = daemon.state_dir / "sessions" / session
+    transcript = next(home.glob(".claude/projects/*/*.jsonl"))
+    before = daemon.http.get(f"/sessions/{session}/messages").json()["total"]
+    with transcript.open("a") as fh:
+        fh.write('{"type": "future-kind", "uuid": "u-future"}\n')
+        fh.write("not json at all\n")
+        fh.write('{"type": "user", "message": {"content": "' + "x" * (11 * 1024 * 1024) + '"}}\n')
+        fh.write('{"type": "user", "uuid": "u-partial", "mess')  # a partial last line
+    started = time.monotonic()
+    after = daemon.http.get(f"/sessions/{session}/messages").json()
+    assert time.monotonic() - started < 10
+    assert after["total"] == before + 1
+    assert after["messages"][-1]["type"] == "future-kind"
+
+
+def test_delete_session(daemon):
+    session = daemon.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    job = daemon.http.post("/run/async", json={"prompt": "sleep 30", "claude": {
+        "session_id": session, "resume": True}}).json()
+    daemon.wait_job(job["job_id"], ("running",))
+    r = daemon.http.delete(f"/sessions/{session}")
+    assert r.status_code == 409 and r.json()["success"] is False
+    daemon.http.delete(f"/jobs/{job['job_id']}")
+    r = daemon.http.delete(f"/sessions/{session}")
+    assert r.json() == {"success": True, "session_id": session}
+    assert not (daemon.state_dir / "sessions" / session).exists()
+    assert session not in [s["id"] for s in daemon.http.get("/sessions").json()["sessions"]]
+    r = daemon.http.delete(f"/sessions/{session}")
+    assert r.status_code == 404 and r.json() == {"success": False,
+                                                 "error": f"session not found: {session}"}
+
+
+@pytest.mark.parametrize("bad", ["..", "%2e%2e", "..%2F..%2Fetc", "a%2Fb", "%00", "*", "x%3Fy",
+                                 "ABCDEF00-0000-4000-8000-000000000000", "not-a-uuid",
+                                 "0" * 300])
+def test_session_id_traversal_is_rejected(daemon, bad):
+    for method, path in (("GET", f"/sessions/{bad}/messages"),
+                         ("GET", f"/sessions/{bad}/messages/m1"),
+                         ("DELETE", f"/sessions/{bad}")):
+        r = daemon.http.request(method, path)
+        assert r.status_code in (400, 404), (path, r.status_code)
+        if r.status_code == 404:  # only when the router itself cannot match the path
+            assert r.json() == {"error": "not found"}, (path, r.text)
+        else:
+            assert "invalid session ID" in r.json()["error"]
+    r = daemon.http.post("/run", json={"prompt": "x", "claude": {"session_id": bad}})
+    assert r.status_code == 400 and "invalid session ID" in run_error(r)
+
+
+def test_unknown_session_is_404(daemon):
+    session = str(uuid.uuid4())
+    r = daemon.http.get(f"/sessions/{session}/messages")
+    assert r.status_code == 404 and r.json() == {"error": f"session history not found: {session}"}
+
+
+# ---------------------------------------------------------------------------
 # Auth and rate limiting (the basics; the full checklist is with the perimeter)
 # ---------------------------------------------------------------------------
 
