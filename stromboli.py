@@ -225,6 +225,9 @@ class Config:
                                      kind="float", help="tokens refilled per second")
     rate_limit_burst: int = setting(20, "rate_limit.burst", "STROMBOLI_RATE_LIMIT_BURST",
                                     kind="int", help="bucket capacity")
+    rate_limit_max_clients: int = setting(10000, "rate_limit.max_clients",
+                                          "STROMBOLI_RATE_LIMIT_MAX_CLIENTS", kind="int",
+                                          help="buckets kept at most (least recent evicted)")
     rate_limit_trusted_proxies: tuple = setting(
         (), "rate_limit.trusted_proxies", "STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES", kind="list",
         help="CIDRs whose X-Forwarded-For / X-Real-IP are believed")
@@ -957,9 +960,31 @@ class Podman:
     def start(self, cid: str) -> None:
         self.client.containers.get(cid).start()
 
-    def wait(self, cid: str) -> int:
-        container = self.client.containers.get(cid)
-        return int(container.wait(condition="exited", interval="20ms"))
+    def exit_code(self, cid: str) -> int:
+        """The exit code of a container whose output stream has ended. Inspecting is far
+        quicker than the wait endpoint here (which polls every ~250 ms)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            state = self.client.containers.get(cid).attrs["State"]
+            if state["Status"] in ("exited", "stopped"):
+                return int(state["ExitCode"])
+            time.sleep(0.01)
+        return int(self.client.containers.get(cid).wait(condition="exited"))
+
+    def attach(self, cid: str, attached: Callable[[], None], sink: Callable[[bytes], None]) -> None:
+        """Stream a container's stdout and stderr frames into `sink` until it exits.
+        `attached` is called once the stream is open (podman-py has no attach())."""
+        response = self.client.api.post(f"/containers/{cid}/attach", stream=True, params={
+            "stream": True, "stdout": True, "stderr": True, "logs": True})
+        response.raise_for_status()
+        attached()
+        try:
+            while len(header := response.raw.read(8)) == 8:
+                size = int.from_bytes(header[4:], "big")
+                if size:
+                    sink(response.raw.read(size))
+        finally:
+            response.close()
 
     def kill(self, cid: str) -> None:
         try:
@@ -975,10 +1000,6 @@ class Podman:
             self.client.containers.remove(cid, force=True)
         except podman.errors.NotFound:
             pass
-
-    def follow_logs(self, cid: str, sink: Callable[[bytes], None]) -> None:
-        for frame in self.client.containers.get(cid).logs(stream=True, follow=True):
-            sink(frame)
 
     def containers(self, label: str) -> list[dict]:
         found = []
@@ -1910,11 +1931,13 @@ class ContainerRunner:
 
     # -- a run ---------------------------------------------------------------------
     async def prepare(self, req: RunRequest) -> str:
-        """Sync credentials and check that the run's image exists; → the image."""
+        """Sync credentials; check that the run's image and secrets exist; → the image."""
         image = req.podman.get("image") or self.cfg.default_image
         try:
             await self.sync_credentials()
             exists = await self.podman.call(self.podman.image_exists, image)
+            missing = [name for name in req.podman.get("secrets_env", {}).values()
+                       if not await self.podman.call(self.podman.secret_exists, name)]
         except PodmanUnavailable as exc:
             raise Unavailable(str(exc), "run") from None
         except Exception as exc:  # requests/urllib3 errors when the socket is gone
@@ -1923,6 +1946,9 @@ class ContainerRunner:
             hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
                     else "pull it first (POST /images/pull)")
             raise BadRequest(f'image validation failed: image "{image}" not found; {hint}', "run")
+        if missing:
+            raise BadRequest(f'secrets validation failed: secret "{missing[0]}" not found '
+                             "(create it with POST /secrets)", "run")
         return image
 
     async def run(self, req: RunRequest, run_id: str, plan: SessionPlan,
@@ -2041,16 +2067,25 @@ class ContainerRunner:
         self.metrics.active_containers += 1
         loop = asyncio.get_running_loop()
         try:
+            # Attach before start so no output is lost; the attach stream delivers output
+            # as it is written and ends when the container exits (a followed log polls).
+            attached = asyncio.Event()
+            stream = asyncio.ensure_future(self.podman.call(
+                self.podman.attach, cid, functools.partial(loop.call_soon_threadsafe, attached.set),
+                functools.partial(loop.call_soon_threadsafe, feed.feed)))
+            await asyncio.wait({stream, asyncio.ensure_future(attached.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if stream.done():
+                stream.result()  # attaching failed: raise why
             await self.podman.call(self.podman.start, cid)
-            sink = functools.partial(loop.call_soon_threadsafe, feed.feed)
-            logs = asyncio.ensure_future(self.podman.call(self.podman.follow_logs, cid, sink))
             try:
-                exit_code = await asyncio.wait_for(self.podman.call(self.podman.wait, cid), timeout)
+                await asyncio.wait_for(asyncio.shield(stream), timeout)
                 timed_out = False
             except asyncio.TimeoutError:
                 await self.podman.call(self.podman.kill, cid)
-                exit_code, timed_out = 137, True
-            await asyncio.wait({logs}, timeout=10)
+                await asyncio.wait({stream}, timeout=10)
+                timed_out = True
+            exit_code = 137 if timed_out else await self.podman.call(self.podman.exit_code, cid)
             await asyncio.sleep(0)  # let the last call_soon_threadsafe frames land
             feed.flush()
             return exit_code, timed_out
@@ -2371,21 +2406,22 @@ def strip_port(address: str) -> str:
 
 
 class RateLimiter:
-    """Per-IP token buckets (U§9). Idle buckets are evicted so that an IP-rotation flood
-    cannot grow memory without bound."""
+    """Per-IP token buckets (U§9), kept in least-recently-used order: buckets idle for
+    10 minutes go, and past `max_clients` the least recently seen goes, so an IP-rotation
+    flood cannot grow memory without bound."""
 
     IDLE_SECONDS = 600
 
     def __init__(self, cfg: Config):
         self.rate, self.burst = cfg.rate_limit_rate, cfg.rate_limit_burst
-        self.buckets: dict[str, TokenBucket] = {}
+        self.max_clients = max(1, cfg.rate_limit_max_clients)
+        self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
         self.trusted = []
         for entry in cfg.rate_limit_trusted_proxies:
             try:
                 self.trusted.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 log.warning("ignoring invalid trusted proxy", extra=fields(entry=entry))
-        self._last_sweep = time.monotonic()
 
     def client_ip(self, request: web.Request) -> str:
         peer = request.remote or ""
@@ -2402,11 +2438,12 @@ class RateLimiter:
 
     def check(self, ip: str) -> tuple[bool, dict[str, str]]:
         now = time.monotonic()
-        if now - self._last_sweep > 60:
-            self._sweep(now)
         bucket = self.buckets.get(ip)
         if bucket is None:
+            self._evict(now)
             bucket = self.buckets[ip] = TokenBucket(self.burst, now)
+        else:
+            self.buckets.move_to_end(ip)
         allowed = bucket.take(self.rate, self.burst, now)
         headers = {"X-RateLimit-Limit": f"{self.rate:g}",
                    "X-RateLimit-Remaining": str(max(0, int(bucket.tokens))),
@@ -2416,11 +2453,12 @@ class RateLimiter:
             headers["Retry-After"] = str(max(1, int((1 - bucket.tokens) / self.rate + 0.999)))
         return allowed, headers
 
-    def _sweep(self, now: float) -> None:
-        self._last_sweep = now
-        stale = [ip for ip, b in self.buckets.items() if now - b.stamp > self.IDLE_SECONDS]
-        for ip in stale:
-            del self.buckets[ip]
+    def _evict(self, now: float) -> None:
+        while self.buckets:
+            oldest = next(iter(self.buckets.values()))
+            if now - oldest.stamp <= self.IDLE_SECONDS and len(self.buckets) < self.max_clients:
+                return
+            self.buckets.popitem(last=False)
 
 
 # ---------------------------------------------------------------------------
@@ -2598,6 +2636,8 @@ class Stromboli:
             "process_open_fds": ("Open file descriptors.", process_open_fds),
             "stromboli_queued_runs": ("Runs waiting for a slot.",
                                       lambda: self.runner.slots.queued if self.runner else 0),
+            "stromboli_rate_limit_clients": ("Client IPs with a rate-limit bucket.",
+                                             lambda: len(self.limiter.buckets)),
         })
 
     async def start(self) -> None:

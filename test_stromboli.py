@@ -17,6 +17,7 @@ jobs, auth/perimeter, metrics.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import hashlib
 import hmac
@@ -26,6 +27,7 @@ import pathlib
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +35,7 @@ import time
 import uuid
 
 import httpx
+import jwt
 import podman
 import pytest
 from aiohttp import web
@@ -1086,8 +1089,11 @@ def test_unknown_session_is_404(daemon):
 
 
 # ---------------------------------------------------------------------------
-# Auth and rate limiting (the basics; the full checklist is with the perimeter)
+# Perimeter — auth, revocation, rate limiting, logs, validation allowlists
 # ---------------------------------------------------------------------------
+
+STATIC = {"Authorization": "Bearer static-token-1"}
+
 
 @pytest.fixture
 def auth_daemon(make_daemon):
@@ -1095,62 +1101,311 @@ def auth_daemon(make_daemon):
                        STROMBOLI_API_TOKENS="static-token-1")
 
 
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def forge(claims: dict | None = None, key: str = JWT_SECRET, algorithm: str = "HS256") -> str:
+    now = int(time.time())
+    body = {"sub": "mallory", "iat": now, "exp": now + 3600, "jti": str(uuid.uuid4()),
+            **(claims or {})}
+    return jwt.encode(body, key, algorithm=algorithm)
+
+
 def test_protected_routes_need_a_token(auth_daemon):
     r = auth_daemon.http.get("/jobs")
     assert r.status_code == 401 and r.json() == {"error": "missing authorization header"}
     r = auth_daemon.http.get("/jobs", headers={"Authorization": "Basic abc"})
     assert r.json() == {"error": "invalid authorization header format"}
-    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Bearer wrong"})
+    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Bearer"})
+    assert r.json() == {"error": "invalid authorization header format"}
+    r = auth_daemon.http.get("/jobs", headers=bearer("wrong"))
     assert r.status_code == 401 and r.json() == {"error": "invalid or expired token"}
-    r = auth_daemon.http.get("/jobs", headers={"Authorization": "Bearer static-token-1"})
-    assert r.status_code == 200
+    assert auth_daemon.http.get("/jobs", headers=STATIC).status_code == 200
+    assert auth_daemon.http.get("/jobs", headers={"Authorization": "bearer static-token-1"}
+                                ).status_code == 200  # the scheme is case-insensitive
     assert auth_daemon.http.get("/health").status_code == 200  # public
+    r = auth_daemon.http.post("/auth/token", json={"client_id": "x"})
+    assert r.status_code == 401  # minting needs a credential too
+
+
+def test_forged_tokens_are_rejected(auth_daemon):
+    header = base64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    payload = base64url(json.dumps({"sub": "mallory", "exp": int(time.time()) + 3600,
+                                    "iat": int(time.time()), "jti": "x"}).encode())
+    good = forge()
+    head, body, sig = good.split(".")
+    tampered_body = base64url(json.dumps({**json.loads(base64url_decode(body)),
+                                          "sub": "admin"}).encode())
+    attacks = {
+        "alg none": f"{header}.{payload}.",
+        "wrong key": forge(key="another-secret-that-is-long-enough-xxxxxxxx"),
+        "HS512 with the right key": forge(algorithm="HS512"),
+        "expired": forge({"exp": int(time.time()) - 10, "iat": int(time.time()) - 100}),
+        "tampered payload": f"{head}.{tampered_body}.{sig}",
+        "refresh token as access": forge({"is_refresh": True}),
+        "no jti": jwt.encode({"sub": "m", "iat": int(time.time()),
+                              "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256"),
+    }
+    assert auth_daemon.http.get("/jobs", headers=bearer(good)).status_code == 200
+    for name, token in attacks.items():
+        r = auth_daemon.http.get("/jobs", headers=bearer(token))
+        assert r.status_code == 401, name
+        assert r.json() == {"error": "invalid or expired token"}, name
+        assert auth_daemon.http.get("/auth/validate", headers=bearer(token)).status_code == 401
+
+
+def base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def base64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def test_jwt_flow_and_revocation_survives_restart(auth_daemon, make_daemon):
-    static = {"Authorization": "Bearer static-token-1"}
-    tokens = auth_daemon.http.post("/auth/token", json={"client_id": "ci"}, headers=static).json()
+    r = auth_daemon.http.post("/auth/token", json={}, headers=STATIC)
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid request:")
+    tokens = auth_daemon.http.post("/auth/token", json={"client_id": "ci"}, headers=STATIC).json()
     assert tokens["token_type"] == "bearer" and tokens["expires_in"] == 86400
-    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
-    assert auth_daemon.http.get("/jobs", headers=bearer).status_code == 200
-    valid = auth_daemon.http.get("/auth/validate", headers=bearer).json()
-    assert valid["valid"] is True and valid["subject"] == "ci"
-    refresh_as_access = {"Authorization": f"Bearer {tokens['refresh_token']}"}
-    assert auth_daemon.http.get("/jobs", headers=refresh_as_access).status_code == 401
+    claims = jwt.decode(tokens["access_token"], JWT_SECRET, algorithms=["HS256"])
+    assert set(claims) == {"sub", "iat", "exp", "jti"} and claims["sub"] == "ci"
+    refresh_claims = jwt.decode(tokens["refresh_token"], JWT_SECRET, algorithms=["HS256"])
+    assert refresh_claims["is_refresh"] is True
+    assert refresh_claims["exp"] - refresh_claims["iat"] == 168 * 3600
+    access = bearer(tokens["access_token"])
+    assert auth_daemon.http.get("/jobs", headers=access).status_code == 200
+    # An access JWT can mint tokens too.
+    assert auth_daemon.http.post("/auth/token", json={"client_id": "ci2"},
+                                 headers=access).status_code == 200
+    valid = auth_daemon.http.get("/auth/validate", headers=access).json()
+    assert valid == {"valid": True, "subject": "ci", "expires_at": claims["exp"]}
+    assert auth_daemon.http.get("/auth/validate", headers=STATIC).status_code == 401
     r = auth_daemon.http.post("/auth/refresh", json={"refresh_token": tokens["access_token"]})
-    assert r.status_code == 401
+    assert r.status_code == 401 and r.json() == {"error": "invalid or expired refresh token"}
     rotated = auth_daemon.http.post("/auth/refresh",
                                     json={"refresh_token": tokens["refresh_token"]}).json()
     assert rotated["access_token"] != tokens["access_token"]
-    r = auth_daemon.http.post("/auth/logout", headers=bearer)
+    assert rotated["refresh_token"] != tokens["refresh_token"]
+    r = auth_daemon.http.post("/auth/logout", headers=access,
+                              json={"refresh_token": tokens["refresh_token"]})
     assert r.json() == {"success": True, "message": "token invalidated"}
-    assert auth_daemon.http.get("/jobs", headers=bearer).json() == {"error": "token revoked"}
+    assert auth_daemon.http.get("/jobs", headers=access).json() == {"error": "token revoked"}
+    r = auth_daemon.http.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 401  # revoked through the logout body (extension)
     auth_daemon.stop()
     again = make_daemon(state_dir=auth_daemon.state_dir, STROMBOLI_AUTH_ENABLED="true",
                         STROMBOLI_JWT_SECRET=JWT_SECRET)
-    r = again.http.get("/jobs", headers=bearer)
+    r = again.http.get("/jobs", headers=access)
     assert r.status_code == 401 and r.json() == {"error": "token revoked"}
+    fresh = bearer(rotated["access_token"])
+    assert again.http.get("/jobs", headers=fresh).status_code == 200
 
 
-def test_rate_limit_429_with_headers(make_daemon):
+def test_expired_revocations_are_reaped(make_daemon):
+    d = make_daemon(STROMBOLI_AUTH_ENABLED="true", STROMBOLI_JWT_SECRET=JWT_SECRET,
+                    STROMBOLI_API_TOKENS="static-token-1", STROMBOLI_JWT_EXPIRY="2s",
+                    STROMBOLI_AUTH_BLACKLIST_CLEANUP_INTERVAL="500ms")
+    token = d.http.post("/auth/token", json={"client_id": "c"}, headers=STATIC).json()
+    d.http.post("/auth/logout", headers=bearer(token["access_token"]))
+
+    def revoked_rows() -> int:
+        with sqlite3.connect(d.state_dir / "stromboli.db") as db:
+            return db.execute("SELECT COUNT(*) FROM revoked_tokens").fetchone()[0]
+    assert revoked_rows() == 1
+    wait_until(lambda: revoked_rows() == 0, 10, what="expired revocation reaped")
+
+
+def test_jwt_endpoints_without_a_secret_are_503(daemon):
+    for method, path in (("POST", "/auth/token"), ("POST", "/auth/refresh"),
+                         ("GET", "/auth/validate"), ("POST", "/auth/logout")):
+        r = daemon.http.request(method, path, json={})
+        assert r.status_code == 503 and r.json() == {"error": "JWT authentication not configured"}
+
+
+def test_rate_limit_429_with_headers_and_refill(make_daemon):
     d = make_daemon(STROMBOLI_RATE_LIMIT_ENABLED="true", STROMBOLI_RATE_LIMIT_RPS="1",
-                    STROMBOLI_RATE_LIMIT_BURST="1")
+                    STROMBOLI_RATE_LIMIT_BURST="2")
     first = d.http.get("/jobs")
-    assert first.status_code == 200 and first.headers["X-RateLimit-Limit"] == "1"
-    second = d.http.get("/jobs")
-    assert second.status_code == 429 and second.json() == {"error": "rate limit exceeded"}
-    assert second.headers["X-RateLimit-Remaining"] == "0"
-    assert int(second.headers["Retry-After"]) >= 1
-    assert d.http.get("/health").status_code == 200  # not rate-limited
+    assert first.status_code == 200
+    assert first.headers["X-RateLimit-Limit"] == "1"
+    assert first.headers["X-RateLimit-Remaining"] == "1"
+    assert int(first.headers["X-RateLimit-Reset"]) >= int(time.time())
+    assert d.http.get("/jobs").headers["X-RateLimit-Remaining"] == "0"
+    third = d.http.get("/jobs")
+    assert third.status_code == 429 and third.json() == {"error": "rate limit exceeded"}
+    assert third.headers["X-RateLimit-Remaining"] == "0"
+    retry_after = int(third.headers["Retry-After"])
+    assert 1 <= retry_after <= 2
+    time.sleep(retry_after)
+    assert d.http.get("/jobs").status_code == 200  # refilled
+    for _ in range(3):
+        assert d.http.get("/health").status_code == 200  # never rate-limited
+    metrics = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics").text
+    assert re.search(r"^stromboli_rate_limited_total [1-9]", metrics, re.M)
+
+
+def test_rate_limit_runs_before_auth(make_daemon):
+    d = make_daemon(STROMBOLI_RATE_LIMIT_ENABLED="true", STROMBOLI_RATE_LIMIT_RPS="1",
+                    STROMBOLI_RATE_LIMIT_BURST="1", STROMBOLI_AUTH_ENABLED="true",
+                    STROMBOLI_JWT_SECRET=JWT_SECRET)
+    assert d.http.get("/jobs").status_code == 401
+    assert d.http.get("/jobs").status_code == 429  # unauthenticated floods are limited too
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_forwarded_headers_only_from_trusted_proxies(make_daemon, trusted):
+    env = {"STROMBOLI_RATE_LIMIT_ENABLED": "true", "STROMBOLI_RATE_LIMIT_RPS": "0.1",
+           "STROMBOLI_RATE_LIMIT_BURST": "1"}
+    if trusted:
+        env["STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES"] = "127.0.0.0/8"
+    d = make_daemon(**env)
+    statuses = [d.http.get("/jobs", headers={"X-Forwarded-For": f"203.0.113.{i}, 10.0.0.1"}
+                           ).status_code for i in range(1, 4)]
+    statuses.append(d.http.get("/jobs", headers={"X-Real-IP": "198.51.100.7"}).status_code)
+    assert statuses == ([200, 200, 200, 200] if trusted else [200, 429, 429, 429])
+
+
+def test_ip_rotation_flood_keeps_buckets_bounded(make_daemon):
+    d = make_daemon(STROMBOLI_RATE_LIMIT_ENABLED="true", STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES="127.0.0.1",
+                    STROMBOLI_RATE_LIMIT_MAX_CLIENTS="50")
+    with httpx.Client(base_url=d.url) as client:
+        for i in range(300):
+            client.get("/claude/status", headers={"X-Forwarded-For": f"10.{i // 250}.{i % 250}.9"})
+    metrics = httpx.get(f"http://127.0.0.1:{d.metrics_port}/metrics").text
+    clients = int(re.search(r"^stromboli_rate_limit_clients (\d+)", metrics, re.M).group(1))
+    assert 1 <= clients <= 50
+
+
+def test_access_log_is_structured_and_keeps_secrets_out(make_daemon):
+    d = make_daemon(STROMBOLI_AUTH_ENABLED="true", STROMBOLI_JWT_SECRET=JWT_SECRET,
+                    STROMBOLI_API_TOKENS="static-token-1")
+    secret_prompt = f"hello confidential-{marker()}"
+    d.http.post("/run", json={"prompt": secret_prompt}, headers={**STATIC, "X-Request-ID": "rid-7"})
+    d.http.get("/run/stream", params={"prompt": secret_prompt}, headers=STATIC)
+    token = d.http.post("/auth/token", json={"client_id": "c"}, headers=STATIC).json()
+    d.http.get("/jobs", headers=bearer(token["access_token"]))
+    text = d.log()
+    for secret in (secret_prompt, "static-token-1", token["access_token"], JWT_SECRET,
+                   "sk-test-not-a-real-key"):
+        assert secret not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    access = next(l for l in lines if l.get("request_id") == "rid-7")
+    assert access["msg"] == "request" and access["method"] == "POST"
+    assert access["path"] == "/run" and access["status"] == 200
+    assert access["duration_ms"] > 0 and access["client_ip"] == "127.0.0.1"
+
+
+def test_text_logs_and_level(make_daemon):
+    d = make_daemon(wait_podman=False, STROMBOLI_LOG_FORMAT="text", STROMBOLI_LOG_LEVEL="warn")
+    d.http.get("/jobs")
+    text = d.log()
+    assert "WARNING" in text and not text.lstrip().startswith("{")
+    assert "method=GET" not in text  # info-level access lines are below the level
+
+
+def test_volume_allowlist(make_daemon, tmp_path):
+    allowed = tmp_path / "projects"
+    (allowed / "demo").mkdir(parents=True)
+    (allowed / "demo" / "notes.txt").write_text("mounted-file-content\n")
+    (allowed / "escape").symlink_to("/etc")
+    d = make_daemon(STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed))
+    ok = d.http.post("/run", json={
+        "prompt": "bash: cat /data/notes.txt", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/demo:/data:ro,z"]}}).json()
+    assert ok["status"] == "completed", ok
+    assert "mounted-file-content" in ok["output"]
+    rejected = {
+        f"{allowed}/escape:/data": "is not in allowed directories",
+        f"{tmp_path}:/data": "is not in allowed directories",
+        f"{allowed}/demo:/home/user/.ssh": "is blocked for security reasons",
+        f"{allowed}/demo:/etc/x": "is blocked for security reasons",
+        f"{allowed}/demo:/data:exec": 'mount option "exec" is not allowed',
+        f"{allowed}/demo": "expected host:container[:options]",
+        f"{allowed}/demo:relative": "must be an absolute path",
+    }
+    for volume, message in rejected.items():
+        r = d.http.post("/run", json={"prompt": "x", "podman": {"volumes": [volume]}})
+        assert r.status_code == 400, volume
+        error = run_error(r)
+        assert error.startswith("volume validation failed: ") and message in error, (volume, error)
+
+
+def test_image_allowlist(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS="localhost/stromboli-agent:*")
+    ok = d.http.post("/run", json={"prompt": "hello", "podman": {"image": IMAGE}}).json()
+    assert ok["status"] == "completed"
+    r = d.http.post("/run", json={"prompt": "hello", "podman": {"image": "python:3.12"}})
+    assert r.status_code == 400
+    assert run_error(r) == 'image validation failed: image "python:3.12" not in allowed patterns'
+
+
+def test_secrets_env_rules(daemon):
+    too_many = {f"VAR_{i}": "s" for i in range(51)}
+    cases = {
+        "too many secrets requested (51), maximum is 50": too_many,
+        'invalid environment variable name "1BAD"': {"1BAD": "s"},
+        'environment variable "LD_LIBRARY_PATH" is not allowed': {"LD_LIBRARY_PATH": "s"},
+        'secret name for environment variable "EMPTY" cannot be empty': {"EMPTY": ""},
+        "exceeds maximum length of 253 characters": {"LONG": "s" * 254},
+        'secret "no-such-secret-here" not found': {"OK_NAME": "no-such-secret-here"},
+    }
+    for message, mapping in cases.items():
+        r = daemon.http.post("/run", json={"prompt": "x", "podman": {"secrets_env": mapping}})
+        assert r.status_code == 400, message
+        assert message in run_error(r)
+        assert run_error(r).startswith("secrets validation failed: ")
+
+
+def test_secrets_env_reaches_the_agent_but_never_the_api(daemon):
+    name, value = f"test-secret-{marker()}", f"value-{marker()}"
+    with podman_client() as client:
+        client.secrets.create(name, value.encode())
+    try:
+        body = daemon.http.post("/run", json={
+            "prompt": "bash: echo got=$MY_SECRET", "claude": {"dangerously_skip_permissions": True},
+            "podman": {"secrets_env": {"MY_SECRET": name}}}).json()
+        assert body["status"] == "completed", body
+        assert f"got={value}" in body["output"]  # the agent itself printed it
+        with podman_client() as client:
+            for container in client.containers.list(all=True):
+                assert value not in json.dumps(container.attrs)
+        assert value not in daemon.log()
+    finally:
+        with podman_client() as client:
+            client.secrets.remove(name)
 
 
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
 
+def scrape(daemon: Daemon) -> str:
+    return httpx.get(f"http://127.0.0.1:{daemon.metrics_port}/metrics").text
+
+
+def test_metrics_pass_promtool_and_counters_move(daemon):
+    def count() -> int:
+        m = re.search(r'^http_requests_total\{method="GET",path="/claude/status",status="200"\} (\d+)',
+                      scrape(daemon), re.M)
+        return int(m.group(1)) if m else 0
+    before = count()
+    for _ in range(3):
+        daemon.http.get("/claude/status")
+    assert count() == before + 3
+    text = scrape(daemon)
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in ("process_resident_memory_bytes", "process_open_fds", "stromboli_queued_runs",
+                 "stromboli_auth_failures_total", "stromboli_run_duration_seconds_count"):
+        assert re.search(rf"^{name} \d", text, re.M), name
+    assert re.search(r'^stromboli_jobs\{state="completed"\} \d+$', text, re.M)
+
+
 def test_metrics_listener_counts_requests_by_route(daemon):
     daemon.http.get("/jobs/job-nonexistent0001")
-    text = httpx.get(f"http://127.0.0.1:{daemon.metrics_port}/metrics").text
+    text = scrape(daemon)
     assert re.search(r'http_requests_total\{method="GET",path="/jobs/\{id\}",status="404"\} \d+',
                      text)
     assert "job-nonexistent0001" not in text
