@@ -890,7 +890,8 @@ class PodmanService:
             return url
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
-        self.process = subprocess.Popen([binary, "system", "service", "--time=0", url],
+        # cwd="/": conmon inherits the service's cwd and fails if that folder goes away.
+        self.process = subprocess.Popen([binary, "system", "service", "--time=0", url], cwd="/",
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 15
@@ -2611,6 +2612,156 @@ def build_registry_image(podman_api: Podman, reference: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Images and secrets — listing, ranking, inspect, search, pull; Podman secrets
+# ---------------------------------------------------------------------------
+
+IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
+LISTED_INCOMPATIBLE = ("*alpine*", "*-alpine", "alpine:*", "alpine", "gcr.io/distroless/*",
+                       "distroless/*", "scratch", "busybox*", "busybox")
+RANK_TEXT = {1: "Stromboli verified compatible", 2: "Claude CLI pre-installed",
+             3: "Standard glibc-based (compatible)", 4: "Incompatible (Alpine/musl/distroless)"}
+SECRET_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+MAX_SECRET_BYTES = 1024 * 1024
+MANAGED_SECRETS = (CREDENTIALS_SECRET, API_KEY_SECRET)
+
+
+def check_image_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise BadRequest("validation error: image name cannot be empty")
+    if len(name) > 255:
+        raise BadRequest("validation error: image name exceeds maximum length of 255 characters")
+    if not IMAGE_NAME_RE.match(name) or ".." in name:
+        raise BadRequest("validation error: invalid image name format")
+    return name
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """`registry:5000/repo:tag` → (`registry:5000/repo`, `tag`); no tag → `latest`."""
+    repository, sep, tag = reference.rpartition(":")
+    if not sep or "/" in tag:
+        return reference, "latest"
+    return repository, tag
+
+
+def image_info(image_id: str, reference: str, size: int, created: Any, labels: dict) -> dict:
+    """ImageInfoResponse (U§10): rank from the stromboli labels, then from the name."""
+    repository, tag = split_reference(reference)
+    labels = labels or {}
+    name = repository.lower() + ("" if tag == "latest" else f":{tag}")
+    if labels.get("ai.stromboli.compatible") == "true":
+        rank = 1
+    elif labels.get("ai.stromboli.claude-cli") == "true":
+        rank = 2
+    else:
+        rank = 4 if image_matches(name, LISTED_INCOMPATIBLE) else 3
+    if isinstance(created, (int, float)):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    tools = [t.strip() for t in labels.get("ai.stromboli.tools", "").split(",") if t.strip()]
+    return drop_none({
+        "id": image_id.removeprefix("sha256:")[:12], "repository": repository, "tag": tag,
+        "size": size, "created": created, "compatibility_rank": rank,
+        "compatible": labels.get("ai.stromboli.compatible") == "true" or rank <= 3,
+        "tools": tools or None, "has_claude_cli": labels.get("ai.stromboli.claude-cli") == "true",
+        "description": labels.get("ai.stromboli.description")})
+
+
+def search_term(query: Any) -> str:
+    """Validate a search query and qualify it with docker.io/ when it names no registry."""
+    if not query:
+        raise BadRequest("query parameter 'q' is required")
+    if len(query) > 255 or not IMAGE_NAME_RE.match(query):
+        raise BadRequest("validation error: invalid search query format")
+    first, sep, _ = query.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return query
+    return f"docker.io/{query}"
+
+
+class PodmanCatalog:
+    """Images and secrets through podman-py (blocking: call through Podman.call)."""
+
+    def __init__(self, podman_api: Podman):
+        self.client = podman_api.client
+
+    def images(self) -> list[dict]:
+        found = []
+        for image in self.client.images.list():
+            attrs = image.attrs
+            for reference in attrs.get("RepoTags") or attrs.get("Names") or []:
+                if reference.startswith("<none>"):
+                    continue
+                found.append(image_info(attrs.get("Id", ""), reference, attrs.get("Size", 0),
+                                        attrs.get("Created"), attrs.get("Labels")))
+        found.sort(key=lambda i: (i["compatibility_rank"], i["repository"], i["tag"]))
+        return found
+
+    def inspect(self, name: str) -> dict:
+        try:
+            attrs = self.client.images.get(name).attrs
+        except podman.errors.ImageNotFound:
+            raise NotFound("image not found") from None
+        labels = (attrs.get("Config") or {}).get("Labels") or attrs.get("Labels") or {}
+        tags = attrs.get("RepoTags") or [name]
+        info = image_info(attrs.get("Id", ""), tags[0], attrs.get("Size", 0),
+                          attrs.get("Created"), labels)
+        info.update(labels=labels or None, rank_description=RANK_TEXT[info["compatibility_rank"]])
+        return drop_none(info)
+
+    def search(self, term: str, limit: int) -> list[dict]:
+        try:  # podman-py always asks for untruncated results
+            results = self.client.images.search(term, limit=limit)
+        except podman.errors.APIError:
+            raise ApiError(502, "registry search failed") from None
+        return [{"index": r.get("Index", ""), "name": r.get("Name", ""),
+                 "description": r.get("Description", ""), "stars": int(r.get("Stars") or 0),
+                 "official": r.get("Official") == "[OK]", "automated": r.get("Automated") == "[OK]"}
+                for r in results]
+
+    def pull(self, image: str, platform: str | None, progress: Callable[[str], None]) -> str:
+        """Pull and confirm: podman-py can return without raising when a registry is
+        unreachable, so errors in the stream count and the image must exist afterwards."""
+        kwargs = {"platform": platform} if platform else {}
+        try:
+            for event in self.client.images.pull(image, stream=True, decode=True, **kwargs):
+                if isinstance(event, dict) and event.get("error"):
+                    raise RunFailed(str(event["error"]).strip())
+                text = event.get("stream") if isinstance(event, dict) else str(event)
+                if text and text.strip():
+                    progress(text.strip())
+        except podman.errors.APIError as exc:
+            raise RunFailed(short_error(exc)) from None
+        try:
+            return self.client.images.get(image).id
+        except podman.errors.ImageNotFound:
+            raise RunFailed(f"{image} is not present after the pull") from None
+
+    def secrets(self) -> list[dict]:
+        return [self._secret(s.attrs) for s in self.client.secrets.list()]
+
+    def secret(self, name: str) -> dict:
+        try:
+            return self._secret(self.client.secrets.get(name).attrs)
+        except podman.errors.NotFound:
+            raise NotFound("secret not found") from None
+
+    @staticmethod
+    def _secret(attrs: dict) -> dict:
+        name = (attrs.get("Spec") or {}).get("Name", "")
+        return {"id": attrs.get("ID", ""), "name": name, "created_at": attrs.get("CreatedAt", ""),
+                "managed": name in MANAGED_SECRETS}
+
+    def create_secret(self, name: str, value: bytes) -> None:
+        if self.client.secrets.exists(name):
+            raise Conflict("secret already exists", "success", name=name)
+        self.client.secrets.create(name, value)
+
+    def delete_secret(self, name: str) -> None:
+        if not self.client.secrets.exists(name):
+            raise NotFound("secret not found", "success", name=name)
+        self.client.secrets.remove(name)
+
+
+# ---------------------------------------------------------------------------
 # HTTP — the application object, middlewares, handlers, the route table
 # ---------------------------------------------------------------------------
 
@@ -2623,6 +2774,7 @@ class Stromboli:
         self.metrics = Metrics()
         self.podman_service = PodmanService(cfg)
         self.podman: Podman | None = None
+        self.catalog: PodmanCatalog | None = None
         self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
                                      chown=os.geteuid() == 0)
         self.auth = Auth(cfg, self.store)
@@ -2643,6 +2795,7 @@ class Stromboli:
     async def start(self) -> None:
         url = await asyncio.to_thread(self.podman_service.resolve)
         self.podman = Podman(url)
+        self.catalog = PodmanCatalog(self.podman)
         self.runner = ContainerRunner(self.cfg, self.podman, self.sessions, self.store,
                                       self.metrics)
         self.jobs = JobManager(self.cfg, self.store, self.runner, self.webhooks, self.metrics)
@@ -3050,6 +3203,140 @@ async def session_message(request: web.Request) -> web.Response:
     raise NotFound(f"message not found: {message_id}")
 
 
+# -- images and secrets -------------------------------------------------------------
+
+async def catalog(request: web.Request, method: str, *args: Any, failure: str,
+                  shape: str = "error") -> Any:
+    """Call a PodmanCatalog method off the loop; Podman failures become 500/503."""
+    app = state(request)
+    try:
+        return await app.podman.call(getattr(app.catalog, method), *args)
+    except ApiError:
+        raise
+    except OSError as exc:  # requests' connection errors are OSErrors
+        raise Unavailable(f"podman unavailable: {short_error(exc)}", shape) from None
+    except (podman.errors.PodmanError, RunFailed) as exc:
+        log.warning(failure, extra=fields(error=short_error(exc)))
+        raise ApiError(500, failure, shape) from None
+
+
+async def list_images(request: web.Request) -> web.Response:
+    images = await catalog(request, "images", failure="failed to list images")
+    return json_response({"images": images})
+
+
+async def inspect_image(request: web.Request) -> web.Response:
+    """`/images/{name}`: the name may hold a registry and slashes, raw or URL-encoded."""
+    name = check_image_name(request.match_info["name"])
+    return json_response(await catalog(request, "inspect", name, failure="internal server error"))
+
+
+async def search_images(request: web.Request) -> web.Response:
+    term = search_term(request.query.get("q", ""))
+    try:
+        limit = int(request.query.get("limit", "25"))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise BadRequest("invalid limit parameter")
+    results = await catalog(request, "search", term, min(limit, 100),
+                            failure="registry search failed")
+    return json_response({"results": results})
+
+
+async def pull_image(request: web.Request) -> web.StreamResponse:
+    """Pull an image; with `Accept: text/event-stream` its progress is streamed as SSE
+    (`data:` lines, then `event: done` with the JSON result, or `event: error`)."""
+    app = state(request)
+    body = await read_json(request)
+    if not isinstance(body, dict) or not body.get("image"):
+        raise BadRequest("Key: 'ImagePullRequest.Image' Error:Field validation for 'Image' "
+                         "failed on the 'required' tag")
+    image = check_image_name(body["image"])
+    platform = body.get("platform") or None
+    if platform is not None and not isinstance(platform, str):
+        raise BadRequest("platform must be a string")
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue = asyncio.Queue()
+    pulling = asyncio.ensure_future(app.podman.call(
+        app.catalog.pull, image, platform, functools.partial(loop.call_soon_threadsafe,
+                                                             lines.put_nowait)))
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        try:
+            image_id = await pulling
+        except (RunFailed, podman.errors.PodmanError) as exc:
+            raise ApiError(500, f"failed to pull image: {short_error(exc)}") from None
+        return json_response({"success": True, "image_id": image_id, "image": image})
+    response = await sse_response(request, "")
+
+    async def events():
+        seq = 0
+        while not (pulling.done() and lines.empty()):
+            getter = asyncio.ensure_future(lines.get())
+            await asyncio.wait({getter, pulling}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield seq, "line", getter.result()
+                seq += 1
+            else:
+                getter.cancel()
+        try:
+            result = {"success": True, "image_id": pulling.result(), "image": image}
+            yield seq, "done", json.dumps(result)
+        except (RunFailed, podman.errors.PodmanError, OSError) as exc:
+            yield seq, "error", f"failed to pull image: {short_error(exc)}"
+    try:
+        await write_feed(response, events())
+    finally:
+        pulling.cancel()
+    return response
+
+
+async def list_secrets(request: web.Request) -> web.Response:
+    try:
+        secrets = await catalog(request, "secrets", failure="failed to list secrets")
+    except ApiError as exc:
+        exc.extra["secrets"] = None
+        raise
+    return json_response({"secrets": secrets})
+
+
+def check_secret_name(name: Any, shape: str = "error") -> str:
+    if not isinstance(name, str) or not SECRET_NAME_RE.match(name) or len(name) > 253:
+        raise BadRequest("invalid secret name: use letters, digits, _ and - (at most 253)",
+                         shape)
+    return name
+
+
+async def create_secret(request: web.Request) -> web.Response:
+    body = await read_json(request, "success")
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
+            or not isinstance(body.get("value"), str) or not body["name"] or not body["value"]:
+        raise BadRequest("Key: 'CreateSecretRequest.Name/Value' Error:Field validation for "
+                         "'Name' and 'Value' failed on the 'required' tag", "success")
+    name = check_secret_name(body["name"], "success")
+    value = body["value"].encode()
+    if len(value) > MAX_SECRET_BYTES:
+        raise BadRequest("secret value exceeds 1 MB", "success", name=name)
+    await catalog(request, "create_secret", name, value, failure="failed to create secret",
+                  shape="success")
+    return json_response({"success": True, "name": name}, 201)
+
+
+async def get_secret(request: web.Request) -> web.Response:
+    name = check_secret_name(request.match_info["name"])
+    return json_response(await catalog(request, "secret", name, failure="internal server error"))
+
+
+async def delete_secret(request: web.Request) -> web.Response:
+    name = check_secret_name(request.match_info["name"], "success")
+    if name in MANAGED_SECRETS:
+        raise Conflict("secret is managed by stromboli and cannot be deleted", "success",
+                       name=name)
+    await catalog(request, "delete_secret", name, failure="failed to delete secret",
+                  shape="success")
+    return json_response({"success": True, "name": name})
+
+
 # -- auth -------------------------------------------------------------------------
 
 def require_jwt(app: Stromboli) -> None:
@@ -3138,6 +3425,14 @@ ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
     ("DELETE", "/sessions/{id}", delete_session, "protected"),
     ("GET", "/sessions/{id}/messages", session_messages, "protected"),
     ("GET", "/sessions/{id}/messages/{message_id}", session_message, "protected"),
+    ("GET", "/secrets", list_secrets, "protected"),
+    ("POST", "/secrets", create_secret, "protected"),
+    ("GET", "/secrets/{name}", get_secret, "protected"),
+    ("DELETE", "/secrets/{name}", delete_secret, "protected"),
+    ("GET", "/images", list_images, "protected"),
+    ("GET", "/images/search", search_images, "protected"),
+    ("POST", "/images/pull", pull_image, "protected"),
+    ("GET", "/images/{name:.+}", inspect_image, "protected"),
 )
 ROUTE_ACCESS = {(method, path): access for method, path, _, access in ROUTES}
 

@@ -249,7 +249,7 @@ def podman_service():
         except Exception:
             os.makedirs(os.path.dirname(PODMAN_SOCKET), exist_ok=True)
             proc = subprocess.Popen(["podman", "system", "service", "--time=0",
-                                     f"unix://{PODMAN_SOCKET}"], start_new_session=True)
+                                     f"unix://{PODMAN_SOCKET}"], start_new_session=True, cwd="/")
             wait_until(lambda: os.path.exists(PODMAN_SOCKET), 15, what="podman socket")
     yield PODMAN_SOCKET
     if proc:
@@ -1374,6 +1374,152 @@ def test_secrets_env_reaches_the_agent_but_never_the_api(daemon):
     finally:
         with podman_client() as client:
             client.secrets.remove(name)
+
+
+# ---------------------------------------------------------------------------
+# Images and secrets
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def base_image(agent_image):
+    """A glibc base image without claude (the agent image minus the binary), labelled
+    like a third-party image, for two-image mode."""
+    name = "localhost/stromboli-base:test"
+    with podman_client() as client:
+        if not client.images.exists(name):
+            container = client.containers.create(agent_image, ["true"], user="root")
+            try:
+                container.start()
+                container.wait()
+                subprocess.run(["podman", "cp", "/dev/null", f"{container.id}:/usr/local/bin/claude"],
+                               check=True)
+                container.commit(repository="localhost/stromboli-base", tag="test",
+                                 changes=["LABEL ai.stromboli.compatible=false",
+                                          "LABEL ai.stromboli.claude-cli=false",
+                                          "LABEL ai.stromboli.tools=git,jq",
+                                          "LABEL ai.stromboli.description=Base for tests"])
+            finally:
+                container.remove(force=True)
+    return name
+
+
+def test_image_list_is_ranked_and_labelled(daemon, base_image):
+    images = daemon.http.get("/images").json()["images"]
+    ranks = [i["compatibility_rank"] for i in images]
+    assert ranks == sorted(ranks)
+    agent = next(i for i in images if f"{i['repository']}:{i['tag']}" == IMAGE)
+    assert agent["compatibility_rank"] == 1 and agent["compatible"] is True
+    assert agent["has_claude_cli"] is True
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", agent["created"])
+    base = next(i for i in images if i["repository"] == "localhost/stromboli-base")
+    assert base["compatibility_rank"] == 3 and base["tools"] == ["git", "jq"]
+    assert base["has_claude_cli"] is False and base["description"] == "Base for tests"
+    probe = [i for i in images if "busybox" in i["repository"] or "probe" in i["repository"]]
+    assert all(i["compatibility_rank"] in (3, 4) for i in probe)
+
+
+def test_image_inspect(daemon, base_image):
+    detail = daemon.http.get(f"/images/{IMAGE}").json()
+    assert detail["repository"] + ":" + detail["tag"] == IMAGE
+    assert detail["labels"]["ai.stromboli.compatible"] == "true"
+    assert detail["rank_description"] == "Stromboli verified compatible"
+    encoded = IMAGE.replace("/", "%2F")
+    assert daemon.http.get(f"/images/{encoded}").json() == detail
+    r = daemon.http.get("/images/localhost/no-such-image:1")
+    assert r.status_code == 404 and r.json() == {"error": "image not found"}
+    r = daemon.http.get("/images/bad$name")
+    assert r.status_code == 400 and r.json() == {"error": "validation error: invalid image name format"}
+    r = daemon.http.get("/images/" + "a" * 300)
+    assert r.status_code == 400 and "exceeds maximum length" in r.json()["error"]
+
+
+def test_image_search_offline_is_502(daemon):
+    r = daemon.http.get("/images/search", params={"q": "python", "limit": "500"})
+    assert r.status_code == 502 and r.json() == {"error": "registry search failed"}
+    assert daemon.http.get("/images/search").json() == {"error": "query parameter 'q' is required"}
+    for limit in ("0", "-1", "many"):
+        r = daemon.http.get("/images/search", params={"q": "python", "limit": limit})
+        assert r.status_code == 400 and r.json() == {"error": "invalid limit parameter"}
+    r = daemon.http.get("/images/search", params={"q": "bad query!"})
+    assert r.status_code == 400 and r.json() == {"error": "validation error: invalid search query format"}
+
+
+def test_image_pull_of_an_unreachable_image_fails(daemon):
+    r = daemon.http.post("/images/pull", json={"image": "docker.io/library/alpine:3.19"})
+    assert r.status_code == 500
+    assert r.json()["error"].startswith("failed to pull image: ")
+    assert daemon.http.post("/images/pull", json={}).status_code == 400
+    r = daemon.http.post("/images/pull", json={"image": "bad image"})
+    assert r.status_code == 400
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        with connect_sse(client, "POST", "/images/pull",
+                         json={"image": "quay.io/nobody/nothing:1"}) as source:
+            events = list(source.iter_sse())
+    assert events[-1].event == "error" and "failed to pull image" in events[-1].data
+    assert any("Trying to pull" in e.data for e in events if e.event == "message")
+
+
+def test_secrets_round_trip(daemon):
+    name = f"rt-{marker()}"
+    value = f"super-secret-{marker()}"
+    r = daemon.http.post("/secrets", json={"name": name, "value": value})
+    assert r.status_code == 201 and r.json() == {"success": True, "name": name}
+    r = daemon.http.post("/secrets", json={"name": name, "value": value})
+    assert r.status_code == 409
+    assert r.json() == {"success": False, "name": name, "error": "secret already exists"}
+    listed = daemon.http.get("/secrets").json()["secrets"]
+    mine = next(x for x in listed if x["name"] == name)
+    assert mine["managed"] is False and mine["id"] and mine["created_at"]
+    managed = next(x for x in listed if x["name"] == "stromboli-anthropic-api-key")
+    assert managed["managed"] is True
+    one = daemon.http.get(f"/secrets/{name}").json()
+    assert one == mine
+    for response in (daemon.http.get("/secrets"), daemon.http.get(f"/secrets/{name}")):
+        assert value not in response.text
+    r = daemon.http.delete(f"/secrets/{name}")
+    assert r.json() == {"success": True, "name": name}
+    assert daemon.http.get(f"/secrets/{name}").status_code == 404
+    r = daemon.http.delete(f"/secrets/{name}")
+    assert r.status_code == 404 and r.json()["error"] == "secret not found"
+    assert value not in daemon.log()
+
+
+def test_secret_validation_and_managed_secrets(daemon):
+    for body in ({}, {"name": "x"}, {"value": "v"}, {"name": "x", "value": ""}):
+        r = daemon.http.post("/secrets", json=body)
+        assert r.status_code == 400 and r.json()["success"] is False
+    r = daemon.http.post("/secrets", json={"name": "bad name!", "value": "v"})
+    assert r.status_code == 400 and "invalid secret name" in r.json()["error"]
+    r = daemon.http.post("/secrets", json={"name": "big", "value": "x" * (1024 * 1024 + 1)})
+    assert r.status_code == 400 and "exceeds 1 MB" in r.json()["error"]
+    assert daemon.http.get("/secrets/bad%20name").status_code == 400
+    r = daemon.http.delete("/secrets/stromboli-anthropic-api-key")
+    assert r.status_code == 409 and "managed by stromboli" in r.json()["error"]
+    with podman_client() as client:
+        assert client.secrets.exists("stromboli-anthropic-api-key")
+
+
+def test_two_image_mode(make_daemon, base_image):
+    d = make_daemon(STROMBOLI_AGENT_MOUNT_CLAUDE_CLI="true",
+                    STROMBOLI_AGENT_CLI_IMAGE=IMAGE.rsplit(":", 1)[0],
+                    STROMBOLI_AGENT_CLI_IMAGE_TAG=IMAGE.rsplit(":", 1)[1])
+    body = d.http.post("/run", json={
+        "prompt": "bash: command -v claude; test -s /usr/local/bin/claude || echo base-has-no-cli",
+        "claude": {"dangerously_skip_permissions": True}, "podman": {"image": base_image}}).json()
+    assert body["status"] == "completed", body
+    assert "/opt/claude/usr/local/bin/claude" in body["output"]
+    assert "base-has-no-cli" in body["output"]
+    with podman_client() as client:
+        client.images.get(base_image).tag("localhost/alpine-like", "3")
+    try:
+        r = d.http.post("/run", json={"prompt": "x", "podman": {"image": "localhost/alpine-like:3"}})
+        assert r.status_code == 400
+        assert run_error(r) == ('image validation failed: image "localhost/alpine-like:3" is '
+                                "incompatible with Claude CLI mount (Alpine/musl-based images not "
+                                "supported, use glibc-based alternatives like debian/slim)")
+    finally:
+        with podman_client() as client:
+            client.images.remove("localhost/alpine-like:3")
 
 
 # ---------------------------------------------------------------------------
