@@ -38,6 +38,7 @@ import re
 import secrets as pysecrets
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1843,7 +1844,7 @@ class ContainerRunner:
         # Daemons sharing one Podman (a user and a system service, say) tell their
         # containers apart by this label, derived from the state dir.
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
-        self.rootless = False
+        self.rootless: bool | None = None  # learnt once Podman answers
         self._credentials_digest = ""
         self._api_key_synced = False
         self._workdirs: dict[str, str] = {}
@@ -2820,6 +2821,11 @@ class Stromboli:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30)
 
+    def status_line(self) -> str:
+        slots = self.runner.slots
+        podman_state = "podman connected" if self.runner.rootless is not None else "waiting for podman"
+        return f"{slots.active} running, {slots.queued} queued; {podman_state}"
+
     async def _reap_tokens_forever(self) -> None:
         while True:
             await self.store.call(self.store.reap_revoked)
@@ -3454,33 +3460,432 @@ def build_metrics_app(app_state: Stromboli) -> web.Application:
 
 
 # ---------------------------------------------------------------------------
+# systemd — readiness and watchdog notifications, socket activation
+# ---------------------------------------------------------------------------
+
+class SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET with the stdlib socket module; a no-op when the
+    daemon is not run by systemd with Type=notify."""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        self.watchdog_seconds = int(usec) / 2e6 if usec.isdigit() and mine else 0.0
+
+    def notify(self, *lines: str) -> None:
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:
+            log.warning("sd_notify failed", extra=fields(error=str(exc)))
+
+    async def watchdog_forever(self, status: Callable[[], str]) -> None:
+        """Ping at half the watchdog interval; the ping only goes out while the event
+        loop runs, so a wedged daemon is restarted by systemd."""
+        while self.watchdog_seconds:
+            self.notify("WATCHDOG=1", f"STATUS={status()}")
+            await asyncio.sleep(self.watchdog_seconds)
+
+
+def activated_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS, from fd 3): the first
+    serves the API, a second one (if any) the metrics."""
+    environ = os.environ if environ is None else environ
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(environ.get("LISTEN_FDS", "0") or 0)
+    return [socket.socket(fileno=3 + i) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------
+# Client CLI — subcommands that talk to a running daemon
+# ---------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_CODES_HELP = """exit codes: 0 done, 1 the run or request failed, 2 bad usage, 3 the run crashed
+(killed, timed out), 4 the daemon cannot be reached or refused the token"""
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+class ApiClient:
+    """A small blocking HTTP client (urllib) for the CLI subcommands."""
+
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url.rstrip("/"), token
+
+    def _open(self, method: str, path: str, body: Any = None, query: dict | None = None,
+              headers: dict | None = None):
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            return urllib.request.urlopen(request, timeout=None)
+        except urllib.error.HTTPError as exc:
+            raw = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(raw).get("error") or raw
+            except ValueError:
+                message = raw.strip() or exc.reason
+            code = EXIT_UNREACHABLE if exc.code in (401, 403) else EXIT_FAILED
+            raise ClientError(f"{exc.code}: {message}", code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ClientError(f"cannot reach stromboli at {self.url}: {reason}",
+                              EXIT_UNREACHABLE) from None
+
+    def call(self, method: str, path: str, body: Any = None, query: dict | None = None) -> Any:
+        with self._open(method, path, body, query) as response:
+            return json.loads(response.read() or b"null")
+
+    def events(self, path: str, query: dict, last_event_id: str | None = None):
+        """Server-sent events as (event, data, id) tuples."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        with self._open("GET", path, query=query, headers=headers) as response:
+            event, data, event_id = "message", [], None
+            for raw in response:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield event, "\n".join(data), event_id
+                    event, data = "message", []
+                elif line.startswith(":"):
+                    continue
+                else:
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if name == "data":
+                        data.append(value)
+                    elif name == "event":
+                        event = value
+                    elif name == "id":
+                        event_id = value
+
+
+class Spinner:
+    """Elapsed time on stderr while waiting for output (only on a terminal)."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.started = enabled, time.monotonic()
+        self._waiting = threading.Event()
+        self._stop = threading.Event()
+        if enabled:
+            threading.Thread(target=self._spin, daemon=True).start()
+
+    def _spin(self) -> None:
+        frame = 0
+        while not self._stop.wait(0.1):
+            if self._waiting.is_set():
+                elapsed = time.monotonic() - self.started
+                sys.stderr.write(f"\r{self.FRAMES[frame % 10]} {elapsed:5.1f}s")
+                sys.stderr.flush()
+                frame += 1
+
+    def wait(self) -> None:
+        self._waiting.set()
+
+    def pause(self) -> None:
+        if self.enabled and self._waiting.is_set():
+            self._waiting.clear()
+            time.sleep(0.01)
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def stop(self) -> None:
+        self.pause()
+        self._stop.set()
+
+
+class EventRenderer:
+    """Stream-json events as readable text: assistant text as is, tool calls and results
+    as one compact line each, a one-line summary at the end (on stderr)."""
+
+    def __init__(self, out=None, err=None):
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.result: dict | None = None
+
+    def line(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict) or "type" not in event:
+            print(text, file=self.out, flush=True)
+            return
+        kind = event["type"]
+        if kind == "system" and event.get("subtype") == "init":
+            print(f"· session {event.get('session_id', '?')} · model {event.get('model', '?')}",
+                  file=self.err, flush=True)
+        elif kind == "assistant":
+            for block in (event.get("message") or {}).get("content") or []:
+                self._assistant_block(block)
+        elif kind == "user":
+            for block in (event.get("message") or {}).get("content") or []:
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    print(f"  ← {self._short(self._result_text(block))}", file=self.out, flush=True)
+        elif kind == "result":
+            self.result = event
+
+    def _assistant_block(self, block: Any) -> None:
+        if not isinstance(block, dict):
+            return
+        if block.get("type") == "text" and block.get("text"):
+            print(block["text"], file=self.out, flush=True)
+        elif block.get("type") == "tool_use":
+            data = block.get("input") or {}
+            detail = data.get("command") or data.get("file_path") or data.get("pattern") \
+                or json.dumps(data)
+            print(f"→ {block.get('name', 'tool')}: {self._short(str(detail))}", file=self.out,
+                  flush=True)
+
+    @staticmethod
+    def _result_text(block: dict) -> str:
+        content = block.get("content")
+        if isinstance(content, list):
+            content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return str(content or "")
+
+    @staticmethod
+    def _short(text: str, width: int = 100) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    def summary(self, elapsed: float) -> str:
+        parts = [f"{elapsed:.1f}s"]
+        usage = (self.result or {}).get("usage") or {}
+        tokens = sum(int(usage.get(k) or 0) for k in USAGE_KEYS)
+        if tokens:
+            parts.append(f"{tokens:,} tokens")
+        if (self.result or {}).get("total_cost_usd") is not None:
+            parts.append(f"${self.result['total_cost_usd']:.4f}")
+        return " · ".join(parts)
+
+
+def client(args: argparse.Namespace) -> ApiClient:
+    return ApiClient(args.url or os.environ.get("STROMBOLI_URL") or "http://127.0.0.1:8080",
+                     args.token or os.environ.get("STROMBOLI_TOKEN", ""))
+
+
+def follow_run(api: ApiClient, query: dict, as_json: bool, run_id: str | None = None) -> int:
+    """Print a run's stream; the exit code follows its final status."""
+    renderer = EventRenderer()
+    spinner = Spinner(sys.stderr.isatty() and sys.stdout.isatty() and not as_json)
+    started, status = time.monotonic(), None
+    path_query = {"run_id": run_id} if run_id else query
+    spinner.wait()
+    try:
+        for event, data, _ in api.events("/run/stream", path_query):
+            spinner.pause()
+            if event == "done":
+                status = json.loads(data)
+                if as_json:
+                    print(json.dumps({"type": "done", **status}), flush=True)
+            elif event == "error":
+                if as_json:
+                    print(json.dumps({"type": "error", "error": data}), flush=True)
+                raise ClientError(f"run failed: {data}")
+            elif as_json:
+                print(data if data.startswith("{") else json.dumps({"type": "text", "text": data}),
+                      flush=True)
+            else:
+                renderer.line(data)
+            spinner.wait()
+    finally:
+        spinner.stop()
+    if status is None:
+        raise ClientError("the stream ended without a final status")
+    if not as_json:
+        print(f"· {status['status']} · {renderer.summary(time.monotonic() - started)} · "
+              f"session {status['session_id']}", file=sys.stderr)
+    if status["status"] == "crashed":
+        return EXIT_CRASHED
+    return EXIT_FAILED if (renderer.result or {}).get("is_error") else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    query = {"prompt": args.prompt, "output_format": "stream-json"}
+    options = {"session_id": args.session, "workdir": args.workdir, "model": args.model,
+               "timeout": args.timeout, "allowed_tools": args.allowed_tools,
+               "system_prompt": args.system_prompt, "image": args.image}
+    query.update({k: v for k, v in options.items() if v})
+    for flag in ("resume", "continue", "fork_session", "dangerously_skip_permissions"):
+        if getattr(args, flag):
+            query[flag] = "true"
+    return follow_run(client(args), query, args.json)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    api = client(args)
+    if not args.id:
+        jobs = api.call("GET", "/jobs", query={"status": args.status} if args.status else None)
+        if args.json:
+            print(json.dumps(jobs, indent=2))
+            return EXIT_OK
+        print(f"{'JOB':<22} {'STATUS':<10} {'SESSION':<37} CREATED")
+        for job in jobs["jobs"]:
+            print(f"{job['id']:<22} {job['status']:<10} {job.get('session_id', ''):<37} "
+                  f"{job['created_at']}")
+        return EXIT_OK
+    job = api.call("GET", f"/jobs/{args.id}")
+    if args.follow:
+        while job["status"] == "pending" and not job.get("started_at"):
+            time.sleep(0.5)
+            job = api.call("GET", f"/jobs/{args.id}")
+        follow_run(api, {}, args.json, run_id=job["run_id"])
+        job = api.call("GET", f"/jobs/{args.id}")
+    if args.json or not args.follow:
+        print(json.dumps(job, indent=2))
+    return {"completed": EXIT_OK, "crashed": EXIT_CRASHED}.get(job["status"], EXIT_FAILED) \
+        if job["status"] not in ("pending", "running") else EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    result = client(args).call("DELETE", f"/jobs/{args.id}")
+    print(f"cancelled {result['job_id']}")
+    return EXIT_OK
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    api = client(args)
+    if not args.id:
+        sessions = api.call("GET", "/sessions")
+        if args.json:
+            print(json.dumps(sessions, indent=2))
+        for session in [] if args.json else sessions["sessions"]:
+            print(f"{session['id']}  {session['title']}")
+        return EXIT_OK
+    page = api.call("GET", f"/sessions/{args.id}/messages", query={"limit": 200})
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return EXIT_OK
+    for message in page["messages"]:
+        content = message.get("content") or {}
+        texts = [b.get("text") or (f"[{b.get('name')}]" if b.get("type") == "tool_use" else "")
+                 for b in content.get("content") or []]
+        text = " ".join(t for t in texts if t)
+        if content.get("role") in ("user", "assistant") and text:
+            print(f"{content['role']:>9}: {text}")
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    tokens = client(args).call("POST", "/auth/token", {"client_id": args.client_id})
+    print(json.dumps(tokens, indent=2) if args.json else tokens["access_token"])
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    health = client(args).call("GET", "/health")
+    if args.json:
+        print(json.dumps(health, indent=2))
+    else:
+        print(f"{health['name']} {health['version']}: {health['status']}")
+        for component in health.get("components", []):
+            error = f" — {component['error']}" if component.get("error") else ""
+            print(f"  {component['name']}: {component['status']}{error}")
+    return EXIT_OK if health["status"] == "ok" else EXIT_FAILED
+
+
+def add_client_commands(sub: Any) -> None:
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", help="daemon URL (default $STROMBOLI_URL or http://127.0.0.1:8080)")
+    remote.add_argument("--token", help="bearer token (default $STROMBOLI_TOKEN)")
+    remote.add_argument("--json", action="store_true", help="print raw JSON")
+
+    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[remote], help=help_text, description=help_text,
+                           epilog=EXIT_CODES_HELP)
+        p.set_defaults(func=func)
+        return p
+    p = command("run", cmd_run, "run a prompt and stream the agent's output")
+    p.add_argument("prompt")
+    p.add_argument("--session", help="session id to use (with --resume/--continue/--fork)")
+    p.add_argument("--resume", action="store_true", help="resume the session")
+    p.add_argument("--continue", action="store_true", help="continue the session")
+    p.add_argument("--fork", dest="fork_session", action="store_true",
+                   help="fork the session into a new one")
+    p.add_argument("--model", help="model alias or id (sonnet, opus, haiku, ...)")
+    p.add_argument("--workdir", help="working directory inside the container")
+    p.add_argument("--timeout", help="run timeout, e.g. 10m")
+    p.add_argument("--image", help="agent image for this run")
+    p.add_argument("--allowed-tools", help="comma-separated tools the agent may use")
+    p.add_argument("--system-prompt", help="replace the system prompt")
+    p.add_argument("--yes", dest="dangerously_skip_permissions", action="store_true",
+                   help="let the agent use every tool without asking (skip permissions)")
+    p = command("jobs", cmd_jobs, "list async jobs, show one, or follow its output")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--follow", "-f", action="store_true", help="stream the job's output")
+    p.add_argument("--status", help="only jobs in this state")
+    p = command("cancel", cmd_cancel, "cancel a pending or running job (kills its container)")
+    p.add_argument("id")
+    p = command("sessions", cmd_sessions, "list sessions, or print one's conversation")
+    p.add_argument("id", nargs="?")
+    p = command("token", cmd_token, "mint an access token (needs a static token or JWT)")
+    p.add_argument("client_id")
+    command("health", cmd_health, "show the daemon's health")
+
+
+# ---------------------------------------------------------------------------
 # main() — argument parsing and dispatch
 # ---------------------------------------------------------------------------
 
+def site(runner: web.AppRunner, address: str, sock: socket.socket | None) -> web.BaseSite:
+    if sock is not None:
+        return web.SockSite(runner, sock, shutdown_timeout=10)
+    host, port = split_address(address)
+    return web.TCPSite(runner, host, port, shutdown_timeout=10)
+
+
 async def serve(cfg: Config) -> None:
+    notifier = SystemdNotifier()
     app_state = Stromboli(cfg)
     await app_state.start()
+    sockets = activated_sockets()
     runners = [web.AppRunner(build_app(app_state), handler_cancellation=True, access_log=None)]
-    addresses = [cfg.server_address]
+    listeners = [(cfg.server_address, sockets[0] if sockets else None)]
     if cfg.metrics_enabled:
         runners.append(web.AppRunner(build_metrics_app(app_state), access_log=None))
-        addresses.append(cfg.metrics_address)
+        listeners.append((cfg.metrics_address, sockets[1] if len(sockets) > 1 else None))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        for runner, address in zip(runners, addresses):
+        for runner, (address, sock) in zip(runners, listeners):
             await runner.setup()
-            host, port = split_address(address)
-            await web.TCPSite(runner, host, port, shutdown_timeout=10).start()
-        log.info("Starting Stromboli 🌋", extra=fields(version=VERSION, address=cfg.server_address,
+            await site(runner, address, sock).start()
+        where = "a systemd socket" if sockets else cfg.server_address
+        log.info("Starting Stromboli 🌋", extra=fields(version=VERSION, address=where,
                                                        metrics=cfg.metrics_enabled and
                                                        cfg.metrics_address))
         if not cfg.auth_enabled:
             log.warning("Authentication disabled: every client can run agents")
+        notifier.notify("READY=1", f"STATUS=serving on {where}")
+        app_state.background.append(asyncio.ensure_future(
+            notifier.watchdog_forever(app_state.status_line)))
         await stop.wait()
         log.info("shutting down")
+        notifier.notify("STOPPING=1", "STATUS=stopping: cancelling runs")
     finally:
         # Stop taking requests first (in-flight runs are cancelled, which removes their
         # containers), then stop jobs and close Podman and the store.
@@ -3590,6 +3995,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claude-bin", help="the claude binary for --offline")
     p.add_argument("--tag", help="image reference (default: the configured agent image)")
     p.set_defaults(func=cmd_image_build)
+    add_client_commands(sub)
     return parser
 
 
@@ -3605,6 +4011,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 1
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
 
