@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1520,6 +1521,157 @@ def test_two_image_mode(make_daemon, base_image):
     finally:
         with podman_client() as client:
             client.images.remove("localhost/alpine-like:3")
+
+
+# ---------------------------------------------------------------------------
+# Operations — systemd integration, the client CLI
+# ---------------------------------------------------------------------------
+
+def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+    unit = (HERE / "stromboli.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "LoadCredential=" in unit
+    executable = shutil.which("stromboli") or f"{sys.executable} {STROMBOLI}"
+    installed = tmp_path / "stromboli.service"
+    installed.write_text(unit.replace("/usr/local/bin/stromboli", executable))
+    result = subprocess.run(["systemd-analyze", "verify", str(installed)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stromboli.service" not in result.stderr  # no warnings about our unit
+
+
+def test_notify_protocol_ready_watchdog_stopping(make_daemon, tmp_path):
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(20)
+    d = make_daemon(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
+    messages = []
+
+    def receive_until(predicate) -> None:
+        while not any(predicate(m) for m in messages):
+            messages.append(receiver.recv(4096).decode())
+    receive_until(lambda m: "READY=1" in m)
+    ready = next(m for m in messages if "READY=1" in m)
+    assert f"STATUS=serving on 127.0.0.1:{d.port}" in ready
+    receive_until(lambda m: "WATCHDOG=1" in m)
+    pings = sum("WATCHDOG=1" in m for m in messages)
+    receive_until(lambda m: sum("WATCHDOG=1" in x for x in messages) >= pings + 2)
+    assert any("STATUS=0 running, 0 queued" in m for m in messages)
+    d.proc.send_signal(signal.SIGTERM)
+    receive_until(lambda m: "STOPPING=1" in m)
+    assert d.proc.wait(30) == 0
+    receiver.close()
+
+
+def test_socket_activation_and_credentials_directory(tmp_path, model, agent_image):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "jwt-secret").write_text(JWT_SECRET + "\n")
+    (credentials / "anthropic-api-key").write_text("sk-test-from-credential\n")
+    port = free_port()
+    env = {**os.environ, **agent_env(model), "STROMBOLI_STATE_DIR": str(tmp_path / "state"),
+           "STROMBOLI_AUTH_ENABLED": "true", "STROMBOLI_API_TOKENS": "static-token-1",
+           "ANTHROPIC_API_KEY": "", "CREDENTIALS_DIRECTORY": str(credentials),
+           "STROMBOLI_SERVER_ADDRESS": "127.0.0.1:1",  # unused: the socket comes from systemd
+           "STROMBOLI_METRICS_ENABLED": "false"}
+    passed = [arg for name in env for arg in ("-E", name)]  # values stay out of argv
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *passed,
+                             sys.executable, str(STROMBOLI), "serve"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        health = wait_until(lambda: _get_json(url + "/health"), 20, what="socket-activated daemon")
+        assert health["name"] == "stromboli"
+        http = httpx.Client(base_url=url, timeout=60, headers=STATIC)
+        assert http.post("/auth/token", json={"client_id": "svc"}).status_code == 200
+        assert http.get("/claude/status").json()["configured"] is True
+        wait_until(lambda: http.get("/health").json()["status"] == "ok", 20, what="podman")
+        body = http.post("/run", json={"prompt": "hello"}).json()
+        assert body["status"] == "completed", body
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _get_json(url: str):
+    try:
+        return httpx.get(url, timeout=2).json()
+    except httpx.HTTPError:
+        return None
+
+
+def cli(daemon: Daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return stromboli_cli(*args, env={"STROMBOLI_URL": daemon.url, "STROMBOLI_TOKEN": ""},
+                         timeout=timeout)
+
+
+def test_cli_run_streams_readable_text(daemon):
+    result = cli(daemon, "run", "bash: echo from-the-cli", "--yes")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "→ Bash: echo from-the-cli"
+    assert lines[1] == "  ← from-the-cli"
+    assert "tool said: from-the-cli" in result.stdout
+    assert "· completed ·" in result.stderr and "tokens" in result.stderr
+
+
+def test_cli_run_json_lines(daemon):
+    result = cli(daemon, "run", "hello", "--json", "--model", "haiku")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["type"] == "system" and events[-1]["type"] == "done"
+    assert events[-1]["status"] == "completed"
+    assert any(e["type"] == "result" and e["result"] == "Hello from the scripted model"
+               for e in events)
+
+
+def test_cli_exit_codes(daemon):
+    assert cli(daemon, "run", "please fail 500").returncode == 1
+    assert cli(daemon, "run", "sleep 30", "--timeout", "2s").returncode == 3
+    unreachable = stromboli_cli("health", "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 4 and "cannot reach stromboli" in unreachable.stderr
+    assert stromboli_cli("run").returncode == 2  # missing prompt: usage error
+    assert cli(daemon, "cancel", "job-doesnotexist00").returncode == 1
+
+
+def test_cli_jobs_sessions_health_and_token(daemon, auth_daemon):
+    health = cli(daemon, "health")
+    assert health.returncode == 0 and "podman: ok" in health.stdout
+    job_id = daemon.http.post("/run/async", json={"prompt": "bash: echo job-output",
+                              "claude": {"dangerously_skip_permissions": True,
+                                         "output_format": "stream-json"}}).json()["job_id"]
+    followed = cli(daemon, "jobs", job_id, "--follow")
+    assert followed.returncode == 0, followed.stderr
+    assert "→ Bash: echo job-output" in followed.stdout
+    listed = cli(daemon, "jobs")
+    assert job_id in listed.stdout and "completed" in listed.stdout
+    shown = json.loads(cli(daemon, "jobs", job_id).stdout)
+    assert shown["id"] == job_id and shown["status"] == "completed"
+    long_job = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    daemon.wait_job(long_job, ("running",))
+    assert cli(daemon, "cancel", long_job).returncode == 0
+    assert daemon.http.get(f"/jobs/{long_job}").json()["status"] == "cancelled"
+    session = shown["session_id"]
+    sessions = cli(daemon, "sessions")
+    assert session in sessions.stdout
+    conversation = cli(daemon, "sessions", session)
+    assert "user: bash: echo job-output" in conversation.stdout
+    token = stromboli_cli("token", "me", env={"STROMBOLI_URL": auth_daemon.url,
+                                              "STROMBOLI_TOKEN": "static-token-1"})
+    assert token.returncode == 0
+    access = token.stdout.strip()
+    assert jwt.decode(access, JWT_SECRET, algorithms=["HS256"])["sub"] == "me"
+    denied = stromboli_cli("jobs", env={"STROMBOLI_URL": auth_daemon.url, "STROMBOLI_TOKEN": "x"})
+    assert denied.returncode == 4 and "401" in denied.stderr
+
+
+def test_cli_help_reads_well():
+    result = stromboli_cli("--help")
+    for command in ("serve", "check-config", "image", "run", "jobs", "cancel", "sessions",
+                    "token", "health"):
+        assert command in result.stdout
+    run_help = stromboli_cli("run", "--help").stdout
+    assert "exit codes: 0 done" in run_help and "--resume" in run_help
 
 
 # ---------------------------------------------------------------------------
