@@ -386,7 +386,8 @@ class Config:
             errors.append("STROMBOLI_MAX_CONCURRENT_RUNS must be >= 0")
         if self.log_format not in ("json", "text"):
             errors.append("STROMBOLI_LOG_FORMAT must be json or text")
-        for problem in (check_memory(self.resources_memory), check_cpus(self.resources_cpus)):
+        for problem in (parse_error(parse_memory, self.resources_memory),
+                        parse_error(parse_cpus, self.resources_cpus)):
             if problem:
                 errors.append(f"resources: {problem}")
         if self.resources_timeout <= 0:
@@ -441,14 +442,6 @@ def parse_memory(text: str) -> int:
     return value
 
 
-def check_memory(text: str) -> str | None:
-    try:
-        parse_memory(text)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 def parse_cpus(text: str) -> float:
     try:
         value = float(str(text).strip())
@@ -459,9 +452,10 @@ def parse_cpus(text: str) -> float:
     return value
 
 
-def check_cpus(text: str) -> str | None:
+def parse_error(parse: Callable[[str], Any], text: str) -> str | None:
+    """The message `parse` raises for `text`, or None when it parses."""
     try:
-        parse_cpus(text)
+        parse(text)
     except ValueError as exc:
         return str(exc)
     return None
@@ -1888,7 +1882,9 @@ class ContainerRunner:
         cpus = parse_cpus(opts.get("cpus") or self.cfg.resources_cpus)
         env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(self.cfg.agent_env),
                **claude_env(req.claude)}
-        volumes = {self.sessions.host_home(session_id): {"bind": CONTAINER_HOME, "mode": "rw"}}
+        # `z`: on SELinux hosts the session home must be relabelled (ignored elsewhere).
+        volumes = {self.sessions.host_home(session_id): {"bind": CONTAINER_HOME, "mode": "rw",
+                                                         "extended_mode": ["z"]}}
         for volume in opts.get("volumes", []):
             host, target, options = check_volume(self.cfg, volume)
             if self.cfg.agent_volume_auto_create:
