@@ -449,6 +449,19 @@ def test_bad_config_values_are_reported(tmp_path):
     assert result.returncode == 1 and "STROMBOLI_RESOURCES_TIMEOUT" in result.stderr
 
 
+def test_readme_configuration_table_matches_the_code():
+    sys.path.insert(0, str(HERE))
+    import dataclasses
+    import stromboli
+    readme = (HERE / "README.md").read_text()
+    rows = {m.group(1): m.group(2) for m in
+            re.finditer(r"^\| `([a-z_.]+)` \| (.*?) \|", readme, re.M)}
+    settings = {f.metadata["key"]: f.metadata["env"] for f in dataclasses.fields(stromboli.Config)}
+    assert set(rows) == set(settings)
+    for key, names in settings.items():
+        assert re.findall(r"`([A-Z_]+)`", rows[key]) == list(names), key
+
+
 # ---------------------------------------------------------------------------
 # Health and Claude status
 # ---------------------------------------------------------------------------
