@@ -3139,8 +3139,14 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = await state(request).jobs.get(request.match_info["id"])
-    return json_response(job_response(job))
+    """A job; with a webhook_url, its delivery attempts too (extension)."""
+    app = state(request)
+    job = await app.jobs.get(request.match_info["id"])
+    body = job_response(job)
+    if job["request"].get("webhook_url"):
+        attempts = await app.store.call(app.store.deliveries, job["id"])
+        body["webhook_deliveries"] = [drop_none({**a, "at": rfc3339(a["at"])}) for a in attempts]
+    return json_response(body)
 
 
 async def cancel_job(request: web.Request) -> web.Response:

@@ -915,6 +915,11 @@ def test_webhook_is_delivered_signed(make_daemon, model):
     expected = hmac.new(secret.encode(), headers["X-Stromboli-Timestamp"].encode() + b"." + raw,
                         hashlib.sha256).hexdigest()
     assert headers["X-Stromboli-Signature"] == f"sha256={expected}"
+    attempts = wait_until(lambda: len(d.http.get(f"/jobs/{job_id}").json().get(
+        "webhook_deliveries", [])) >= 2 and d.http.get(f"/jobs/{job_id}").json()[
+        "webhook_deliveries"], 10, what="recorded deliveries")
+    assert [a["status_code"] for a in attempts] == [500, 200]
+    assert [a["attempt"] for a in attempts] == [1, 2]
 
 
 # ---------------------------------------------------------------------------
