@@ -2983,7 +2983,6 @@ async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
     require_configured(app, "run")
-    await app.runner.prepare(req)
     try:
         result = await app.runner.run(req, new_id("run"), SessionPlan.of(req.claude))
     except RunFailed as exc:

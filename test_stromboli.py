@@ -845,6 +845,42 @@ def test_concurrency_cap_queues_jobs_fifo(make_daemon):
     assert started[1] >= finished[0] - 0.5 and started[2] >= finished[1] - 0.5
 
 
+def test_sync_runs_wait_their_turn(make_daemon):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    results, peak = [], [0]
+
+    def post() -> None:
+        results.append(httpx.post(d.url + "/run", json={"prompt": "sleep 1.5"}, timeout=60).json())
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):  # tests run one at a time: all are this daemon's
+        running = [c for c in agent_containers("managed-by=stromboli")
+                   if c.attrs.get("State") == "running"]
+        peak[0] = max(peak[0], len(running))
+        time.sleep(0.05)
+    assert [r["status"] for r in results] == ["completed", "completed"]
+    assert time.monotonic() - started >= 3.0  # one after the other
+    assert peak[0] <= 1
+
+
+def test_lifecycle_hooks_run_init_once_and_post_start_always(daemon):
+    hooks = {"on_create_command": ["echo created >> $HOME/hooks.log"],
+             "post_create": ["echo post-create >> $HOME/hooks.log"],
+             "post_start": ["echo started >> $HOME/hooks.log"]}
+    first = daemon.http.post("/run", json={"prompt": "hello", "podman": {"lifecycle": hooks}}).json()
+    assert first["status"] == "completed", first
+    session = first["session_id"]
+    second = daemon.http.post("/run", json={"prompt": "hello", "podman": {"lifecycle": hooks},
+                                            "claude": {"session_id": session, "resume": True}}).json()
+    assert second["status"] == "completed", second
+    log = (daemon.state_dir / "sessions" / session / "hooks.log").read_text()
+    assert log.split() == ["created", "post-create", "started", "started"]
+    r = daemon.http.post("/run", json={"prompt": "x", "podman": {"lifecycle": {"post_start": []}}})
+    assert r.status_code == 400 and "lifecycle hooks validation failed" in run_error(r)
+
+
 def test_restart_keeps_finished_jobs_and_fails_dangling_ones(make_daemon, tmp_path):
     state = tmp_path / "state"
     d = make_daemon(state_dir=state)
