@@ -505,6 +505,20 @@ def test_claude_status_and_runs_need_credentials(make_daemon):
     assert r.status_code == 503 and r.text.startswith("Claude not configured")
 
 
+def test_credentials_file_is_synced_to_a_secret_by_hash(make_daemon, tmp_path):
+    creds = tmp_path / ".credentials.json"
+    creds.write_text('{"claudeAiOauth": {"note": "first"}}')
+    d = make_daemon(STROMBOLI_AGENT_CREDENTIALS_FILE=str(creds))
+    names = [c["name"] for c in d.http.get("/health").json()["components"]]
+    assert "claude-credentials-file" in names and "claude-credentials-secret" in names
+    read = {"prompt": "bash: cat $HOME/.claude/.credentials.json",
+            "claude": {"dangerously_skip_permissions": True}}
+    assert '"first"' in d.http.post("/run", json=read).json()["output"]
+    creds.write_text('{"claudeAiOauth": {"note": "second"}}')
+    assert '"second"' in d.http.post("/run", json=read).json()["output"]
+    assert "second" not in d.log()
+
+
 def test_claude_status_configured(daemon):
     assert daemon.http.get("/claude/status").json() == {"configured": True,
                                                         "message": "Claude is configured"}
