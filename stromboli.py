@@ -1839,13 +1839,14 @@ class ContainerRunner:
         # containers apart by this label, derived from the state dir.
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
         self.rootless: bool | None = None  # learnt once Podman answers
+        self.api_key = cfg.api_key()  # read once: it may come from a file or a credential
         self._credentials_digest = ""
         self._api_key_synced = False
         self._workdirs: dict[str, str] = {}
 
     # -- credentials ---------------------------------------------------------------
     def configured(self) -> bool:
-        return bool(self.cfg.api_key()) or self.cfg.credentials_path.is_file()
+        return bool(self.api_key) or self.cfg.credentials_path.is_file()
 
     async def sync_credentials(self) -> None:
         """Keep the Podman secrets in step with the credentials file and the API key."""
@@ -1856,9 +1857,9 @@ class ContainerRunner:
             if digest != self._credentials_digest:
                 await self.podman.call(self.podman.replace_secret, CREDENTIALS_SECRET, data)
                 self._credentials_digest = digest
-        key = self.cfg.api_key()
-        if key and not self._api_key_synced:
-            await self.podman.call(self.podman.replace_secret, API_KEY_SECRET, key.encode())
+        if self.api_key and not self._api_key_synced:
+            await self.podman.call(self.podman.replace_secret, API_KEY_SECRET,
+                                   self.api_key.encode())
             self._api_key_synced = True
 
     # -- the container ---------------------------------------------------------------
@@ -1891,7 +1892,7 @@ class ContainerRunner:
                 os.makedirs(host, mode=0o755, exist_ok=True)
             volumes[host] = {"bind": target, "extended_mode": options}
         secret_env = dict(opts.get("secrets_env", {}))
-        if self.cfg.api_key():
+        if self.api_key:
             secret_env.setdefault("ANTHROPIC_API_KEY", API_KEY_SECRET)
         spec: dict[str, Any] = dict(
             name=f"stromboli-agent-{run_id}",
@@ -2460,7 +2461,7 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------------------
-# Images — building the default agent image (from a registry, or offline)
+# Agent image — building the default image (from a registry, or offline)
 # ---------------------------------------------------------------------------
 
 AGENT_CONTAINERFILE = """\
@@ -2758,6 +2759,1375 @@ class PodmanCatalog:
         self.client.secrets.remove(name)
 
 
+
+# ---------------------------------------------------------------------------
+# OpenAPI — the document served at /swagger/doc.json and its HTML viewer
+# ---------------------------------------------------------------------------
+
+# Swagger 2.0, upstream's v0.5.6 document without /agents; definition names are upstream's
+# so generated clients match. What this server adds is marked "(extension)".
+OPENAPI: dict = {
+    "swagger": "2.0",
+    "info": {
+        "title": "Stromboli API",
+        "version": VERSION,
+        "description": (
+            "Claude Code container orchestration API: secure, isolated AI execution. This is "
+            "the Python re-implementation, wire-compatible with upstream Stromboli v0.5.6 "
+            "(without /agents). Every response carries X-Request-ID; rate-limited routes carry "
+            "X-RateLimit-Limit/Remaining/Reset when rate limiting is enabled. The Prometheus "
+            "/metrics endpoint is on a separate listener."),
+        "license": {"name": "MIT", "url": "https://opensource.org/licenses/MIT"},
+    },
+    "basePath": "/",
+    "schemes": ["http"],
+    "securityDefinitions": {
+        "BearerAuth": {"type": "apiKey", "name": "Authorization", "in": "header",
+                       "description": "`Bearer <token>`: a static API token or a JWT access "
+                                      "token from /auth/token"},
+    },
+    "security": [{"BearerAuth": []}],
+    "tags": [
+        {"name": "system", "description": "Health and configuration"},
+        {"name": "auth", "description": "JWT access and refresh tokens"},
+        {"name": "execution", "description": "Run Claude Code in a Podman container"},
+        {"name": "jobs", "description": "Asynchronous runs"},
+        {"name": "sessions", "description": "Conversations and their transcripts"},
+        {"name": "secrets", "description": "Podman secrets for secrets_env"},
+        {"name": "images", "description": "Container images"},
+        {"name": "docs", "description": "This document (extension)"},
+    ],
+    "responses": {
+        "Unauthorized": {
+            "description": "Missing, malformed, invalid, expired or revoked token (auth enabled)",
+            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+        "RateLimited": {
+            "description": "{\"error\":\"rate limit exceeded\"} (rate limiting enabled); "
+                           "Retry-After is an extension",
+            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"},
+            "headers": {
+                "Retry-After": {"type": "integer", "description": "Seconds to wait (extension)"},
+                "X-RateLimit-Limit": {"type": "number", "description": "Requests per second"},
+                "X-RateLimit-Remaining": {"type": "integer", "description": "Tokens left"},
+                "X-RateLimit-Reset": {"type": "integer", "description": "Unix seconds"}}},
+        "TooLarge": {
+            "description": "Request body over the size limit (extension; same envelope as the "
+                           "route's 400)",
+            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+    },
+    "paths": {
+        "/health": {"get": {
+            "tags": ["system"], "summary": "Health check", "security": [],
+            "description": "Health of the API with component checks; always 200, status "
+                           "\"degraded\" when a component fails",
+            "produces": ["application/json"],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.HealthResponse"}}}}},
+        "/claude/status": {"get": {
+            "tags": ["system"], "summary": "Claude status",
+            "description": "Checks if Claude credentials (or an API key) are configured",
+            "produces": ["application/json"],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.ClaudeStatusResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "429": {"$ref": "#/responses/RateLimited"}}}},
+        "/auth/token": {"post": {
+            "tags": ["auth"], "summary": "Generate JWT tokens",
+            "description": "Generate new JWT access and refresh tokens using API credentials "
+                           "(a static API token or a valid access JWT; not rate limited)",
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": True, "description": "Token request",
+                 "schema": {"$ref": "#/definitions/internal_api.TokenRequest"}}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.TokenResponse"}},
+                "400": {"description": "Bad Request",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "503": {"description": "JWT authentication not configured",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/auth/refresh": {"post": {
+            "tags": ["auth"], "summary": "Refresh access token", "security": [],
+            "description": "Generate a new access token (and a new refresh token) using a valid "
+                           "refresh token",
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": True,
+                 "description": "Refresh request",
+                 "schema": {"$ref": "#/definitions/internal_api.RefreshRequest"}}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.TokenResponse"}},
+                "400": {"description": "Bad Request",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "401": {"description": "invalid or expired refresh token",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "503": {"description": "JWT authentication not configured",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/auth/validate": {"get": {
+            "tags": ["auth"], "summary": "Validate JWT token",
+            "description": "Validate a JWT access token and return its claims. Public route "
+                           "(no rate limit): it checks the bearer token itself",
+            "produces": ["application/json"],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.ValidateResponse"}},
+                "401": {"description": "Unauthorized",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "503": {"description": "JWT authentication not configured",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/auth/logout": {"post": {
+            "tags": ["auth"], "summary": "Logout (invalidate token)",
+            "description": "Revokes the bearer JWT; a refresh_token in the optional body is "
+                           "revoked too (extension). Public route (no rate limit): it checks "
+                           "the bearer token itself",
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": False,
+                 "description": "Refresh token to revoke as well (extension)",
+                 "schema": {"$ref": "#/definitions/internal_api.LogoutRequest"}}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.LogoutResponse"}},
+                "401": {"description": "Unauthorized",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "503": {"description": "Service Unavailable",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/run": {"post": {
+            "tags": ["execution"], "summary": "Run Claude",
+            "description": "Executes Claude Code in an isolated Podman container",
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": True, "description": "Run request",
+                 "schema": {"$ref": "#/definitions/internal_api.RunRequest"}}],
+            "responses": {
+                "200": {"description": "OK (status completed, or crashed with crash_info)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "400": {"description": "Invalid request, including option validation errors "
+                                       "(extension: upstream answers 500 for those)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "session has no history: <id> (resume, continue or "
+                                       "fork without a transcript; extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "409": {"description": "Session already has history; set claude.resume=true "
+                                       "(extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Execution failed",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "503": {"description": "Claude not configured, or Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}}}}},
+        "/run/async": {"post": {
+            "tags": ["execution"], "summary": "Run Claude async",
+            "description": "Starts Claude Code execution asynchronously and returns a job ID. "
+                           "Session-history errors (404/409 on /run) fail the job instead",
+            "consumes": ["application/json"], "produces": ["application/json"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": True, "description": "Run request",
+                 "schema": {"$ref": "#/definitions/internal_api.RunRequest"}}],
+            "responses": {
+                "202": {"description": "Accepted",
+                        "schema": {"$ref": "#/definitions/internal_api.AsyncRunResponse"}},
+                "400": {"description": "Invalid request",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "503": {"description": "Claude not configured, or Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}}}}},
+        "/run/stream": {"get": {
+            "tags": ["execution"], "summary": "Stream Claude output",
+            "description": (
+                "Executes Claude and streams output in real-time using SSE. Each output line "
+                "is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` "
+                "(data {id, session_id, status}) or `event: error` (data: message). Extensions: "
+                "every run option is a query parameter, bare or prefixed (`claude.<option>`, "
+                "`podman.<option>`), lists comma-separated, objects as JSON; `id:` on each "
+                "event, the X-Run-ID header, and replay with run_id + Last-Event-ID"),
+            "produces": ["text/event-stream"],
+            "parameters": [
+                {"name": "prompt", "in": "query", "type": "string", "required": False,
+                 "description": "The prompt to send to Claude (required unless run_id is given)"},
+                {"name": "workdir", "in": "query", "type": "string",
+                 "description": "Working directory inside container"},
+                {"name": "session_id", "in": "query", "type": "string",
+                 "description": "Session ID for conversation continuation"},
+                {"name": "run_id", "in": "query", "type": "string",
+                 "description": "(extension) Replay/follow this run's events instead of "
+                                "starting a run"},
+                {"name": "Last-Event-ID", "in": "header", "type": "integer",
+                 "description": "(extension) With run_id: send only events after this id"},
+                {"name": "last_event_id", "in": "query", "type": "integer",
+                 "description": "(extension) Same as the Last-Event-ID header"},
+                {"name": "resume", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.resume"},
+                {"name": "continue", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.continue"},
+                {"name": "fork_session", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.fork_session"},
+                {"name": "no_persistence", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.no_persistence"},
+                {"name": "model", "in": "query", "type": "string",
+                 "description": "(extension) claude.model"},
+                {"name": "fallback_model", "in": "query", "type": "string",
+                 "description": "(extension) claude.fallback_model"},
+                {"name": "effort", "in": "query", "type": "string",
+                 "description": "(extension) claude.effort"},
+                {"name": "system_prompt", "in": "query", "type": "string",
+                 "description": "(extension) claude.system_prompt"},
+                {"name": "append_system_prompt", "in": "query", "type": "string",
+                 "description": "(extension) claude.append_system_prompt"},
+                {"name": "tools", "in": "query", "type": "array", "items": {"type": "string"},
+                 "collectionFormat": "csv", "description": "(extension) claude.tools"},
+                {"name": "allowed_tools", "in": "query", "type": "array",
+                 "items": {"type": "string"}, "collectionFormat": "csv",
+                 "description": "(extension) claude.allowed_tools"},
+                {"name": "disallowed_tools", "in": "query", "type": "array",
+                 "items": {"type": "string"}, "collectionFormat": "csv",
+                 "description": "(extension) claude.disallowed_tools"},
+                {"name": "permission_mode", "in": "query", "type": "string",
+                 "description": "(extension) claude.permission_mode"},
+                {"name": "dangerously_skip_permissions", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.dangerously_skip_permissions"},
+                {"name": "allow_dangerously_skip_permissions", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.allow_dangerously_skip_permissions"},
+                {"name": "input_format", "in": "query", "type": "string",
+                 "description": "(extension) claude.input_format"},
+                {"name": "output_format", "in": "query", "type": "string",
+                 "description": "(extension) claude.output_format"},
+                {"name": "include_partial_messages", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.include_partial_messages"},
+                {"name": "replay_user_messages", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.replay_user_messages"},
+                {"name": "json_schema", "in": "query", "type": "string",
+                 "description": "(extension) claude.json_schema"},
+                {"name": "max_budget_usd", "in": "query", "type": "number",
+                 "description": "(extension) claude.max_budget_usd"},
+                {"name": "max_turns", "in": "query", "type": "integer",
+                 "description": "(extension) claude.max_turns"},
+                {"name": "mcp_configs", "in": "query", "type": "array",
+                 "items": {"type": "string"}, "collectionFormat": "csv",
+                 "description": "(extension) claude.mcp_configs"},
+                {"name": "strict_mcp_config", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.strict_mcp_config"},
+                {"name": "agent", "in": "query", "type": "string",
+                 "description": "(extension) claude.agent"},
+                {"name": "agents", "in": "query", "type": "string",
+                 "description": "(extension) claude.agents, as a JSON object"},
+                {"name": "add_dirs", "in": "query", "type": "array", "items": {"type": "string"},
+                 "collectionFormat": "csv", "description": "(extension) claude.add_dirs"},
+                {"name": "plugin_dirs", "in": "query", "type": "array",
+                 "items": {"type": "string"}, "collectionFormat": "csv",
+                 "description": "(extension) claude.plugin_dirs"},
+                {"name": "files", "in": "query", "type": "array", "items": {"type": "string"},
+                 "collectionFormat": "csv", "description": "(extension) claude.files"},
+                {"name": "settings", "in": "query", "type": "string",
+                 "description": "(extension) claude.settings"},
+                {"name": "setting_sources", "in": "query", "type": "array",
+                 "items": {"type": "string"}, "collectionFormat": "csv",
+                 "description": "(extension) claude.setting_sources"},
+                {"name": "betas", "in": "query", "type": "array", "items": {"type": "string"},
+                 "collectionFormat": "csv", "description": "(extension) claude.betas"},
+                {"name": "verbose", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.verbose"},
+                {"name": "debug", "in": "query", "type": "string",
+                 "description": "(extension) claude.debug"},
+                {"name": "disable_slash_commands", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.disable_slash_commands"},
+                {"name": "prompt_caching_ttl", "in": "query", "type": "string",
+                 "description": "(extension) claude.prompt_caching_ttl"},
+                {"name": "bedrock_service_tier", "in": "query", "type": "string",
+                 "description": "(extension) claude.bedrock_service_tier"},
+                {"name": "enable_powershell_tool", "in": "query", "type": "boolean",
+                 "description": "(extension) claude.enable_powershell_tool"},
+                {"name": "image", "in": "query", "type": "string",
+                 "description": "(extension) podman.image"},
+                {"name": "volumes", "in": "query", "type": "array", "items": {"type": "string"},
+                 "collectionFormat": "csv", "description": "(extension) podman.volumes"},
+                {"name": "secrets_env", "in": "query", "type": "string",
+                 "description": "(extension) podman.secrets_env, as a JSON object"},
+                {"name": "timeout", "in": "query", "type": "string",
+                 "description": "(extension) podman.timeout"},
+                {"name": "memory", "in": "query", "type": "string",
+                 "description": "(extension) podman.memory"},
+                {"name": "cpus", "in": "query", "type": "string",
+                 "description": "(extension) podman.cpus"},
+                {"name": "cpu_shares", "in": "query", "type": "integer",
+                 "description": "(extension) podman.cpu_shares"},
+                {"name": "lifecycle", "in": "query", "type": "string",
+                 "description": "(extension) podman.lifecycle, as a JSON object"}],
+            "responses": {
+                "200": {"description": "Event stream of output lines",
+                        "schema": {"type": "string"},
+                        "headers": {"X-Run-ID": {"type": "string",
+                                                 "description": "The run's id (extension)"}}},
+                "400": {"description": "Invalid request (plain text)",
+                        "schema": {"type": "string"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "run not found: <run_id> (plain text; extension)",
+                        "schema": {"type": "string"}},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "503": {"description": "Claude not configured, or Podman unavailable (plain text)",
+                        "schema": {"type": "string"}}}}},
+        "/jobs": {"get": {
+            "tags": ["jobs"], "summary": "List jobs",
+            "description": "Returns async jobs, newest first",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "status", "in": "query", "type": "string",
+                 "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"],
+                 "description": "(extension) Only jobs in this state"}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.JobListResponse"}},
+                "400": {"description": "Invalid status filter (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "429": {"$ref": "#/responses/RateLimited"}}}},
+        "/jobs/{id}": {
+            "get": {
+                "tags": ["jobs"], "summary": "Get job status",
+                "description": "Returns the status and result of an async job",
+                "produces": ["application/json"],
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "type": "string",
+                     "description": "Job ID"}],
+                "responses": {
+                    "200": {"description": "OK",
+                            "schema": {"$ref": "#/definitions/internal_api.JobResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "404": {"description": "Job not found",
+                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                    "429": {"$ref": "#/responses/RateLimited"}}},
+            "delete": {
+                "tags": ["jobs"], "summary": "Cancel job",
+                "description": "Cancels a pending or running job (its container is stopped)",
+                "produces": ["application/json"],
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "type": "string",
+                     "description": "Job ID"}],
+                "responses": {
+                    "200": {"description": "OK",
+                            "schema": {"$ref": "#/definitions/internal_api.JobCancelResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "404": {"description": "Job not found",
+                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                    "409": {"description": "Job cannot be cancelled",
+                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                    "429": {"$ref": "#/responses/RateLimited"}}}},
+        "/sessions": {"get": {
+            "tags": ["sessions"], "summary": "List sessions",
+            "description": "Returns existing sessions with titles, newest first",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "limit", "in": "query", "type": "integer",
+                 "description": "(extension) Number of sessions to return (default: all)"},
+                {"name": "offset", "in": "query", "type": "integer",
+                 "description": "(extension) Offset for pagination (default: 0)"}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionListResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Internal Server Error",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionListResponse"}}}}},
+        "/sessions/{id}": {"delete": {
+            "tags": ["sessions"], "summary": "Destroy session",
+            "description": "Removes a session and all its stored data",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "type": "string",
+                 "description": "Session ID (lowercase UUID)"}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "400": {"description": "Bad Request",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "Not Found",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "409": {"description": "A run on the session is active or queued (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "429": {"$ref": "#/responses/RateLimited"}}}},
+        "/sessions/{id}/messages": {"get": {
+            "tags": ["sessions"], "summary": "List session messages",
+            "description": "Returns paginated conversation history for a session including all "
+                           "messages, tool calls, and results",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "type": "string",
+                 "description": "Session ID (UUID)"},
+                {"name": "offset", "in": "query", "type": "integer",
+                 "description": "Offset for pagination (default: 0)"},
+                {"name": "limit", "in": "query", "type": "integer",
+                 "description": "Number of messages to return (default: 50, max: 200)"}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
+                "400": {"description": "Invalid parameters",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "Session not found",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {
+                    "description": "Internal error",
+                    "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}}}}},
+        "/sessions/{id}/messages/{message_id}": {"get": {
+            "tags": ["sessions"], "summary": "Get session message",
+            "description": "Returns a specific message from session history by UUID, including "
+                           "full content, tool calls, and results",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "type": "string",
+                 "description": "Session ID (UUID)"},
+                {"name": "message_id", "in": "path", "required": True, "type": "string",
+                 "description": "Message UUID"}],
+            "responses": {
+                "200": {"description": "OK",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
+                "400": {"description": "Invalid parameters",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "Message not found",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Internal error",
+                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}}}}},
+        "/secrets": {
+            "get": {
+                "tags": ["secrets"], "summary": "List secrets",
+                "description": "Returns metadata for all Podman secrets; values are never "
+                               "returned",
+                "produces": ["application/json"],
+                "responses": {
+                    "200": {"description": "List of secrets (empty array if none exist)",
+                            "schema": {"$ref": "#/definitions/internal_api.SecretsListResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "429": {"$ref": "#/responses/RateLimited"},
+                    "500": {"description": "Internal server error",
+                            "schema": {"$ref": "#/definitions/internal_api.SecretsListResponse"}},
+                    "503": {"description": "Podman unavailable (extension)",
+                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}},
+            "post": {
+                "tags": ["secrets"], "summary": "Create secret",
+                "description": "Creates a Podman secret. Names: letters, digits, - and _, max "
+                               "253 characters. Values are limited to 1MB",
+                "consumes": ["application/json"], "produces": ["application/json"],
+                "parameters": [
+                    {"name": "request", "in": "body", "required": True,
+                     "description": "Create secret request",
+                     "schema": {"$ref": "#/definitions/internal_api.CreateSecretRequest"}}],
+                "responses": {
+                    "201": {"description": "Secret created successfully",
+                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "400": {"description": "Invalid request (missing/invalid name or value)",
+                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "409": {"description": "Secret with this name already exists",
+                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "413": {"$ref": "#/responses/TooLarge"},
+                    "429": {"$ref": "#/responses/RateLimited"},
+                    "500": {"description": "Internal server error",
+                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "503": {
+                        "description": "Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}}}}},
+        "/secrets/{name}": {
+            "get": {
+                "tags": ["secrets"], "summary": "Get secret metadata",
+                "description": "Returns metadata about a Podman secret; the value is never "
+                               "returned",
+                "produces": ["application/json"],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "type": "string",
+                     "x-example": "github-token", "description": "Secret name"}],
+                "responses": {
+                    "200": {"description": "Secret metadata",
+                            "schema": {"$ref": "#/definitions/internal_api.SecretInfoResponse"}},
+                    "400": {"description": "Invalid secret name",
+                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "404": {"description": "Secret not found",
+                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                    "429": {"$ref": "#/responses/RateLimited"},
+                    "500": {"description": "Internal server error",
+                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                    "503": {"description": "Podman unavailable (extension)",
+                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}},
+            "delete": {
+                "tags": ["secrets"], "summary": "Delete secret",
+                "description": "Permanently deletes a Podman secret. Secrets in use by running "
+                               "containers may cause those containers to fail",
+                "produces": ["application/json"],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "type": "string",
+                     "x-example": "github-token", "description": "Secret name"}],
+                "responses": {
+                    "200": {"description": "Secret deleted successfully",
+                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "400": {"description": "Invalid secret name",
+                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "401": {"$ref": "#/responses/Unauthorized"},
+                    "404": {"description": "Secret not found",
+                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "409": {"description": "Secret is managed by stromboli (extension)",
+                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "429": {"$ref": "#/responses/RateLimited"},
+                    "500": {"description": "Internal server error",
+                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "503": {
+                        "description": "Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}}}}},
+        "/images": {"get": {
+            "tags": ["images"], "summary": "List images",
+            "description": "Returns local container images sorted by compatibility rank: 1-2 "
+                           "verified compatible, 3 standard glibc (compatible), 4 incompatible "
+                           "(Alpine/musl)",
+            "produces": ["application/json"],
+            "responses": {
+                "200": {"description": "List of images (empty array if none exist)",
+                        "schema": {"$ref": "#/definitions/internal_api.ImagesListResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Internal server error",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "503": {"description": "Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/images/search": {"get": {
+            "tags": ["images"], "summary": "Search images",
+            "description": "Searches container registries for images matching the query",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "q", "in": "query", "required": True, "type": "string",
+                 "x-example": "python", "description": "Search query"},
+                {"name": "limit", "in": "query", "type": "integer", "x-example": 10,
+                 "description": "Maximum number of results (default 25, max 100)"},
+                {"name": "no_trunc", "in": "query", "type": "boolean",
+                 "description": "Don't truncate output (accepted; results are never truncated)"}],
+            "responses": {
+                "200": {"description": "Search results",
+                        "schema": {"$ref": "#/definitions/internal_api.ImageSearchResponse"}},
+                "400": {"description": "Invalid request (missing query)",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Internal server error",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "502": {"description": "Registry search failed",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "503": {"description": "Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/images/pull": {"post": {
+            "tags": ["images"], "summary": "Pull image",
+            "description": "Pulls a container image from a registry. Extension: with `Accept: "
+                           "text/event-stream` the progress is streamed as SSE `data:` lines, "
+                           "then `event: done` (data: the ImagePullResponse JSON) or "
+                           "`event: error` (data: message)",
+            "consumes": ["application/json"], "produces": ["application/json", "text/event-stream"],
+            "parameters": [
+                {"name": "request", "in": "body", "required": True, "description": "Pull request",
+                 "schema": {"$ref": "#/definitions/internal_api.ImagePullRequest"}}],
+            "responses": {
+                "200": {"description": "Image pulled successfully (or the SSE progress stream)",
+                        "schema": {"$ref": "#/definitions/internal_api.ImagePullResponse"}},
+                "400": {"description": "Invalid request",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "413": {"$ref": "#/responses/TooLarge"},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Pull failed",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/images/{name}": {"get": {
+            "tags": ["images"], "summary": "Inspect image",
+            "description": "Returns detailed information about a container image including all "
+                           "labels and compatibility information",
+            "produces": ["application/json"],
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "type": "string",
+                 "x-example": "python:3.12-slim",
+                 "description": "Image name with optional tag; may hold a registry and slashes, "
+                                "raw or URL-encoded (extension)"}],
+            "responses": {
+                "200": {"description": "Image details",
+                        "schema": {"$ref": "#/definitions/internal_api.ImageDetailResponse"}},
+                "400": {"description": "Invalid image name",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "401": {"$ref": "#/responses/Unauthorized"},
+                "404": {"description": "Image not found",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "429": {"$ref": "#/responses/RateLimited"},
+                "500": {"description": "Internal server error",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "503": {"description": "Podman unavailable (extension)",
+                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+        "/swagger/doc.json": {"get": {
+            "tags": ["docs"], "summary": "OpenAPI document", "security": [],
+            "description": "(extension) This Swagger 2.0 document",
+            "produces": ["application/json"],
+            "responses": {"200": {"description": "OK", "schema": {"type": "object"}}}}},
+        "/swagger/": {"get": {
+            "tags": ["docs"], "summary": "API documentation page", "security": [],
+            "description": "(extension) A self-contained HTML viewer of doc.json",
+            "produces": ["text/html"],
+            "responses": {"200": {"description": "OK", "schema": {"type": "string"}}}}},
+    },
+    "definitions": {
+        "internal_api.AsyncRunResponse": {
+            "description": "Response from starting an async Claude execution",
+            "type": "object",
+            "properties": {
+                "job_id": {"type": "string", "example": "job-abc123def456"},
+                "session_id": {"type": "string",
+                               "example": "550e8400-e29b-41d4-a716-446655440000"}}},
+        "internal_api.ClaudeStatusResponse": {
+            "description": "Claude configuration status",
+            "type": "object",
+            "properties": {
+                "configured": {"type": "boolean", "example": True},
+                "message": {"type": "string", "example": "Claude is configured"}}},
+        "internal_api.ComponentHealth": {
+            "type": "object",
+            "properties": {
+                "error": {"description": "Error message if status is \"error\"", "type": "string",
+                          "example": ""},
+                "name": {"description": "Name of the component", "type": "string",
+                         "example": "podman"},
+                "status": {"description": "Status is \"ok\" or \"error\"", "type": "string",
+                           "example": "ok"}}},
+        "internal_api.CreateSecretRequest": {
+            "description": "Request to create a new Podman secret",
+            "type": "object",
+            "required": ["name", "value"],
+            "properties": {
+                "name": {"type": "string", "example": "github-token"},
+                "value": {"type": "string", "example": "ghp_xxxxxxxxxxxx"}}},
+        "internal_api.CreateSecretResponse": {
+            "description": "Result of secret creation",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "name": {"type": "string", "example": "github-token"},
+                "success": {"type": "boolean", "example": True}}},
+        "internal_api.DeleteSecretResponse": {
+            "description": "Result of secret deletion",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "name": {"type": "string", "example": "github-token"},
+                "success": {"type": "boolean", "example": True}}},
+        "internal_api.ErrorResponse": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}}},
+        "internal_api.HealthResponse": {
+            "description": "Health check response",
+            "type": "object",
+            "properties": {
+                "components": {"type": "array",
+                               "items": {"$ref": "#/definitions/internal_api.ComponentHealth"}},
+                "name": {"type": "string", "example": "stromboli"},
+                "status": {"type": "string", "example": "ok"},
+                "version": {"type": "string", "example": "0.5.6-alpha"}}},
+        "internal_api.ImageDetailResponse": {
+            "description": "Detailed container image information including labels",
+            "type": "object",
+            "properties": {
+                "compatibility_rank": {"type": "integer", "example": 3},
+                "compatible": {"type": "boolean", "example": True},
+                "created": {"type": "string", "example": "2024-01-15T10:30:00Z"},
+                "description": {"type": "string", "example": "Python development image"},
+                "has_claude_cli": {"type": "boolean", "example": False},
+                "id": {"type": "string", "example": "sha256:abc123def456"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "rank_description": {"type": "string",
+                                     "example": "Standard glibc-based (compatible)"},
+                "repository": {"type": "string", "example": "python"},
+                "size": {"type": "integer", "example": 125000000},
+                "tag": {"type": "string", "example": "3.12-slim"},
+                "tools": {"type": "array", "items": {"type": "string"},
+                          "example": ["python", "pip"]}}},
+        "internal_api.ImageInfoResponse": {
+            "description": "Container image metadata with compatibility information",
+            "type": "object",
+            "properties": {
+                "compatibility_rank": {"type": "integer", "example": 3},
+                "compatible": {"type": "boolean", "example": True},
+                "created": {"type": "string", "example": "2024-01-15T10:30:00Z"},
+                "description": {"type": "string", "example": "Python development image"},
+                "has_claude_cli": {"type": "boolean", "example": False},
+                "id": {"type": "string", "example": "sha256:abc123def456"},
+                "repository": {"type": "string", "example": "python"},
+                "size": {"type": "integer", "example": 125000000},
+                "tag": {"type": "string", "example": "3.12-slim"},
+                "tools": {"type": "array", "items": {"type": "string"},
+                          "example": ["python", "pip"]}}},
+        "internal_api.ImagePullRequest": {
+            "description": "Request to pull a container image from a registry",
+            "type": "object",
+            "required": ["image"],
+            "properties": {
+                "image": {"type": "string", "example": "python:3.12-slim"},
+                "platform": {"type": "string", "example": "linux/amd64"},
+                "quiet": {"description": "Accepted and ignored", "type": "boolean",
+                          "example": True}}},
+        "internal_api.ImagePullResponse": {
+            "description": "Result of image pull operation",
+            "type": "object",
+            "properties": {
+                "image": {"type": "string", "example": "python:3.12-slim"},
+                "image_id": {"type": "string", "example": "sha256:abc123def456"},
+                "success": {"type": "boolean", "example": True}}},
+        "internal_api.ImageSearchResponse": {
+            "description": "Search results from container registries",
+            "type": "object",
+            "properties": {
+                "results": {
+                    "type": "array",
+                    "items": {"$ref": "#/definitions/internal_api.SearchResultResponse"}}}},
+        "internal_api.ImagesListResponse": {
+            "description": "List of local container images sorted by compatibility",
+            "type": "object",
+            "properties": {
+                "images": {"type": "array",
+                           "items": {"$ref": "#/definitions/internal_api.ImageInfoResponse"}}}},
+        "internal_api.JobCancelResponse": {
+            "description": "Result of a job cancel request",
+            "type": "object",
+            "properties": {
+                "cancelled": {"type": "boolean", "example": True},
+                "job_id": {"type": "string", "example": "job-abc123def456"}}},
+        "internal_api.JobListResponse": {
+            "description": "List of async jobs",
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "array",
+                         "items": {"$ref": "#/definitions/internal_api.JobResponse"}}}},
+        "internal_api.JobResponse": {
+            "description": "Job status and result",
+            "type": "object",
+            "properties": {
+                "crash_info": {"$ref": "#/definitions/stromboli_internal_job.CrashInfo"},
+                "created_at": {"type": "string", "example": "2024-01-15T10:30:00Z"},
+                "error": {"type": "string"},
+                "finished_at": {"description": "(extension) RFC 3339 with milliseconds; absent "
+                                               "until the job ends",
+                                "type": "string", "format": "date-time",
+                                "example": "2024-01-15T10:31:00.250Z"},
+                "id": {"type": "string", "example": "job-abc123def456"},
+                "output": {"type": "string", "example": "Hello!"},
+                "run_id": {"description": "(extension) The run's id (see /run/stream run_id)",
+                           "type": "string", "example": "run-abc123def456"},
+                "session_id": {"type": "string", "example": "sess-abc123def456"},
+                "started_at": {"description": "(extension) RFC 3339 with milliseconds; absent "
+                                              "until the job starts",
+                               "type": "string", "format": "date-time",
+                               "example": "2024-01-15T10:30:00.125Z"},
+                "status": {"allOf": [{"$ref": "#/definitions/stromboli_internal_job.Status"}],
+                           "example": "running"},
+                "structured_output": {"type": "object"},
+                "updated_at": {"type": "string", "example": "2024-01-15T10:31:00Z"},
+                "usage": {"description": "(extension) Token usage totals + estimated USD cost",
+                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]},
+                "webhook_deliveries": {
+                    "description": "(extension) Webhook delivery attempts; GET /jobs/{id} only, "
+                                   "when webhook_url was set",
+                    "type": "array",
+                    "items": {"type": "object", "properties": {
+                        "attempt": {"type": "integer"},
+                        "status_code": {"type": "integer"},
+                        "error": {"type": "string"},
+                        "at": {"type": "string", "format": "date-time"}}}}}},
+        "internal_api.LogoutRequest": {
+            "description": "(extension) Optional body of POST /auth/logout",
+            "type": "object",
+            "properties": {"refresh_token": {"type": "string"}}},
+        "internal_api.LogoutResponse": {
+            "type": "object",
+            "properties": {"message": {"type": "string"}, "success": {"type": "boolean"}}},
+        "internal_api.RefreshRequest": {
+            "type": "object",
+            "required": ["refresh_token"],
+            "properties": {"refresh_token": {"type": "string"}}},
+        "internal_api.RunRequest": {
+            "description": "Request to execute Claude Code in an isolated container",
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                "claude": {
+                    "description": "Claude configuration - all CLI options exposed",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.ClaudeOptions"}]},
+                "podman": {
+                    "description": "Podman configuration",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.PodmanOptions"}]},
+                "prompt": {"description": "Required: the prompt to send to Claude",
+                           "type": "string",
+                           "example": "Analyze this code and suggest improvements"},
+                "webhook_url": {"description": "Webhook URL to notify when job completes "
+                                               "(async only)",
+                                "type": "string", "example": "https://example.com/webhook"},
+                "workdir": {"description": "Working directory inside the container where Claude "
+                                           "will spawn; use podman.volumes to mount host paths",
+                            "type": "string", "example": "/workspace"}}},
+        "internal_api.RunResponse": {
+            "description": "Response from Claude execution",
+            "type": "object",
+            "properties": {
+                "crash_info": {
+                    "description": "Crash details (when status is \"crashed\")",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_job.CrashInfo"}]},
+                "error": {"description": "Error message (when failed)", "type": "string",
+                          "example": ""},
+                "id": {"description": "Unique run identifier", "type": "string",
+                       "example": "run-abc123def456"},
+                "output": {"description": "Claude's raw output (full CLI output, including JSON "
+                                          "envelope when output_format=json)",
+                           "type": "string", "example": "Here is my analysis..."},
+                "session_id": {"description": "Session ID for conversation continuation",
+                               "type": "string", "example": "sess-abc123def456"},
+                "status": {"description": "Execution status: completed, crashed, error",
+                           "type": "string", "example": "completed"},
+                "structured_output": {"description": "structured_output from Claude's JSON "
+                                                     "envelope (when json_schema is used)",
+                                      "type": "object"},
+                "usage": {"description": "Token usage totals + estimated USD cost of this run; "
+                                         "omitted when no assistant message reported usage",
+                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]}}},
+        "internal_api.SearchResultResponse": {
+            "description": "Search result from a container registry",
+            "type": "object",
+            "properties": {
+                "automated": {"type": "boolean", "example": False},
+                "description": {"type": "string",
+                                "example": "Python is an interpreted programming language"},
+                "index": {"type": "string", "example": "docker.io"},
+                "name": {"type": "string", "example": "python"},
+                "official": {"type": "boolean", "example": True},
+                "stars": {"type": "integer", "example": 8500}}},
+        "internal_api.SecretInfoResponse": {
+            "description": "Secret metadata (never contains the actual secret value)",
+            "type": "object",
+            "properties": {
+                "created_at": {"type": "string", "example": "2024-01-15T10:30:00Z"},
+                "id": {"type": "string", "example": "abc123def456"},
+                "managed": {"description": "(extension) Managed by stromboli (cannot be deleted)",
+                            "type": "boolean", "example": False},
+                "name": {"type": "string", "example": "github-token"}}},
+        "internal_api.SecretsListResponse": {
+            "description": "List of available secrets that can be injected into runs",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "secrets": {"type": "array",
+                            "items": {"$ref": "#/definitions/internal_api.SecretInfoResponse"}}}},
+        "internal_api.SessionDestroyResponse": {
+            "description": "Result of session destruction",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "session_id": {"type": "string", "example": "sess-abc123"},
+                "success": {"type": "boolean", "example": True}}},
+        "internal_api.SessionInfo": {
+            "description": "Metadata about a single session",
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "example": "sess-abc123"},
+                "title": {"description": "Session title; empty when none is known",
+                          "type": "string", "example": "Refactor billing service"}}},
+        "internal_api.SessionListResponse": {
+            "description": "List of existing sessions with metadata",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "sessions": {"type": "array",
+                             "items": {"$ref": "#/definitions/internal_api.SessionInfo"}},
+                "total": {"description": "(extension) Number of sessions before pagination",
+                          "type": "integer"}}},
+        "internal_api.SessionMessageResponse": {
+            "description": "A single message from session history",
+            "type": "object",
+            "properties": {
+                "error": {"type": "string"},
+                "message": {"$ref": "#/definitions/stromboli_internal_history.Message"}}},
+        "internal_api.SessionMessagesResponse": {
+            "description": "Paginated list of session messages",
+            "type": "object",
+            "properties": {
+                "has_more": {"type": "boolean"},
+                "limit": {"type": "integer"},
+                "messages": {"type": "array",
+                             "items": {"$ref": "#/definitions/stromboli_internal_history.Message"}},
+                "offset": {"type": "integer"},
+                "total": {"type": "integer"},
+                "usage": {"description": "(extension) The session's cumulative token usage",
+                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]}}},
+        "internal_api.TokenRequest": {
+            "type": "object",
+            "required": ["client_id"],
+            "properties": {"client_id": {"type": "string"}}},
+        "internal_api.TokenResponse": {
+            "type": "object",
+            "properties": {
+                "access_token": {"type": "string"},
+                "expires_in": {"type": "integer"},
+                "refresh_token": {"type": "string"},
+                "token_type": {"type": "string"}}},
+        "internal_api.ValidateResponse": {
+            "type": "object",
+            "properties": {
+                "expires_at": {"type": "integer"},
+                "subject": {"type": "string"},
+                "valid": {"type": "boolean"}}},
+        "stromboli_internal_history.ContentBlock": {
+            "description": "A content block (text, tool_use, or tool_result)",
+            "type": "object",
+            "properties": {
+                "content": {"description": "Tool result content (for tool_result)",
+                            "type": "string", "example": "file1.txt\nfile2.txt"},
+                "id": {"description": "Tool use ID (for tool_use and tool_result)",
+                       "type": "string", "example": "toolu_01G5uAJ4YZ26yyJbXNnG2byM"},
+                "input": {"description": "Tool input (for tool_use)", "type": "object",
+                          "additionalProperties": {}},
+                "is_error": {"description": "Whether tool execution errored", "type": "boolean",
+                             "example": False},
+                "name": {"description": "Tool name (for tool_use)", "type": "string",
+                         "example": "Bash"},
+                "text": {"description": "Text content (for text blocks)", "type": "string",
+                         "example": "I'll help you with that."},
+                "tool_use_id": {"description": "Tool use ID reference (for tool_result)",
+                                "type": "string", "example": "toolu_01G5uAJ4YZ26yyJbXNnG2byM"},
+                "type": {"description": "Block type: text, tool_use, tool_result",
+                         "type": "string", "example": "tool_use"}}},
+        "stromboli_internal_history.Message": {
+            "description": "A message in the conversation history",
+            "type": "object",
+            "properties": {
+                "content": {
+                    "description": "The actual message content",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.MessageContent"}]},
+                "cwd": {"description": "Working directory at time of message", "type": "string",
+                        "example": "/workspace"},
+                "git_branch": {"description": "Git branch at time of message", "type": "string",
+                               "example": "main"},
+                "parent_uuid": {"description": "Parent message UUID for threading",
+                                "type": "string",
+                                "example": "92242819-b7d1-48d4-b023-6134c3e9f63a"},
+                "permission_mode": {"description": "Permission mode active for this message",
+                                    "type": "string", "example": "bypassPermissions"},
+                "session_id": {"description": "Session ID this message belongs to",
+                               "type": "string", "example": "c7518652-f0ea-436e-9143-327085022abd"},
+                "timestamp": {"description": "Timestamp when the message was created",
+                              "type": "string", "example": "2026-01-24T10:06:42.906Z"},
+                "tool_result": {
+                    "description": "Tool use result (for tool_result messages)",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.ToolResult"}]},
+                "type": {
+                    "description": "Message type: user, assistant, queue-operation",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.MessageType"}],
+                    "example": "assistant"},
+                "uuid": {"description": "Unique identifier for this message", "type": "string",
+                         "example": "40adde19-546a-43e8-ad25-31ef4faa4112"},
+                "version": {"description": "Claude Code version", "type": "string",
+                            "example": "2.1.19"}}},
+        "stromboli_internal_history.MessageContent": {
+            "description": "Message content with role and content blocks",
+            "type": "object",
+            "properties": {
+                "content": {
+                    "description": "Content blocks (text, tool_use, tool_result)",
+                    "type": "array",
+                    "items": {"$ref": "#/definitions/stromboli_internal_history.ContentBlock"}},
+                "message_id": {"description": "Message ID from API", "type": "string",
+                               "example": "msg_017ETE4Wk32ZXAQJp3GXP1Bo"},
+                "model": {"description": "Model used (for assistant messages)", "type": "string",
+                          "example": "claude-opus-4-5-20251101"},
+                "role": {"description": "Role: user or assistant", "type": "string",
+                         "example": "assistant"},
+                "stop_reason": {"description": "Stop reason (for assistant messages)",
+                                "type": "string", "example": "end_turn"},
+                "usage": {"description": "Token usage",
+                          "allOf": [{"$ref": "#/definitions/stromboli_internal_history.Usage"}]}}},
+        "stromboli_internal_history.MessageType": {
+            "type": "string",
+            "enum": ["user", "assistant", "queue-operation"],
+            "x-enum-varnames": ["MessageTypeUser", "MessageTypeAssistant", "MessageTypeSystem"]},
+        "stromboli_internal_history.ToolResult": {
+            "description": "Detailed result of a tool execution",
+            "type": "object",
+            "properties": {
+                "interrupted": {"description": "Whether execution was interrupted",
+                                "type": "boolean", "example": False},
+                "is_image": {"description": "Whether result is an image", "type": "boolean",
+                             "example": False},
+                "stderr": {"description": "Standard error", "type": "string", "example": ""},
+                "stdout": {"description": "Standard output", "type": "string",
+                           "example": "file1.txt\nfile2.txt"}}},
+        "stromboli_internal_history.Usage": {
+            "description": "Token usage statistics",
+            "type": "object",
+            "properties": {
+                "cache_creation_input_tokens": {"type": "integer", "example": 336},
+                "cache_read_input_tokens": {"type": "integer", "example": 18121},
+                "input_tokens": {"type": "integer", "example": 150},
+                "output_tokens": {"type": "integer", "example": 42}}},
+        "stromboli_internal_job.CrashInfo": {
+            "type": "object",
+            "properties": {
+                "exit_code": {"description": "Exit code (if available)", "type": "integer"},
+                "partial_output": {"description": "Partial output captured before crash",
+                                   "type": "string"},
+                "reason": {"description": "Human-readable crash reason", "type": "string"},
+                "signal": {"description": "Signal that killed the process (SIGSEGV, SIGKILL, etc.)",
+                           "type": "string"},
+                "task_completed": {"description": "Whether the task appeared to complete before "
+                                                  "crashing",
+                                   "type": "boolean"}}},
+        "stromboli_internal_job.Status": {
+            "type": "string",
+            "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"],
+            "x-enum-varnames": ["StatusPending", "StatusRunning", "StatusCompleted",
+                                "StatusFailed", "StatusCrashed", "StatusCancelled"]},
+        "stromboli_internal_job.Usage": {
+            "type": "object",
+            "properties": {
+                "cache_creation_input_tokens": {"type": "integer"},
+                "cache_read_input_tokens": {"type": "integer"},
+                "estimated_cost_usd": {"description": "Best effort: tokens × Anthropic's per-1M "
+                                                      "rates; 0 when the model is unknown",
+                                       "type": "number"},
+                "input_tokens": {"type": "integer"},
+                "model": {"description": "Model reported by Claude; empty when unknown",
+                          "type": "string"},
+                "output_tokens": {"type": "integer"},
+                "total_tokens": {"type": "integer"}}},
+        "stromboli_internal_types.ClaudeOptions": {
+            "description": "All available Claude CLI options for headless execution",
+            "type": "object",
+            "properties": {
+                "add_dirs": {"description": "Additional directories for tool access",
+                             "type": "array", "items": {"type": "string"}},
+                "agent": {"description": "Agent for current session", "type": "string",
+                          "example": "reviewer"},
+                "agents": {"description": "Custom agents definition (JSON object)",
+                           "type": "object", "additionalProperties": {}},
+                "allow_dangerously_skip_permissions": {
+                    "description": "Enable bypass as an option without enabling by default",
+                    "type": "boolean", "example": False},
+                "allowed_tools": {"description": "Allowed tools with patterns "
+                                                 "(e.g., \"Bash(git:*)\")",
+                                  "type": "array", "items": {"type": "string"},
+                                  "example": ["Bash(git:*)", "Read"]},
+                "append_system_prompt": {"description": "Append to default system prompt",
+                                         "type": "string",
+                                         "example": "Focus on security best practices"},
+                "bedrock_service_tier": {"description": "Bedrock service tier: default, flex, "
+                                                        "priority (ANTHROPIC_BEDROCK_SERVICE_TIER)",
+                                         "type": "string", "example": "priority"},
+                "betas": {"description": "Beta headers for API requests", "type": "array",
+                          "items": {"type": "string"}},
+                "continue": {"description": "Continue most recent conversation in workspace "
+                                            "(ignores session_id)",
+                             "type": "boolean", "example": False},
+                "dangerously_skip_permissions": {
+                    "description": "Bypass all permission checks (use in sandboxed environments "
+                                   "only)",
+                    "type": "boolean", "example": True},
+                "debug": {"description": "Debug mode with optional category filter",
+                          "type": "string", "example": "api,hooks"},
+                "disable_slash_commands": {"description": "Disable all slash commands/skills",
+                                           "type": "boolean", "example": False},
+                "disallowed_tools": {"description": "Denied tools", "type": "array",
+                                     "items": {"type": "string"}, "example": ["Write"]},
+                "effort": {"description": "Effort level: low, medium, high, xhigh, max "
+                                          "(model-dependent, not validated)",
+                           "type": "string", "example": "high"},
+                "enable_powershell_tool": {"description": "Sets CLAUDE_CODE_USE_POWERSHELL_TOOL=1 "
+                                                          "(Windows agent hosts only)",
+                                           "type": "boolean", "example": False},
+                "fallback_model": {"description": "Fallback model when default is overloaded",
+                                   "type": "string", "example": "haiku"},
+                "files": {"description": "File resources (format: file_id:path)", "type": "array",
+                          "items": {"type": "string"}},
+                "fork_session": {"description": "Create new session ID when resuming",
+                                 "type": "boolean", "example": False},
+                "include_partial_messages": {
+                    "description": "Include partial message chunks (stream-json only)",
+                    "type": "boolean", "example": False},
+                "input_format": {"description": "Input format: text, stream-json", "type": "string",
+                                 "example": "text"},
+                "json_schema": {"description": "JSON Schema for structured output validation "
+                                               "(extension: a JSON object is accepted too)",
+                                "type": "string", "example": "{\"type\":\"object\"}"},
+                "max_budget_usd": {"description": "Maximum dollar amount for API calls",
+                                   "type": "number", "example": 5},
+                "max_turns": {"description": "Maximum number of agentic turns (0 = unlimited, "
+                                             "unset = CLI default)",
+                              "type": "integer", "example": 30},
+                "mcp_configs": {"description": "MCP server config files or JSON strings",
+                                "type": "array", "items": {"type": "string"}},
+                "model": {"description": "Model alias (sonnet, opus, haiku) or full name",
+                          "type": "string", "example": "sonnet"},
+                "no_persistence": {"description": "Don't save session to disk", "type": "boolean",
+                                   "example": False},
+                "output_format": {"description": "Output format: text, json, stream-json",
+                                  "type": "string", "example": "json"},
+                "permission_mode": {"description": "Permission mode: acceptEdits, "
+                                                   "bypassPermissions, default, delegate, "
+                                                   "dontAsk, plan",
+                                    "type": "string", "example": "bypassPermissions"},
+                "plugin_dirs": {"description": "Plugin directories", "type": "array",
+                                "items": {"type": "string"}},
+                "prompt_caching_ttl": {"description": "Prompt cache TTL: \"5m\" "
+                                                      "(FORCE_PROMPT_CACHING_5M=1) or \"1h\" "
+                                                      "(ENABLE_PROMPT_CACHING_1H=1)",
+                                       "type": "string", "example": "1h"},
+                "replay_user_messages": {"description": "Re-emit user messages on stdout",
+                                         "type": "boolean", "example": False},
+                "resume": {"description": "Resume an existing session (requires session_id)",
+                           "type": "boolean", "example": True},
+                "session_id": {"description": "Session ID (UUID) - used for both new and resumed "
+                                              "sessions",
+                               "type": "string", "example": "550e8400-e29b-41d4-a716-446655440000"},
+                "setting_sources": {"description": "Setting sources to load: user, project, local",
+                                    "type": "array", "items": {"type": "string"},
+                                    "example": ["user", "project"]},
+                "settings": {"description": "Path to settings JSON file or JSON string",
+                             "type": "string"},
+                "strict_mcp_config": {"description": "Only use MCP servers from mcp_configs",
+                                      "type": "boolean", "example": False},
+                "system_prompt": {"description": "Replace default system prompt", "type": "string",
+                                  "example": "You are a senior Go developer"},
+                "tools": {"description": "Built-in tools (\"\", \"default\", or specific names)",
+                          "type": "array", "items": {"type": "string"},
+                          "example": ["Bash", "Read", "Edit"]},
+                "verbose": {"description": "Enable verbose mode", "type": "boolean",
+                            "example": False}}},
+        "stromboli_internal_types.EnvironmentConfig": {
+            "description": "Runtime environment configuration (single container or compose)",
+            "type": "object",
+            "properties": {
+                "build_timeout": {"description": "Build timeout override for compose (default "
+                                                 "10m)",
+                                  "type": "string", "example": "15m"},
+                "path": {"description": "Absolute path to the compose file (.yml/.yaml), "
+                                        "required when type=\"compose\"",
+                         "type": "string", "example": "/home/user/project/docker-compose.yml"},
+                "service": {"description": "Service name where Claude will run (required when "
+                                           "type=\"compose\")",
+                            "type": "string", "example": "dev"},
+                "type": {"description": "\"\" (default single container) or \"compose\"",
+                         "type": "string", "example": "compose"}}},
+        "stromboli_internal_types.LifecycleHooks": {
+            "description": "Commands to run at specific container lifecycle stages",
+            "type": "object",
+            "properties": {
+                "hooks_timeout": {"description": "Maximum duration for all hooks combined "
+                                                 "(e.g. \"5m\"); default: the container timeout",
+                                  "type": "string", "example": "5m"},
+                "on_create_command": {"description": "Shell commands run before Claude on a "
+                                                     "session's first run",
+                                      "type": "array", "items": {"type": "string"},
+                                      "example": ["pip install -r requirements.txt"]},
+                "post_create": {"description": "Shell commands run after on_create_command "
+                                               "(first run only)",
+                                "type": "array", "items": {"type": "string"},
+                                "example": ["npm run setup"]},
+                "post_start": {"description": "Shell commands run on every run, including "
+                                              "continues",
+                               "type": "array", "items": {"type": "string"},
+                               "example": ["redis-server --daemonize yes"]}}},
+        "stromboli_internal_types.PodmanOptions": {
+            "description": "Podman container mount configuration",
+            "type": "object",
+            "properties": {
+                "cpu_shares": {"description": "CPU shares (relative weight, default 1024)",
+                               "type": "integer", "example": 512},
+                "cpus": {"description": "CPU limit (e.g., \"0.5\", \"2\")", "type": "string",
+                         "example": "1"},
+                "environment": {
+                    "description": "Compose environment; not supported by this server (a "
+                                   "non-empty type is a 400)",
+                    "allOf": [
+                        {"$ref": "#/definitions/stromboli_internal_types.EnvironmentConfig"}]},
+                "image": {"description": "Container image override (must match allowed patterns)",
+                          "type": "string", "example": "python:3.12"},
+                "lifecycle": {
+                    "description": "Lifecycle hooks for running commands at container events",
+                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.LifecycleHooks"}]},
+                "memory": {"description": "Memory limit (e.g., \"512m\", \"1g\")", "type": "string",
+                           "example": "512m"},
+                "secrets_env": {"description": "Secrets injected as environment variables "
+                                               "(ENV_NAME → Podman secret name)",
+                                "type": "object", "additionalProperties": {"type": "string"}},
+                "timeout": {"description": "Container timeout (e.g., \"5m\", \"1h\", \"30s\")",
+                            "type": "string", "example": "5m"},
+                "volumes": {"description": "Volume mounts (host:container or "
+                                           "host:container:options format)",
+                            "type": "array", "items": {"type": "string"},
+                            "example": ["/data:/data:ro"]}}},
+    },
+}
+
+SWAGGER_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Stromboli API</title><link rel="icon" href="data:,">
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1rem 1.5rem;
+  color:#1d2330;background:#f7f8fa}
+h1{margin:.2rem 0}h1 small,h2 small,.d{color:#5c6575;font-weight:normal}
+h2{margin:1.5rem 0 .4rem;padding-bottom:.2rem;border-bottom:1px solid #d8dde6}
+.bar{display:flex;gap:.5rem;margin:.8rem 0}.bar input{flex:1;padding:.35rem .5rem}
+details.op{border:1px solid #d8dde6;border-radius:6px;margin:.3rem 0;background:#fff}
+details.op>summary{padding:.4rem .6rem;display:flex;gap:.7rem;align-items:center}
+.m{font:bold 12px monospace;color:#fff;border-radius:4px;padding:.15rem 0;width:4.4rem;
+  text-align:center;flex:none}.get{background:#2f7dd1}.post{background:#2e9e5b}
+.put{background:#c98a1a}.delete{background:#d14343}.patch{background:#7a4fc9}
+.path{font:600 13px monospace}.lock{margin-left:auto;font-size:12px;color:#8a6d1a}
+.in{padding:.2rem 1rem .8rem;border-top:1px solid #eef0f4}h4{margin:.7rem 0 .2rem;color:#39414f}
+table{border-collapse:collapse;width:100%}summary{cursor:pointer}
+td,th{text-align:left;vertical-align:top;padding:.25rem .5rem;border-bottom:1px solid #eef0f4}
+code,.n,.t{font-family:monospace;font-size:13px}.t{color:#7a3e9d}.r{color:#d14343}
+ul.s{list-style:none;margin:.1rem 0;padding-left:1.1rem;border-left:1px dotted #c5cbd6}
+</style></head><body>
+<h1 id="title">Stromboli API</h1>
+<div id="desc" class="d">Loading <a href="doc.json">doc.json</a>…</div>
+<div class="bar"><input id="q" type="search" placeholder="Filter by path, summary or tag">
+<button id="all">Expand all</button></div><main id="ops"></main>
+<script>
+"use strict";
+let doc;  // the document, once loaded
+const el = (tag, cls, text) => Object.assign(document.createElement(tag),  // text, never HTML
+  cls ? {className: cls} : {}, text == null ? {} : {textContent: String(text)});
+const add = (parent, ...kids) => { kids.forEach(k => k && parent.append(k)); return parent; };
+const deref = ref => ref.slice(2).split("/").reduce((o, k) => o && o[k], doc);
+function typeOf(s) {
+  if (!s) return "";
+  if (s.$ref) return s.$ref.split("/").pop();
+  if (s.allOf) return s.allOf.map(typeOf).join(" & ");
+  if (s.type === "array") return typeOf(s.items) + "[]";
+  if (s.enum) return (s.type || "") + " (" + s.enum.join(" | ") + ")";
+  if (s.additionalProperties) return "map<string, " + typeOf(s.additionalProperties) + ">";
+  return (s.type || "any") + (s.format ? " <" + s.format + ">" : "");
+}
+function target(s) {  // the object or enum schema that s ends in, or null
+  for (let i = 0; s && i < 10; i++) {
+    if (s.$ref) s = deref(s.$ref);
+    else if (s.allOf) s = s.allOf[0];
+    else if (s.type === "array") s = s.items;
+    else return s.properties || s.enum ? s : null;
+  }
+  return null;
+}
+function tree(s) {  // an object's fields; nested objects expand on demand
+  const t = target(s), ul = el("ul", "s");
+  if (!t) return null;
+  if (t.enum) return add(ul, el("li", "d", "one of: " + t.enum.join(", ")));
+  const req = new Set(t.required || []);
+  for (const [name, p] of Object.entries(t.properties)) {
+    const line = [el("span", "n", name), req.has(name) ? el("span", "r", "*") : null,
+      el("span", "t", "  " + typeOf(p)),
+      el("span", "d", p.description ? "  — " + p.description : "")];
+    if (!target(p)) { add(ul, add(el("li"), ...line)); continue; }
+    const d = add(el("details"), add(el("summary"), ...line));
+    d.addEventListener("toggle", () => d.open && d.childElementCount < 2 && add(d, tree(p)));
+    add(ul, add(el("li"), d));
+  }
+  return ul;
+}
+function schemaBlock(s, open) {
+  const t = tree(s), d = add(el("details"), add(el("summary"), el("code", "t", typeOf(s))), t);
+  d.open = open;
+  return t ? d : el("code", "t", typeOf(s));
+}
+function operation(method, path, op) {
+  const sec = op.security || doc.security || [], d = el("details", "op");
+  Object.assign(d, {id: method + "-" + path, title: op.tags.join(", ")});
+  add(d, add(el("summary"), el("span", "m " + method, method.toUpperCase()),
+    el("span", "path", path), el("span", "d", op.summary),
+    sec.length ? el("span", "lock", "auth: " + Object.keys(sec[0]).join(", ")) : null));
+  const body = add(el("div", "in"), el("p", null, op.description),
+    el("div", "d", "Consumes: " + (op.consumes || ["—"]).join(", ") +
+                   " · Produces: " + (op.produces || ["—"]).join(", ")));
+  const params = (op.parameters || []).filter(p => p.in !== "body");
+  if (params.length) {
+    const tb = add(el("table"), add(el("tr"), ...["Name", "In", "Type", "Description"]
+      .map(h => el("th", null, h))));
+    for (const p of params) add(tb, add(el("tr"), add(el("td"), el("span", "n", p.name),
+      p.required ? el("span", "r", "*") : null), el("td", "d", p.in), el("td", "t", typeOf(p)),
+      el("td", null, p.description)));
+    add(body, el("h4", null, "Parameters"), tb);
+  }
+  for (const p of (op.parameters || []).filter(p => p.in === "body"))
+    add(body, el("h4", null, "Request body" + (p.required ? "" : " (optional)")),
+      el("div", "d", p.description), schemaBlock(p.schema, true));
+  const tb = add(el("table"), add(el("tr"), el("th", null, "Status"), el("th", null, "Response")));
+  for (let [code, r] of Object.entries(op.responses || {})) {
+    if (r.$ref) r = deref(r.$ref);
+    const cell = add(el("td"), el("div", null, r.description),
+      r.schema ? schemaBlock(r.schema, false) : null);
+    for (const [h, v] of Object.entries(r.headers || {}))
+      add(cell, el("div", "d", "Header " + h + ": " + typeOf(v) + " — " + (v.description || "")));
+    add(tb, add(el("tr"), el("td", "n", code), cell));
+  }
+  return add(d, add(body, el("h4", null, "Responses"), tb));
+}
+function render() {
+  document.title = doc.info.title + " " + doc.info.version;
+  add(document.getElementById("title"), el("small", null, " " + doc.info.version));
+  const desc = document.getElementById("desc");
+  desc.textContent = doc.info.description + " Base path " + doc.basePath + ". ";
+  add(desc, Object.assign(el("a", null, "Raw doc.json"), {href: "doc.json"}));
+  const tags = doc.tags || [], groups = new Map(tags.map(t => [t.name, []]));
+  for (const [path, item] of Object.entries(doc.paths))
+    for (const [method, op] of Object.entries(item)) {
+      const tag = (op.tags || ["other"])[0];
+      groups.set(tag, (groups.get(tag) || []).concat(operation(method, path, op)));
+    }
+  const main = document.getElementById("ops");
+  for (const [tag, ops] of groups) {
+    const info = tags.find(t => t.name === tag) || {};
+    if (ops.length) add(main, add(el("section"), add(el("h2", null, tag + " "),
+      el("small", null, info.description)), ...ops));
+  }
+  const models = add(el("section"), el("h2", null, "Models"));
+  for (const name of Object.keys(doc.definitions || {}).sort()) {
+    const s = {$ref: "#/definitions/" + name};
+    add(models, add(el("details", "op"), add(el("summary"), el("span", "path", name),
+      el("span", "d", deref(s.$ref).description)), add(el("div", "in"), tree(s))));
+  }
+  add(main, models);
+  const hit = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  if (hit) { hit.open = true; hit.scrollIntoView(); }
+}
+document.getElementById("q").addEventListener("input", e => {
+  const q = e.target.value.trim().toLowerCase();
+  document.querySelectorAll("#ops section").forEach(sec => {
+    const ops = [...sec.querySelectorAll("details.op")];
+    ops.forEach(d => {
+      d.hidden = !(d.title + " " + d.firstChild.textContent).toLowerCase().includes(q);
+    });
+    sec.hidden = ops.every(d => d.hidden);
+  });
+});
+document.getElementById("all").addEventListener("click", e => {
+  const open = e.target.textContent === "Expand all";
+  document.querySelectorAll("details.op").forEach(d => { d.open = open; });
+  e.target.textContent = open ? "Collapse all" : "Expand all";
+});
+fetch("doc.json").then(r => r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status)))
+  .then(d => { doc = d; render(); })
+  .catch(err => { document.getElementById("desc").textContent = "Cannot load doc.json: " + err; });
+</script></body></html>
+"""
+
 # ---------------------------------------------------------------------------
 # HTTP — the application object, middlewares, handlers, the route table
 # ---------------------------------------------------------------------------
@@ -2923,8 +4293,8 @@ async def read_json(request: web.Request, shape: str = "error", prefix: str = ""
                             f"{state(request).cfg.server_max_body_bytes} bytes)", shape) from None
     if not raw.strip():
         raise BadRequest(f"{prefix}request body is empty", shape)
-    try:
-        return json.loads(raw)
+    try:  # a large body is parsed off the event loop
+        return json.loads(raw) if len(raw) < 256 * 1024 else await asyncio.to_thread(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{prefix}invalid JSON: {exc}", shape) from None
 
@@ -2940,10 +4310,10 @@ async def health(request: web.Request) -> web.Response:
     app = state(request)
     components = [await check_component("podman", app.podman.call(app.podman.version))]
     creds = app.cfg.credentials_path
-    if app.cfg.api_key():
+    if app.runner.api_key:
         components.append(await check_component(
             "anthropic-api-key", secret_present(app, API_KEY_SECRET)))
-    if creds.is_file() or not app.cfg.api_key():
+    if creds.is_file() or not app.runner.api_key:
         components.append({"name": "claude-credentials-file", "status": "ok"} if creds.is_file()
                           else {"name": "claude-credentials-file", "status": "error",
                                 "error": f"credentials file not found at {creds}: run 'claude'"
@@ -3403,6 +4773,14 @@ async def auth_logout(request: web.Request) -> web.Response:
     return json_response({"success": True, "message": "token invalidated"})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return json_response(OPENAPI)
+
+
+async def openapi_viewer(request: web.Request) -> web.Response:
+    return web.Response(text=SWAGGER_HTML, content_type="text/html", charset="utf-8")
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     app = state(request)
     jobs = await app.store.call(app.store.count_jobs_by_status)
@@ -3440,6 +4818,8 @@ ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
     ("GET", "/images/search", search_images, "protected"),
     ("POST", "/images/pull", pull_image, "protected"),
     ("GET", "/images/{name:.+}", inspect_image, "protected"),
+    ("GET", "/swagger/doc.json", openapi_document, "public"),
+    ("GET", "/swagger/", openapi_viewer, "public"),
 )
 ROUTE_ACCESS = {(method, path): access for method, path, _, access in ROUTES}
 

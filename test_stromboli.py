@@ -1673,6 +1673,29 @@ def cli(daemon: Daemon, *args: str, timeout: float = 60) -> subprocess.Completed
                          timeout=timeout)
 
 
+def test_openapi_documents_exactly_the_route_table(daemon):
+    sys.path.insert(0, str(HERE))
+    import stromboli
+    doc = daemon.http.get("/swagger/doc.json").json()
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    routes = {(method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path))
+              for method, path, _, _ in stromboli.ROUTES}
+    assert documented == routes
+    assert doc["swagger"] == "2.0" and doc["info"]["version"] == daemon.http.get(
+        "/health").json()["version"]
+    from openapi_spec_validator import OpenAPIV2SpecValidator
+    assert list(OpenAPIV2SpecValidator(doc).iter_errors()) == []
+    job = doc["definitions"]["internal_api.JobResponse"]["properties"]
+    assert {"usage", "run_id", "started_at", "finished_at"} <= set(job)
+
+
+def test_swagger_page_needs_no_cdn(daemon):
+    r = daemon.http.get("/swagger/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'fetch("doc.json")' in r.text
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", r.text)
+
+
 def test_cli_run_streams_readable_text(daemon):
     result = cli(daemon, "run", "bash: echo from-the-cli", "--yes")
     assert result.returncode == 0, result.stderr
