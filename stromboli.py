@@ -118,8 +118,8 @@ def parse_env_pairs(text: Any) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in parse_list(text):
         key, sep, value = item.partition("=")
-        if not sep or not ENV_NAME_RE.match(key):
-            raise ValueError(f"invalid KEY=VALUE pair {item!r}")
+        if not sep or not ENV_NAME_RE.match(key):  # the value may be a secret: never echo it
+            raise ValueError(f"invalid KEY=VALUE pair (entry {len(pairs) + 1}, key {key[:40]!r})")
         pairs.append((key, value))
     return tuple(pairs)
 
@@ -604,7 +604,7 @@ class Store:
     """The SQLite database. Every query runs on one dedicated thread, off the event loop."""
 
     def __init__(self, path: pathlib.Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
@@ -691,6 +691,9 @@ class Store:
             "SELECT seq, kind, data FROM run_events WHERE run_id=? AND seq>? ORDER BY seq",
             (run_id, after))]
 
+    def delete_run_events(self, run_id: str) -> None:
+        self._db.execute("DELETE FROM run_events WHERE run_id=?", (run_id,))
+
     def delete_run_events_before(self, older_than: float) -> None:
         self._db.execute("DELETE FROM run_events WHERE at < ? AND run_id NOT IN "
                          "(SELECT run_id FROM jobs)", (older_than,))
@@ -760,7 +763,7 @@ class Metrics:
         self.rate_limited = 0
         self.auth_failures = 0
         self.active_containers = 0
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read)
 
     def request(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests[(method, path, str(status))] += 1
@@ -886,9 +889,13 @@ class PodmanService:
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
         # cwd="/": conmon inherits the service's cwd and fails if that folder goes away.
+        # Without our secrets in its environment.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("STROMBOLI_") and k != "ANTHROPIC_API_KEY"}
         self.process = subprocess.Popen([binary, "system", "service", "--time=0", url], cwd="/",
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+                                        env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and self.process.poll() is None:
             if sock.exists() and self._answers(url):
@@ -1107,8 +1114,9 @@ def validate_claude_options(options: Any) -> dict:
 
 
 def claude_argv(prompt: str, options: dict, session_flags: list[str]) -> list[str]:
-    """The `claude` command line for one run (U§6.2)."""
-    argv = ["claude", "-p", prompt, *session_flags]
+    """The `claude` command line for one run (U§6.2). The prompt goes last, after `--`, so
+    that a prompt starting with "-" is not taken for an option."""
+    argv = ["claude", "-p", *session_flags]
     for name, kind, flag in CLAUDE_FLAGS:
         value = options.get(name)
         if value is None or value is False or value == "" or value == []:
@@ -1129,7 +1137,7 @@ def claude_argv(prompt: str, options: dict, session_flags: list[str]) -> list[st
             argv += [flag, json.dumps(value)]
     if options.get("output_format") == "stream-json" and "--verbose" not in argv:
         argv.append("--verbose")  # the CLI refuses stream-json in print mode without it
-    return argv
+    return [*argv, "--", prompt]
 
 
 def claude_env(options: dict) -> dict[str, str]:
@@ -1253,7 +1261,6 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 CONTAINER_UID = 1000  # the agent image's `user`; session homes are chowned to it (rootful)
 CONTAINER_HOME = "/home/user"
 MAX_TRANSCRIPT_LINE = 10 * 1024 * 1024
-TITLE_MARKERS = (b"sessionTitle", b'"custom-title"', b'"summary"')
 
 
 def check_session_id(session_id: Any, shape: str = "run") -> str:
@@ -1438,9 +1445,13 @@ class SessionStore:
                 for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
                     os.lchown(name, CONTAINER_UID, CONTAINER_UID)
 
-    def drop_fork_source(self, session_id: str, source: str) -> None:
+    def settle_fork(self, session_id: str, source: str) -> None:
+        """After a fork's run: drop the copy of the source's transcript; a fork that wrote
+        no conversation of its own (it failed early) is removed altogether."""
         for path in (self.home(session_id) / ".claude" / "projects").glob(f"*/{source}.jsonl"):
             path.unlink()
+        if self.transcript(session_id) is None:
+            shutil.rmtree(self.home(session_id), ignore_errors=True)
 
     def list(self) -> list[dict]:
         """Sessions newest first, with titles (cached by transcript size and mtime)."""
@@ -1504,6 +1515,8 @@ CLI_MOUNT = "/opt/claude"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CREDENTIALS_SECRET = "claude-credentials"
 WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
+IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
+SECRET_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 BLOCKED_CONTAINER_PATHS = (
     "/home/user/.claude", "/home/user/.ssh", "/home/user/.gnupg", "/home/user/.aws",
     "/home/user/.docker", "/home/user/.kube", "/home/user/.config", "/home/user/.local",
@@ -1519,6 +1532,14 @@ PODMAN_KINDS = {"image": "str", "volumes": "multi", "secrets_env": "map", "timeo
                 "memory": "str", "cpus": "str", "cpu_shares": "int", "lifecycle": "object",
                 "environment": "object"}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
+
+
+def make_public_dirs(path: pathlib.Path) -> None:
+    """mkdir -p with mode 0755 whatever the umask (the agent runs as another uid)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir()
+        folder.chmod(0o755)
 
 
 def shell_quote(arg: str) -> str:
@@ -1545,8 +1566,6 @@ def normalize_image(name: str) -> str:
         return f"docker.io/library/{name}"
     if "." in first or ":" in first or first == "localhost":
         return name
-    if first == "library":
-        return f"docker.io/{name}"
     return f"docker.io/{name}"
 
 
@@ -1558,6 +1577,8 @@ def image_matches(name: str, patterns: Iterable[str]) -> bool:
 def check_image(cfg: Config, image: str) -> None:
     """U§12.4: the allowlist, and the CLI-mount compatibility check."""
     prefix = "image validation failed: "
+    if len(image) > 255 or not IMAGE_NAME_RE.match(image) or ".." in image:
+        raise BadRequest(f"{prefix}invalid image name format", "run")
     patterns = cfg.agent_allowed_image_patterns
     if patterns and not any(image == p or fnmatch.fnmatchcase(image, p)
                             or fnmatch.fnmatchcase(normalize_image(image), normalize_image(p))
@@ -1621,6 +1642,8 @@ def check_secrets_env(mapping: dict[str, str]) -> None:
         if len(name) > 253:
             raise BadRequest(f'{prefix}secret name "{name}" exceeds maximum length of 253 '
                              "characters", "run")
+        if not SECRET_NAME_RE.match(name):
+            raise BadRequest(f'{prefix}invalid secret name "{name}"', "run")
 
 
 def check_hooks(hooks: dict) -> dict[str, list[str]]:
@@ -1643,7 +1666,7 @@ def check_hooks(hooks: dict) -> dict[str, list[str]]:
         checked[key] = commands
     if total > 200 or size > 65536:
         raise BadRequest(f"{prefix}too many hook commands (max 200, 64 KiB in all)", "run")
-    if hooks.get("hooks_timeout") is not None:
+    if hooks.get("hooks_timeout") is not None:  # validated; hooks share the run's timeout
         try:
             parse_duration(hooks["hooks_timeout"])
         except ValueError as exc:
@@ -1726,7 +1749,6 @@ class RunResult:
     session_id: str
     status: str  # completed | crashed
     output: str
-    exit_code: int
     crash_info: dict | None = None
     usage: dict | None = None
     structured_output: Any = None
@@ -1838,7 +1860,9 @@ class ContainerRunner:
         # Daemons sharing one Podman (a user and a system service, say) tell their
         # containers apart by this label, derived from the state dir.
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
-        self.rootless: bool | None = None  # learnt once Podman answers
+        self.rootless = False
+        self.connected = asyncio.Event()  # set once Podman answered and recovery is done
+        self._credentials_lock = asyncio.Lock()
         self.api_key = cfg.api_key()  # read once: it may come from a file or a credential
         self._credentials_digest = ""
         self._api_key_synced = False
@@ -1850,6 +1874,10 @@ class ContainerRunner:
 
     async def sync_credentials(self) -> None:
         """Keep the Podman secrets in step with the credentials file and the API key."""
+        async with self._credentials_lock:  # concurrent runs must not replace it twice
+            await self._sync_credentials()
+
+    async def _sync_credentials(self) -> None:
         path = self.cfg.credentials_path
         if path.is_file():
             data = await asyncio.to_thread(path.read_bytes)
@@ -1864,6 +1892,9 @@ class ContainerRunner:
 
     # -- the container ---------------------------------------------------------------
     def command(self, req: RunRequest, plan: SessionPlan, needs_init: bool) -> list[str]:
+        """The container's command: claude, behind `mkdir -p && cd` for the workdir and
+        the lifecycle hooks, fail-fast. Each hook runs in its own subshell on its own lines,
+        so a comment, `;`, `||` or `cd` inside one cannot change the chain."""
         argv = claude_argv(req.prompt, req.claude, plan.argv())
         hooks = check_hooks(req.podman.get("lifecycle") or {})
         steps = []
@@ -1873,7 +1904,7 @@ class ContainerRunner:
         for key in HOOK_KEYS:
             if key != "post_start" and not needs_init:
                 continue
-            steps += hooks.get(key, [])
+            steps += [f"(\n{hook}\n)" for hook in hooks.get(key, [])]
         if not steps:
             return argv
         return ["sh", "-c", " && ".join(steps + ["exec " + " ".join(map(shell_quote, argv))])]
@@ -1888,8 +1919,12 @@ class ContainerRunner:
                                                          "extended_mode": ["z"]}}
         for volume in opts.get("volumes", []):
             host, target, options = check_volume(self.cfg, volume)
-            if self.cfg.agent_volume_auto_create:
-                os.makedirs(host, mode=0o755, exist_ok=True)
+            if self.cfg.agent_volume_auto_create and not os.path.exists(host):
+                try:
+                    make_public_dirs(pathlib.Path(host))
+                except OSError as exc:
+                    raise BadRequest(f'volume validation failed: cannot create "{host}": '
+                                     f"{exc.strerror}", "run") from None
             volumes[host] = {"bind": target, "extended_mode": options}
         secret_env = dict(opts.get("secrets_env", {}))
         if self.api_key:
@@ -1932,6 +1967,11 @@ class ContainerRunner:
     async def prepare(self, req: RunRequest) -> str:
         """Sync credentials; check that the run's image and secrets exist; → the image."""
         image = req.podman.get("image") or self.cfg.default_image
+        try:  # runs wait briefly for Podman at startup (socket activation wakes us with one)
+            await asyncio.wait_for(self.connected.wait(), 10)
+        except asyncio.TimeoutError:
+            raise Unavailable("podman unavailable: not connected yet (see /health)",
+                              "run") from None
         try:
             await self.sync_credentials()
             exists = await self.podman.call(self.podman.image_exists, image)
@@ -1957,11 +1997,15 @@ class ContainerRunner:
         kills and removes the container."""
         feed = self.feeds.get(run_id) or self.open_feed(run_id)
         try:
-            async with self.sessions.lock(plan.session_id):
-                async with self.slots.slot():
-                    if on_start:
-                        await on_start()
-                    result = await self._execute(req, run_id, plan, labels or {}, feed)
+            async with contextlib.AsyncExitStack() as held:
+                # A fork also holds its source; locks in a fixed order, all before the slot,
+                # so that no run waits for a lock while holding a slot.
+                for sid in sorted({plan.session_id, plan.source} - {""}):
+                    await held.enter_async_context(self.sessions.lock(sid))
+                await held.enter_async_context(self.slots.slot())
+                if on_start:
+                    await on_start()
+                result = await self._execute(req, run_id, plan, labels or {}, feed)
             feed.push("done", json.dumps({"id": run_id, "session_id": result.session_id,
                                           "status": result.status}, separators=(",", ":")))
             return result
@@ -1988,11 +2032,10 @@ class ContainerRunner:
         """Create the session home (a copy of the source for a fork), check that the
         history matches the mode, and put the transcript where the CLI will look."""
         sid = plan.session_id
-        if plan.mode == "fork":
-            async with self.sessions.lock(plan.source):
-                if await asyncio.to_thread(self.sessions.transcript, plan.source) is None:
-                    raise NotFound(f"session has no history: {plan.source}", "run")
-                await asyncio.to_thread(self.sessions.fork, plan.source, sid)
+        if plan.mode == "fork":  # run() holds the source's lock too
+            if await asyncio.to_thread(self.sessions.transcript, plan.source) is None:
+                raise NotFound(f"session has no history: {plan.source}", "run")
+            await asyncio.to_thread(self.sessions.fork, plan.source, sid)
         else:
             await asyncio.to_thread(self.sessions.ensure, sid)
             history = await asyncio.to_thread(self.sessions.transcript, sid)
@@ -2022,29 +2065,39 @@ class ContainerRunner:
         offset = before.stat().st_size if before else 0
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
-        spec = self.spec(req, run_id, session_id, labels)
+        spec = await asyncio.to_thread(self.spec, req, run_id, session_id, labels)
         command = self.command(req, plan, needs_init)
         started = time.monotonic()
-        exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
-        output = feed.output().strip()
-        after = await asyncio.to_thread(self.sessions.transcript, session_id)
-        usage = await asyncio.to_thread(transcript_usage, after, offset if after == before else 0)
+        try:
+            exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
+        finally:
+            if plan.mode == "fork":
+                await asyncio.shield(asyncio.to_thread(self.sessions.settle_fork, session_id,
+                                                       plan.source))
         self.metrics.run_finished(time.monotonic() - started)
+        output, usage, structured = await asyncio.to_thread(
+            self._outcome, feed, session_id, before, offset)  # may parse megabytes
         if timed_out:
             info = crash_info(137, output, f"Timeout: the run exceeded {format_duration(timeout)}"
                                            " and its container was killed")
-            return RunResult(run_id, session_id, "crashed", output, 137, info, usage)
+            return RunResult(run_id, session_id, "crashed", output, info, usage)
         if exit_code > 128:
-            return RunResult(run_id, session_id, "crashed", output, exit_code,
+            return RunResult(run_id, session_id, "crashed", output,
                              crash_info(exit_code, output), usage)
         if exit_code != 0:
             raise RunFailed(f"execution failed: exit status {exit_code}, output: {output}")
-        if plan.mode == "fork":
-            await asyncio.to_thread(self.sessions.drop_fork_source, session_id, plan.source)
-        if req.podman.get("lifecycle"):
-            marker.write_text(rfc3339(time.time()) or "")
-        return RunResult(run_id, session_id, "completed", output, 0, None, usage,
-                         structured_output(output))
+        lifecycle = req.podman.get("lifecycle") or {}
+        if needs_init and any(lifecycle.get(k) for k in ("on_create_command", "post_create")):
+            await asyncio.to_thread(marker.write_text, rfc3339(time.time()) or "")
+        return RunResult(run_id, session_id, "completed", output, None, usage, structured)
+
+    def _outcome(self, feed: RunFeed, session_id: str, before: pathlib.Path | None,
+                 offset: int) -> tuple[str, dict | None, Any]:
+        """(output, this run's usage, structured output) once the container is gone."""
+        output = feed.output().strip()
+        after = self.sessions.transcript(session_id)
+        usage = transcript_usage(after, offset if after == before else 0)
+        return output, usage, structured_output(output)
 
     async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
                          timeout: float) -> tuple[int, bool]:
@@ -2072,8 +2125,9 @@ class ContainerRunner:
             stream = asyncio.ensure_future(self.podman.call(
                 self.podman.attach, cid, functools.partial(loop.call_soon_threadsafe, attached.set),
                 functools.partial(loop.call_soon_threadsafe, feed.feed)))
-            await asyncio.wait({stream, asyncio.ensure_future(attached.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
+            waiter = asyncio.ensure_future(attached.wait())
+            await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
             if stream.done():
                 stream.result()  # attaching failed: raise why
             await self.podman.call(self.podman.start, cid)
@@ -2090,6 +2144,8 @@ class ContainerRunner:
             return exit_code, timed_out
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
+        except OSError as exc:  # requests' connection errors: Podman went away
+            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
         finally:
             self.metrics.active_containers -= 1
             await asyncio.shield(self._destroy(cid))
@@ -2151,8 +2207,9 @@ class WebhookSender:
                                       status, error)
                 if status is not None and 200 <= status < 300:
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60)
+                if attempt < self.cfg.webhook_max_attempts:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 60)
         log.warning("webhook not delivered", extra=fields(job_id=job["id"],
                                                           attempts=self.cfg.webhook_max_attempts))
 
@@ -2175,6 +2232,10 @@ class JobManager:
         self.tasks: dict[str, asyncio.Task] = {}
 
     async def submit(self, req: RunRequest) -> dict:
+        # Shielded: a client that hangs up mid-way must not leave a row without its task.
+        return await asyncio.shield(self._submit(req))
+
+    async def _submit(self, req: RunRequest) -> dict:
         plan = SessionPlan.of(req.claude)
         session_id = plan.session_id
         if plan.mode == "new":
@@ -2228,6 +2289,10 @@ class JobManager:
             self.webhooks.notify(final["request"]["webhook_url"], final)
 
     async def cancel(self, job_id: str) -> None:
+        # Shielded: once the row says cancelled, the container must go too.
+        await asyncio.shield(self._cancel(job_id))
+
+    async def _cancel(self, job_id: str) -> None:
         job = await self.store.call(self.store.get_job, job_id)
         if job is None:
             raise NotFound("job not found", "run")
@@ -2252,21 +2317,23 @@ class JobManager:
         return job
 
     async def recover(self) -> None:
-        """At startup: requeue pending jobs, fail running ones (stopping their containers)
-        and remove containers that belong to no job."""
+        """At startup, before any run may start: remove this instance's leftover
+        containers, fail the jobs that were running, requeue the pending ones."""
         containers = await self.runner.podman.call(
             self.runner.podman.containers, f"stromboli.instance={self.runner.instance}")
-        for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
-            if job["status"] == "pending":
-                self._start(job)
-                continue
-            await self._finish(job, dict(status="failed", error=RESTART_ERROR,
-                                         finished_at=time.time()))
         for container in containers:
             log.info("removing leftover agent container",
                      extra=fields(container=container["id"][:12],
                                   job_id=container["labels"].get("stromboli.job")))
             await self.runner._destroy(container["id"])
+        for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
+            if job["status"] == "running":
+                await self._finish(job, dict(status="failed", error=RESTART_ERROR,
+                                             finished_at=time.time()))
+                continue
+            # A queued job cancelled by the shutdown left a "run cancelled" event behind.
+            await self.store.call(self.store.delete_run_events, job["run_id"])
+            self._start(job)
 
     async def cleanup_forever(self) -> None:
         while True:
@@ -2613,12 +2680,10 @@ def build_registry_image(podman_api: Podman, reference: str) -> None:
 # Images and secrets — listing, ranking, inspect, search, pull; Podman secrets
 # ---------------------------------------------------------------------------
 
-IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
 LISTED_INCOMPATIBLE = ("*alpine*", "*-alpine", "alpine:*", "alpine", "gcr.io/distroless/*",
                        "distroless/*", "scratch", "busybox*", "busybox")
 RANK_TEXT = {1: "Stromboli verified compatible", 2: "Claude CLI pre-installed",
              3: "Standard glibc-based (compatible)", 4: "Incompatible (Alpine/musl/distroless)"}
-SECRET_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_SECRET_BYTES = 1024 * 1024
 MANAGED_SECRETS = (CREDENTIALS_SECRET, API_KEY_SECRET)
 
@@ -4161,7 +4226,8 @@ class Stromboli:
 
     async def start(self) -> None:
         url = await asyncio.to_thread(self.podman_service.resolve)
-        self.podman = Podman(url)
+        # Each run holds a worker while attached: leave room for the short calls.
+        self.podman = Podman(url, workers=2 * self.cfg.run_slots + 32)
         self.catalog = PodmanCatalog(self.podman)
         self.runner = ContainerRunner(self.cfg, self.podman, self.sessions, self.store,
                                       self.metrics)
@@ -4179,6 +4245,7 @@ class Stromboli:
                 self.runner.rootless = await self.podman.call(self.podman.rootless)
                 await self.runner.sync_credentials()
                 await self.jobs.recover()
+                self.runner.connected.set()
                 log.info("podman connected", extra=fields(url=self.podman.url,
                                                           rootless=self.runner.rootless))
                 return
@@ -4189,7 +4256,8 @@ class Stromboli:
 
     def status_line(self) -> str:
         slots = self.runner.slots
-        podman_state = "podman connected" if self.runner.rootless is not None else "waiting for podman"
+        podman_state = "podman connected" if self.runner.connected.is_set() \
+            else "waiting for podman"
         return f"{slots.active} running, {slots.queued} queued; {podman_state}"
 
     async def _reap_tokens_forever(self) -> None:
@@ -4227,7 +4295,8 @@ def route_template(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Request id, error envelopes, one access log line and the request metrics."""
     app = state(request)
-    request_id = request.headers.get("X-Request-ID") or pysecrets.token_hex(8)
+    request_id = request["request_id"] = request.headers.get("X-Request-ID") \
+        or pysecrets.token_hex(8)
     started = time.monotonic()
     try:
         response = await handler(request)
@@ -4265,7 +4334,10 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Rate limit, then auth, on the routes the route table marks (U§3)."""
     app = state(request)
-    access = ROUTE_ACCESS.get((request.method, route_template(request)), "public")
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # no such route: the router answers 404/405
+    access = request.app[ROUTE_ACCESS_KEY].get((request.method, route_template(request)),
+                                               "protected")
     limit_headers: dict[str, str] = {}
     if access == "protected" and app.cfg.rate_limit_enabled:
         allowed, limit_headers = app.limiter.check(app.limiter.client_ip(request))
@@ -4297,6 +4369,8 @@ async def read_json(request: web.Request, shape: str = "error", prefix: str = ""
         return json.loads(raw) if len(raw) < 256 * 1024 else await asyncio.to_thread(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{prefix}invalid JSON: {exc}", shape) from None
+    except RecursionError:
+        raise BadRequest(f"{prefix}invalid JSON: nested too deeply", shape) from None
 
 
 def require_configured(app: Stromboli, shape: str) -> None:
@@ -4371,9 +4445,6 @@ async def run_async(request: web.Request) -> web.Response:
     return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
 
 
-STREAM_LISTS = {n for n, k in CLAUDE_KINDS.items() if k in ("multi", "joined")} | {"volumes"}
-
-
 def stream_request_body(query: Any) -> dict:
     """Query parameters → a RunRequest body: prompt, workdir, session_id as upstream, plus
     every claude option (`model=` or `claude.model=`) and podman option (`podman.timeout=`,
@@ -4434,10 +4505,12 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
         await write_feed(response, feed.follow())
         result = await task
         app.metrics.run_status(result.status)
-    except (ApiError, RunFailed):
-        app.metrics.run_status("failed")  # already reported to the client as event: error
     except ConnectionResetError:
         pass  # the client went away; `finally` stops its container
+    except Exception as exc:  # already reported to the client as `event: error`
+        app.metrics.run_status("failed")
+        if not isinstance(exc, (ApiError, RunFailed)):
+            log.exception("stream run failed", extra=fields(run_id=run_id))
     finally:
         if not task.done():
             task.cancel()
@@ -4446,10 +4519,12 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def sse_response(request: web.Request, run_id: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "Connection": "keep-alive", "X-Accel-Buffering": "no", "X-Run-ID": run_id,
-        "X-Request-ID": request.headers.get("X-Request-ID") or pysecrets.token_hex(8)})
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "Connection": "keep-alive", "X-Accel-Buffering": "no",
+               "X-Request-ID": request["request_id"]}
+    if run_id:
+        headers["X-Run-ID"] = run_id
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     return response
 
@@ -4465,7 +4540,8 @@ async def write_feed(response: web.StreamResponse, events: Any) -> None:
     try:
         async for seq, kind, data in events:
             head = "" if kind == "line" else f"event: {kind}\n"
-            await response.write(f"id: {seq}\n{head}data: {data}\n\n".encode())
+            body = "".join(f"data: {part}\n" for part in re.split(r"\r\n|\r|\n", data))
+            await response.write(f"id: {seq}\n{head}{body}\n".encode())
     finally:
         pinger.cancel()
 
@@ -4476,7 +4552,7 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     app = state(request)
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
     try:
-        after = int(last)
+        after = max(-1, int(last))
     except ValueError:
         raise BadRequest("Last-Event-ID must be an integer", "text") from None
     feed = app.runner.feeds.get(run_id)
@@ -4644,7 +4720,7 @@ async def pull_image(request: web.Request) -> web.StreamResponse:
         except (RunFailed, podman.errors.PodmanError) as exc:
             raise ApiError(500, f"failed to pull image: {short_error(exc)}") from None
         return json_response({"success": True, "image_id": image_id, "image": image})
-    response = await sse_response(request, "")
+    response = await sse_response(request, run_id="")
 
     async def events():
         seq = 0
@@ -4821,15 +4897,18 @@ ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
     ("GET", "/swagger/doc.json", openapi_document, "public"),
     ("GET", "/swagger/", openapi_viewer, "public"),
 )
-ROUTE_ACCESS = {(method, path): access for method, path, _, access in ROUTES}
+ROUTE_ACCESS_KEY = web.AppKey("route_access", dict)
 
 
 def build_app(app_state: Stromboli) -> web.Application:
     app = web.Application(middlewares=[request_context, perimeter],
                           client_max_size=app_state.cfg.server_max_body_bytes)
     app[APP_KEY] = app_state
-    for method, path, handler, _ in ROUTES:
-        app.router.add_route(method, path, handler)
+    access = {}
+    for method, path, handler, level in ROUTES:
+        route = app.router.add_route(method, path, handler)
+        access[(method, route.resource.canonical)] = level  # the key perimeter looks up
+    app[ROUTE_ACCESS_KEY] = access
     return app
 
 
@@ -4887,7 +4966,7 @@ def activated_sockets(environ: dict[str, str] | None = None) -> list[socket.sock
 # Client CLI — subcommands that talk to a running daemon
 # ---------------------------------------------------------------------------
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_UNREACHABLE = 0, 1, 3, 4  # 2: argparse usage
 EXIT_CODES_HELP = """exit codes: 0 done, 1 the run or request failed, 2 bad usage, 3 the run crashed
 (killed, timed out), 4 the daemon cannot be reached or refused the token"""
 
@@ -5302,6 +5381,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("Failed to load configuration",
                   extra=fields(error="invalid configuration: " + "; ".join(errors)))
         return 1
+    os.umask(0o077)  # the database, its WAL files and session homes are private
     asyncio.run(serve(cfg))
     return 0
 

@@ -610,6 +610,12 @@ def test_workdir_is_created_and_used(daemon):
     assert "/workspace/a/b-c" in body["output"]
 
 
+def test_prompt_starting_with_a_dash(daemon):
+    body = daemon.http.post("/run", json={"prompt": "- fix the bug\n- then say hello"}).json()
+    assert body["status"] == "completed", body
+    assert body["output"] == "Hello from the scripted model"
+
+
 def test_structured_output(daemon):
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
               "required": ["answer"]}
@@ -751,6 +757,14 @@ def test_stream_error_event_on_failure(daemon):
     assert "execution failed" in events[-1].data
 
 
+def test_stream_multiline_error_keeps_every_line(daemon):
+    _, events = read_sse(daemon, {"prompt": "please fail 500", "output_format": "stream-json"})
+    error = events[-1]
+    assert error.event == "error" and "\n" in error.data  # several data: lines, one event
+    assert '"type":"result"' in error.data.splitlines()[-1]
+    assert error.data.startswith("execution failed: exit status 1, output:")
+
+
 def test_stream_missing_prompt_is_plain_400(daemon):
     r = daemon.http.get("/run/stream")
     assert r.status_code == 400 and r.text == "Missing required parameter: prompt"
@@ -880,7 +894,7 @@ def test_sync_runs_wait_their_turn(make_daemon):
 
 
 def test_lifecycle_hooks_run_init_once_and_post_start_always(daemon):
-    hooks = {"on_create_command": ["echo created >> $HOME/hooks.log"],
+    hooks = {"on_create_command": ["echo created >> $HOME/hooks.log # a comment; || true"],
              "post_create": ["echo post-create >> $HOME/hooks.log"],
              "post_start": ["echo started >> $HOME/hooks.log"]}
     first = daemon.http.post("/run", json={"prompt": "hello", "podman": {"lifecycle": hooks}}).json()
@@ -1032,6 +1046,27 @@ def test_async_fork_returns_the_new_id_at_once(daemon):
     assert accepted["session_id"] != original
     job = daemon.wait_job(accepted["job_id"])
     assert job["status"] == "completed" and job["session_id"] == accepted["session_id"]
+
+
+def test_fork_and_resume_of_one_session_with_one_slot_do_not_deadlock(make_daemon):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    source = d.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    fork = d.http.post("/run/async", json={"prompt": "sleep 1", "claude": {
+        "session_id": source, "fork_session": True}}).json()
+    resume = d.http.post("/run/async", json={"prompt": "sleep 1", "claude": {
+        "session_id": source, "resume": True}}).json()
+    assert d.wait_job(fork["job_id"], timeout=30)["status"] == "completed"
+    assert d.wait_job(resume["job_id"], timeout=30)["status"] == "completed"
+
+
+def test_failed_fork_leaves_no_half_session(daemon):
+    source = daemon.http.post("/run", json={"prompt": "hello"}).json()["session_id"]
+    before = {s["id"] for s in daemon.http.get("/sessions").json()["sessions"]}
+    r = daemon.http.post("/run", json={"prompt": "hello", "claude": {
+        "session_id": source, "fork_session": True}, "workdir": "/proc/forbidden"})
+    assert r.status_code == 500
+    after = {s["id"] for s in daemon.http.get("/sessions").json()["sessions"]}
+    assert after == before
 
 
 def test_resume_without_history_is_an_error_not_a_new_conversation(daemon):
@@ -1196,6 +1231,20 @@ def test_protected_routes_need_a_token(auth_daemon):
     assert auth_daemon.http.get("/health").status_code == 200  # public
     r = auth_daemon.http.post("/auth/token", json={"client_id": "x"})
     assert r.status_code == 401  # minting needs a credential too
+
+
+def test_every_protected_route_needs_a_token(auth_daemon):
+    sys.path.insert(0, str(HERE))
+    import stromboli
+    for method, path, _, access in stromboli.ROUTES:
+        concrete = re.sub(r"\{[^}]+\}", "x", path).replace("x:.+", "x")
+        r = auth_daemon.http.request(method, concrete)
+        if access == "public":
+            assert r.status_code != 401 or path.startswith("/auth/"), (method, path)
+        else:
+            assert r.status_code == 401, (method, path, r.status_code)
+    r = auth_daemon.http.get(f"/images/{IMAGE}")  # names with slashes too
+    assert r.status_code == 401
 
 
 def test_forged_tokens_are_rejected(auth_daemon):
