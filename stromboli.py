@@ -4448,7 +4448,8 @@ async def run_async(request: web.Request) -> web.Response:
 def stream_request_body(query: Any) -> dict:
     """Query parameters → a RunRequest body: prompt, workdir, session_id as upstream, plus
     every claude option (`model=` or `claude.model=`) and podman option (`podman.timeout=`,
-    or bare `timeout=`) as an extension. Lists are comma-separated."""
+    or bare `timeout=`) as an extension. Lists are comma-separated, except volumes (whose
+    options hold commas): repeat `volumes=` once per volume."""
     body: dict[str, Any] = {"prompt": query.get("prompt", ""), "claude": {}, "podman": {}}
     for key, value in query.items():
         section, _, name = key.rpartition(".")
@@ -4462,7 +4463,10 @@ def stream_request_body(query: Any) -> dict:
         kind = (PODMAN_KINDS if target == "podman" else CLAUDE_KINDS).get(name)
         if kind is None:
             continue
-        body[target][name] = convert_query_value(name, kind, value)
+        if name == "volumes":
+            body[target][name] = list(query.getall(key))
+        else:
+            body[target][name] = convert_query_value(name, kind, value)
     return body
 
 
