@@ -2829,6 +2829,15 @@ class PodmanCatalog:
 # OpenAPI — the document served at /swagger/doc.json and its HTML viewer
 # ---------------------------------------------------------------------------
 
+def schema_ref(definition: str) -> dict:
+    return {"$ref": f"#/definitions/{definition}"}
+
+
+def reply(description: str, definition: str) -> dict:
+    """An OpenAPI response whose body is one of the definitions."""
+    return {"description": description, "schema": schema_ref(definition)}
+
+
 # Swagger 2.0, upstream's v0.5.6 document without /agents; definition names are upstream's
 # so generated clients match. What this server adds is marked "(extension)".
 OPENAPI: dict = {
@@ -2863,22 +2872,18 @@ OPENAPI: dict = {
         {"name": "docs", "description": "This document (extension)"},
     ],
     "responses": {
-        "Unauthorized": {
-            "description": "Missing, malformed, invalid, expired or revoked token (auth enabled)",
-            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+        "Unauthorized": reply("Missing, malformed, invalid, expired or revoked token (auth enabled)", "internal_api.ErrorResponse"),
         "RateLimited": {
             "description": "{\"error\":\"rate limit exceeded\"} (rate limiting enabled); "
                            "Retry-After is an extension",
-            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"},
+            "schema": schema_ref("internal_api.ErrorResponse"),
             "headers": {
                 "Retry-After": {"type": "integer", "description": "Seconds to wait (extension)"},
                 "X-RateLimit-Limit": {"type": "number", "description": "Requests per second"},
                 "X-RateLimit-Remaining": {"type": "integer", "description": "Tokens left"},
                 "X-RateLimit-Reset": {"type": "integer", "description": "Unix seconds"}}},
-        "TooLarge": {
-            "description": "Request body over the size limit (extension; same envelope as the "
-                           "route's 400)",
-            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+        "TooLarge": reply("Request body over the size limit (extension; same envelope as the "
+                           "route's 400)", "internal_api.ErrorResponse"),
     },
     "paths": {
         "/health": {"get": {
@@ -2887,15 +2892,13 @@ OPENAPI: dict = {
                            "\"degraded\" when a component fails",
             "produces": ["application/json"],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.HealthResponse"}}}}},
+                "200": reply("OK", "internal_api.HealthResponse")}}},
         "/claude/status": {"get": {
             "tags": ["system"], "summary": "Claude status",
             "description": "Checks if Claude credentials (or an API key) are configured",
             "produces": ["application/json"],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.ClaudeStatusResponse"}},
+                "200": reply("OK", "internal_api.ClaudeStatusResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "429": {"$ref": "#/responses/RateLimited"}}}},
         "/auth/token": {"post": {
@@ -2905,16 +2908,13 @@ OPENAPI: dict = {
             "consumes": ["application/json"], "produces": ["application/json"],
             "parameters": [
                 {"name": "request", "in": "body", "required": True, "description": "Token request",
-                 "schema": {"$ref": "#/definitions/internal_api.TokenRequest"}}],
+                 "schema": schema_ref("internal_api.TokenRequest")}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.TokenResponse"}},
-                "400": {"description": "Bad Request",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("OK", "internal_api.TokenResponse"),
+                "400": reply("Bad Request", "internal_api.ErrorResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "413": {"$ref": "#/responses/TooLarge"},
-                "503": {"description": "JWT authentication not configured",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
         "/auth/refresh": {"post": {
             "tags": ["auth"], "summary": "Refresh access token", "security": [],
             "description": "Generate a new access token (and a new refresh token) using a valid "
@@ -2923,29 +2923,22 @@ OPENAPI: dict = {
             "parameters": [
                 {"name": "request", "in": "body", "required": True,
                  "description": "Refresh request",
-                 "schema": {"$ref": "#/definitions/internal_api.RefreshRequest"}}],
+                 "schema": schema_ref("internal_api.RefreshRequest")}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.TokenResponse"}},
-                "400": {"description": "Bad Request",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "401": {"description": "invalid or expired refresh token",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("OK", "internal_api.TokenResponse"),
+                "400": reply("Bad Request", "internal_api.ErrorResponse"),
+                "401": reply("invalid or expired refresh token", "internal_api.ErrorResponse"),
                 "413": {"$ref": "#/responses/TooLarge"},
-                "503": {"description": "JWT authentication not configured",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
         "/auth/validate": {"get": {
             "tags": ["auth"], "summary": "Validate JWT token",
             "description": "Validate a JWT access token and return its claims. Public route "
                            "(no rate limit): it checks the bearer token itself",
             "produces": ["application/json"],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.ValidateResponse"}},
-                "401": {"description": "Unauthorized",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "503": {"description": "JWT authentication not configured",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "200": reply("OK", "internal_api.ValidateResponse"),
+                "401": reply("Unauthorized", "internal_api.ErrorResponse"),
+                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
         "/auth/logout": {"post": {
             "tags": ["auth"], "summary": "Logout (invalidate token)",
             "description": "Revokes the bearer JWT; a refresh_token in the optional body is "
@@ -2955,41 +2948,32 @@ OPENAPI: dict = {
             "parameters": [
                 {"name": "request", "in": "body", "required": False,
                  "description": "Refresh token to revoke as well (extension)",
-                 "schema": {"$ref": "#/definitions/internal_api.LogoutRequest"}}],
+                 "schema": schema_ref("internal_api.LogoutRequest")}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.LogoutResponse"}},
-                "401": {"description": "Unauthorized",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("OK", "internal_api.LogoutResponse"),
+                "401": reply("Unauthorized", "internal_api.ErrorResponse"),
                 "413": {"$ref": "#/responses/TooLarge"},
-                "503": {"description": "Service Unavailable",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "503": reply("Service Unavailable", "internal_api.ErrorResponse")}}},
         "/run": {"post": {
             "tags": ["execution"], "summary": "Run Claude",
             "description": "Executes Claude Code in an isolated Podman container",
             "consumes": ["application/json"], "produces": ["application/json"],
             "parameters": [
                 {"name": "request", "in": "body", "required": True, "description": "Run request",
-                 "schema": {"$ref": "#/definitions/internal_api.RunRequest"}}],
+                 "schema": schema_ref("internal_api.RunRequest")}],
             "responses": {
-                "200": {"description": "OK (status completed, or crashed with crash_info)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
-                "400": {"description": "Invalid request, including option validation errors "
-                                       "(extension: upstream answers 500 for those)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "200": reply("OK (status completed, or crashed with crash_info)", "internal_api.RunResponse"),
+                "400": reply("Invalid request, including option validation errors "
+                                       "(extension: upstream answers 500 for those)", "internal_api.RunResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "session has no history: <id> (resume, continue or "
-                                       "fork without a transcript; extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
-                "409": {"description": "Session already has history; set claude.resume=true "
-                                       "(extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "404": reply("session has no history: <id> (resume, continue or "
+                                       "fork without a transcript; extension)", "internal_api.RunResponse"),
+                "409": reply("Session already has history; set claude.resume=true "
+                                       "(extension)", "internal_api.RunResponse"),
                 "413": {"$ref": "#/responses/TooLarge"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Execution failed",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
-                "503": {"description": "Claude not configured, or Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}}}}},
+                "500": reply("Execution failed", "internal_api.RunResponse"),
+                "503": reply("Claude not configured, or Podman unavailable (extension)", "internal_api.RunResponse")}}},
         "/run/async": {"post": {
             "tags": ["execution"], "summary": "Run Claude async",
             "description": "Starts Claude Code execution asynchronously and returns a job ID. "
@@ -2997,17 +2981,14 @@ OPENAPI: dict = {
             "consumes": ["application/json"], "produces": ["application/json"],
             "parameters": [
                 {"name": "request", "in": "body", "required": True, "description": "Run request",
-                 "schema": {"$ref": "#/definitions/internal_api.RunRequest"}}],
+                 "schema": schema_ref("internal_api.RunRequest")}],
             "responses": {
-                "202": {"description": "Accepted",
-                        "schema": {"$ref": "#/definitions/internal_api.AsyncRunResponse"}},
-                "400": {"description": "Invalid request",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "202": reply("Accepted", "internal_api.AsyncRunResponse"),
+                "400": reply("Invalid request", "internal_api.RunResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "413": {"$ref": "#/responses/TooLarge"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "503": {"description": "Claude not configured, or Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}}}}},
+                "503": reply("Claude not configured, or Podman unavailable (extension)", "internal_api.RunResponse")}}},
         "/run/stream": {"get": {
             "tags": ["execution"], "summary": "Stream Claude output",
             "description": (
@@ -3151,10 +3132,8 @@ OPENAPI: dict = {
                  "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"],
                  "description": "(extension) Only jobs in this state"}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.JobListResponse"}},
-                "400": {"description": "Invalid status filter (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                "200": reply("OK", "internal_api.JobListResponse"),
+                "400": reply("Invalid status filter (extension)", "internal_api.RunResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "429": {"$ref": "#/responses/RateLimited"}}}},
         "/jobs/{id}": {
@@ -3166,11 +3145,9 @@ OPENAPI: dict = {
                     {"name": "id", "in": "path", "required": True, "type": "string",
                      "description": "Job ID"}],
                 "responses": {
-                    "200": {"description": "OK",
-                            "schema": {"$ref": "#/definitions/internal_api.JobResponse"}},
+                    "200": reply("OK", "internal_api.JobResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": {"description": "Job not found",
-                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                    "404": reply("Job not found", "internal_api.RunResponse"),
                     "429": {"$ref": "#/responses/RateLimited"}}},
             "delete": {
                 "tags": ["jobs"], "summary": "Cancel job",
@@ -3180,13 +3157,10 @@ OPENAPI: dict = {
                     {"name": "id", "in": "path", "required": True, "type": "string",
                      "description": "Job ID"}],
                 "responses": {
-                    "200": {"description": "OK",
-                            "schema": {"$ref": "#/definitions/internal_api.JobCancelResponse"}},
+                    "200": reply("OK", "internal_api.JobCancelResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": {"description": "Job not found",
-                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
-                    "409": {"description": "Job cannot be cancelled",
-                            "schema": {"$ref": "#/definitions/internal_api.RunResponse"}},
+                    "404": reply("Job not found", "internal_api.RunResponse"),
+                    "409": reply("Job cannot be cancelled", "internal_api.RunResponse"),
                     "429": {"$ref": "#/responses/RateLimited"}}}},
         "/sessions": {"get": {
             "tags": ["sessions"], "summary": "List sessions",
@@ -3198,12 +3172,10 @@ OPENAPI: dict = {
                 {"name": "offset", "in": "query", "type": "integer",
                  "description": "(extension) Offset for pagination (default: 0)"}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionListResponse"}},
+                "200": reply("OK", "internal_api.SessionListResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Internal Server Error",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionListResponse"}}}}},
+                "500": reply("Internal Server Error", "internal_api.SessionListResponse")}}},
         "/sessions/{id}": {"delete": {
             "tags": ["sessions"], "summary": "Destroy session",
             "description": "Removes a session and all its stored data",
@@ -3212,15 +3184,11 @@ OPENAPI: dict = {
                 {"name": "id", "in": "path", "required": True, "type": "string",
                  "description": "Session ID (lowercase UUID)"}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
-                "400": {"description": "Bad Request",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "200": reply("OK", "internal_api.SessionDestroyResponse"),
+                "400": reply("Bad Request", "internal_api.SessionDestroyResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "Not Found",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
-                "409": {"description": "A run on the session is active or queued (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionDestroyResponse"}},
+                "404": reply("Not Found", "internal_api.SessionDestroyResponse"),
+                "409": reply("A run on the session is active or queued (extension)", "internal_api.SessionDestroyResponse"),
                 "429": {"$ref": "#/responses/RateLimited"}}}},
         "/sessions/{id}/messages": {"get": {
             "tags": ["sessions"], "summary": "List session messages",
@@ -3235,17 +3203,12 @@ OPENAPI: dict = {
                 {"name": "limit", "in": "query", "type": "integer",
                  "description": "Number of messages to return (default: 50, max: 200)"}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
-                "400": {"description": "Invalid parameters",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
+                "200": reply("OK", "internal_api.SessionMessagesResponse"),
+                "400": reply("Invalid parameters", "internal_api.SessionMessagesResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "Session not found",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}},
+                "404": reply("Session not found", "internal_api.SessionMessagesResponse"),
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {
-                    "description": "Internal error",
-                    "schema": {"$ref": "#/definitions/internal_api.SessionMessagesResponse"}}}}},
+                "500": reply("Internal error", "internal_api.SessionMessagesResponse")}}},
         "/sessions/{id}/messages/{message_id}": {"get": {
             "tags": ["sessions"], "summary": "Get session message",
             "description": "Returns a specific message from session history by UUID, including "
@@ -3257,16 +3220,12 @@ OPENAPI: dict = {
                 {"name": "message_id", "in": "path", "required": True, "type": "string",
                  "description": "Message UUID"}],
             "responses": {
-                "200": {"description": "OK",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
-                "400": {"description": "Invalid parameters",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
+                "200": reply("OK", "internal_api.SessionMessageResponse"),
+                "400": reply("Invalid parameters", "internal_api.SessionMessageResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "Message not found",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}},
+                "404": reply("Message not found", "internal_api.SessionMessageResponse"),
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Internal error",
-                        "schema": {"$ref": "#/definitions/internal_api.SessionMessageResponse"}}}}},
+                "500": reply("Internal error", "internal_api.SessionMessageResponse")}}},
         "/secrets": {
             "get": {
                 "tags": ["secrets"], "summary": "List secrets",
@@ -3274,14 +3233,11 @@ OPENAPI: dict = {
                                "returned",
                 "produces": ["application/json"],
                 "responses": {
-                    "200": {"description": "List of secrets (empty array if none exist)",
-                            "schema": {"$ref": "#/definitions/internal_api.SecretsListResponse"}},
+                    "200": reply("List of secrets (empty array if none exist)", "internal_api.SecretsListResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
                     "429": {"$ref": "#/responses/RateLimited"},
-                    "500": {"description": "Internal server error",
-                            "schema": {"$ref": "#/definitions/internal_api.SecretsListResponse"}},
-                    "503": {"description": "Podman unavailable (extension)",
-                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}},
+                    "500": reply("Internal server error", "internal_api.SecretsListResponse"),
+                    "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}},
             "post": {
                 "tags": ["secrets"], "summary": "Create secret",
                 "description": "Creates a Podman secret. Names: letters, digits, - and _, max "
@@ -3290,22 +3246,16 @@ OPENAPI: dict = {
                 "parameters": [
                     {"name": "request", "in": "body", "required": True,
                      "description": "Create secret request",
-                     "schema": {"$ref": "#/definitions/internal_api.CreateSecretRequest"}}],
+                     "schema": schema_ref("internal_api.CreateSecretRequest")}],
                 "responses": {
-                    "201": {"description": "Secret created successfully",
-                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
-                    "400": {"description": "Invalid request (missing/invalid name or value)",
-                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "201": reply("Secret created successfully", "internal_api.CreateSecretResponse"),
+                    "400": reply("Invalid request (missing/invalid name or value)", "internal_api.CreateSecretResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
-                    "409": {"description": "Secret with this name already exists",
-                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
+                    "409": reply("Secret with this name already exists", "internal_api.CreateSecretResponse"),
                     "413": {"$ref": "#/responses/TooLarge"},
                     "429": {"$ref": "#/responses/RateLimited"},
-                    "500": {"description": "Internal server error",
-                            "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}},
-                    "503": {
-                        "description": "Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.CreateSecretResponse"}}}}},
+                    "500": reply("Internal server error", "internal_api.CreateSecretResponse"),
+                    "503": reply("Podman unavailable (extension)", "internal_api.CreateSecretResponse")}}},
         "/secrets/{name}": {
             "get": {
                 "tags": ["secrets"], "summary": "Get secret metadata",
@@ -3316,18 +3266,13 @@ OPENAPI: dict = {
                     {"name": "name", "in": "path", "required": True, "type": "string",
                      "x-example": "github-token", "description": "Secret name"}],
                 "responses": {
-                    "200": {"description": "Secret metadata",
-                            "schema": {"$ref": "#/definitions/internal_api.SecretInfoResponse"}},
-                    "400": {"description": "Invalid secret name",
-                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                    "200": reply("Secret metadata", "internal_api.SecretInfoResponse"),
+                    "400": reply("Invalid secret name", "internal_api.ErrorResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": {"description": "Secret not found",
-                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                    "404": reply("Secret not found", "internal_api.ErrorResponse"),
                     "429": {"$ref": "#/responses/RateLimited"},
-                    "500": {"description": "Internal server error",
-                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                    "503": {"description": "Podman unavailable (extension)",
-                            "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}},
+                    "500": reply("Internal server error", "internal_api.ErrorResponse"),
+                    "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}},
             "delete": {
                 "tags": ["secrets"], "summary": "Delete secret",
                 "description": "Permanently deletes a Podman secret. Secrets in use by running "
@@ -3337,21 +3282,14 @@ OPENAPI: dict = {
                     {"name": "name", "in": "path", "required": True, "type": "string",
                      "x-example": "github-token", "description": "Secret name"}],
                 "responses": {
-                    "200": {"description": "Secret deleted successfully",
-                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
-                    "400": {"description": "Invalid secret name",
-                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "200": reply("Secret deleted successfully", "internal_api.DeleteSecretResponse"),
+                    "400": reply("Invalid secret name", "internal_api.DeleteSecretResponse"),
                     "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": {"description": "Secret not found",
-                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
-                    "409": {"description": "Secret is managed by stromboli (extension)",
-                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
+                    "404": reply("Secret not found", "internal_api.DeleteSecretResponse"),
+                    "409": reply("Secret is managed by stromboli (extension)", "internal_api.DeleteSecretResponse"),
                     "429": {"$ref": "#/responses/RateLimited"},
-                    "500": {"description": "Internal server error",
-                            "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}},
-                    "503": {
-                        "description": "Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.DeleteSecretResponse"}}}}},
+                    "500": reply("Internal server error", "internal_api.DeleteSecretResponse"),
+                    "503": reply("Podman unavailable (extension)", "internal_api.DeleteSecretResponse")}}},
         "/images": {"get": {
             "tags": ["images"], "summary": "List images",
             "description": "Returns local container images sorted by compatibility rank: 1-2 "
@@ -3359,14 +3297,11 @@ OPENAPI: dict = {
                            "(Alpine/musl)",
             "produces": ["application/json"],
             "responses": {
-                "200": {"description": "List of images (empty array if none exist)",
-                        "schema": {"$ref": "#/definitions/internal_api.ImagesListResponse"}},
+                "200": reply("List of images (empty array if none exist)", "internal_api.ImagesListResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Internal server error",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "503": {"description": "Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "500": reply("Internal server error", "internal_api.ErrorResponse"),
+                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
         "/images/search": {"get": {
             "tags": ["images"], "summary": "Search images",
             "description": "Searches container registries for images matching the query",
@@ -3379,18 +3314,13 @@ OPENAPI: dict = {
                 {"name": "no_trunc", "in": "query", "type": "boolean",
                  "description": "Don't truncate output (accepted; results are never truncated)"}],
             "responses": {
-                "200": {"description": "Search results",
-                        "schema": {"$ref": "#/definitions/internal_api.ImageSearchResponse"}},
-                "400": {"description": "Invalid request (missing query)",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("Search results", "internal_api.ImageSearchResponse"),
+                "400": reply("Invalid request (missing query)", "internal_api.ErrorResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Internal server error",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "502": {"description": "Registry search failed",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "503": {"description": "Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "500": reply("Internal server error", "internal_api.ErrorResponse"),
+                "502": reply("Registry search failed", "internal_api.ErrorResponse"),
+                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
         "/images/pull": {"post": {
             "tags": ["images"], "summary": "Pull image",
             "description": "Pulls a container image from a registry. Extension: with `Accept: "
@@ -3400,17 +3330,14 @@ OPENAPI: dict = {
             "consumes": ["application/json"], "produces": ["application/json", "text/event-stream"],
             "parameters": [
                 {"name": "request", "in": "body", "required": True, "description": "Pull request",
-                 "schema": {"$ref": "#/definitions/internal_api.ImagePullRequest"}}],
+                 "schema": schema_ref("internal_api.ImagePullRequest")}],
             "responses": {
-                "200": {"description": "Image pulled successfully (or the SSE progress stream)",
-                        "schema": {"$ref": "#/definitions/internal_api.ImagePullResponse"}},
-                "400": {"description": "Invalid request",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("Image pulled successfully (or the SSE progress stream)", "internal_api.ImagePullResponse"),
+                "400": reply("Invalid request", "internal_api.ErrorResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
                 "413": {"$ref": "#/responses/TooLarge"},
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Pull failed",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "500": reply("Pull failed", "internal_api.ErrorResponse")}}},
         "/images/{name}": {"get": {
             "tags": ["images"], "summary": "Inspect image",
             "description": "Returns detailed information about a container image including all "
@@ -3422,18 +3349,13 @@ OPENAPI: dict = {
                  "description": "Image name with optional tag; may hold a registry and slashes, "
                                 "raw or URL-encoded (extension)"}],
             "responses": {
-                "200": {"description": "Image details",
-                        "schema": {"$ref": "#/definitions/internal_api.ImageDetailResponse"}},
-                "400": {"description": "Invalid image name",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "200": reply("Image details", "internal_api.ImageDetailResponse"),
+                "400": reply("Invalid image name", "internal_api.ErrorResponse"),
                 "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "Image not found",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
+                "404": reply("Image not found", "internal_api.ErrorResponse"),
                 "429": {"$ref": "#/responses/RateLimited"},
-                "500": {"description": "Internal server error",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}},
-                "503": {"description": "Podman unavailable (extension)",
-                        "schema": {"$ref": "#/definitions/internal_api.ErrorResponse"}}}}},
+                "500": reply("Internal server error", "internal_api.ErrorResponse"),
+                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
         "/swagger/doc.json": {"get": {
             "tags": ["docs"], "summary": "OpenAPI document", "security": [],
             "description": "(extension) This Swagger 2.0 document",
@@ -3497,7 +3419,7 @@ OPENAPI: dict = {
             "type": "object",
             "properties": {
                 "components": {"type": "array",
-                               "items": {"$ref": "#/definitions/internal_api.ComponentHealth"}},
+                               "items": schema_ref("internal_api.ComponentHealth")},
                 "name": {"type": "string", "example": "stromboli"},
                 "status": {"type": "string", "example": "ok"},
                 "version": {"type": "string", "example": "0.5.6-alpha"}}},
@@ -3556,13 +3478,13 @@ OPENAPI: dict = {
             "properties": {
                 "results": {
                     "type": "array",
-                    "items": {"$ref": "#/definitions/internal_api.SearchResultResponse"}}}},
+                    "items": schema_ref("internal_api.SearchResultResponse")}}},
         "internal_api.ImagesListResponse": {
             "description": "List of local container images sorted by compatibility",
             "type": "object",
             "properties": {
                 "images": {"type": "array",
-                           "items": {"$ref": "#/definitions/internal_api.ImageInfoResponse"}}}},
+                           "items": schema_ref("internal_api.ImageInfoResponse")}}},
         "internal_api.JobCancelResponse": {
             "description": "Result of a job cancel request",
             "type": "object",
@@ -3574,12 +3496,12 @@ OPENAPI: dict = {
             "type": "object",
             "properties": {
                 "jobs": {"type": "array",
-                         "items": {"$ref": "#/definitions/internal_api.JobResponse"}}}},
+                         "items": schema_ref("internal_api.JobResponse")}}},
         "internal_api.JobResponse": {
             "description": "Job status and result",
             "type": "object",
             "properties": {
-                "crash_info": {"$ref": "#/definitions/stromboli_internal_job.CrashInfo"},
+                "crash_info": schema_ref("stromboli_internal_job.CrashInfo"),
                 "created_at": {"type": "string", "example": "2024-01-15T10:30:00Z"},
                 "error": {"type": "string"},
                 "finished_at": {"description": "(extension) RFC 3339 with milliseconds; absent "
@@ -3595,12 +3517,12 @@ OPENAPI: dict = {
                                               "until the job starts",
                                "type": "string", "format": "date-time",
                                "example": "2024-01-15T10:30:00.125Z"},
-                "status": {"allOf": [{"$ref": "#/definitions/stromboli_internal_job.Status"}],
+                "status": {"allOf": [schema_ref("stromboli_internal_job.Status")],
                            "example": "running"},
                 "structured_output": {"type": "object"},
                 "updated_at": {"type": "string", "example": "2024-01-15T10:31:00Z"},
                 "usage": {"description": "(extension) Token usage totals + estimated USD cost",
-                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]},
+                          "allOf": [schema_ref("stromboli_internal_job.Usage")]},
                 "webhook_deliveries": {
                     "description": "(extension) Webhook delivery attempts; GET /jobs/{id} only, "
                                    "when webhook_url was set",
@@ -3628,10 +3550,10 @@ OPENAPI: dict = {
             "properties": {
                 "claude": {
                     "description": "Claude configuration - all CLI options exposed",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.ClaudeOptions"}]},
+                    "allOf": [schema_ref("stromboli_internal_types.ClaudeOptions")]},
                 "podman": {
                     "description": "Podman configuration",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.PodmanOptions"}]},
+                    "allOf": [schema_ref("stromboli_internal_types.PodmanOptions")]},
                 "prompt": {"description": "Required: the prompt to send to Claude",
                            "type": "string",
                            "example": "Analyze this code and suggest improvements"},
@@ -3647,7 +3569,7 @@ OPENAPI: dict = {
             "properties": {
                 "crash_info": {
                     "description": "Crash details (when status is \"crashed\")",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_job.CrashInfo"}]},
+                    "allOf": [schema_ref("stromboli_internal_job.CrashInfo")]},
                 "error": {"description": "Error message (when failed)", "type": "string",
                           "example": ""},
                 "id": {"description": "Unique run identifier", "type": "string",
@@ -3664,7 +3586,7 @@ OPENAPI: dict = {
                                       "type": "object"},
                 "usage": {"description": "Token usage totals + estimated USD cost of this run; "
                                          "omitted when no assistant message reported usage",
-                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]}}},
+                          "allOf": [schema_ref("stromboli_internal_job.Usage")]}}},
         "internal_api.SearchResultResponse": {
             "description": "Search result from a container registry",
             "type": "object",
@@ -3691,7 +3613,7 @@ OPENAPI: dict = {
             "properties": {
                 "error": {"type": "string"},
                 "secrets": {"type": "array",
-                            "items": {"$ref": "#/definitions/internal_api.SecretInfoResponse"}}}},
+                            "items": schema_ref("internal_api.SecretInfoResponse")}}},
         "internal_api.SessionDestroyResponse": {
             "description": "Result of session destruction",
             "type": "object",
@@ -3712,7 +3634,7 @@ OPENAPI: dict = {
             "properties": {
                 "error": {"type": "string"},
                 "sessions": {"type": "array",
-                             "items": {"$ref": "#/definitions/internal_api.SessionInfo"}},
+                             "items": schema_ref("internal_api.SessionInfo")},
                 "total": {"description": "(extension) Number of sessions before pagination",
                           "type": "integer"}}},
         "internal_api.SessionMessageResponse": {
@@ -3720,7 +3642,7 @@ OPENAPI: dict = {
             "type": "object",
             "properties": {
                 "error": {"type": "string"},
-                "message": {"$ref": "#/definitions/stromboli_internal_history.Message"}}},
+                "message": schema_ref("stromboli_internal_history.Message")}},
         "internal_api.SessionMessagesResponse": {
             "description": "Paginated list of session messages",
             "type": "object",
@@ -3728,11 +3650,11 @@ OPENAPI: dict = {
                 "has_more": {"type": "boolean"},
                 "limit": {"type": "integer"},
                 "messages": {"type": "array",
-                             "items": {"$ref": "#/definitions/stromboli_internal_history.Message"}},
+                             "items": schema_ref("stromboli_internal_history.Message")},
                 "offset": {"type": "integer"},
                 "total": {"type": "integer"},
                 "usage": {"description": "(extension) The session's cumulative token usage",
-                          "allOf": [{"$ref": "#/definitions/stromboli_internal_job.Usage"}]}}},
+                          "allOf": [schema_ref("stromboli_internal_job.Usage")]}}},
         "internal_api.TokenRequest": {
             "type": "object",
             "required": ["client_id"],
@@ -3776,7 +3698,7 @@ OPENAPI: dict = {
             "properties": {
                 "content": {
                     "description": "The actual message content",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.MessageContent"}]},
+                    "allOf": [schema_ref("stromboli_internal_history.MessageContent")]},
                 "cwd": {"description": "Working directory at time of message", "type": "string",
                         "example": "/workspace"},
                 "git_branch": {"description": "Git branch at time of message", "type": "string",
@@ -3792,10 +3714,10 @@ OPENAPI: dict = {
                               "type": "string", "example": "2026-01-24T10:06:42.906Z"},
                 "tool_result": {
                     "description": "Tool use result (for tool_result messages)",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.ToolResult"}]},
+                    "allOf": [schema_ref("stromboli_internal_history.ToolResult")]},
                 "type": {
                     "description": "Message type: user, assistant, queue-operation",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_history.MessageType"}],
+                    "allOf": [schema_ref("stromboli_internal_history.MessageType")],
                     "example": "assistant"},
                 "uuid": {"description": "Unique identifier for this message", "type": "string",
                          "example": "40adde19-546a-43e8-ad25-31ef4faa4112"},
@@ -3808,7 +3730,7 @@ OPENAPI: dict = {
                 "content": {
                     "description": "Content blocks (text, tool_use, tool_result)",
                     "type": "array",
-                    "items": {"$ref": "#/definitions/stromboli_internal_history.ContentBlock"}},
+                    "items": schema_ref("stromboli_internal_history.ContentBlock")},
                 "message_id": {"description": "Message ID from API", "type": "string",
                                "example": "msg_017ETE4Wk32ZXAQJp3GXP1Bo"},
                 "model": {"description": "Model used (for assistant messages)", "type": "string",
@@ -3818,7 +3740,7 @@ OPENAPI: dict = {
                 "stop_reason": {"description": "Stop reason (for assistant messages)",
                                 "type": "string", "example": "end_turn"},
                 "usage": {"description": "Token usage",
-                          "allOf": [{"$ref": "#/definitions/stromboli_internal_history.Usage"}]}}},
+                          "allOf": [schema_ref("stromboli_internal_history.Usage")]}}},
         "stromboli_internal_history.MessageType": {
             "type": "string",
             "enum": ["user", "assistant", "queue-operation"],
@@ -4020,12 +3942,12 @@ OPENAPI: dict = {
                     "description": "Compose environment; not supported by this server (a "
                                    "non-empty type is a 400)",
                     "allOf": [
-                        {"$ref": "#/definitions/stromboli_internal_types.EnvironmentConfig"}]},
+                        schema_ref("stromboli_internal_types.EnvironmentConfig")]},
                 "image": {"description": "Container image override (must match allowed patterns)",
                           "type": "string", "example": "python:3.12"},
                 "lifecycle": {
                     "description": "Lifecycle hooks for running commands at container events",
-                    "allOf": [{"$ref": "#/definitions/stromboli_internal_types.LifecycleHooks"}]},
+                    "allOf": [schema_ref("stromboli_internal_types.LifecycleHooks")]},
                 "memory": {"description": "Memory limit (e.g., \"512m\", \"1g\")", "type": "string",
                            "example": "512m"},
                 "secrets_env": {"description": "Secrets injected as environment variables "

@@ -1805,6 +1805,29 @@ def test_cli_jobs_sessions_health_and_token(daemon, auth_daemon):
     assert denied.returncode == 4 and "401" in denied.stderr
 
 
+def test_cli_shows_a_spinner_on_a_terminal(daemon):
+    import pty
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(STROMBOLI), "run", "sleep 1.5"],
+                            stdout=secondary, stderr=secondary, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "STROMBOLI_URL": daemon.url})
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert proc.wait(30) == 0
+    text = screen.decode(errors="replace")
+    assert re.search(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]\s+1\.\ds", text)  # elapsed time while waiting
+    assert "echo: sleep 1.5" in text
+
+
 def test_cli_help_reads_well():
     result = stromboli_cli("--help")
     for command in ("serve", "check-config", "image", "run", "jobs", "cancel", "sessions",
