@@ -784,6 +784,17 @@ def test_stream_replay_with_last_event_id(daemon):
     assert r.status_code == 404
 
 
+def test_stream_replay_from_the_store_after_a_restart(make_daemon, tmp_path):
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    response, events = read_sse(d, {"prompt": "hello", "output_format": "stream-json"})
+    run_id = response.headers["X-Run-ID"]
+    d.stop()
+    again = make_daemon(state_dir=state)
+    _, replay = read_sse(again, {"run_id": run_id}, {"Last-Event-ID": events[0].id})
+    assert [(e.event, e.data) for e in replay] == [(e.event, e.data) for e in events[1:]]
+
+
 def test_stream_disconnect_stops_the_container(daemon):
     session = str(uuid.uuid4())
     label = f"stromboli.session={session}"
@@ -831,6 +842,25 @@ def test_cancel_kills_the_container_and_stays_cancelled(daemon):
     r = daemon.http.delete(f"/jobs/{job_id}")
     assert r.status_code == 409
     assert run_error(r) == "cannot cancel job (already completed, failed, or cancelled)"
+
+
+def test_jobs_can_be_filtered_by_status(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    daemon.wait_job(job_id)
+    completed = daemon.http.get("/jobs", params={"status": "completed"}).json()["jobs"]
+    assert job_id in [j["id"] for j in completed]
+    assert all(j["status"] == "completed" for j in completed)
+    assert job_id not in [j["id"] for j in daemon.http.get(
+        "/jobs", params={"status": "failed"}).json()["jobs"]]
+    r = daemon.http.get("/jobs", params={"status": "bogus"})
+    assert r.status_code == 400 and "invalid status filter" in run_error(r)
+
+
+def test_agent_network_setting_is_applied(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_NETWORK="none")  # the model server becomes unreachable
+    r = d.http.post("/run", json={"prompt": "hello"})
+    assert r.status_code == 500
+    assert "Unable to connect" in run_error(r) or "ConnectionRefused" in run_error(r)
 
 
 def test_unknown_job_is_404(daemon):
