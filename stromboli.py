@@ -10,6 +10,13 @@ cancel really kills the container, containers are hardened by default.
     python3 stromboli.py serve                  # run the daemon (the default command)
     python3 stromboli.py check-config           # print the effective configuration
     python3 stromboli.py image build --offline  # build the agent image from a local claude
+    python3 stromboli.py run "hello"            # client: stream a run from a daemon
+    python3 stromboli.py jobs | cancel | sessions | token | health
+
+Sections, in dependency order: configuration, errors, store (SQLite), metrics, Podman,
+Claude (argv, output, usage), sessions, runner, webhooks, jobs, auth, rate limiting, agent
+image, images and secrets, OpenAPI, HTTP (handlers and the route table), systemd, client
+CLI, main().
 
 Configuration: flags > environment (STROMBOLI_*) > TOML file (--config,
 $STROMBOLI_CONFIG, /etc/stromboli/stromboli.toml) > defaults. See README.md.
