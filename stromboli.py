@@ -537,24 +537,29 @@ class ApiError(Exception):
         return json_response(body, status=self.status)
 
 
-class BadRequest(ApiError):
+class FixedStatus(ApiError):
+    """An ApiError whose status is fixed by its class."""
+
+    code = 500
+
     def __init__(self, message: str, shape: str = "error", **extra: Any):
-        super().__init__(400, message, shape, **extra)
+        super().__init__(self.code, message, shape, **extra)
 
 
-class NotFound(ApiError):
-    def __init__(self, message: str, shape: str = "error", **extra: Any):
-        super().__init__(404, message, shape, **extra)
+class BadRequest(FixedStatus):
+    code = 400
 
 
-class Conflict(ApiError):
-    def __init__(self, message: str, shape: str = "error", **extra: Any):
-        super().__init__(409, message, shape, **extra)
+class NotFound(FixedStatus):
+    code = 404
 
 
-class Unavailable(ApiError):
-    def __init__(self, message: str, shape: str = "error", **extra: Any):
-        super().__init__(503, message, shape, **extra)
+class Conflict(FixedStatus):
+    code = 409
+
+
+class Unavailable(FixedStatus):
+    code = 503
 
 
 class RunFailed(Exception):
