@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -47,6 +48,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tarfile
@@ -55,7 +57,7 @@ import threading
 import time
 import tomllib
 import uuid
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, BinaryIO, Callable, Iterable
 
 import aiohttp
 import jwt
@@ -103,6 +105,14 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def format_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:g} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 def parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -131,9 +141,20 @@ def parse_env_pairs(text: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.I)
+
+
+def parse_size(text: Any) -> int:
+    """A byte size: 512, 64k, 16m, 1g (binary multiples)."""
+    m = SIZE_RE.match(str(text).strip())
+    if not m:
+        raise ValueError(f"invalid size {text!r} (use e.g. 64k, 16m, 1g)")
+    return int(m.group(1)) * 1024 ** "bkmg".index((m.group(2) or "b").lower())
+
+
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PARSERS: dict[str, Callable[[Any], Any]] = {
-    "str": str, "bool": parse_bool, "int": int, "float": float,
+    "str": str, "bool": parse_bool, "int": int, "float": float, "size": parse_size,
     "duration": parse_duration, "list": parse_list, "env": parse_env_pairs,
 }
 
@@ -201,6 +222,19 @@ class Config:
                                help="KEY=VALUE pairs set in every agent container")
     agent_pids_limit: int = setting(512, "agent.pids_limit", "STROMBOLI_AGENT_PIDS_LIMIT",
                                     kind="int", help="process limit per agent container")
+    agent_max_line: int = setting(1024 ** 2, "agent.max_line", "STROMBOLI_AGENT_MAX_LINE",
+                                  kind="size", help="longest output line kept (cut beyond)")
+    agent_max_output: int = setting(16 * 1024 ** 2, "agent.max_output",
+                                    "STROMBOLI_AGENT_MAX_OUTPUT", kind="size",
+                                    help="output kept per run (the rest is dropped)")
+    agent_session_quota: int = setting(1024 ** 3, "agent.session_quota",
+                                       "STROMBOLI_AGENT_SESSION_QUOTA", kind="size",
+                                       help="size limit of one session home (0 = none)")
+    agent_userns_base: int = setting(1_000_000_000, "agent.userns_base",
+                                     "STROMBOLI_AGENT_USERNS_BASE", kind="int",
+                                     help="rootful: host uid of container uid 0 (0 = no userns)")
+    secrets_allowed: tuple = setting((), "secrets.allowed", "STROMBOLI_SECRETS_ALLOWED",
+                                     kind="list", help="existing Podman secrets runs may use")
     anthropic_api_key: str = setting("", "agent.anthropic_api_key", "ANTHROPIC_API_KEY",
                                      secret=True, help="API key injected as a Podman secret")
     anthropic_api_key_file: str = setting("", "agent.anthropic_api_key_file",
@@ -288,6 +322,20 @@ class Config:
     @property
     def credentials_path(self) -> pathlib.Path:
         return pathlib.Path(self.agent_credentials_file).expanduser()
+
+    @property
+    def agent_host_uid(self) -> int | None:
+        """The host uid of the agent's uid 1000 with rootful Podman (owner of its session
+        homes); None when the daemon is not root and cannot give files away."""
+        if os.geteuid() != 0:
+            return None
+        return self.agent_userns_base + 1000 if self.userns_base else 1000
+
+    @property
+    def userns_base(self) -> int:
+        """The user namespace base in force: none in two-image mode, where Podman 4 cannot
+        mount an image inside a user namespace (permission denied on its storage)."""
+        return 0 if self.agent_mount_claude_cli else self.agent_userns_base
 
     @property
     def run_slots(self) -> int:
@@ -399,6 +447,10 @@ class Config:
                 errors.append(f"resources: {problem}")
         if self.resources_timeout <= 0:
             errors.append("resources timeout must be > 0")
+        if self.agent_max_line < 1024 or self.agent_max_output < self.agent_max_line:
+            errors.append("agent max_line must be >= 1k and max_output >= max_line")
+        if not 0 <= self.agent_userns_base <= 2 ** 32 - 2 ** 16 - 2:
+            errors.append("agent userns_base must be between 0 and 4294901758")
         for label, address in (("server", self.server_address), ("metrics", self.metrics_address)):
             try:
                 split_address(address)
@@ -419,6 +471,8 @@ class Config:
                 shown = ",".join(value)
             elif f.metadata["kind"] == "duration":
                 shown = format_duration(value)
+            elif f.metadata["kind"] == "size":
+                shown = format_size(value)
             else:
                 shown = str(value)
             rows.append((f.metadata["key"], f.metadata["env"][0], shown))
@@ -595,7 +649,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id TEXT NOT NULL, run_id TEXT NOT NULL,
     request TEXT NOT NULL, output TEXT, error TEXT, structured_output TEXT, usage TEXT,
     crash_info TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    started_at REAL, finished_at REAL
+    started_at REAL, finished_at REAL, truncated INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, updated_at);
 CREATE TABLE IF NOT EXISTS run_events (
@@ -628,6 +682,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "truncated" not in columns:  # added after the first release
+            self._db.execute("ALTER TABLE jobs ADD COLUMN truncated INTEGER")
         os.chmod(self.path, 0o600)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -698,10 +755,11 @@ class Store:
     def add_run_events(self, rows: list[tuple[str, int, str, str, float]]) -> None:
         self._db.executemany("INSERT OR IGNORE INTO run_events VALUES (?,?,?,?,?)", rows)
 
-    def run_events(self, run_id: str, after: int = -1) -> list[tuple[int, str, str]]:
+    def run_events(self, run_id: str, after: int = -1,
+                   limit: int = -1) -> list[tuple[int, str, str]]:
         return [tuple(r) for r in self._db.execute(
-            "SELECT seq, kind, data FROM run_events WHERE run_id=? AND seq>? ORDER BY seq",
-            (run_id, after))]
+            "SELECT seq, kind, data FROM run_events WHERE run_id=? AND seq>? ORDER BY seq "
+            "LIMIT ?", (run_id, after, limit))]
 
     def delete_run_events(self, run_id: str) -> None:
         self._db.execute("DELETE FROM run_events WHERE run_id=?", (run_id,))
@@ -956,11 +1014,31 @@ class Podman:
     def secret_exists(self, name: str) -> bool:
         return self.client.secrets.exists(name)
 
-    def replace_secret(self, name: str, data: bytes) -> None:
-        """Create or replace a secret; the value travels in the request body only."""
+    def secret_labels(self, name: str) -> dict | None:
+        """A secret's labels ({} when it has none), None when there is no such secret."""
+        try:
+            attrs = self.client.secrets.get(name).attrs
+        except podman.errors.NotFound:
+            return None
+        return (attrs.get("Spec") or {}).get("Labels") or {}
+
+    def secret_usable(self, name: str, allowed: Iterable[str]) -> bool:
+        """May a run use this secret: one stromboli created, or one an admin allowed."""
+        labels = self.secret_labels(name)
+        return labels is not None and (name in allowed or labels.get("managed-by") == "stromboli")
+
+    def create_secret(self, name: str, data: bytes, labels: dict) -> None:
+        """The value travels in the request body only (podman-py drops labels: the API
+        is called directly)."""
+        response = self.client.api.post(
+            "/secrets/create", params={"name": name, "labels": json.dumps(labels)}, data=data,
+            headers={"Content-Type": "application/octet-stream"})
+        response.raise_for_status()
+
+    def replace_secret(self, name: str, data: bytes, labels: dict) -> None:
         if self.client.secrets.exists(name):
             self.client.secrets.remove(name)
-        self.client.secrets.create(name, data)
+        self.create_secret(name, data, labels)
 
     def image_exists(self, ref: str) -> bool:
         return self.client.images.exists(ref)
@@ -996,8 +1074,9 @@ class Podman:
         try:
             while len(header := response.raw.read(8)) == 8:
                 size = int.from_bytes(header[4:], "big")
-                if size:
-                    sink(response.raw.read(size))
+                while size > 0 and (data := response.raw.read(min(size, 1024 * 1024))):
+                    sink(data)
+                    size -= len(data)
         finally:
             response.close()
 
@@ -1125,9 +1204,9 @@ def validate_claude_options(options: Any) -> dict:
     return {k: v for k, v in options.items() if k in CLAUDE_KINDS and v is not None}
 
 
-def claude_argv(prompt: str, options: dict, session_flags: list[str]) -> list[str]:
-    """The `claude` command line for one run (U§6.2). The prompt goes last, after `--`, so
-    that a prompt starting with "-" is not taken for an option."""
+def claude_argv(options: dict, session_flags: list[str]) -> list[str]:
+    """The `claude` command line for one run (U§6.2). The prompt is not in it: the CLI
+    reads it on stdin, so that it shows in no process list and has no size limit."""
     argv = ["claude", "-p", *session_flags]
     for name, kind, flag in CLAUDE_FLAGS:
         value = options.get(name)
@@ -1149,7 +1228,7 @@ def claude_argv(prompt: str, options: dict, session_flags: list[str]) -> list[st
             argv += [flag, json.dumps(value)]
     if options.get("output_format") == "stream-json" and "--verbose" not in argv:
         argv.append("--verbose")  # the CLI refuses stream-json in print mode without it
-    return [*argv, "--", prompt]
+    return argv
 
 
 def claude_env(options: dict) -> dict[str, str]:
@@ -1218,34 +1297,6 @@ def usage_summary(messages: dict[str, dict], model: str) -> dict | None:
                       "estimated_cost_usd": round(cost, 6)})
 
 
-def transcript_usage(path: pathlib.Path | None, offset: int = 0) -> dict | None:
-    """Usage of the assistant messages written to a transcript after byte `offset`.
-
-    The CLI writes one line per content block, each repeating its message's usage, so
-    lines are grouped by message id before summing."""
-    if path is None or not path.exists():
-        return None
-    messages: dict[str, dict] = {}
-    model = ""
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        for raw in fh:
-            if b'"assistant"' not in raw:
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            message = line.get("message") if isinstance(line, dict) else None
-            if line.get("type") != "assistant" or not isinstance(message, dict):
-                continue
-            if isinstance(message.get("usage"), dict):
-                key = message.get("id") or line.get("uuid") or str(len(messages))
-                messages[key] = message["usage"]
-                model = message.get("model") or model
-    return usage_summary(messages, model)
-
-
 CRASH_SIGNALS = {2: "SIGINT", 4: "SIGILL", 6: "SIGABRT", 7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL",
                  11: "SIGSEGV", 15: "SIGTERM"}
 COMPLETION_MARKERS = ("No messages returned", "Task completed", "finished successfully")
@@ -1266,13 +1317,18 @@ def crash_info(exit_code: int, output: str, reason: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Sessions — session homes, per-session locks, transcripts and titles
+# Sessions — session homes (never following the agent's links), locks, transcripts
 # ---------------------------------------------------------------------------
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-CONTAINER_UID = 1000  # the agent image's `user`; session homes are chowned to it (rootful)
+CONTAINER_UID = 1000  # the agent image's `user` (inside the container's user namespace)
 CONTAINER_HOME = "/home/user"
-MAX_TRANSCRIPT_LINE = 10 * 1024 * 1024
+MAX_TRANSCRIPT_LINE = 4 * 1024 * 1024
+MAX_HOME_DEPTH = 128
+INIT_MARKER = ".stromboli-initialized"
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
+O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def check_session_id(session_id: Any, shape: str = "run") -> str:
@@ -1319,24 +1375,43 @@ class SessionPlan:
                          "--session-id", self.session_id]}[self.mode]
 
 
-def read_transcript(path: pathlib.Path) -> Iterable[dict]:
+def bounded_lines(fh: BinaryIO, limit: int) -> Iterable[bytes]:
+    """The lines of a binary file; a line longer than `limit` is skipped without ever
+    being held whole."""
+    while line := fh.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := fh.readline(limit)) and not rest.endswith(b"\n"):
+                pass
+            continue
+        yield line
+
+
+def read_transcript(fh: BinaryIO) -> Iterable[dict]:
     """Each JSON object line of a transcript; unparseable, partial and oversized lines
-    (over 10 MiB) are skipped without reading them whole into memory."""
-    with path.open("rb") as fh:
-        while True:
-            line = fh.readline(MAX_TRANSCRIPT_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_TRANSCRIPT_LINE and not line.endswith(b"\n"):
-                while (rest := fh.readline(MAX_TRANSCRIPT_LINE)) and not rest.endswith(b"\n"):
-                    pass
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                yield value
+    are skipped."""
+    for line in bounded_lines(fh, MAX_TRANSCRIPT_LINE):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def transcript_usage(fh: BinaryIO) -> dict | None:
+    """Usage of the assistant messages from the file's position on. The CLI writes one
+    line per content block, each repeating its message's usage: grouped by message id."""
+    messages: dict[str, dict] = {}
+    model = ""
+    for line in read_transcript(fh):
+        message = line.get("message")
+        if line.get("type") != "assistant" or not isinstance(message, dict):
+            continue
+        if isinstance(message.get("usage"), dict):
+            key = message.get("id") or line.get("uuid") or str(len(messages))
+            messages[key] = message["usage"]
+            model = message.get("model") or model
+    return usage_summary(messages, model)
 
 
 def content_block(block: Any) -> dict:
@@ -1376,11 +1451,11 @@ def transcript_message(line: dict) -> dict | None:
     })
 
 
-def transcript_title(path: pathlib.Path) -> str:
+def transcript_title(fh: BinaryIO) -> str:
     """A session's title: the last title the CLI recorded (a UserPromptSubmit hook's
     sessionTitle, a custom title or a summary), else its first prompt, shortened."""
     title, first_prompt = "", ""
-    for line in read_transcript(path):
+    for line in read_transcript(fh):
         hook = line.get("hookSpecificOutput")
         if isinstance(hook, dict) and isinstance(hook.get("sessionTitle"), str):
             title = hook["sessionTitle"]
@@ -1398,108 +1473,389 @@ def transcript_title(path: pathlib.Path) -> str:
     return first_prompt if len(first_prompt) <= 80 else first_prompt[:79] + "…"
 
 
+class HomeError(Exception):
+    """A session home the daemon will not work with (too deep, over its quota)."""
+
+
+class SafeHome:
+    """One session home, held by a directory fd. The agent writes to it freely, so every
+    path below it is walked one name at a time with O_NOFOLLOW relative to its parent's
+    fd: a link the agent made is never followed, and anything that is not a regular file
+    or a directory counts as absent. All methods block: call them through a thread."""
+
+    def __init__(self, fd: int, owner: int | None):
+        self.fd, self.owner = fd, owner
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, root: pathlib.Path, name: str, owner: int | None, create: bool = False):
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            home = cls(root_fd, owner)
+            home.fd = home._open_dir(root_fd, name, create)
+        finally:
+            os.close(root_fd)
+        try:
+            yield home
+        finally:
+            os.close(home.fd)
+
+    @staticmethod
+    def _check(name: str) -> str:
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise ValueError(f"not a plain name: {name!r}")
+        return name
+
+    def _open_dir(self, parent: int, name: str, create: bool) -> int:
+        try:
+            return os.open(self._check(name), O_DIR, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as exc:  # ELOOP: a link; ENOTDIR: a file, FIFO, device...
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            if not create:
+                raise FileNotFoundError(errno.ENOENT, "not a folder", name) from None
+            os.unlink(name, dir_fd=parent)  # removes the link itself, never its target
+        os.mkdir(name, 0o700, dir_fd=parent)
+        fd = os.open(name, O_DIR, dir_fd=parent)
+        self._own(fd)
+        return fd
+
+    def _own(self, fd: int) -> None:
+        if self.owner is not None:
+            os.fchown(fd, self.owner, self.owner)
+
+    @contextlib.contextmanager
+    def folder(self, *parts: str, create: bool = False):
+        """The fd of a folder below the home (FileNotFoundError when it is not one)."""
+        fd = os.dup(self.fd)
+        try:
+            for part in parts:
+                child = self._open_dir(fd, part, create)
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def entries(fd: int) -> list[tuple[str, os.stat_result]]:
+        """The regular files and folders in a folder, by lstat."""
+        found = []
+        with os.scandir(fd) as listing:
+            for entry in listing:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                    found.append((entry.name, info))
+        return found
+
+    @staticmethod
+    def file_stat(fd: int, name: str) -> os.stat_result | None:
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return info if stat.S_ISREG(info.st_mode) else None
+
+    def read(self, fd: int, name: str) -> BinaryIO:
+        """A regular file for reading; FileNotFoundError for anything else."""
+        file_fd = os.open(self._check(name), O_READ, dir_fd=fd)
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            os.close(file_fd)
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+        return os.fdopen(file_fd, "rb")
+
+    def write(self, fd: int, name: str, data: bytes) -> None:
+        """Create or replace a small regular file, whatever stood at that name."""
+        self.remove(fd, name)
+        file_fd = os.open(self._check(name), O_CREATE, 0o644, dir_fd=fd)
+        with os.fdopen(file_fd, "wb") as out:
+            self._own(file_fd)
+            out.write(data)
+
+    @staticmethod
+    def remove(fd: int, name: str) -> None:
+        """Remove whatever stands at a name (a link itself, never its target)."""
+        try:
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(name, dir_fd=fd)  # fd-based: follows no link
+        else:
+            os.unlink(name, dir_fd=fd)
+
+    def walk(self) -> Iterable[tuple[tuple[str, ...], int, list[tuple[str, os.stat_result]]]]:
+        """(path parts, folder fd, entries) for the home and every folder below it,
+        parents first, iteratively; each folder is reopened name by name from the home."""
+        pending: list[tuple[str, ...]] = [()]
+        while pending:
+            parts = pending.pop()
+            if len(parts) > MAX_HOME_DEPTH:
+                raise HomeError(f"session home is nested deeper than {MAX_HOME_DEPTH} folders")
+            try:
+                with self.folder(*parts) as fd:
+                    entries = self.entries(fd)
+                    yield parts, fd, entries
+            except FileNotFoundError:
+                continue  # replaced while we walked: it is not a folder any more
+            pending += [(*parts, name) for name, info in entries if stat.S_ISDIR(info.st_mode)]
+
+    def size(self) -> int:
+        return sum(info.st_size for _, _, entries in self.walk() for _, info in entries
+                   if stat.S_ISREG(info.st_mode))
+
+    def own_all(self) -> None:
+        """Give the whole home to the owner (homes made for another uid). A file with
+        other hard links is left alone: it may be someone else's."""
+        self._own(self.fd)
+        for _, fd, entries in self.walk():
+            for name, info in entries:
+                if stat.S_ISDIR(info.st_mode) or info.st_nlink == 1:
+                    os.chown(name, self.owner, self.owner, dir_fd=fd, follow_symlinks=False)
+
+    def copy_to(self, target: "SafeHome", limit: int) -> None:
+        """Copy the regular files and folders into another home; links, FIFOs and devices
+        are left out. HomeError past `limit` bytes (0 = no limit)."""
+        total = 0
+        for parts, fd, entries in self.walk():
+            with target.folder(*parts, create=True) as out:
+                for name, info in entries:
+                    if stat.S_ISDIR(info.st_mode):
+                        continue
+                    total += info.st_size
+                    if limit and total > limit:
+                        raise HomeError(f"session home is over its quota of {format_size(limit)}")
+                    try:
+                        source = self.read(fd, name)
+                    except FileNotFoundError:
+                        continue
+                    with source, os.fdopen(os.open(name, O_CREATE, info.st_mode & 0o777 | 0o600,
+                                                   dir_fd=out), "wb") as copy:
+                        target._own(copy.fileno())
+                        shutil.copyfileobj(source, copy, 1024 * 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transcript:
+    """Where a conversation's transcript is: its project folder and file name."""
+
+    folder: str
+    name: str
+    size: int
+    mtime: float
+
+
 class SessionStore:
     """Session homes under the sessions dir (each is $HOME of its runs' containers),
     and one lock per session so that two runs never write one transcript at once.
-    Methods that touch the disk are blocking: call them through a thread."""
+    Every disk access goes through SafeHome and blocks: call these through a thread."""
 
-    def __init__(self, root: pathlib.Path, host_root: pathlib.Path, chown: bool):
-        self.root, self.host_root, self.chown = root, host_root, chown
+    def __init__(self, root: pathlib.Path, host_root: pathlib.Path, owner: int | None,
+                 quota: int):
+        self.root, self.host_root, self.owner, self.quota = root, host_root, owner, quota
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: collections.Counter = collections.Counter()
         self._titles: dict[str, tuple[tuple, str]] = {}
+        self._sizes: dict[str, int] = {}
         root.mkdir(parents=True, exist_ok=True)
-
-    def home(self, session_id: str) -> pathlib.Path:
-        return self.root / check_session_id(session_id)
 
     def host_home(self, session_id: str) -> str:
         return str(self.host_root / check_session_id(session_id))
 
-    def _own(self, path: pathlib.Path) -> None:
-        if self.chown:
-            os.chown(path, CONTAINER_UID, CONTAINER_UID)
+    def _open(self, session_id: str, create: bool = False):
+        return SafeHome.open(self.root, check_session_id(session_id), self.owner, create)
 
-    def ensure(self, session_id: str) -> pathlib.Path:
-        home = self.home(session_id)
-        for path in (home, home / ".claude"):
-            path.mkdir(mode=0o700, exist_ok=True)
-            self._own(path)
-        return home
+    def exists(self, session_id: str) -> bool:
+        try:
+            with self._open(session_id):
+                return True
+        except FileNotFoundError:
+            return False
 
-    def transcript(self, session_id: str) -> pathlib.Path | None:
-        projects = self.home(session_id) / ".claude" / "projects"
-        found = sorted(projects.glob(f"*/{session_id}.jsonl"), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
+    def ensure(self, session_id: str) -> None:
+        with self._open(session_id, create=True) as home:
+            if self.owner is not None and os.fstat(home.fd).st_uid != self.owner:
+                home.own_all()  # made for another uid (before user namespaces)
+            with home.folder(".claude", create=True):
+                pass
+
+    def transcript(self, session_id: str, conversation: str = "") -> Transcript | None:
+        """The newest transcript of a conversation (default: the session's own)."""
+        name = f"{check_session_id(conversation or session_id)}.jsonl"
+        found = []
+        try:
+            with self._open(session_id) as home, home.folder(".claude", "projects") as fd:
+                for folder, info in home.entries(fd):
+                    if not stat.S_ISDIR(info.st_mode):
+                        continue
+                    with contextlib.suppress(FileNotFoundError), home.folder(
+                            ".claude", "projects", folder) as project:
+                        if (file := home.file_stat(project, name)) is not None:
+                            found.append(Transcript(folder, name, file.st_size, file.st_mtime))
+        except FileNotFoundError:
+            return None
+        return max(found, key=lambda t: t.mtime, default=None)
+
+    @contextlib.contextmanager
+    def read(self, session_id: str, transcript: Transcript):
+        with self._open(session_id) as home, \
+                home.folder(".claude", "projects", transcript.folder) as fd, \
+                home.read(fd, transcript.name) as fh:
+            yield fh
+
+    def usage(self, session_id: str, before: Transcript | None = None) -> dict | None:
+        """Usage recorded in the session's transcript (after `before`, when it is the same
+        file, so that a run counts only its own messages)."""
+        current = self.transcript(session_id)
+        if current is None:
+            return None
+        try:
+            with self.read(session_id, current) as fh:
+                if before is not None and before.folder == current.folder:
+                    fh.seek(before.size)
+                return transcript_usage(fh)
+        except FileNotFoundError:
+            return None
 
     def relocate(self, session_id: str, conversation: str, cwd: str) -> None:
         """Move a conversation's transcript (in this session's home) into the project
         folder of `cwd`: the CLI only resumes conversations recorded under its cwd."""
-        projects = self.home(session_id) / ".claude" / "projects"
-        found = list(projects.glob(f"*/{check_session_id(conversation)}.jsonl"))
-        current = max(found, key=lambda p: p.stat().st_mtime) if found else None
-        target = projects / cwd_folder(cwd)
-        if current is None or current.parent == target:
+        current = self.transcript(session_id, conversation)
+        target = cwd_folder(cwd)
+        if current is None or current.folder == target:
             return
-        for path in (target.parent, target):
-            path.mkdir(mode=0o700, exist_ok=True)
-            self._own(path)
-        for item in (current, current.with_suffix("")):  # the transcript and its side folder
-            if item.exists():
-                os.replace(item, target / item.name)
+        with self._open(session_id) as home, \
+                home.folder(".claude", "projects", current.folder) as source, \
+                home.folder(".claude", "projects", target, create=True) as dest:
+            side = current.name.removesuffix(".jsonl")  # the CLI's side folder
+            for name, info in home.entries(source):
+                if name in (current.name, side):
+                    home.remove(dest, name)
+                    os.replace(name, name, src_dir_fd=source, dst_dir_fd=dest)
 
     def fork(self, source: str, session_id: str) -> None:
-        """A new session home holding a copy of `source`'s history."""
-        home = self.home(session_id)
-        shutil.copytree(self.home(source), home, symlinks=True)
-        if self.chown:
-            for folder, dirs, files in os.walk(home):
-                for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
-                    os.lchown(name, CONTAINER_UID, CONTAINER_UID)
+        """A new session home holding a copy of `source`'s history (within the quota)."""
+        try:
+            with self._open(source) as original, self._open(session_id, create=True) as copy:
+                original.copy_to(copy, self.quota)
+        except BaseException:
+            self.remove(session_id)
+            raise
 
     def settle_fork(self, session_id: str, source: str) -> None:
         """After a fork's run: drop the copy of the source's transcript; a fork that wrote
         no conversation of its own (it failed early) is removed altogether."""
-        for path in (self.home(session_id) / ".claude" / "projects").glob(f"*/{source}.jsonl"):
-            path.unlink()
+        while (copied := self.transcript(session_id, source)) is not None:
+            with self._open(session_id) as home, \
+                    home.folder(".claude", "projects", copied.folder) as fd:
+                home.remove(fd, copied.name)
         if self.transcript(session_id) is None:
-            shutil.rmtree(self.home(session_id), ignore_errors=True)
+            self.remove(session_id)
+
+    def initialized(self, session_id: str) -> bool:
+        with self._open(session_id) as home:
+            return home.file_stat(home.fd, INIT_MARKER) is not None
+
+    def mark_initialized(self, session_id: str) -> None:
+        with self._open(session_id) as home:
+            home.write(home.fd, INIT_MARKER, (rfc3339(time.time()) or "").encode())
+
+    def size(self, session_id: str) -> int:
+        with self._open(session_id) as home:
+            size = self._sizes[session_id] = home.size()
+        return size
+
+    def over_quota(self, session_id: str) -> str | None:
+        """Why the home cannot be used (over its quota, too deep), or None."""
+        try:
+            size = self.size(session_id)
+        except FileNotFoundError:
+            return None
+        except HomeError as exc:
+            return str(exc)
+        if self.quota and size > self.quota:
+            return (f"session home is over its quota ({format_size(size)} used of "
+                    f"{format_size(self.quota)}): delete files in it or delete the session")
+        return None
 
     def list(self) -> list[dict]:
-        """Sessions newest first, with titles (cached by transcript size and mtime)."""
+        """Sessions newest first, with titles (cached by transcript size and mtime) and
+        the home's size (as of its last run or check)."""
         entries = []
-        for home in self.root.iterdir():
-            if not (UUID_RE.match(home.name) and home.is_dir()):
-                continue
-            transcript = self.transcript(home.name)
-            stat = (transcript or home).stat()
-            entries.append((stat.st_mtime, home.name, transcript, (stat.st_mtime, stat.st_size)))
+        with os.scandir(self.root) as homes:
+            for home in homes:
+                if not (UUID_RE.match(home.name) and home.is_dir(follow_symlinks=False)):
+                    continue
+                transcript = self.transcript(home.name)
+                mtime = transcript.mtime if transcript else \
+                    home.stat(follow_symlinks=False).st_mtime
+                entries.append((mtime, home.name, transcript))
         entries.sort(reverse=True)
-        return [{"id": sid, "title": self._title(sid, path, key)}
-                for _, sid, path, key in entries]
+        return [{"id": sid, "title": self._title(sid, transcript),
+                 "size_bytes": self._cached_size(sid)} for _, sid, transcript in entries]
 
-    def _title(self, session_id: str, path: pathlib.Path | None, key: tuple) -> str:
-        if path is None:
+    def _cached_size(self, session_id: str) -> int:
+        if session_id not in self._sizes:
+            with contextlib.suppress(FileNotFoundError, HomeError):
+                self.size(session_id)
+        return self._sizes.get(session_id, 0)
+
+    def _title(self, session_id: str, transcript: Transcript | None) -> str:
+        if transcript is None:
             return ""
+        key = (transcript.folder, transcript.size, transcript.mtime)
         cached = self._titles.get(session_id)
         if cached and cached[0] == key:
             return cached[1]
-        title = transcript_title(path)
+        try:
+            with self.read(session_id, transcript) as fh:
+                title = transcript_title(fh)
+        except FileNotFoundError:
+            return ""
         self._titles[session_id] = (key, title)
         return title
 
-    def messages(self, session_id: str) -> list[dict]:
-        path = self.transcript(session_id)
-        if path is None:
+    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
+        """One page of the history and the number of messages in all."""
+        page, total = [], 0
+        for message in self._messages(session_id):
+            if offset <= total < offset + limit:
+                page.append(message)
+            total += 1
+        return page, total
+
+    def message(self, session_id: str, message_id: str) -> dict | None:
+        with contextlib.closing(self._messages(session_id)) as messages:
+            return next((m for m in messages if m["uuid"] == message_id), None)
+
+    def _messages(self, session_id: str) -> Iterable[dict]:
+        transcript = self.transcript(session_id)
+        if transcript is None:
             raise NotFound(f"session history not found: {session_id}")
-        return [m for m in map(transcript_message, read_transcript(path)) if m is not None]
+        try:
+            with self.read(session_id, transcript) as fh:
+                for line in read_transcript(fh):
+                    if (message := transcript_message(line)) is not None:
+                        yield message
+        except FileNotFoundError:
+            raise NotFound(f"session history not found: {session_id}") from None
 
     def delete(self, session_id: str) -> None:
-        home = self.home(session_id)
-        if not home.is_dir():
+        if not self.exists(session_id):
             raise NotFound(f"session not found: {session_id}", "success")
-        shutil.rmtree(home)
+        self.remove(session_id)
+
+    def remove(self, session_id: str) -> None:
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            SafeHome.remove(root_fd, check_session_id(session_id))
+        finally:
+            os.close(root_fd)
         self._titles.pop(session_id, None)
+        self._sizes.pop(session_id, None)
 
     def busy(self, session_id: str) -> bool:
         return self._users[session_id] > 0
@@ -1522,10 +1878,13 @@ class SessionStore:
 # Runner — request validation, container spec, run lifecycle
 # ---------------------------------------------------------------------------
 
-API_KEY_SECRET = "stromboli-anthropic-api-key"
 CLI_MOUNT = "/opt/claude"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CREDENTIALS_SECRET = "claude-credentials"
+PROMPT_FILE = "/run/stromboli/prompt"  # the CLI reads the prompt on stdin from here
+SECRETS_DIR = "/run/secrets"
+MANAGED_LABEL = {"managed-by": "stromboli"}
+USERNS_SIZE = 65536
+QUOTA_CHECK_INTERVAL = 2.0
 WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
 IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
 SECRET_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -1536,8 +1895,13 @@ BLOCKED_CONTAINER_PATHS = (
     "/home/user/.bashrc", "/home/user/.bash_profile", "/home/user/.profile", "/home/user/.zshrc",
     "/etc", "/root", "/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/lib",
     "/lib64", "/var/run", "/run", "/proc", "/sys", "/dev")
+# Targets that would replace part of the image (or the agent's home): refused, and so is
+# any folder above them ("/", "/usr", "/home"...).
+SHADOWED_CONTAINER_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+                            "/etc", CLI_MOUNT, "/home/user")
+# No `U`: it chowns the host tree recursively, even read-only.
 MOUNT_OPTIONS = {"ro", "rw", "z", "Z", "noexec", "nosuid", "nodev", "rslave", "rprivate",
-                 "rshared", "slave", "private", "shared", "nocopy", "copy", "U"}
+                 "rshared", "slave", "private", "shared", "nocopy", "copy"}
 INCOMPATIBLE_IMAGES = ("*alpine*", "*-alpine", "alpine:*", "gcr.io/distroless/*", "scratch",
                        "busybox*")
 PODMAN_KINDS = {"image": "str", "volumes": "multi", "secrets_env": "map", "timeout": "str",
@@ -1611,6 +1975,8 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
                          "expected host:container[:options]", "run")
     host, target = parts[0], parts[1]
     options = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
+    if "\0" in volume:
+        raise BadRequest(f"{prefix}volume must not contain NUL characters", "run")
     resolved = os.path.realpath(os.path.abspath(host))
     if not cfg.agent_allowed_volumes:
         if not cfg.agent_allow_all_volumes:
@@ -1624,10 +1990,14 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
                              "is not in allowed directories", "run")
     if len(target) > 4096 or not target.startswith("/"):
         raise BadRequest(f'{prefix}container path "{target}" must be an absolute path', "run")
-    clean = os.path.normpath(target)
+    clean = "/" + os.path.normpath(target).lstrip("/")
     if any(clean == b or clean.startswith(b + "/") for b in BLOCKED_CONTAINER_PATHS):
         raise BadRequest(f'{prefix}container path "{target}" is blocked for security reasons',
                          "run")
+    if any(s == clean or s.startswith(clean.rstrip("/") + "/") or
+           (s != "/home/user" and clean.startswith(s + "/")) for s in SHADOWED_CONTAINER_PATHS):
+        raise BadRequest(f'{prefix}container path "{target}" would shadow the image\'s system '
+                         "folders or the agent's home", "run")
     for option in options:
         if option not in MOUNT_OPTIONS:
             raise BadRequest(f'{prefix}mount option "{option}" is not allowed', "run")
@@ -1728,7 +2098,10 @@ class RunRequest:
             return {}
         if not isinstance(options, dict):
             raise BadRequest("Invalid request: podman must be an object", "run")
-        options = {k: v for k, v in options.items() if k in PODMAN_KINDS and v not in (None, "")}
+        for name in options:
+            if name not in PODMAN_KINDS:  # nobody may believe they got a privilege
+                raise BadRequest(f'Invalid request: unknown podman option "{name}"', "run")
+        options = {k: v for k, v in options.items() if v not in (None, "")}
         for name, value in options.items():
             check_kind(f"podman.{name}", value, PODMAN_KINDS[name])
         if "image" in options:
@@ -1764,43 +2137,89 @@ class RunResult:
     crash_info: dict | None = None
     usage: dict | None = None
     structured_output: Any = None
+    truncated: bool = False
 
     def response(self) -> dict:
         return drop_none({"id": self.run_id, "status": self.status, "output": self.output,
                           "structured_output": self.structured_output,
                           "session_id": self.session_id, "usage": self.usage,
-                          "crash_info": self.crash_info})
+                          "crash_info": self.crash_info, "truncated": self.truncated or None})
 
 
 class RunFeed:
     """The output of one run as numbered events, for live followers and replay.
 
     Events are (seq, kind, data): kind "line" for each output line, then one final
-    "done" (data = JSON {id, session_id, status}) or "error" (data = message)."""
+    "done" (data = JSON {id, session_id, status}) or "error" (data = message).
+    The agent controls its output, so memory is bounded: a line is cut at `max_line`
+    bytes, and past `max_output` bytes (or as many lines) further lines are counted and
+    dropped — only the last one is kept, since the CLI's result comes last."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, max_line: int = 1024 ** 2, max_output: int = 16 * 1024 ** 2):
+        self.run_id, self.max_line, self.max_output = run_id, max_line, max_output
+        self.max_lines = max(10000, max_output // 64)
         self.events: list[tuple[int, str, str]] = []
         self.finished = False
+        self.kept = 0
+        self.dropped_bytes = self.dropped_lines = self.cut_lines = 0
         self._changed = asyncio.Event()
-        self._partial = b""
+        self._partial = bytearray()
+        self._cut = 0  # bytes dropped from the line being assembled
+        self._last_dropped: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.cut_lines or self.dropped_lines)
 
     def feed(self, chunk: bytes) -> None:
-        """Split raw log frames into lines (a long line may span frames)."""
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        for line in lines:
-            self.push("line", line.rstrip(b"\r").decode("utf-8", "replace"))
+        """Split raw output frames into lines (a line may span frames), in linear time."""
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._gather(chunk, start, end)
+            self._end_line()
+            start = end + 1
+        self._gather(chunk, start, len(chunk))
+        self._notify()
+
+    def _gather(self, chunk: bytes, start: int, end: int) -> None:
+        room = self.max_line - len(self._partial)
+        take = min(room, end - start)
+        self._partial += chunk[start:start + take]
+        self._cut += end - start - take
+
+    def _end_line(self) -> None:
+        line = self._partial.rstrip(b"\r").decode("utf-8", "replace")
+        if self._cut:
+            line += f" [stromboli: line truncated, {self._cut} bytes dropped]"
+            self.cut_lines += 1
+        self._partial, self._cut = bytearray(), 0
+        size = len(line) + 1
+        if self.kept + size > self.max_output or len(self.events) >= self.max_lines:
+            self.dropped_bytes += size
+            self.dropped_lines += 1
+            self._last_dropped = line
+            return
+        self.kept += size
+        self.events.append((len(self.events), "line", line))
 
     def flush(self) -> None:
-        if self._partial:
-            self.push("line", self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+        if self._partial or self._cut:
+            self._end_line()
+        if self._last_dropped is not None:
+            marker = (f"[stromboli: output truncated: {self.dropped_bytes} bytes in "
+                      f"{self.dropped_lines} lines dropped]")
+            for line in (marker, self._last_dropped):
+                self.events.append((len(self.events), "line", line))
+            self._last_dropped = None
+        self._notify()
 
     def push(self, kind: str, data: str) -> None:
         self.events.append((len(self.events), kind, data))
         if kind != "line":
             self.finished = True
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -1860,6 +2279,11 @@ class RunSlots:
         self.active -= 1
 
 
+def instance_secret(instance: str, name: str) -> str:
+    """A daemon's own secret, named per instance so daemons sharing a Podman keep theirs."""
+    return f"stromboli-{instance}-{name}"
+
+
 class ContainerRunner:
     """Runs one request in one fresh, hardened agent container and always removes it."""
 
@@ -1872,6 +2296,9 @@ class ContainerRunner:
         # Daemons sharing one Podman (a user and a system service, say) tell their
         # containers apart by this label, derived from the state dir.
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
+        self.api_key_secret = instance_secret(self.instance, "anthropic-api-key")
+        self.credentials_secret = instance_secret(self.instance, "claude-credentials")
+        self.prompts = cfg.state_path / "prompts"
         self.rootless = False
         self.connected = asyncio.Event()  # set once Podman answered and recovery is done
         self._credentials_lock = asyncio.Lock()
@@ -1891,25 +2318,36 @@ class ContainerRunner:
 
     async def _sync_credentials(self) -> None:
         path = self.cfg.credentials_path
+        labels = {**MANAGED_LABEL, "stromboli.instance": self.instance}
         if path.is_file():
             data = await asyncio.to_thread(path.read_bytes)
             digest = hashlib.sha256(data).hexdigest()
             if digest != self._credentials_digest:
-                await self.podman.call(self.podman.replace_secret, CREDENTIALS_SECRET, data)
+                await self.podman.call(self.podman.replace_secret, self.credentials_secret, data,
+                                       labels)
                 self._credentials_digest = digest
         if self.api_key and not self._api_key_synced:
-            await self.podman.call(self.podman.replace_secret, API_KEY_SECRET,
-                                   self.api_key.encode())
+            await self.podman.call(self.podman.replace_secret, self.api_key_secret,
+                                   self.api_key.encode(), labels)
             self._api_key_synced = True
 
     # -- the container ---------------------------------------------------------------
+    def secret_env(self, req: RunRequest) -> dict[str, str]:
+        """{environment variable: secret name} for the run, the daemon's API key included."""
+        mapping = dict(req.podman.get("secrets_env", {}))
+        if self.api_key:
+            mapping.setdefault("ANTHROPIC_API_KEY", self.api_key_secret)
+        return mapping
+
     def command(self, req: RunRequest, plan: SessionPlan, needs_init: bool) -> list[str]:
-        """The container's command: claude, behind `mkdir -p && cd` for the workdir and
-        the lifecycle hooks, fail-fast. Each hook runs in its own subshell on its own lines,
-        so a comment, `;`, `||` or `cd` inside one cannot change the chain."""
-        argv = claude_argv(req.prompt, req.claude, plan.argv())
+        """The container's command: a fail-fast shell chain that exports the secrets from
+        their files (so their values are in no `podman inspect`), makes and enters the
+        workdir, runs the lifecycle hooks (each in its own subshell on its own lines, so a
+        comment, `;`, `||` or `cd` inside one cannot change the chain), then execs claude
+        with the prompt on stdin (so it is in no argv)."""
+        argv = claude_argv(req.claude, plan.argv())
         hooks = check_hooks(req.podman.get("lifecycle") or {})
-        steps = []
+        steps = [f'export {env}="$(cat {SECRETS_DIR}/{env})"' for env in self.secret_env(req)]
         if req.workdir and self.cfg.agent_workdir_auto_create:
             steps.append(f"mkdir -p {shell_quote(req.workdir)}")
             steps.append(f"cd {shell_quote(req.workdir)}")
@@ -1917,36 +2355,35 @@ class ContainerRunner:
             if key != "post_start" and not needs_init:
                 continue
             steps += [f"(\n{hook}\n)" for hook in hooks.get(key, [])]
-        if not steps:
-            return argv
-        return ["sh", "-c", " && ".join(steps + ["exec " + " ".join(map(shell_quote, argv))])]
+        claude = "exec " + " ".join(map(shell_quote, argv)) + f" < {PROMPT_FILE}"
+        return ["sh", "-c", " && ".join(steps + [claude])]
 
-    def spec(self, req: RunRequest, run_id: str, session_id: str, labels: dict) -> dict:
+    def spec(self, req: RunRequest, run_id: str, session_id: str, labels: dict,
+             prompt_file: str) -> dict:
+        """The container's create arguments: a pure function of the request and settings."""
         opts = req.podman
         cpus = parse_cpus(opts.get("cpus") or self.cfg.resources_cpus)
         env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(self.cfg.agent_env),
                **claude_env(req.claude)}
         # `z`: on SELinux hosts the session home must be relabelled (ignored elsewhere).
         volumes = {self.sessions.host_home(session_id): {"bind": CONTAINER_HOME, "mode": "rw",
-                                                         "extended_mode": ["z"]}}
+                                                         "extended_mode": ["z"]},
+                   prompt_file: {"bind": PROMPT_FILE, "mode": "ro"}}
         for volume in opts.get("volumes", []):
             host, target, options = check_volume(self.cfg, volume)
-            if self.cfg.agent_volume_auto_create and not os.path.exists(host):
-                try:
-                    make_public_dirs(pathlib.Path(host))
-                except OSError as exc:
-                    raise BadRequest(f'volume validation failed: cannot create "{host}": '
-                                     f"{exc.strerror}", "run") from None
             volumes[host] = {"bind": target, "extended_mode": options}
-        secret_env = dict(opts.get("secrets_env", {}))
-        if self.api_key:
-            secret_env.setdefault("ANTHROPIC_API_KEY", API_KEY_SECRET)
+        secrets = [{"source": name, "target": f"{SECRETS_DIR}/{env_name}", "uid": CONTAINER_UID,
+                    "gid": CONTAINER_UID, "mode": 0o400}
+                   for env_name, name in self.secret_env(req).items()]
+        if self._credentials_digest:
+            secrets.append({"source": self.credentials_secret, "uid": CONTAINER_UID,
+                            "gid": CONTAINER_UID, "mode": 0o600,
+                            "target": f"{CONTAINER_HOME}/.claude/.credentials.json"})
         spec: dict[str, Any] = dict(
             name=f"stromboli-agent-{run_id}",
-            labels={"managed-by": "stromboli", "stromboli.instance": self.instance,
-                    "stromboli.run": run_id,
-                    "stromboli.session": session_id, **labels},
-            environment=env, volumes=volumes, secret_env=secret_env,
+            labels={**MANAGED_LABEL, "stromboli.instance": self.instance,
+                    "stromboli.run": run_id, "stromboli.session": session_id, **labels},
+            environment=env, volumes=volumes, secrets=secrets,
             cap_drop=["ALL"], no_new_privileges=True, pids_limit=self.cfg.agent_pids_limit,
             mem_limit=parse_memory(opts.get("memory") or self.cfg.resources_memory),
             cpu_period=100000, cpu_quota=int(cpus * 100000),
@@ -1958,14 +2395,7 @@ class ContainerRunner:
             spec["image_volumes"] = [{"Source": self.cfg.cli_image, "Destination": CLI_MOUNT,
                                       "ReadWrite": False}]
             env["PATH"] = f"{CLI_MOUNT}/usr/local/bin:{DEFAULT_PATH}"
-        if self._credentials_digest:
-            spec["secrets"] = [{"source": CREDENTIALS_SECRET, "uid": CONTAINER_UID,
-                                "gid": CONTAINER_UID, "mode": 0o600,
-                                "target": f"{CONTAINER_HOME}/.claude/.credentials.json"}]
-        if self.rootless:
-            spec.update(userns_mode="keep-id", user=f"{os.getuid()}:{os.getgid()}")
-        else:
-            spec["user"] = f"{CONTAINER_UID}:{CONTAINER_UID}"
+        spec.update(self.user_spec())
         if req.workdir and not self.cfg.agent_workdir_auto_create:
             spec["working_dir"] = req.workdir  # else the command's `mkdir -p && cd` does it
         network = self.cfg.agent_network
@@ -1974,6 +2404,42 @@ class ContainerRunner:
         elif network:
             spec["networks"] = {network: {}}
         return spec
+
+    def user_spec(self) -> dict:
+        """Who the agent is. Rootful: uid 1000 inside a user namespace whose ids start at
+        userns_base on the host, so the agent is no real host user; rootless Podman maps
+        already, and keep-id lets the agent write the daemon user's session homes."""
+        if self.rootless:
+            return {"userns_mode": "keep-id", "user": f"{os.getuid()}:{os.getgid()}"}
+        spec = {"user": f"{CONTAINER_UID}:{CONTAINER_UID}"}
+        if base := self.cfg.userns_base:
+            mapping = [{"container_id": 0, "host_id": base, "size": USERNS_SIZE}]
+            spec.update(userns_mode="private", idmappings={"UIDMap": mapping, "GIDMap": mapping})
+        return spec
+
+    def make_volume_dirs(self, req: RunRequest) -> None:
+        """Create missing host folders of the request's volumes (volume_auto_create)."""
+        if not self.cfg.agent_volume_auto_create:
+            return
+        for volume in req.podman.get("volumes", []):
+            host, _, _ = check_volume(self.cfg, volume)
+            if not os.path.exists(host):
+                try:
+                    make_public_dirs(pathlib.Path(host))
+                except OSError as exc:
+                    raise BadRequest(f'volume validation failed: cannot create "{host}": '
+                                     f"{exc.strerror}", "run") from None
+
+    def write_prompt(self, run_id: str, prompt: str) -> str:
+        """The prompt as a file only the container's user can read; → its host path."""
+        self.prompts.mkdir(mode=0o711, parents=True, exist_ok=True)
+        path = self.prompts / run_id
+        fd = os.open(path, O_CREATE, 0o400)
+        with os.fdopen(fd, "wb") as out:
+            if not self.rootless and (uid := self.cfg.agent_host_uid) is not None:
+                os.fchown(fd, uid, uid)
+            out.write(prompt.encode())
+        return str(path)
 
     # -- a run ---------------------------------------------------------------------
     async def prepare(self, req: RunRequest) -> str:
@@ -1987,8 +2453,9 @@ class ContainerRunner:
         try:
             await self.sync_credentials()
             exists = await self.podman.call(self.podman.image_exists, image)
-            missing = [name for name in req.podman.get("secrets_env", {}).values()
-                       if not await self.podman.call(self.podman.secret_exists, name)]
+            usable = [name for name in req.podman.get("secrets_env", {}).values()
+                      if await self.podman.call(self.podman.secret_usable, name,
+                                                self.cfg.secrets_allowed)]
         except PodmanUnavailable as exc:
             raise Unavailable(str(exc), "run") from None
         except Exception as exc:  # requests/urllib3 errors when the socket is gone
@@ -1997,9 +2464,12 @@ class ContainerRunner:
             hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
                     else "pull it first (POST /images/pull)")
             raise BadRequest(f'image validation failed: image "{image}" not found; {hint}', "run")
-        if missing:
-            raise BadRequest(f'secrets validation failed: secret "{missing[0]}" not found '
-                             "(create it with POST /secrets)", "run")
+        for name in req.podman.get("secrets_env", {}).values():
+            if name not in usable:
+                raise BadRequest(f'secrets validation failed: secret "{name}" not found among '
+                                 "stromboli's secrets (create it with POST /secrets, or an admin "
+                                 "can allow an existing Podman secret with "
+                                 "STROMBOLI_SECRETS_ALLOWED)", "run")
         return image
 
     async def run(self, req: RunRequest, run_id: str, plan: SessionPlan,
@@ -2032,7 +2502,8 @@ class ContainerRunner:
             await asyncio.shield(self._persist(feed))
 
     def open_feed(self, run_id: str) -> RunFeed:
-        feed = self.feeds[run_id] = RunFeed(run_id)
+        feed = self.feeds[run_id] = RunFeed(run_id, self.cfg.agent_max_line,
+                                            self.cfg.agent_max_output)
         return feed
 
     async def _persist(self, feed: RunFeed) -> None:
@@ -2042,23 +2513,34 @@ class ContainerRunner:
 
     async def _open_session(self, req: RunRequest, plan: SessionPlan, image: str) -> None:
         """Create the session home (a copy of the source for a fork), check that the
-        history matches the mode, and put the transcript where the CLI will look."""
-        sid = plan.session_id
+        history matches the mode and the home its quota, and put the transcript where the
+        CLI will look."""
+        sid, sessions = plan.session_id, self.sessions
         if plan.mode == "fork":  # run() holds the source's lock too
-            if await asyncio.to_thread(self.sessions.transcript, plan.source) is None:
+            if await asyncio.to_thread(sessions.transcript, plan.source) is None:
                 raise NotFound(f"session has no history: {plan.source}", "run")
-            await asyncio.to_thread(self.sessions.fork, plan.source, sid)
+            await self._check_quota(plan.source)
+            try:
+                await asyncio.to_thread(sessions.fork, plan.source, sid)
+            except HomeError as exc:
+                raise Conflict(f"cannot fork {plan.source}: {exc}", "run") from None
         else:
-            await asyncio.to_thread(self.sessions.ensure, sid)
-            history = await asyncio.to_thread(self.sessions.transcript, sid)
+            await asyncio.to_thread(sessions.ensure, sid)
+            history = await asyncio.to_thread(sessions.transcript, sid)
             if plan.mode == "new" and history is not None:
                 raise Conflict(f"session {sid} already has history; set claude.resume=true "
                                "to continue it", "run")
             if plan.mode != "new" and history is None:
                 raise NotFound(f"session has no history: {sid}", "run")
+            await self._check_quota(sid)
         if plan.mode != "new":
             cwd = req.workdir or await self.image_workdir(image)
-            await asyncio.to_thread(self.sessions.relocate, sid, plan.source or sid, cwd)
+            await asyncio.to_thread(sessions.relocate, sid, plan.source or sid, cwd)
+
+    async def _check_quota(self, session_id: str) -> None:
+        problem = await asyncio.to_thread(self.sessions.over_quota, session_id)
+        if problem:
+            raise Conflict(problem, "run")
 
     async def image_workdir(self, image: str) -> str:
         if image not in self._workdirs:
@@ -2068,52 +2550,53 @@ class ContainerRunner:
     async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
                        feed: RunFeed) -> RunResult:
         image = await self.prepare(req)
+        await asyncio.to_thread(self.make_volume_dirs, req)
         await self._open_session(req, plan, image)
         session_id = plan.session_id
-        home = self.sessions.home(session_id)
-        marker = home / ".stromboli-initialized"
-        needs_init = not marker.exists()
+        needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
         before = await asyncio.to_thread(self.sessions.transcript, session_id)
-        offset = before.stat().st_size if before else 0
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
-        spec = await asyncio.to_thread(self.spec, req, run_id, session_id, labels)
+        prompt_file = await asyncio.to_thread(self.write_prompt, run_id, req.prompt)
+        spec = self.spec(req, run_id, session_id, labels, prompt_file)
         command = self.command(req, plan, needs_init)
         started = time.monotonic()
         try:
-            exit_code, timed_out = await self._container(image, command, spec, feed, timeout)
+            exit_code, killed_for = await self._container(image, command, spec, feed, timeout,
+                                                          session_id)
         finally:
-            if plan.mode == "fork":
-                await asyncio.shield(asyncio.to_thread(self.sessions.settle_fork, session_id,
-                                                       plan.source))
+            await asyncio.shield(asyncio.to_thread(self._after_container, plan, prompt_file))
         self.metrics.run_finished(time.monotonic() - started)
         output, usage, structured = await asyncio.to_thread(
-            self._outcome, feed, session_id, before, offset)  # may parse megabytes
-        if timed_out:
-            info = crash_info(137, output, f"Timeout: the run exceeded {format_duration(timeout)}"
-                                           " and its container was killed")
-            return RunResult(run_id, session_id, "crashed", output, info, usage)
+            self._outcome, feed, session_id, before)  # may parse megabytes
+        result = functools.partial(RunResult, run_id, session_id, truncated=feed.truncated)
+        if killed_for:
+            return result("crashed", output, crash_info(137, output, killed_for), usage)
         if exit_code > 128:
-            return RunResult(run_id, session_id, "crashed", output,
-                             crash_info(exit_code, output), usage)
+            return result("crashed", output, crash_info(exit_code, output), usage)
         if exit_code != 0:
             raise RunFailed(f"execution failed: exit status {exit_code}, output: {output}")
         lifecycle = req.podman.get("lifecycle") or {}
         if needs_init and any(lifecycle.get(k) for k in ("on_create_command", "post_create")):
-            await asyncio.to_thread(marker.write_text, rfc3339(time.time()) or "")
-        return RunResult(run_id, session_id, "completed", output, None, usage, structured)
+            await asyncio.to_thread(self.sessions.mark_initialized, session_id)
+        return result("completed", output, None, usage, structured)
 
-    def _outcome(self, feed: RunFeed, session_id: str, before: pathlib.Path | None,
-                 offset: int) -> tuple[str, dict | None, Any]:
+    def _after_container(self, plan: SessionPlan, prompt_file: str) -> None:
+        os.unlink(prompt_file)
+        if plan.mode == "fork":
+            self.sessions.settle_fork(plan.session_id, plan.source)
+
+    def _outcome(self, feed: RunFeed, session_id: str,
+                 before: Transcript | None) -> tuple[str, dict | None, Any]:
         """(output, this run's usage, structured output) once the container is gone."""
         output = feed.output().strip()
-        after = self.sessions.transcript(session_id)
-        usage = transcript_usage(after, offset if after == before else 0)
+        usage = self.sessions.usage(session_id, before)
         return output, usage, structured_output(output)
 
     async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
-                         timeout: float) -> tuple[int, bool]:
-        """Create, start, stream and wait; always kill and remove. → (exit code, timed out)"""
+                         timeout: float, session_id: str) -> tuple[int, str | None]:
+        """Create, start, stream and wait; always kill and remove.
+        → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
         creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
                                                           **spec))
         try:
@@ -2129,31 +2612,27 @@ class ContainerRunner:
         except (OSError, aiohttp.ClientError, podman.errors.PodmanError) as exc:
             raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
         self.metrics.active_containers += 1
-        loop = asyncio.get_running_loop()
         try:
-            # Attach before start so no output is lost; the attach stream delivers output
-            # as it is written and ends when the container exits (a followed log polls).
-            attached = asyncio.Event()
-            stream = asyncio.ensure_future(self.podman.call(
-                self.podman.attach, cid, functools.partial(loop.call_soon_threadsafe, attached.set),
-                functools.partial(loop.call_soon_threadsafe, feed.feed)))
-            waiter = asyncio.ensure_future(attached.wait())
-            await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if stream.done():
-                stream.result()  # attaching failed: raise why
+            stream = await self._attach(cid, feed)
             await self.podman.call(self.podman.start, cid)
+            watch = asyncio.ensure_future(self._watch_quota(session_id))
+            timer = asyncio.ensure_future(asyncio.sleep(timeout))
             try:
-                await asyncio.wait_for(asyncio.shield(stream), timeout)
-                timed_out = False
-            except asyncio.TimeoutError:
+                await asyncio.wait({stream, watch, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watch.cancel()
+                timer.cancel()
+            killed_for = None
+            if not stream.done():
+                killed_for = watch.result() if watch.done() and not watch.cancelled() else \
+                    f"Timeout: the run exceeded {format_duration(timeout)} and its container " \
+                    "was killed"
                 await self.podman.call(self.podman.kill, cid)
                 await asyncio.wait({stream}, timeout=10)
-                timed_out = True
-            exit_code = 137 if timed_out else await self.podman.call(self.podman.exit_code, cid)
+            exit_code = 137 if killed_for else await self.podman.call(self.podman.exit_code, cid)
             await asyncio.sleep(0)  # let the last call_soon_threadsafe frames land
             feed.flush()
-            return exit_code, timed_out
+            return exit_code, killed_for
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
         except OSError as exc:  # requests' connection errors: Podman went away
@@ -2161,6 +2640,46 @@ class ContainerRunner:
         finally:
             self.metrics.active_containers -= 1
             await asyncio.shield(self._destroy(cid))
+
+    async def _attach(self, cid: str, feed: RunFeed) -> asyncio.Future:
+        """Attach to the created container (before start, so no output is lost: the attach
+        stream delivers output as it is written and ends when the container exits; a
+        followed log polls). → the streaming future. The reading thread waits while 64
+        frames are still queued for the event loop, so a flood cannot pile up in memory."""
+        loop = asyncio.get_running_loop()
+        credits = threading.BoundedSemaphore(64)
+        attached = asyncio.Event()
+
+        def consume(chunk: bytes) -> None:
+            credits.release()
+            feed.feed(chunk)
+
+        def deliver(chunk: bytes) -> None:  # on the reading thread
+            credits.acquire(timeout=30)
+            loop.call_soon_threadsafe(consume, chunk)
+
+        stream = asyncio.ensure_future(self.podman.call(
+            self.podman.attach, cid, functools.partial(loop.call_soon_threadsafe, attached.set),
+            deliver))
+        waiter = asyncio.ensure_future(attached.wait())
+        await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if stream.done():
+            stream.result()  # attaching failed: raise why
+        return stream
+
+    async def _watch_quota(self, session_id: str) -> str:
+        """Return (ending the run) once the session home grows past its quota."""
+        while True:
+            await asyncio.sleep(QUOTA_CHECK_INTERVAL)
+            try:
+                problem = await asyncio.to_thread(self.sessions.over_quota, session_id)
+            except OSError as exc:
+                log.warning("session size check failed", extra=fields(
+                    session_id=session_id, error=short_error(exc)))
+                continue
+            if problem:
+                return f"Quota: {problem}; its container was killed"
 
     async def _destroy(self, cid: str) -> None:
         try:
@@ -2277,7 +2796,8 @@ class JobManager:
                                            {"stromboli.job": job["id"]}, started)
             changes = dict(status=result.status, output=result.output,
                            crash_info=result.crash_info, usage=result.usage,
-                           structured_output=result.structured_output)
+                           structured_output=result.structured_output,
+                           truncated=int(result.truncated))
         except asyncio.CancelledError:
             return
         except ApiError as exc:
@@ -2370,6 +2890,7 @@ def job_response(job: dict) -> dict:
         "structured_output": job.get("structured_output"), "error": job.get("error"),
         "session_id": job.get("session_id"), "crash_info": job.get("crash_info"),
         "usage": job.get("usage"), "run_id": job.get("run_id"),
+        "truncated": bool(job.get("truncated")) or None,
         "created_at": rfc3339(job["created_at"]), "updated_at": rfc3339(job["updated_at"]),
         "started_at": rfc3339(job.get("started_at"), "milliseconds"),
         "finished_at": rfc3339(job.get("finished_at"), "milliseconds"),
@@ -2697,7 +3218,6 @@ LISTED_INCOMPATIBLE = ("*alpine*", "*-alpine", "alpine:*", "alpine", "gcr.io/dis
 RANK_TEXT = {1: "Stromboli verified compatible", 2: "Claude CLI pre-installed",
              3: "Standard glibc-based (compatible)", 4: "Incompatible (Alpine/musl/distroless)"}
 MAX_SECRET_BYTES = 1024 * 1024
-MANAGED_SECRETS = (CREDENTIALS_SECRET, API_KEY_SECRET)
 
 
 def check_image_name(name: Any) -> str:
@@ -2755,8 +3275,9 @@ def search_term(query: Any) -> str:
 class PodmanCatalog:
     """Images and secrets through podman-py (blocking: call through Podman.call)."""
 
-    def __init__(self, podman_api: Podman):
-        self.client = podman_api.client
+    def __init__(self, podman_api: Podman, instance: str, allowed: Iterable[str]):
+        self.podman, self.client = podman_api, podman_api.client
+        self.instance, self.allowed = instance, frozenset(allowed)
 
     def images(self) -> list[dict]:
         found = []
@@ -2810,31 +3331,62 @@ class PodmanCatalog:
         except podman.errors.ImageNotFound:
             raise RunFailed(f"{image} is not present after the pull") from None
 
+    # Secrets: only those stromboli created (label managed-by=stromboli; the daemon's own
+    # carry its instance) and those an admin allowed; other tenants' secrets stay unseen.
     def secrets(self) -> list[dict]:
-        return [self._secret(s.attrs) for s in self.client.secrets.list()]
+        # Podman 4's list leaves out the labels: each secret is inspected.
+        found = (self._find(s.id) for s in self.client.secrets.list())
+        return [self._secret(attrs) for attrs in found if attrs is not None]
 
     def secret(self, name: str) -> dict:
-        try:
-            return self._secret(self.client.secrets.get(name).attrs)
-        except podman.errors.NotFound:
-            raise NotFound("secret not found") from None
+        attrs = self._find(name)
+        if attrs is None:
+            raise NotFound("secret not found")
+        return self._secret(attrs)
 
-    @staticmethod
-    def _secret(attrs: dict) -> dict:
+    def _find(self, name: str) -> dict | None:
+        try:
+            attrs = self.client.secrets.get(name).attrs
+        except podman.errors.NotFound:
+            return None
+        return None if self._kind(attrs) == "foreign" else attrs
+
+    def _kind(self, attrs: dict) -> str:
+        """own (the daemon's credentials), managed (created through the API), allowed (an
+        admin's choice) or foreign."""
+        spec = attrs.get("Spec") or {}
+        labels = spec.get("Labels") or {}
+        if labels.get("managed-by") == "stromboli":
+            instance = labels.get("stromboli.instance")
+            if instance is None:
+                return "managed"
+            if instance == self.instance:
+                return "own"
+        return "allowed" if spec.get("Name") in self.allowed else "foreign"
+
+    def _secret(self, attrs: dict) -> dict:
         name = (attrs.get("Spec") or {}).get("Name", "")
         return {"id": attrs.get("ID", ""), "name": name, "created_at": attrs.get("CreatedAt", ""),
-                "managed": name in MANAGED_SECRETS}
+                "managed": self._kind(attrs) == "own"}
 
     def create_secret(self, name: str, value: bytes) -> None:
         if self.client.secrets.exists(name):
             raise Conflict("secret already exists", "success", name=name)
-        self.client.secrets.create(name, value)
+        self.podman.create_secret(name, value, MANAGED_LABEL)
 
     def delete_secret(self, name: str) -> None:
-        if not self.client.secrets.exists(name):
+        attrs = self._find(name)
+        if attrs is None:
             raise NotFound("secret not found", "success", name=name)
+        kind = self._kind(attrs)
+        if kind == "own":
+            raise Conflict("secret is managed by stromboli and cannot be deleted", "success",
+                           name=name)
+        if kind == "allowed":
+            raise BadRequest("secret was not created by stromboli (it is only allowed for use by "
+                             "STROMBOLI_SECRETS_ALLOWED) and cannot be deleted here", "success",
+                             name=name)
         self.client.secrets.remove(name)
-
 
 
 # ---------------------------------------------------------------------------
@@ -4142,7 +4694,7 @@ class Stromboli:
         self.podman: Podman | None = None
         self.catalog: PodmanCatalog | None = None
         self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
-                                     chown=os.geteuid() == 0)
+                                     cfg.agent_host_uid, cfg.agent_session_quota)
         self.auth = Auth(cfg, self.store)
         self.limiter = RateLimiter(cfg)
         self.webhooks = WebhookSender(cfg, self.store)
@@ -4162,10 +4714,13 @@ class Stromboli:
         url = await asyncio.to_thread(self.podman_service.resolve)
         # Each run holds a worker while attached: leave room for the short calls.
         self.podman = Podman(url, workers=2 * self.cfg.run_slots + 32)
-        self.catalog = PodmanCatalog(self.podman)
         self.runner = ContainerRunner(self.cfg, self.podman, self.sessions, self.store,
                                       self.metrics)
+        self.catalog = PodmanCatalog(self.podman, self.runner.instance, self.cfg.secrets_allowed)
         self.jobs = JobManager(self.cfg, self.store, self.runner, self.webhooks, self.metrics)
+        if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
+            log.warning("two-image mode: agents run without a user namespace (Podman cannot "
+                        "mount the CLI image inside one), so their uid 1000 is host uid 1000")
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
@@ -4320,14 +4875,14 @@ async def health(request: web.Request) -> web.Response:
     creds = app.cfg.credentials_path
     if app.runner.api_key:
         components.append(await check_component(
-            "anthropic-api-key", secret_present(app, API_KEY_SECRET)))
+            "anthropic-api-key", secret_present(app, app.runner.api_key_secret)))
     if creds.is_file() or not app.runner.api_key:
         components.append({"name": "claude-credentials-file", "status": "ok"} if creds.is_file()
                           else {"name": "claude-credentials-file", "status": "error",
                                 "error": f"credentials file not found at {creds}: run 'claude'"
                                          " to authenticate"})
         components.append(await check_component(
-            "claude-credentials-secret", secret_present(app, CREDENTIALS_SECRET)))
+            "claude-credentials-secret", secret_present(app, app.runner.credentials_secret)))
     status = "ok" if all(c["status"] == "ok" for c in components) else "degraded"
     return json_response({"status": status, "name": "stromboli", "version": VERSION,
                           "components": components})
@@ -4440,7 +4995,7 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     response = await sse_response(request, run_id)
     task = asyncio.ensure_future(app.runner.run(req, run_id, SessionPlan.of(req.claude)))
     try:
-        await write_feed(response, feed.follow())
+        await write_feed(request, response, feed.follow())
         result = await task
         app.metrics.run_status(result.status)
     except ConnectionResetError:
@@ -4456,6 +5011,10 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+SSE_KEEPALIVE = 15.0
+SSE_STALL = 60.0
+
+
 async def sse_response(request: web.Request, run_id: str) -> web.StreamResponse:
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "Connection": "keep-alive", "X-Accel-Buffering": "no",
@@ -4467,19 +5026,30 @@ async def sse_response(request: web.Request, run_id: str) -> web.StreamResponse:
     return response
 
 
-async def write_feed(response: web.StreamResponse, events: Any) -> None:
+async def write_feed(request: web.Request, response: web.StreamResponse, events: Any) -> None:
     """SSE framing of U§5.5: raw `data:` lines, then `event: done` or `event: error`.
-    Each event carries an `id:` so a client can resume with Last-Event-ID."""
+    Each event carries an `id:` so a client can resume with Last-Event-ID. A client that
+    stops reading holds only the transport's buffer, and is dropped after SSE_STALL
+    seconds without progress (it can resume with Last-Event-ID)."""
+    writing_since: list[float] = []
+
     async def keepalive() -> None:
         while True:
-            await asyncio.sleep(15)
-            await response.write(b": keepalive\n\n")
+            await asyncio.sleep(SSE_KEEPALIVE)
+            if writing_since and time.monotonic() - writing_since[0] > SSE_STALL:
+                if request.transport is not None:
+                    request.transport.abort()
+                return
+            if not writing_since:
+                await response.write(b": keepalive\n\n")
     pinger = asyncio.ensure_future(keepalive())
     try:
         async for seq, kind, data in events:
             head = "" if kind == "line" else f"event: {kind}\n"
             body = "".join(f"data: {part}\n" for part in re.split(r"\r\n|\r|\n", data))
+            writing_since.append(time.monotonic())
             await response.write(f"id: {seq}\n{head}{body}\n".encode())
+            writing_since.clear()
     finally:
         pinger.cancel()
 
@@ -4497,17 +5067,20 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     if feed is not None:
         events: Any = feed.follow(after)
     else:
-        rows = await app.store.call(app.store.run_events, run_id, after)
-        if not rows and not await app.store.call(app.store.run_events, run_id):
+        if not await app.store.call(app.store.run_events, run_id, -1, 1):
             raise NotFound(f"run not found: {run_id}", "text")
-
-        async def stored():
-            for row in rows:
-                yield row
-        events = stored()
+        events = stored_events(app.store, run_id, after)
     response = await sse_response(request, run_id)
-    await write_feed(response, events)
+    await write_feed(request, response, events)
     return response
+
+
+async def stored_events(store: Store, run_id: str, after: int):
+    """A finished run's events from the store, a page at a time (bounded memory)."""
+    while rows := await store.call(store.run_events, run_id, after, 256):
+        for row in rows:
+            yield row
+        after = rows[-1][0]
 
 
 # -- jobs -----------------------------------------------------------------------
@@ -4576,22 +5149,21 @@ async def session_messages(request: web.Request) -> web.Response:
     app = state(request)
     session_id = check_session_id(request.match_info["id"], "error")
     offset, limit = page_params(request, 50, 200)
-    messages = await asyncio.to_thread(app.sessions.messages, session_id)
-    usage = await asyncio.to_thread(transcript_usage, app.sessions.transcript(session_id))
+    messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
+    usage = await asyncio.to_thread(app.sessions.usage, session_id)
     return json_response(drop_none({
-        "messages": messages[offset:offset + limit], "total": len(messages), "offset": offset,
-        "limit": limit, "has_more": offset + limit < len(messages), "usage": usage}))
+        "messages": messages, "total": total, "offset": offset,
+        "limit": limit, "has_more": offset + limit < total, "usage": usage}))
 
 
 async def session_message(request: web.Request) -> web.Response:
     app = state(request)
     session_id = check_session_id(request.match_info["id"], "error")
     message_id = request.match_info["message_id"]
-    messages = await asyncio.to_thread(app.sessions.messages, session_id)
-    for message in messages:
-        if message["uuid"] == message_id:
-            return json_response({"message": message})
-    raise NotFound(f"message not found: {message_id}")
+    message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
+    if message is None:
+        raise NotFound(f"message not found: {message_id}")
+    return json_response({"message": message})
 
 
 # -- images and secrets -------------------------------------------------------------
@@ -4676,7 +5248,7 @@ async def pull_image(request: web.Request) -> web.StreamResponse:
         except (RunFailed, podman.errors.PodmanError, OSError) as exc:
             yield seq, "error", f"failed to pull image: {short_error(exc)}"
     try:
-        await write_feed(response, events())
+        await write_feed(request, response, events())
     finally:
         pulling.cancel()
     return response
@@ -4720,9 +5292,6 @@ async def get_secret(request: web.Request) -> web.Response:
 
 async def delete_secret(request: web.Request) -> web.Response:
     name = check_secret_name(request.match_info["name"], "success")
-    if name in MANAGED_SECRETS:
-        raise Conflict("secret is managed by stromboli and cannot be deleted", "success",
-                       name=name)
     await catalog(request, "delete_secret", name, failure="failed to delete secret",
                   shape="success")
     return json_response({"success": True, "name": name})

@@ -296,6 +296,12 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def instance(self) -> str:
+        """The `stromboli.instance` label of this daemon's containers and own secrets."""
+        db = (self.state_dir / "stromboli.db").resolve()
+        return hashlib.sha256(str(db).encode()).hexdigest()[:12]
+
     def start(self, wait_podman: bool = True) -> "Daemon":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
@@ -560,7 +566,11 @@ def test_bash_tool_loop_runs_inside_a_hardened_container(daemon, model):
     tag = marker()
     command = (f"echo {tag} uid=$(id -u) home=$HOME pwd=$PWD; "
                "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status | tr -s '\\t\\n' ' '; "
-               "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null")
+               # (with the host network and a user namespace, /sys is the host's: the
+               # container's own cgroup is found through /proc/self/cgroup)
+               "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max "
+               "/sys/fs/cgroup/pids$(grep :pids: /proc/self/cgroup | cut -d: -f3)/pids.max "
+               "2>/dev/null")
     r = daemon.http.post("/run", json={"prompt": f"bash: {command}",
                                        "claude": {"dangerously_skip_permissions": True}})
     body = r.json()
@@ -597,7 +607,9 @@ def test_container_limits_labels_and_env(daemon, model):
     env = dict(e.split("=", 1) for e in info["Config"]["Env"])
     assert env["HOME"] == "/home/user" and env["CLAUDE_CODE_MAX_RETRIES"] == "0"
     assert "sk-test-not-a-real-key" not in json.dumps(info["Config"]["Cmd"])
-    assert "--model" in info["Config"]["Cmd"] and "haiku" in info["Config"]["Cmd"]
+    command = info["Config"]["Cmd"]
+    assert command[:2] == ["sh", "-c"] and "'--model' 'haiku'" in command[2], command
+    assert tag not in json.dumps(command)  # the prompt goes on stdin
     assert attrs
     assert daemon.wait_job(job["job_id"])["status"] == "completed"
 
@@ -913,8 +925,8 @@ def test_sync_runs_wait_their_turn(make_daemon):
     started = time.monotonic()
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):  # tests run one at a time: all are this daemon's
-        running = [c for c in agent_containers("managed-by=stromboli")
+    while any(t.is_alive() for t in threads):
+        running = [c for c in agent_containers(f"stromboli.instance={d.instance}")
                    if c.attrs.get("State") == "running"]
         peak[0] = max(peak[0], len(running))
         time.sleep(0.05)
@@ -1139,7 +1151,9 @@ def test_session_list_messages_pagination_and_single_message(daemon):
     daemon.http.post("/run", json={"prompt": f"more {tag}",
                                    "claude": {"session_id": session, "resume": True}})
     listed = daemon.http.get("/sessions").json()["sessions"]
-    assert listed[0] == {"id": session, "title": f"title me {tag}"}  # newest first
+    newest = listed[0]
+    assert newest["id"] == session and newest["title"] == f"title me {tag}"
+    assert newest["size_bytes"] > 1000  # the transcript, at least
     assert daemon.http.get("/sessions", params={"limit": 1, "offset": 1}).json()["sessions"] \
         == listed[1:2]
     page = daemon.http.get(f"/sessions/{session}/messages").json()
@@ -1509,8 +1523,7 @@ def test_secrets_env_rules(daemon):
 
 def test_secrets_env_reaches_the_agent_but_never_the_api(daemon):
     name, value = f"test-secret-{marker()}", f"value-{marker()}"
-    with podman_client() as client:
-        client.secrets.create(name, value.encode())
+    assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
     try:
         body = daemon.http.post("/run", json={
             "prompt": "bash: echo got=$MY_SECRET", "claude": {"dangerously_skip_permissions": True},
@@ -1620,7 +1633,8 @@ def test_secrets_round_trip(daemon):
     listed = daemon.http.get("/secrets").json()["secrets"]
     mine = next(x for x in listed if x["name"] == name)
     assert mine["managed"] is False and mine["id"] and mine["created_at"]
-    managed = next(x for x in listed if x["name"] == "stromboli-anthropic-api-key")
+    managed = next(x for x in listed
+                   if x["name"] == f"stromboli-{daemon.instance}-anthropic-api-key")
     assert managed["managed"] is True
     one = daemon.http.get(f"/secrets/{name}").json()
     assert one == mine
@@ -1643,10 +1657,11 @@ def test_secret_validation_and_managed_secrets(daemon):
     r = daemon.http.post("/secrets", json={"name": "big", "value": "x" * (1024 * 1024 + 1)})
     assert r.status_code == 400 and "exceeds 1 MB" in r.json()["error"]
     assert daemon.http.get("/secrets/bad%20name").status_code == 400
-    r = daemon.http.delete("/secrets/stromboli-anthropic-api-key")
+    own = f"stromboli-{daemon.instance}-anthropic-api-key"
+    r = daemon.http.delete(f"/secrets/{own}")
     assert r.status_code == 409 and "managed by stromboli" in r.json()["error"]
     with podman_client() as client:
-        assert client.secrets.exists("stromboli-anthropic-api-key")
+        assert client.secrets.exists(own)
 
 
 def test_two_image_mode(make_daemon, base_image):
