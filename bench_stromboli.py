@@ -1,11 +1,13 @@
-"""Benchmark: what stromboli costs on top of a plain `podman run` of the Claude Code CLI.
+"""Benchmark stromboli: its overhead on top of a plain `podman run` of the Claude Code CLI
+(the default mode), and what an agent's output flood costs the daemon (`flood`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
-(prompt "hello" → one streamed text reply); the daemon is a real `stromboli.py serve`.
+(prompt "hello" → one streamed text reply; prompt "bash: CMD" → a Bash tool call that the
+real CLI runs in the container); the daemon is a real `stromboli.py serve`.
 
-Measured, after one discarded warm-up round, in rounds of A, B, C (interleaved to cancel
-drift):
+Default mode (no subcommand): overhead. Measured, after one discarded warm-up round, in
+rounds of A, B, C (interleaved to cancel drift):
 
   A  baseline: `podman run --rm ... claude -p hello --session-id <uuid>` (subprocess), with
      a fresh session home chowned 1000:1000 and the daemon's hardening flags (see BASELINE);
@@ -21,10 +23,30 @@ drift):
 The daemon also injects the API key as a Podman secret, labels its containers, and talks
 to Podman over its API socket; the baseline passes the key with -e.
 
+`flood`: an agent that floods its output (issue 9, item 2). For each variant, a fresh daemon
+runs one `POST /run` whose agent writes --megabytes (default 100) MB straight to the
+container's stdout (`> /proc/1/fd/1`, past the CLI), either
+
+  lines     in 100-byte lines (`yes aaa… | head -c N`), or
+  one-line  as one line without a newline (`head -c N /dev/zero | tr '\\0' a`),
+
+while two threads sample, every 100 ms, the daemon's RSS (VmRSS of /proc/<pid>/status) and
+the latency of `GET /health` (5 s timeout, one probe at a time). Reported per variant: RSS
+before the run and its peak, /health max and p99 latency, the probes that failed or took
+over 1 s, the longest time without a /health answer, the run's wall time, status, response
+size, output size and whether `truncated` was set. Then --slow-readers (default 8) clients
+replay the whole flooded run (`GET /run/stream?run_id=<id>`, `Last-Event-ID: -1`; with 0 the
+one-line flood, event 0, would be skipped) and never read (receive buffer 64 KiB) while RSS
+is sampled, until it settles (3–30 s): once on the same daemon (the run's feed may still be
+in memory) and once after a daemon restart (replay from the store). The issue's bounds: RSS
+under 300 MB and /health answering within 1 s throughout.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
-    python bench_stromboli.py --runs 10            # markdown table on stdout
+    python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
     python bench_stromboli.py --runs 10 --json     # machine-readable
+    python bench_stromboli.py flood                # flood: markdown table on stdout
+    python bench_stromboli.py flood --megabytes 20 --slow-readers 8 --json
 """
 
 from __future__ import annotations
@@ -37,10 +59,12 @@ import pathlib
 import platform
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -213,26 +237,338 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="measured runs per side (≥ 2)")
-    parser.add_argument("--image", default=IMAGE, help="agent image (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=4,
-                        help="simultaneous runs for the concurrency test; 0 skips it")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    args = parser.parse_args()
-    if args.runs < 2:
-        parser.error("--runs must be at least 2")
+# -- flood: an agent that floods its output (issue 9, item 2) ---------------------------
 
+FLOOD_VARIANTS = ("lines", "one-line")
+FLOOD_LINE = 100  # bytes per line of the "lines" variant, newline included
+SAMPLE_INTERVAL = 0.1  # seconds between RSS samples and between /health probes
+HEALTH_TIMEOUT = 5.0
+HEALTH_SLOW = 1.0  # a /health answer slower than this counts as bad (the issue's bound)
+RSS_BOUND = 300 * 1024 * 1024  # the issue's bound on daemon RSS during a 100 MB flood
+SLOW_RCVBUF = 64 * 1024  # receive buffer of a non-reading replay client
+SLOW_HOLD = (3.0, 30.0, 3.0)  # hold non-reading clients ≥ 3 s, ≤ 30 s, until RSS is flat 3 s
+MiB = 1024 * 1024
+
+
+def flood_command(variant: str, nbytes: int) -> str:
+    """The agent's Bash command: nbytes straight to the container's stdout, past the CLI."""
+    if variant == "lines":
+        return f"yes {'a' * (FLOOD_LINE - 1)} | head -c {nbytes} > /proc/1/fd/1"
+    return f"head -c {nbytes} /dev/zero | tr '\\0' a > /proc/1/fd/1"
+
+
+def read_rss(pid: int) -> int:
+    """Resident set size of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+class Sampler:
+    """Two threads: every 100 ms one samples the daemon's RSS, the other probes GET /health
+    (one probe at a time, so a stalled daemon shows as long probes and timeouts)."""
+
+    def __init__(self, pid: int, url: str):
+        self.pid, self.url = pid, url
+        self.rss: list[tuple[float, int]] = []  # (monotonic, bytes)
+        self.health: list[tuple[float, float, bool]] = []  # (monotonic start, seconds, ok)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._sample_rss, daemon=True),
+                         threading.Thread(target=self._probe_health, daemon=True)]
+
+    def __enter__(self) -> "Sampler":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(HEALTH_TIMEOUT + 5)
+
+    def _tick(self, due: float) -> float:
+        """Wait for the next tick after `due`; → the new due time."""
+        due = max(due + SAMPLE_INTERVAL, time.monotonic())
+        self._stop.wait(max(0.0, due - time.monotonic()))
+        return due
+
+    def _sample_rss(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.rss.append((time.monotonic(), read_rss(self.pid)))
+            except (OSError, ValueError):
+                return  # the daemon is gone
+            due = self._tick(due)
+
+    def _probe_health(self) -> None:
+        due = time.monotonic()
+        with httpx.Client(base_url=self.url, timeout=HEALTH_TIMEOUT) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    ok = client.get("/health").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.health.append((start, time.monotonic() - start, ok))
+                due = self._tick(due)
+
+    def window(self, start: float, end: float) -> dict:
+        """RSS and /health figures of the samples taken in [start, end]."""
+        rss = [v for t, v in self.rss if start <= t <= end]
+        probes = [(t, d, ok) for t, d, ok in self.health if start <= t <= end]
+        latencies = sorted(d for _, d, _ in probes)
+        answered = sorted(t + d for t, d, ok in self.health if ok and start <= t + d <= end)
+        gaps = [b - a for a, b in zip([start, *answered], [*answered, end])]
+        return {
+            "seconds": end - start, "rss_samples": len(rss),
+            "rss_peak": max(rss, default=None), "health_probes": len(probes),
+            "health_median": statistics.median(latencies) if latencies else None,
+            "health_max": latencies[-1] if latencies else None,
+            "health_p99": (statistics.quantiles(latencies, n=100, method="inclusive")[98]
+                           if len(latencies) > 1 else (latencies or [None])[0]),
+            "health_failed": sum(1 for _, _, ok in probes if not ok),
+            "health_bad": sum(1 for _, d, ok in probes if not ok or d > HEALTH_SLOW),
+            "health_longest_silence": max(gaps),
+        }
+
+    def series(self, origin: float) -> dict:
+        return {"rss": [[round(t - origin, 3), v] for t, v in self.rss],
+                "health": [[round(t - origin, 3), round(d, 4), ok] for t, d, ok in self.health]}
+
+
+def our_containers(workdir: pathlib.Path) -> list[str]:
+    """Stromboli containers whose mounts come from this bench's workdir (nobody else's)."""
+    def podman(*argv: str) -> str:
+        return subprocess.run(["podman", *argv], capture_output=True, text=True,
+                              timeout=60).stdout
+    ids = podman("ps", "-a", "-q", "--filter", "label=managed-by=stromboli").split()
+    if not ids:
+        return []
+    try:
+        containers = json.loads(podman("inspect", *ids) or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [c["Id"] for c in containers
+            if any(str(m.get("Source", "")).startswith(str(workdir)) for m in c.get("Mounts") or [])]
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    """SIGTERM, and SIGKILL if a stalled daemon does not exit in 30 s."""
+    try:
+        daemon.stop()
+    except subprocess.TimeoutExpired:
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+
+
+class Flood:
+    def __init__(self, args, model: ScriptedModel, env: dict[str, str],
+                 workdir: pathlib.Path):
+        self.args, self.model, self.env, self.workdir = args, model, env, workdir
+
+    def variant(self, variant: str) -> dict:
+        """One flood run on a fresh daemon, then non-reading replays of it."""
+        nbytes = self.args.megabytes * 1_000_000
+        command = flood_command(variant, nbytes)
+        daemon = Daemon(self.workdir / variant, self.env)
+        result: dict = {"variant": variant, "bytes": nbytes, "command": command}
+        try:
+            daemon.start()
+            time.sleep(1)  # let the fresh daemon settle
+            with Sampler(daemon.proc.pid, daemon.url) as sampler:
+                origin = time.monotonic()
+                time.sleep(1)
+                result["rss_before"] = read_rss(daemon.proc.pid)
+                result["run"] = self.flood_run(daemon, command)
+                result["idle"] = sampler.window(origin, result["run"]["start"])
+                kept = result["run"].get("output_bytes") or 0
+                if kept < nbytes // 2 and not result["run"].get("truncated"):
+                    print(f"flood: {variant}: only {kept} bytes of output came back, and not "
+                          "marked truncated: did the agent's command run?", file=sys.stderr)
+                # the tail: RSS still grows while the response is handed over
+                time.sleep(1)
+                result["run"].update(sampler.window(result["run"].pop("start"),
+                                                    time.monotonic()))
+                run_id = result["run"].get("id")
+                if self.args.slow_readers and run_id:
+                    result["replay_live"] = self.slow_replays(daemon, sampler, run_id)
+                result["samples_live"] = sampler.series(origin)
+            if self.args.slow_readers and run_id:
+                stop_daemon(daemon)
+                daemon.start()  # same state dir: the run is replayed from the store
+                time.sleep(1)
+                with Sampler(daemon.proc.pid, daemon.url) as sampler:
+                    origin = time.monotonic()
+                    time.sleep(1)
+                    result["replay_stored"] = self.slow_replays(daemon, sampler, run_id)
+                    result["samples_stored"] = sampler.series(origin)
+        except Exception:
+            sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+            raise
+        finally:
+            stop_daemon(daemon)
+            leftover = our_containers(self.workdir)
+            if leftover:
+                subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                               capture_output=True, timeout=120)
+        return result
+
+    def flood_run(self, daemon: Daemon, command: str) -> dict:
+        body = {"prompt": f"bash: {command}", "podman": {"timeout": f"{self.args.timeout}s"},
+                "claude": {"dangerously_skip_permissions": True}}  # the CLI asks about pipes
+        start = time.monotonic()
+        try:
+            with httpx.Client(base_url=daemon.url, timeout=self.args.timeout + 120) as client:
+                response = client.post("/run", json=body)
+        except httpx.HTTPError as exc:
+            wall = time.monotonic() - start
+            return {"start": start, "wall": wall, "http_status": None,
+                    "error": f"{type(exc).__name__}: {exc}"}
+        wall = time.monotonic() - start
+        run = {"start": start, "wall": wall, "http_status": response.status_code,
+               "response_bytes": len(response.content)}
+        try:
+            reply = response.json()
+        except ValueError:
+            return {**run, "error": response.text[:500]}
+        output = reply.get("output") or ""
+        run.update(id=reply.get("id"), status=reply.get("status"),
+                   truncated=bool(reply.get("truncated")),
+                   output_bytes=len(output.encode()), output_lines=output.count("\n") + 1,
+                   crash_info=reply.get("crash_info"), error=reply.get("error"))
+        return run
+
+    def slow_replays(self, daemon: Daemon, sampler: Sampler, run_id: str) -> dict:
+        """--slow-readers clients replay the run and never read, until RSS settles.
+        `Last-Event-ID: -1` asks for every event: the one-line flood is event 0."""
+        request = (f"GET /run/stream?run_id={run_id} HTTP/1.1\r\nHost: {daemon.url[7:]}\r\n"
+                   "Accept: text/event-stream\r\nLast-Event-ID: -1\r\n\r\n").encode()
+        minimum, maximum, settle = SLOW_HOLD
+        readers: list[socket.socket] = []
+        before = read_rss(daemon.proc.pid)
+        start = time.monotonic()
+        try:
+            for _ in range(self.args.slow_readers):
+                reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                readers.append(reader)
+                reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+                reader.settimeout(10)
+                reader.connect(("127.0.0.1", daemon.port))
+                reader.sendall(request)
+            peak, peak_at = before, start
+            while (now := time.monotonic()) - start < maximum:
+                time.sleep(0.5)
+                rss = read_rss(daemon.proc.pid)
+                if rss > peak + MiB:
+                    peak, peak_at = rss, time.monotonic()
+                if now - start >= minimum and now - peak_at >= settle:
+                    break
+            streaming = 0
+            for reader in readers:  # peek: the buffer is left unread
+                try:
+                    streaming += reader.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+                except OSError:
+                    pass
+            end = time.monotonic()
+        finally:
+            for reader in readers:
+                reader.close()
+        time.sleep(2)
+        return {"readers": len(readers), "streaming": streaming, "rss_before": before,
+                **sampler.window(start, end), "rss_after_close": read_rss(daemon.proc.pid)}
+
+
+def flood_markdown(report: dict) -> str:
+    variants = report["variants"]
+
+    def mb(value) -> str:
+        return "–" if value is None else f"{value / MiB:.0f} MiB"
+
+    def ms(value) -> str:
+        return "–" if value is None else f"{value * 1000:.0f} ms"
+
+    def row(label: str, cell) -> str:
+        cells = []
+        for v in variants.values():
+            try:
+                cells.append(cell(v))
+            except (KeyError, TypeError):
+                cells.append("–")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def health(section: str, label: str) -> list[str]:
+        return [row(f"/health max / p99 latency ({label})",
+                    lambda v: f"{ms(v[section]['health_max'])} / {ms(v[section]['health_p99'])}"),
+                row(f"/health probes failed or > 1 s ({label})",
+                    lambda v: f"{v[section]['health_bad']} of {v[section]['health_probes']}"
+                              f" ({v[section]['health_failed']} failed)"),
+                row(f"longest time without a /health answer ({label})",
+                    lambda v: f"{v[section]['health_longest_silence']:.1f} s")]
+
+    def run_status(v: dict) -> str:
+        run = v["run"]
+        status = run.get("status") or f"HTTP {run['http_status']}"
+        why = (run.get("crash_info") or {}).get("reason") or run.get("error") or ""
+        return f"{status} ({str(why)[:60]})" if why and status != "completed" else status
+
+    mbytes = report["megabytes"]
+    names = {"lines": f"{mbytes} MB in {FLOOD_LINE}-byte lines",
+             "one-line": f"{mbytes} MB in one line"}
+    lines = ["| measurement | " + " | ".join(names[k] for k in variants) + " |",
+             "|---|" + "---|" * len(variants),
+             row("daemon RSS before", lambda v: mb(v["rss_before"])),
+             row("daemon peak RSS during the run", lambda v: mb(v["run"]["rss_peak"])),
+             row("/health median latency, idle before the run",
+                 lambda v: ms(v["idle"]["health_median"])),
+             *health("run", "during the run"),
+             row("run wall time", lambda v: f"{v['run']['wall']:.1f} s"),
+             row("run status", run_status),
+             row("response size", lambda v: f"{v['run']['response_bytes'] / 1e6:.1f} MB"),
+             row("output kept (size / lines)",
+                 lambda v: f"{v['run']['output_bytes'] / 1e6:.1f} MB / {v['run']['output_lines']}"),
+             row("`truncated` set", lambda v: "yes" if v["run"]["truncated"] else "no")]
+    k = report["slow_readers"]
+    for section, label in (("replay_live", "same daemon"),
+                           ("replay_stored", "after restart, from the store")):
+        if any(section in v for v in variants.values()):
+            lines += [
+                row(f"peak RSS with {k} non-reading replays ({label})",
+                    lambda v, s=section: f"{mb(v[s]['rss_peak'])} (before {mb(v[s]['rss_before'])}"
+                                         f", {v[s]['streaming']}/{v[s]['readers']} streaming)"),
+                row(f"RSS once they closed ({label})",
+                    lambda v, s=section: mb(v[s]["rss_after_close"])),
+                *health(section, f"with the replays, {label}")]
+    info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
+    return "\n".join([
+        *lines, "",
+        f"Agent commands: `yes <{FLOOD_LINE - 1} × a> | head -c N > /proc/1/fd/1` and "
+        "`head -c N /dev/zero | tr '\\0' a > /proc/1/fd/1` (one Bash tool "
+        f"call through the scripted model), run timeout {report['timeout']} s. RSS and "
+        f"/health sampled every {SAMPLE_INTERVAL * 1000:.0f} ms (probe timeout "
+        f"{HEALTH_TIMEOUT:.0f} s); bounds of issue 9: RSS < {RSS_BOUND // MiB} MiB, "
+        "/health within 1 s.",
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
+# -- command line ---------------------------------------------------------------------
+
+def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:
+        name, tag = image, "latest"
+    return {**agent_env(model), "STROMBOLI_AGENT_IMAGE": name, "STROMBOLI_AGENT_IMAGE_TAG": tag,
+            "STROMBOLI_MAX_CONCURRENT_RUNS": str(max(4, concurrency))}
+
+
+def overhead(args) -> int:
+    """The default mode: stromboli vs plain `podman run`."""
     model = TimedModel()
     model.start()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-bench-"))
-    name, _, tag = args.image.rpartition(":")
-    if not name or "/" in tag:
-        name, tag = args.image, "latest"
-    env = {**agent_env(model), "STROMBOLI_AGENT_IMAGE": name, "STROMBOLI_AGENT_IMAGE_TAG": tag,
-           "STROMBOLI_MAX_CONCURRENT_RUNS": str(max(4, args.concurrency))}
-    daemon = Daemon(workdir / "state", env)
+    daemon = Daemon(workdir / "state", daemon_env(model, args.image, args.concurrency))
     try:
         daemon.start()
         bench = Bench(model, daemon, args.image, workdir)
@@ -251,6 +587,73 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps({**report, "samples": raw}, indent=2) if args.json else markdown(report))
     return 0
+
+
+def flood(args) -> int:
+    """`flood`: daemon RSS and /health latency while an agent floods its output."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-flood-"))
+    bench = Flood(args, model, daemon_env(model, args.image, 0), workdir)
+    report = {"command": shlex.join(sys.orig_argv), "machine": machine_info(args.image),
+              "megabytes": args.megabytes, "timeout": args.timeout,
+              "slow_readers": args.slow_readers, "variants": {}}
+    try:
+        for variant in args.variants:
+            print(f"flood: {variant} ({args.megabytes} MB)…", file=sys.stderr, flush=True)
+            report["variants"][variant] = bench.variant(variant)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for v in report["variants"].values():
+            v.pop("samples_live", None), v.pop("samples_stored", None)
+        print(flood_markdown(report))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10, help="measured runs per side (≥ 2)")
+    parser.add_argument("--image", default=IMAGE, help="agent image (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="simultaneous runs for the concurrency test; 0 skips it")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    modes = parser.add_subparsers(dest="mode", metavar="{flood}",
+                                  help="without one: stromboli vs plain `podman run`")
+    flood_parser = modes.add_parser(
+        "flood", help="daemon RSS and /health latency during an agent output flood",
+        description="Daemon RSS and /health latency while an agent writes --megabytes of "
+                    "output (in 100-byte lines, and as one line), then with non-reading "
+                    "replay clients of that run.")
+    flood_parser.add_argument("--megabytes", type=int, default=100,
+                              help="output the agent writes, in MB of 10^6 bytes "
+                                   "(default: %(default)s)")
+    flood_parser.add_argument("--slow-readers", type=int, default=8,
+                              help="non-reading SSE replays of the flooded run; 0 skips them "
+                                   "(default: %(default)s)")
+    flood_parser.add_argument("--timeout", type=int, default=300,
+                              help="run timeout in seconds, passed as podman.timeout "
+                                   "(default: %(default)s)")
+    flood_parser.add_argument("--variants", default=",".join(FLOOD_VARIANTS),
+                              help="comma list of %(default)s")
+    # Also accepted after `flood` (SUPPRESS: given before it, they are not reset).
+    flood_parser.add_argument("--image", default=argparse.SUPPRESS,
+                              help="agent image (default: %s)" % IMAGE)
+    flood_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                              help="print JSON instead of markdown")
+    args = parser.parse_args()
+    if args.mode == "flood":
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not args.variants or set(args.variants) - set(FLOOD_VARIANTS):
+            parser.error(f"--variants: choose among {', '.join(FLOOD_VARIANTS)}")
+        if args.megabytes < 1 or args.slow_readers < 0 or args.timeout < 1:
+            parser.error("--megabytes and --timeout must be ≥ 1, --slow-readers ≥ 0")
+        return flood(args)
+    if args.runs < 2:
+        parser.error("--runs must be at least 2")
+    return overhead(args)
 
 
 if __name__ == "__main__":
