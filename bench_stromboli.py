@@ -10,7 +10,8 @@ Default mode (no subcommand): overhead. Measured, after one discarded warm-up ro
 rounds of A, B, C (interleaved to cancel drift):
 
   A  baseline: `podman run --rm ... claude -p hello --session-id <uuid>` (subprocess), with
-     a fresh session home chowned 1000:1000 and the daemon's hardening flags (see BASELINE);
+     a fresh session home owned by the agent's host uid and the daemon's hardening flags and
+     user namespace (see BASELINE);
   B  `POST /run {"prompt": "hello"}`, end to end (httpx);
   C  `GET /run/stream?prompt=hello`, end to end (httpx streaming).
 
@@ -24,8 +25,10 @@ The daemon also injects the API key as a Podman secret, labels its containers, a
 to Podman over its API socket; the baseline passes the key with -e.
 
 `flood`: an agent that floods its output (issue 9, item 2). For each variant, a fresh daemon
-runs one `POST /run` whose agent writes --megabytes (default 100) MB straight to the
-container's stdout (`> /proc/1/fd/1`, past the CLI), either
+runs one `POST /run` whose container writes --megabytes (default 100) MB straight to its
+stdout, past the CLI, from a `post_start` lifecycle hook (the path a hostile agent has:
+rewrite a script in its session home that a client's hook runs; in the agent's user
+namespace it cannot open /proc/1/fd/1, which belongs to host root), either
 
   lines     in 100-byte lines (`yes aaa… | head -c N`), or
   one-line  as one line without a newline (`head -c N /dev/zero | tr '\\0' a`),
@@ -77,8 +80,11 @@ PROMPT = "hello"
 REPLY = "Hello from the scripted model"
 CONCURRENT_ROUNDS = 3
 # The daemon's container hardening, replicated on the baseline's command line.
+# The daemon's user namespace (agent.userns_base = 1000000000): uid 1000 is host uid 1000001000.
+USERNS = ["--uidmap", "0:1000000000:65536", "--gidmap", "0:1000000000:65536"]
+AGENT_HOST_UID = 1000001000
 BASELINE = ["--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-            "--pids-limit", "512", "--memory", "512m", "--cpus", "1"]
+            "--pids-limit", "512", "--memory", "512m", "--cpus", "1", *USERNS]
 
 
 class TimedModel(ScriptedModel):
@@ -110,7 +116,7 @@ class Bench:
         home = pathlib.Path(tempfile.mkdtemp(dir=self.workdir))
         (home / ".claude").mkdir(mode=0o700)
         for path in (home, home / ".claude"):
-            os.chown(path, 1000, 1000)
+            os.chown(path, AGENT_HOST_UID, AGENT_HOST_UID)
         env = [arg for var in self.env for arg in ("-e", var)]
         return ["podman", "run", "--rm", "--network", "host", "--user", "1000:1000", *BASELINE,
                 *env, "-v", f"{home}:/home/user", self.image,
@@ -251,10 +257,10 @@ MiB = 1024 * 1024
 
 
 def flood_command(variant: str, nbytes: int) -> str:
-    """The agent's Bash command: nbytes straight to the container's stdout, past the CLI."""
+    """A shell command writing nbytes to the container's stdout, past the CLI."""
     if variant == "lines":
-        return f"yes {'a' * (FLOOD_LINE - 1)} | head -c {nbytes} > /proc/1/fd/1"
-    return f"head -c {nbytes} /dev/zero | tr '\\0' a > /proc/1/fd/1"
+        return f"yes {'a' * (FLOOD_LINE - 1)} | head -c {nbytes}"
+    return f"head -c {nbytes} /dev/zero | tr '\\0' a"
 
 
 def read_rss(pid: int) -> int:
@@ -417,8 +423,8 @@ class Flood:
         return result
 
     def flood_run(self, daemon: Daemon, command: str) -> dict:
-        body = {"prompt": f"bash: {command}", "podman": {"timeout": f"{self.args.timeout}s"},
-                "claude": {"dangerously_skip_permissions": True}}  # the CLI asks about pipes
+        body = {"prompt": "hello", "podman": {"timeout": f"{self.args.timeout}s",
+                                              "lifecycle": {"post_start": [command]}}}
         start = time.monotonic()
         try:
             with httpx.Client(base_url=daemon.url, timeout=self.args.timeout + 120) as client:
@@ -544,9 +550,9 @@ def flood_markdown(report: dict) -> str:
     info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
     return "\n".join([
         *lines, "",
-        f"Agent commands: `yes <{FLOOD_LINE - 1} × a> | head -c N > /proc/1/fd/1` and "
-        "`head -c N /dev/zero | tr '\\0' a > /proc/1/fd/1` (one Bash tool "
-        f"call through the scripted model), run timeout {report['timeout']} s. RSS and "
+        f"Flood commands: `yes <{FLOOD_LINE - 1} × a> | head -c N` and "
+        "`head -c N /dev/zero | tr '\\0' a` (a `post_start` lifecycle hook, before the "
+        f"CLI), run timeout {report['timeout']} s. RSS and "
         f"/health sampled every {SAMPLE_INTERVAL * 1000:.0f} ms (probe timeout "
         f"{HEALTH_TIMEOUT:.0f} s); bounds of issue 9: RSS < {RSS_BOUND // MiB} MiB, "
         "/health within 1 s.",

@@ -4084,6 +4084,9 @@ OPENAPI: dict = {
                 "status": {"allOf": [schema_ref("stromboli_internal_job.Status")],
                            "example": "running"},
                 "structured_output": {"type": "object"},
+                "truncated": {"description": "(extension) Output was cut: a line over "
+                                             "agent.max_line or output over agent.max_output",
+                              "type": "boolean", "example": False},
                 "updated_at": {"type": "string", "example": "2024-01-15T10:31:00Z"},
                 "usage": {"description": "(extension) Token usage totals + estimated USD cost",
                           "allOf": [schema_ref("stromboli_internal_job.Usage")]},
@@ -4148,6 +4151,9 @@ OPENAPI: dict = {
                 "structured_output": {"description": "structured_output from Claude's JSON "
                                                      "envelope (when json_schema is used)",
                                       "type": "object"},
+                "truncated": {"description": "(extension) Output was cut: a line over "
+                                             "agent.max_line or output over agent.max_output",
+                              "type": "boolean", "example": False},
                 "usage": {"description": "Token usage totals + estimated USD cost of this run; "
                                          "omitted when no assistant message reported usage",
                           "allOf": [schema_ref("stromboli_internal_job.Usage")]}}},
@@ -4190,6 +4196,9 @@ OPENAPI: dict = {
             "type": "object",
             "properties": {
                 "id": {"type": "string", "example": "sess-abc123"},
+                "size_bytes": {"description": "(extension) Bytes in the session home (as of its "
+                                              "last run or check; see agent.session_quota)",
+                               "type": "integer", "example": 48213},
                 "title": {"description": "Session title; empty when none is known",
                           "type": "string", "example": "Refactor billing service"}}},
         "internal_api.SessionListResponse": {
