@@ -2194,7 +2194,8 @@ class RunFeed:
             self.cut_lines += 1
         self._partial, self._cut = bytearray(), 0
         size = len(line) + 1
-        if self.kept + size > self.max_output or len(self.events) >= self.max_lines:
+        if self.dropped_lines or self.kept + size > self.max_output \
+                or len(self.events) >= self.max_lines:  # once dropping, keep order: drop all
             self.dropped_bytes += size
             self.dropped_lines += 1
             self._last_dropped = line

@@ -396,6 +396,124 @@ def run_error(response: httpx.Response) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Fast tier: the pure parts in-process (no container, runs first, in well under a second)
+# ---------------------------------------------------------------------------
+
+sys.path.insert(0, str(HERE))
+import stromboli  # noqa: E402  (the module under test, for the in-process tier)
+
+
+def test_feed_splits_lines_across_frames_and_cuts_long_ones():
+    feed = stromboli.RunFeed("run-x", max_line=1024, max_output=1024 * 1024)
+    for chunk in (b"al", b"pha\nbe", b"ta\r\n", b"x" * 3000, b"y" * 3000, b"\nlast"):
+        feed.feed(chunk)
+    feed.flush()
+    lines = [data for _, kind, data in feed.events if kind == "line"]
+    assert lines[:2] == ["alpha", "beta"]
+    assert lines[2] == "x" * 1024 + " [stromboli: line truncated, 4976 bytes dropped]"
+    assert lines[3] == "last" and feed.truncated
+
+
+def test_feed_drops_output_past_the_cap_but_keeps_the_last_line():
+    feed = stromboli.RunFeed("run-x", max_line=1024, max_output=10 * 1024)
+    feed.feed(b"".join(b"%05d %s\n" % (i, b"a" * 94) for i in range(1000)))
+    feed.feed(b'{"type":"result","result":"done"}\n')
+    feed.flush()
+    output = feed.output()
+    assert len(output) < 11 * 1024 and feed.truncated
+    assert output.splitlines()[-2].startswith("[stromboli: output truncated: ")
+    assert output.splitlines()[-1] == '{"type":"result","result":"done"}'
+    untouched = stromboli.RunFeed("run-y")
+    untouched.feed(b"short\n")
+    untouched.flush()
+    assert untouched.output() == "short" and not untouched.truncated
+
+
+def test_bounded_lines_skips_oversized_lines_without_holding_them():
+    import io
+    data = b'{"a":1}\n' + b"z" * 5000 + b'\n{"b":2}\n' + b"q" * 5000
+    assert list(stromboli.bounded_lines(io.BytesIO(data), 1000)) == [b'{"a":1}\n', b'{"b":2}\n']
+
+
+def hostile_home(tmp_path: pathlib.Path):
+    """A SessionStore with one session home and a root-only folder outside it."""
+    store = stromboli.SessionStore(tmp_path / "sessions", tmp_path / "sessions", None, 0)
+    sid = str(uuid.uuid4())
+    store.ensure(sid)
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    return store, sid, tmp_path / "sessions" / sid, outside
+
+
+def test_safe_home_never_follows_the_agents_links(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (outside / f"{sid}.jsonl").write_text('{"type":"user","message":{"content":"SECRET"}}\n')
+    projects = home / ".claude" / "projects"
+    projects.mkdir()
+    (projects / "z").mkdir()
+    (projects / "z" / f"{sid}.jsonl").symlink_to(outside / f"{sid}.jsonl")
+    assert store.transcript(sid) is None  # a linked transcript is absent
+    (home / stromboli.INIT_MARKER).symlink_to(outside / "created-by-daemon")
+    assert not store.initialized(sid)
+    store.mark_initialized(sid)
+    assert not (outside / "created-by-daemon").exists() and store.initialized(sid)
+    (home / ".claude").rename(home / "moved")
+    (home / ".claude").symlink_to(outside)
+    store.ensure(sid)
+    assert (home / ".claude").is_dir() and not (home / ".claude").is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == [f"{sid}.jsonl"]
+
+
+def test_safe_home_resume_does_not_move_into_a_linked_project_folder(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (home / ".claude" / "projects" / "other").mkdir(parents=True)
+    (home / ".claude" / "projects" / "other" / f"{sid}.jsonl").write_text("{}\n")
+    (home / ".claude" / "projects" / "-workspace").symlink_to(outside)
+    store.relocate(sid, sid, "/workspace")
+    assert list(outside.iterdir()) == []
+    assert (home / ".claude" / "projects" / "-workspace" / f"{sid}.jsonl").is_file()
+
+
+def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (outside / "private").write_text("root only")
+    os.mkfifo(home / "pipe")
+    (home / "link").symlink_to(outside / "private")
+    (home / "work").mkdir()
+    (home / "work" / "notes.txt").write_text("mine")
+    fork = str(uuid.uuid4())
+    store.fork(sid, fork)
+    copy = tmp_path / "sessions" / fork
+    assert (copy / "work" / "notes.txt").read_text() == "mine"
+    assert not os.path.lexists(copy / "pipe") and not os.path.lexists(copy / "link")
+    small = stromboli.SessionStore(tmp_path / "sessions", tmp_path / "sessions", None, 2)
+    with pytest.raises(stromboli.HomeError):
+        small.fork(sid, str(uuid.uuid4()))
+    assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == sorted([sid, fork])
+    assert "over its quota" in small.over_quota(sid)
+
+
+def test_volume_targets_that_shadow_the_image_are_refused():
+    cfg = stromboli.Config(agent_allow_all_volumes=True)
+    for target in ("/", "/usr", "/usr/lib", "/lib64", "/opt", "/opt/claude", "/home",
+                   "/home/user", "/etc/x", "//usr"):
+        with pytest.raises(stromboli.BadRequest):
+            stromboli.check_volume(cfg, f"/tmp:{target}")
+    for bad in ("/tmp:/data:U", "/tmp:/data:ro,U", "/t\0mp:/data"):
+        with pytest.raises(stromboli.BadRequest):
+            stromboli.check_volume(cfg, bad)
+    assert stromboli.check_volume(cfg, "/tmp:/home/user/project:ro")[1] == "/home/user/project"
+    assert stromboli.check_volume(cfg, "/tmp:/opt/tools")[1] == "/opt/tools"
+
+
+def test_unknown_podman_options_are_refused_by_name():
+    cfg = stromboli.Config()
+    for key in ("privileged", "cap_add", "devices", "security_opt", "user", "mounts"):
+        with pytest.raises(stromboli.BadRequest, match=f'unknown podman option "{key}"'):
+            stromboli.RunRequest.parse({"prompt": "x", "podman": {key: True}}, cfg)
+
+
+# ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
 
