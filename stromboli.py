@@ -1246,10 +1246,11 @@ def claude_env(options: dict) -> dict[str, str]:
     return env
 
 
-def parse_json_lines(lines: Iterable[str]) -> Iterable[dict]:
+def parse_json_lines(lines: Iterable[str | bytes]) -> Iterable[dict]:
+    """The JSON objects among lines (text or bytes); anything else is skipped."""
     for line in lines:
         line = line.strip()
-        if line.startswith("{"):
+        if line[:1] in ("{", b"{"):
             try:
                 value = json.loads(line)
             except ValueError:
@@ -1389,13 +1390,7 @@ def bounded_lines(fh: BinaryIO, limit: int) -> Iterable[bytes]:
 def read_transcript(fh: BinaryIO) -> Iterable[dict]:
     """Each JSON object line of a transcript; unparseable, partial and oversized lines
     are skipped."""
-    for line in bounded_lines(fh, MAX_TRANSCRIPT_LINE):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
+    return parse_json_lines(bounded_lines(fh, MAX_TRANSCRIPT_LINE))
 
 
 def transcript_usage(fh: BinaryIO) -> dict | None:
