@@ -94,7 +94,9 @@ def estimate_tokens(value) -> int:
 
 
 class ScriptedModel:
-    """An aiohttp server speaking the Messages API (streaming and not), run in a thread."""
+    """An aiohttp server speaking the Messages API (streaming and not), run in a thread.
+    `requests` holds each request body as received, plus the `x-api-key` header it came
+    with under "_x_api_key"."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -166,7 +168,7 @@ class ScriptedModel:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(body)
+        self.requests.append({**body, "_x_api_key": request.headers.get("x-api-key", "")})
         plan = self.plan(body)
         await asyncio.sleep(plan["sleep"])
         if plan["error"]:
@@ -1354,6 +1356,351 @@ def test_unknown_session_is_404(daemon):
     session = str(uuid.uuid4())
     r = daemon.http.get(f"/sessions/{session}/messages")
     assert r.status_code == 404 and r.json() == {"error": f"session history not found: {session}"}
+
+
+# ---------------------------------------------------------------------------
+# Agent boundary: the agent is hostile (issue 9)
+# ---------------------------------------------------------------------------
+# Each test plays the agent through "bash: …" prompts (the real CLI runs the command in
+# its container, as uid 1000, with the session home as $HOME) or the hostile API client,
+# and checks that the root daemon never acts for it outside its container.
+
+def agent_does(d: Daemon, command: str, claude: dict | None = None, **body) -> httpx.Response:
+    """A run in which the agent runs `command` with its Bash tool."""
+    return d.http.post("/run", json={"prompt": f"bash: {command}", **body, "claude": {
+        "dangerously_skip_permissions": True, **(claude or {})}})
+
+
+def session_home(d: Daemon, session: str) -> pathlib.Path:
+    return d.state_dir / "sessions" / session
+
+
+def root_only_dir(path: pathlib.Path) -> pathlib.Path:
+    """A host folder only root may enter (the kind of place an escape aims at)."""
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def assert_untouched(folder: pathlib.Path) -> None:
+    st = os.lstat(folder)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o700), \
+        f"{folder} now {st.st_uid}:{st.st_gid} {oct(st.st_mode & 0o7777)}"
+    assert os.listdir(folder) == []
+
+
+def memory_kib(pid: int, field: str) -> int:
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1))
+
+
+def test_agent_claude_dir_link_to_a_host_dir_is_not_chowned(daemon, tmp_path):
+    target = root_only_dir(tmp_path / "root-only")
+    session = str(uuid.uuid4())
+    agent_does(daemon, f"mv ~/.claude ~/claude-was-here && ln -s {target} ~/.claude",
+               {"session_id": session})
+    assert os.path.islink(session_home(daemon, session) / ".claude")  # the agent did it
+    daemon.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                 "resume": True}})
+    assert_untouched(target)
+
+
+def test_agent_project_folder_link_receives_no_transcript(daemon, tmp_path):
+    target = root_only_dir(tmp_path / "root-only")
+    session = str(uuid.uuid4())
+    # Its own transcript lives under -workspace-other; -workspace becomes a link to the host.
+    agent_does(daemon, f"ln -s {target} ~/.claude/projects/-workspace",
+               {"session_id": session}, workdir="/workspace/other")
+    assert os.path.islink(session_home(daemon, session) / ".claude/projects/-workspace")
+    daemon.http.post("/run", json={"prompt": "hello", "workdir": "/workspace",
+                                   "claude": {"session_id": session, "resume": True}})
+    assert_untouched(target)
+
+
+def test_agent_init_marker_link_creates_no_host_file(daemon, tmp_path):
+    planted = root_only_dir(tmp_path / "root-only") / "planted-by-the-daemon"
+    session = str(uuid.uuid4())
+    agent_does(daemon, f"ln -s {planted} ~/.stromboli-initialized", {"session_id": session})
+    assert os.path.islink(session_home(daemon, session) / ".stromboli-initialized")
+    daemon.http.post("/run", json={
+        "prompt": "hello", "claude": {"session_id": session, "resume": True},
+        "podman": {"lifecycle": {"on_create_command": ["true"]}}})
+    assert not os.path.lexists(planted)
+    assert_untouched(planted.parent)
+
+
+def test_agent_transcript_link_to_a_host_file_is_never_read(daemon, tmp_path):
+    tag = marker()
+    session = str(uuid.uuid4())
+    host_file = root_only_dir(tmp_path / "root-only") / "audit.jsonl"
+    host_file.write_text(
+        json.dumps({"type": "user", "uuid": f"host-{tag}", "sessionId": session,
+                    "message": {"role": "user", "content": f"HOST-SECRET-{tag}"}}) + "\n"
+        + json.dumps({"type": "summary", "summary": f"HOST-SECRET-{tag}"}) + "\n")
+    host_file.chmod(0o600)
+    agent_does(daemon, f"mkdir -p ~/.claude/projects/z && "
+                       f"ln -s {host_file} ~/.claude/projects/z/{session}.jsonl",
+               {"session_id": session})
+    assert os.path.islink(session_home(daemon, session) / f".claude/projects/z/{session}.jsonl")
+    os.utime(host_file)  # a live host file: newer than the agent's own transcript
+    messages = daemon.http.get(f"/sessions/{session}/messages")
+    assert messages.status_code == 200, messages.text
+    assert f"HOST-SECRET-{tag}" not in messages.text
+    assert "ln -s" in messages.text  # its own transcript is the one read
+    assert f"HOST-SECRET-{tag}" not in daemon.http.get("/sessions").text
+
+
+def test_agent_fifo_in_its_home_does_not_break_a_fork(daemon):
+    tag = marker()
+    source = str(uuid.uuid4())
+    made = agent_does(daemon, f"mkfifo ~/pipe-{tag} && echo made-{tag}", {"session_id": source})
+    assert f"made-{tag}" in made.json()["output"]
+    before = {s["id"] for s in daemon.http.get("/sessions").json()["sessions"]}
+    r = daemon.http.post("/run", json={"prompt": "hello", "claude": {
+        "session_id": source, "fork_session": True}})
+    assert r.status_code == 200, r.text
+    fork = r.json()
+    assert fork["status"] == "completed" and fork["session_id"] != source
+    assert not os.path.lexists(session_home(daemon, fork["session_id"]) / f"pipe-{tag}")
+    after = {s["id"] for s in daemon.http.get("/sessions").json()["sessions"]}
+    assert after - before == {fork["session_id"]}
+
+
+def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
+    tag = marker()
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                httpx.get(d.url + "/health", timeout=120)
+            except httpx.HTTPError:
+                started = -float("inf")  # recorded as an endless wait
+            latencies.append(time.monotonic() - started)
+            stop.wait(0.2)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        r = agent_does(d, "head -c 20000000 /dev/zero | tr '\\0' a > /proc/1/fd/1; "
+                          f"echo > /proc/1/fd/1; echo done-{tag}")
+    finally:
+        stop.set()
+        prober.join()
+    assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
+    assert r.status_code == 200, r.text[:500]
+    body = r.json()
+    assert body["status"] == "completed", body.get("crash_info")
+    output = body["output"]
+    assert len(output) < 1024 * 1024 + 4096
+    assert re.search(r"(^|\n)a{65536} \[stromboli: line truncated, 19934464 bytes dropped\]\n",
+                     output), output[-300:]
+    assert output.splitlines()[-1] == f"tool said: done-{tag}"
+    assert body["truncated"] is True
+    _, events = read_sse(d, {"run_id": body["id"]})  # the stream carries the same lines
+    data = [e.data for e in events if e.event == "message"]
+    assert sum(map(len, data)) < 1024 * 1024 + 4096
+    assert data[-1] == f"tool said: done-{tag}" and events[-1].event == "done"
+
+
+def test_output_past_max_output_is_dropped_but_the_result_survives(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
+    tag = marker()
+    flood = {"prompt": f"bash: yes flood-line-{'x' * 40} | head -n 100000 > /proc/1/fd/1; "
+                       f"echo done-{tag}",  # 5.2 MB in 100000 lines
+             "claude": {"dangerously_skip_permissions": True}}
+    job = d.http.post("/run/async", json=flood).json()
+    r = d.http.post("/run", json=flood)
+    assert r.status_code == 200, r.text[:500]
+    for body in (r.json(), d.wait_job(job["job_id"])):
+        assert body["status"] == "completed", body.get("crash_info")
+        output = body["output"]
+        assert len(output) < 1024 * 1024 + 4096
+        lines = output.splitlines()
+        dropped = re.fullmatch(
+            r"\[stromboli: output truncated: (\d+) bytes in (\d+) lines dropped\]", lines[-2])
+        assert dropped, lines[-3:]
+        assert int(dropped.group(1)) > 4_000_000 and int(dropped.group(2)) > 70_000
+        assert lines[-1] == f"tool said: done-{tag}"
+        assert lines[0].startswith("flood-line-")
+        assert body["truncated"] is True
+
+
+def test_a_huge_transcript_line_does_not_inflate_the_daemon(make_daemon):
+    d = make_daemon()
+    assert d.http.post("/run", json={"prompt": "hello"}).json()["status"] == "completed"
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    session = str(uuid.uuid4())
+    # One 15 MB transcript line of five million tiny JSON objects (cheap on disk, costly
+    # to parse), appended by the agent to its own transcript.
+    big_line = ("{ printf '{\"type\":\"assistant\",\"message\":{\"id\":\"m-big\",\"content\":['; "
+                "yes '{},' | head -n 5000000 | tr -d '\\n'; printf '{}]}}\\n'; }")
+    r = agent_does(d, f"{big_line} >> ~/.claude/projects/-workspace/{session}.jsonl; echo ok",
+                   {"session_id": session})
+    assert r.json()["status"] == "completed", r.text[:500]
+    transcript = session_home(d, session) / f".claude/projects/-workspace/{session}.jsonl"
+    assert transcript.stat().st_size > 15_000_000
+    started = time.monotonic()
+    messages = d.http.get(f"/sessions/{session}/messages")
+    assert messages.status_code == 200
+    assert time.monotonic() - started < 5
+    assert d.http.get("/sessions").status_code == 200
+    grown = memory_kib(d.proc.pid, "VmHWM") - baseline
+    assert grown < 100 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
+
+
+def test_secrets_are_not_in_podman_inspect_but_the_agent_has_them(daemon):
+    name, value = f"agent-secret-{marker()}", f"value-{marker()}"
+    assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
+    session = str(uuid.uuid4())
+    try:
+        job = daemon.http.post("/run/async", json={
+            "prompt": "sleep 2 bash: echo got=$MY_SECRET",
+            "claude": {"session_id": session, "dangerously_skip_permissions": True},
+            "podman": {"secrets_env": {"MY_SECRET": name}}}).json()
+        containers = wait_until(lambda: agent_containers(f"stromboli.session={session}"), 20,
+                                what="the run's container")
+        with podman_client() as client:
+            info = client.containers.get(containers[0].id).inspect()
+        inspected = json.dumps(info)
+        assert "sk-test-not-a-real-key" not in inspected
+        assert value not in inspected
+        done = daemon.wait_job(job["job_id"])
+        assert done["status"] == "completed", done
+        assert f"got={value}" in done["output"]  # exported inside, for the CLI and its tools
+    finally:
+        daemon.http.delete(f"/secrets/{name}")
+
+
+def test_the_prompt_is_not_in_argv_and_may_be_large(daemon, model):
+    tag = marker()
+    session = str(uuid.uuid4())
+    job = daemon.http.post("/run/async", json={
+        "prompt": f"sleep 2 prompt-{tag}", "claude": {"session_id": session}}).json()
+    containers = wait_until(lambda: agent_containers(f"stromboli.session={session}"), 20,
+                            what="the run's container")
+    wait_until(lambda: model.requests_with(tag), 20, what="the CLI to send the prompt")
+    with podman_client() as client:
+        info = client.containers.get(containers[0].id).inspect()
+    assert tag not in json.dumps([info["Config"].get("Cmd"), info.get("Args"),
+                                  info["Config"].get("Entrypoint")])
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert tag not in ps
+    assert daemon.wait_job(job["job_id"])["status"] == "completed"
+    big = "hello " + "word " * (200 * 1024 // 5)  # over the kernel's 128 KiB argument limit
+    r = daemon.http.post("/run", json={"prompt": big})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["output"] == "Hello from the scripted model"
+
+
+def test_agents_run_in_a_user_namespace(daemon):
+    tag = marker()
+    session = str(uuid.uuid4())
+    body = agent_does(daemon, f"cat /proc/self/uid_map; touch ~/made-{tag}",
+                      {"session_id": session}).json()
+    assert body["status"] == "completed", body
+    assert re.search(r"\b0\s+1000000000\s+65536\b", body["output"]), body["output"]
+    made = session_home(daemon, session) / f"made-{tag}"
+    assert made.stat().st_uid == 1000000000 + 1000
+
+
+def test_volume_options_and_targets_that_reach_the_host_are_refused(make_daemon, tmp_path):
+    allowed = tmp_path / "projects"
+    (allowed / "demo").mkdir(parents=True)
+    (allowed / "demo" / "notes.txt").write_text("mounted-file-content\n")
+    d = make_daemon(STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed))
+    demo = allowed / "demo"
+    r = d.http.post("/run", json={"prompt": "hello", "podman": {"volumes": [f"{demo}:/data:ro,U"]}})
+    assert r.status_code == 400, r.text
+    assert run_error(r).startswith("volume validation failed: ") and '"U"' in run_error(r)
+    assert demo.stat().st_uid == 0  # nothing chowned it
+    for target in ("/", "/usr", "/usr/lib", "/opt", "/opt/claude", "/home", "/home/user",
+                   "/home/user/", "/etc/x", "/lib64"):
+        r = d.http.post("/run", json={"prompt": "hello",
+                                      "podman": {"volumes": [f"{demo}:{target}"]}})
+        assert r.status_code == 400, (target, r.status_code, r.text[:300])
+        error = run_error(r)
+        assert error.startswith("volume validation failed: container path"), (target, error)
+    r = d.http.post("/run", json={"prompt": "hello", "podman": {"volumes": [f"{demo}\0x:/data"]}})
+    assert r.status_code == 400, r.text
+    assert "volume" in run_error(r)
+    ok = agent_does(d, "cat /home/user/project/notes.txt",
+                    podman={"volumes": [f"{demo}:/home/user/project:ro"]}).json()
+    assert ok["status"] == "completed" and "mounted-file-content" in ok["output"], ok
+
+
+def test_secrets_of_other_podman_tenants_are_out_of_reach(daemon, make_daemon):
+    name, value = f"db-password-{marker()}", f"their-value-{marker()}"
+    with podman_client() as client:
+        client.secrets.create(name, value.encode())
+    try:
+        assert name not in [s["name"] for s in daemon.http.get("/secrets").json()["secrets"]]
+        assert daemon.http.get(f"/secrets/{name}").status_code == 404
+        assert daemon.http.delete(f"/secrets/{name}").status_code == 404
+        r = daemon.http.post("/run", json={"prompt": "bash: echo got=$DB",
+                                           "podman": {"secrets_env": {"DB": name}}})
+        assert r.status_code == 400, r.text
+        assert name in run_error(r) and "STROMBOLI_SECRETS_ALLOWED" in run_error(r)
+        with podman_client() as client:
+            assert client.secrets.exists(name)
+        allowed = make_daemon(STROMBOLI_SECRETS_ALLOWED=name)
+        body = agent_does(allowed, "echo got=$DB", podman={"secrets_env": {"DB": name}}).json()
+        assert body["status"] == "completed" and f"got={value}" in body["output"], body
+        listed = {s["name"]: s for s in allowed.http.get("/secrets").json()["secrets"]}
+        assert listed[name]["managed"] is False
+        assert allowed.http.delete(f"/secrets/{name}").status_code == 400
+        with podman_client() as client:
+            assert client.secrets.exists(name)
+    finally:
+        with podman_client() as client:
+            if client.secrets.exists(name):
+                client.secrets.remove(name)
+
+
+def test_two_daemons_on_one_podman_keep_their_own_api_keys(make_daemon, model):
+    keys = {"a": f"sk-test-a-{marker()}", "b": f"sk-test-b-{marker()}"}
+    daemons = {k: make_daemon(ANTHROPIC_API_KEY=key) for k, key in keys.items()}
+    for which in ("a", "b", "a", "b"):
+        tag = marker()
+        body = daemons[which].http.post("/run", json={"prompt": f"hello {tag}"}).json()
+        assert body["status"] == "completed", body
+        assert {r["_x_api_key"] for r in model.requests_with(tag)} == {keys[which]}, which
+
+
+def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+    session = str(uuid.uuid4())
+    r = agent_does(d, "head -c 8000000 /dev/zero > ~/big; echo wrote", {"session_id": session})
+    assert os.path.getsize(session_home(d, session) / "big") == 8_000_000, r.text
+    listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
+    assert listed[session].get("size_bytes", 0) >= 8_000_000, listed[session]
+    for options in ({"resume": True}, {"continue": True}, {"fork_session": True}):
+        r = d.http.post("/run", json={"prompt": "hello",
+                                      "claude": {"session_id": session, **options}})
+        assert r.status_code == 409, (options, r.status_code, r.text[:300])
+        assert "quota" in run_error(r)
+
+
+def test_a_home_growing_past_the_quota_gets_its_run_killed(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+    started = time.monotonic()
+    body = agent_does(d, "head -c 8000000 /dev/zero > ~/big; sleep $((20)); echo slept").json()
+    assert body["status"] == "crashed", body
+    assert "quota" in body["crash_info"]["reason"]
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("key, value", [
+    ("privileged", True), ("cap_add", ["SYS_ADMIN"]), ("devices", ["/dev/fuse"]),
+    ("security_opt", ["seccomp=unconfined"]), ("user", "root"),
+    ("mounts", [{"type": "bind", "source": "/", "target": "/host"}]), ("network_mode", "host"),
+])
+def test_unknown_podman_options_are_refused_by_name(daemon, key, value):
+    r = daemon.http.post("/run", json={"prompt": "hello", "podman": {key: value}})
+    assert r.status_code == 400, r.text
+    assert f'unknown podman option "{key}"' in run_error(r)
 
 
 # ---------------------------------------------------------------------------
