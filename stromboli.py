@@ -1036,9 +1036,12 @@ class Podman:
         response.raise_for_status()
 
     def replace_secret(self, name: str, data: bytes, labels: dict) -> None:
+        self.remove_secret(name)
+        self.create_secret(name, data, labels)
+
+    def remove_secret(self, name: str) -> None:
         if self.client.secrets.exists(name):
             self.client.secrets.remove(name)
-        self.create_secret(name, data, labels)
 
     def image_exists(self, ref: str) -> bool:
         return self.client.images.exists(ref)
@@ -2327,6 +2330,15 @@ class ContainerRunner:
                                    self.api_key.encode(), labels)
             self._api_key_synced = True
 
+    async def drop_own_secrets(self) -> None:
+        """At shutdown: the next start creates them again, so none outlive the daemon."""
+        for name in (self.api_key_secret, self.credentials_secret):
+            try:
+                await asyncio.wait_for(self.podman.call(self.podman.remove_secret, name), 5)
+            except Exception as exc:  # Podman may be gone: nothing more to do
+                log.warning("could not remove a secret", extra=fields(
+                    secret=name, error=short_error(exc)))
+
     # -- the container ---------------------------------------------------------------
     def secret_env(self, req: RunRequest) -> dict[str, str]:
         """{environment variable: secret name} for the run, the daemon's API key included."""
@@ -2470,9 +2482,13 @@ class ContainerRunner:
 
     async def run(self, req: RunRequest, run_id: str, plan: SessionPlan,
                   labels: dict | None = None,
-                  on_start: Callable[[], Awaitable[None]] | None = None) -> RunResult:
+                  on_start: Callable[[], Awaitable[None]] | None = None,
+                  on_end: Callable[[RunResult | None, Exception | None], Awaitable[None]]
+                  | None = None) -> RunResult:
         """Wait for the session and a slot, then execute. Cancelling the calling task
-        kills and removes the container."""
+        kills and removes the container. `on_start` runs once the slot is held, `on_end`
+        (with the result or the error) before it is given to the next run, so that a
+        job's row never says `running` beside its successor's."""
         feed = self.feeds.get(run_id) or self.open_feed(run_id)
         try:
             async with contextlib.AsyncExitStack() as held:
@@ -2483,7 +2499,14 @@ class ContainerRunner:
                 await held.enter_async_context(self.slots.slot())
                 if on_start:
                     await on_start()
-                result = await self._execute(req, run_id, plan, labels or {}, feed)
+                try:
+                    result = await self._execute(req, run_id, plan, labels or {}, feed)
+                except Exception as exc:
+                    if on_end:
+                        await asyncio.shield(on_end(None, exc))
+                    raise
+                if on_end:
+                    await asyncio.shield(on_end(result, None))
             feed.push("done", json.dumps({"id": run_id, "session_id": result.session_id,
                                           "status": result.status}, separators=(",", ":")))
             return result
@@ -2581,6 +2604,7 @@ class ContainerRunner:
         os.unlink(prompt_file)
         if plan.mode == "fork":
             self.sessions.settle_fork(plan.session_id, plan.source)
+        self.sessions.over_quota(plan.session_id)  # refreshes the size /sessions shows
 
     def _outcome(self, feed: RunFeed, session_id: str,
                  before: Transcript | None) -> tuple[str, dict | None, Any]:
@@ -2786,25 +2810,37 @@ class JobManager:
         async def started() -> None:
             await self.store.call(functools.partial(self.store.update_job, job["id"],
                                                     status="running", started_at=time.time()))
+        ended = []
+
+        async def end(result: RunResult | None, error: Exception | None) -> None:
+            ended.append(True)
+            await self._finish(job, self._outcome(job, result, error))
         try:
             plan = SessionPlan.of(req.claude, fork_id=job["session_id"])
-            result = await self.runner.run(req, job["run_id"], plan,
-                                           {"stromboli.job": job["id"]}, started)
+            await self.runner.run(req, job["run_id"], plan, {"stromboli.job": job["id"]},
+                                  started, end)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # failed before it had a slot
+            if not ended:
+                await self._finish(job, self._outcome(job, None, exc))
+
+    @staticmethod
+    def _outcome(job: dict, result: RunResult | None, error: Exception | None) -> dict:
+        """The job row's changes for a run's result or error."""
+        if result is not None:
             changes = dict(status=result.status, output=result.output,
                            crash_info=result.crash_info, usage=result.usage,
                            structured_output=result.structured_output,
                            truncated=int(result.truncated))
-        except asyncio.CancelledError:
-            return
-        except ApiError as exc:
-            changes = dict(status="failed", error=exc.message)
-        except RunFailed as exc:
-            changes = dict(status="failed", error=str(exc))
-        except Exception as exc:  # a bug must not leave the job running forever
-            log.exception("job failed unexpectedly", extra=fields(job_id=job["id"]))
-            changes = dict(status="failed", error=f"internal error: {short_error(exc)}")
-        changes["finished_at"] = time.time()
-        await self._finish(job, changes)
+        elif isinstance(error, ApiError):
+            changes = dict(status="failed", error=error.message)
+        elif isinstance(error, RunFailed):
+            changes = dict(status="failed", error=str(error))
+        else:  # a bug must not leave the job running forever
+            log.error("job failed unexpectedly", exc_info=error, extra=fields(job_id=job["id"]))
+            changes = dict(status="failed", error=f"internal error: {short_error(error)}")
+        return {**changes, "finished_at": time.time()}
 
     async def _finish(self, job: dict, changes: dict, only_if_active: bool = True) -> None:
         updated = await self.store.call(functools.partial(
@@ -4766,6 +4802,8 @@ class Stromboli:
             await self.jobs.shutdown()
         if self.webhooks.tasks:
             await asyncio.wait(self.webhooks.tasks, timeout=5)
+        if self.runner:
+            await self.runner.drop_own_secrets()
         if self.podman:
             self.podman.close()
         await asyncio.to_thread(self.podman_service.stop)

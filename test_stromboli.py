@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -508,7 +509,7 @@ def test_volume_targets_that_shadow_the_image_are_refused():
     assert stromboli.check_volume(cfg, "/tmp:/opt/tools")[1] == "/opt/tools"
 
 
-def test_unknown_podman_options_are_refused_by_name():
+def test_request_parser_names_unknown_podman_options():
     cfg = stromboli.Config()
     for key in ("privileged", "cap_add", "devices", "security_opt", "user", "mounts"):
         with pytest.raises(stromboli.BadRequest, match=f'unknown podman option "{key}"'):
@@ -1466,9 +1467,24 @@ def test_agent_fifo_in_its_home_does_not_break_a_fork(daemon):
     assert after - before == {fork["session_id"]}
 
 
+def flood_through_a_hook(d: Daemon, script: str, route: str = "/run") -> httpx.Response:
+    """The agent's way to the container's raw stdout: in its user namespace it cannot open
+    /proc/1/fd/1 (the pipe belongs to host root), but it can rewrite a script in its home
+    that a client's lifecycle hook runs before the CLI. Run 1 plants it; run 2 (a resume
+    with a post_start hook) runs it. → run 2's response (on `route`)."""
+    session = str(uuid.uuid4())
+    planted = agent_does(d, f"echo x > /proc/1/fd/1 || echo direct-denied; "
+                            f"printf '%s\\n' {shlex.quote(script)} > ~/setup.sh; echo planted",
+                         {"session_id": session}).json()
+    assert "direct-denied" in planted["output"] and "planted" in planted["output"], planted
+    return d.http.post(route, json={
+        "prompt": f"after the flood {session}",
+        "claude": {"session_id": session, "resume": True},
+        "podman": {"lifecycle": {"post_start": ["sh ~/setup.sh"]}}})
+
+
 def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
     d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
-    tag = marker()
     latencies: list[float] = []
     stop = threading.Event()
 
@@ -1484,8 +1500,7 @@ def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
     prober = threading.Thread(target=probe)
     prober.start()
     try:
-        r = agent_does(d, "head -c 20000000 /dev/zero | tr '\\0' a > /proc/1/fd/1; "
-                          f"echo > /proc/1/fd/1; echo done-{tag}")
+        r = flood_through_a_hook(d, "head -c 20000000 /dev/zero | tr '\\0' a; echo")
     finally:
         stop.set()
         prober.join()
@@ -1497,24 +1512,21 @@ def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
     assert len(output) < 1024 * 1024 + 4096
     assert re.search(r"(^|\n)a{65536} \[stromboli: line truncated, 19934464 bytes dropped\]\n",
                      output), output[-300:]
-    assert output.splitlines()[-1] == f"tool said: done-{tag}"
+    assert output.splitlines()[-1].startswith("echo: after the flood")
     assert body["truncated"] is True
     _, events = read_sse(d, {"run_id": body["id"]})  # the stream carries the same lines
     data = [e.data for e in events if e.event == "message"]
     assert sum(map(len, data)) < 1024 * 1024 + 4096
-    assert data[-1] == f"tool said: done-{tag}" and events[-1].event == "done"
+    assert data[-1].startswith("echo: after the flood") and events[-1].event == "done"
 
 
 def test_output_past_max_output_is_dropped_but_the_result_survives(make_daemon):
     d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
-    tag = marker()
-    flood = {"prompt": f"bash: yes flood-line-{'x' * 40} | head -n 100000 > /proc/1/fd/1; "
-                       f"echo done-{tag}",  # 5.2 MB in 100000 lines
-             "claude": {"dangerously_skip_permissions": True}}
-    job = d.http.post("/run/async", json=flood).json()
-    r = d.http.post("/run", json=flood)
-    assert r.status_code == 200, r.text[:500]
-    for body in (r.json(), d.wait_job(job["job_id"])):
+    flood = f"yes flood-line-{'x' * 40} | head -n 100000"  # 5.2 MB in 100000 lines
+    run = flood_through_a_hook(d, flood)
+    assert run.status_code == 200, run.text[:500]
+    job = flood_through_a_hook(d, flood, "/run/async").json()
+    for body in (run.json(), d.wait_job(job["job_id"])):
         assert body["status"] == "completed", body.get("crash_info")
         output = body["output"]
         assert len(output) < 1024 * 1024 + 4096
@@ -1523,7 +1535,7 @@ def test_output_past_max_output_is_dropped_but_the_result_survives(make_daemon):
             r"\[stromboli: output truncated: (\d+) bytes in (\d+) lines dropped\]", lines[-2])
         assert dropped, lines[-3:]
         assert int(dropped.group(1)) > 4_000_000 and int(dropped.group(2)) > 70_000
-        assert lines[-1] == f"tool said: done-{tag}"
+        assert lines[-1].startswith("echo: after the flood")  # the CLI's answer survives
         assert lines[0].startswith("flood-line-")
         assert body["truncated"] is True
 
