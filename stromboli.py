@@ -43,6 +43,7 @@ import logging
 import os
 import pathlib
 import re
+import resource
 import secrets as pysecrets
 import shutil
 import signal
@@ -56,6 +57,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.parse
 import uuid
 from typing import Any, Awaitable, BinaryIO, Callable, Iterable
 
@@ -141,7 +143,7 @@ def parse_env_pairs(text: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.I)
+SIZE_RE = re.compile(r"^(\d{1,15})([bkmg]?)$", re.I)
 
 
 def parse_size(text: Any) -> int:
@@ -175,6 +177,26 @@ class Config:
     server_max_body_bytes: int = setting(10 * 1024 * 1024, "server.max_body_bytes",
                                          "STROMBOLI_SERVER_MAX_BODY_BYTES", kind="int",
                                          help="largest accepted request body (413 beyond)")
+    server_header_timeout: float = setting(10.0, "server.header_timeout",
+                                           "STROMBOLI_SERVER_HEADER_TIMEOUT", kind="duration",
+                                           help="a new connection's request head must arrive "
+                                                "within this")
+    server_body_timeout: float = setting(30.0, "server.body_timeout",
+                                         "STROMBOLI_SERVER_BODY_TIMEOUT", kind="duration",
+                                         help="a request body must arrive within this (408)")
+    server_keepalive_timeout: float = setting(75.0, "server.keepalive_timeout",
+                                              "STROMBOLI_SERVER_KEEPALIVE_TIMEOUT",
+                                              kind="duration",
+                                              help="idle keep-alive connections closed after this")
+    server_max_connections: int = setting(512, "server.max_connections",
+                                          "STROMBOLI_SERVER_MAX_CONNECTIONS", kind="int",
+                                          help="open client connections at most (more: closed)")
+    server_allowed_hosts: tuple = setting((), "server.allowed_hosts",
+                                          "STROMBOLI_SERVER_ALLOWED_HOSTS", kind="list",
+                                          help="Host names accepted besides IPs and localhost")
+    server_allowed_origins: tuple = setting((), "server.allowed_origins",
+                                            "STROMBOLI_SERVER_ALLOWED_ORIGINS", kind="list",
+                                            help="browser origins accepted besides our own")
     state_dir: str = setting("", "server.state_dir", "STROMBOLI_STATE_DIR", "STATE_DIRECTORY",
                              help="SQLite store folder (default ~/.local/share/stromboli)")
     podman_url: str = setting("", "podman.url", "STROMBOLI_PODMAN_URL", "CONTAINER_HOST",
@@ -254,6 +276,11 @@ class Config:
     auth_blacklist_cleanup_interval: float = setting(
         3600.0, "auth.blacklist.cleanup_interval", "STROMBOLI_AUTH_BLACKLIST_CLEANUP_INTERVAL",
         kind="duration", help="how often expired revocations are reaped")
+    auth_failure_rate: float = setting(0.2, "auth.failure_rate", "STROMBOLI_AUTH_FAILURE_RATE",
+                                       kind="float",
+                                       help="failed authentications refilled per second per IP")
+    auth_failure_burst: int = setting(10, "auth.failure_burst", "STROMBOLI_AUTH_FAILURE_BURST",
+                                      kind="int", help="failed authentications per IP in a burst")
     jwt_secret: str = setting("", "jwt.secret", "STROMBOLI_JWT_SECRET", secret=True,
                               help="HS256 signing secret (>= 32 chars)")
     jwt_access_expiry: float = setting(86400.0, "jwt.access_expiry", "STROMBOLI_JWT_EXPIRY",
@@ -276,6 +303,10 @@ class Config:
     webhook_signing_secret: str = setting("", "webhook.signing_secret",
                                           "STROMBOLI_WEBHOOK_SIGNING_SECRET", secret=True,
                                           help="HMAC-SHA256 key for webhook signatures")
+    webhook_allowed_hosts: tuple = setting((), "webhook.allowed_hosts",
+                                           "STROMBOLI_WEBHOOK_ALLOWED_HOSTS", kind="list",
+                                           help="host names or CIDRs webhooks may reach "
+                                                "(empty = any)")
     webhook_max_attempts: int = setting(5, "webhook.max_attempts", "STROMBOLI_WEBHOOK_MAX_ATTEMPTS",
                                         kind="int", help="deliveries tried per webhook")
     jobs_cleanup_ttl: float = setting(3600.0, "jobs.cleanup_ttl", "STROMBOLI_JOBS_CLEANUP_TTL",
@@ -433,6 +464,11 @@ class Config:
                 errors.append(f"STROMBOLI_JWT_SECRET is a known placeholder value — {hint}")
         if self.rate_limit_enabled and (self.rate_limit_rate <= 0 or self.rate_limit_burst <= 0):
             errors.append("rate limit rate and burst must be > 0")
+        if self.auth_failure_rate <= 0 or self.auth_failure_burst <= 0:
+            errors.append("auth failure rate and burst must be > 0")
+        if min(self.server_header_timeout, self.server_body_timeout,
+               self.server_keepalive_timeout) <= 0 or self.server_max_connections < 1:
+            errors.append("server timeouts must be > 0 and max_connections >= 1")
         if secret and (self.jwt_access_expiry <= 0 or self.jwt_refresh_expiry <= 0):
             errors.append("JWT access and refresh expiry must be > 0")
         if self.jobs_cleanup_ttl <= 0 or self.jobs_cleanup_interval <= 0:
@@ -490,7 +526,7 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.I)
+MEMORY_RE = re.compile(r"^(\d{1,15})([bkmg]?)$", re.I)
 
 
 def parse_memory(text: str) -> int:
@@ -500,6 +536,8 @@ def parse_memory(text: str) -> int:
     value = int(m.group(1)) * 1024 ** "bkmg".index((m.group(2) or "b").lower())
     if value < 6 * 1024 * 1024:
         raise ValueError(f"memory value {text!r} is below Podman's minimum of 6m")
+    if value > 1024 ** 4:
+        raise ValueError(f"memory value {text!r} is above 1024g")
     return value
 
 
@@ -772,9 +810,16 @@ class Store:
     def revoke(self, jti: str, expires_at: float) -> None:
         self._db.execute("INSERT OR REPLACE INTO revoked_tokens VALUES (?,?)", (jti, expires_at))
 
-    def is_revoked(self, jti: str) -> bool:
-        return self._db.execute("SELECT 1 FROM revoked_tokens WHERE jti=? AND expires_at>?",
-                                (jti, time.time())).fetchone() is not None
+    def is_revoked(self, *keys: str) -> bool:
+        """Is any of these revoked (a token's jti, its family's key)?"""
+        marks = ",".join("?" * len(keys))
+        return self._db.execute(f"SELECT 1 FROM revoked_tokens WHERE jti IN ({marks}) AND "
+                                "expires_at>?", (*keys, time.time())).fetchone() is not None
+
+    def use_once(self, jti: str, expires_at: float) -> bool:
+        """Mark a single-use token used; False when it already was (atomically)."""
+        return self._db.execute("INSERT OR IGNORE INTO revoked_tokens VALUES (?,?)",
+                                (jti, expires_at)).rowcount == 1
 
     def reap_revoked(self) -> int:
         return self._db.execute("DELETE FROM revoked_tokens WHERE expires_at<=?",
@@ -832,6 +877,8 @@ class Metrics:
         self.runs: collections.Counter = collections.Counter()
         self.rate_limited = 0
         self.auth_failures = 0
+        self.connections_rejected = 0
+        self.connections_timed_out = 0
         self.active_containers = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # name: (help, read)
 
@@ -868,10 +915,15 @@ class Metrics:
         family("stromboli_jobs", "gauge", "Stored async jobs by state.")
         for state in ("pending", "running", *TERMINAL_STATES):
             out.append(f'stromboli_jobs{{state="{state}"}} {jobs_by_status.get(state, 0)}')
-        family("stromboli_rate_limited_total", "counter", "Requests rejected with 429.")
-        out.append(f"stromboli_rate_limited_total {self.rate_limited}")
-        family("stromboli_auth_failures_total", "counter", "Requests rejected with 401.")
-        out.append(f"stromboli_auth_failures_total {self.auth_failures}")
+        for name, value, help_text in (
+                ("stromboli_rate_limited_total", self.rate_limited, "Requests rejected with 429."),
+                ("stromboli_auth_failures_total", self.auth_failures, "Requests rejected with 401."),
+                ("stromboli_connections_rejected_total", self.connections_rejected,
+                 "Connections closed at once: max_connections were open."),
+                ("stromboli_connections_timed_out_total", self.connections_timed_out,
+                 "Connections closed for not sending a request head in time.")):
+            family(name, "counter", help_text)
+            out.append(f"{name} {value}")
         for name, (help_text, fn) in sorted(self.gauges.items()):
             family(name, "gauge", help_text)
             out.append(f"{name} {fn()}")
@@ -992,16 +1044,32 @@ class Podman:
         self.url = url
         self.client = podman.PodmanClient(base_url=url, max_pool_size=workers)
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="podman")
+        self.on_failure: Callable[[], None] = lambda: None  # the health monitor's nudge
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._executor,
+                                              functools.partial(fn, *args, **kwargs))
+        except podman.errors.NotFound:
+            raise
+        except Exception:
+            self.on_failure()
+            raise
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
     # -- blocking helpers, run through .call -------------------------------------
+    def ping(self) -> None:
+        try:
+            answered = self.client.ping()
+        except Exception as exc:
+            raise PodmanUnavailable(f"failed to connect to podman: {short_error(exc)}") from None
+        if not answered:
+            raise PodmanUnavailable("podman did not answer its ping")
+
     def version(self) -> dict:
         try:
             return self.client.version()
@@ -1201,9 +1269,11 @@ def validate_claude_options(options: Any) -> dict:
         if options.get(name) and options[name] not in allowed:
             raise BadRequest(f"Invalid request: claude.{name} must be one of "
                              f"{', '.join(allowed)}", "run")
-    for name in ("max_turns", "max_budget_usd"):
-        if options.get(name) is not None and options[name] < 0:
-            raise BadRequest(f"Invalid request: claude.{name} must not be negative", "run")
+    for name, most in (("max_turns", 10000), ("max_budget_usd", 1e6)):
+        value = options.get(name)
+        if value is not None and not 0 <= value <= most:  # also refuses NaN and infinity
+            raise BadRequest(f"Invalid request: claude.{name} must be between 0 and {most:g}",
+                             "run")
     return {k: v for k, v in options.items() if k in CLAUDE_KINDS and v is not None}
 
 
@@ -1883,6 +1953,7 @@ SECRETS_DIR = "/run/secrets"
 MANAGED_LABEL = {"managed-by": "stromboli"}
 USERNS_SIZE = 65536
 QUOTA_CHECK_INTERVAL = 2.0
+MAX_RUN_TIMEOUT = 7 * 86400
 WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
 IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
 SECRET_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
@@ -2116,6 +2187,11 @@ class RunRequest:
                     raise BadRequest(f"Invalid request: podman.{name}: {exc}", "run") from None
                 if name == "timeout" and value <= 0:
                     raise BadRequest("invalid timeout duration: must be > 0", "run")
+                if name == "timeout" and value > MAX_RUN_TIMEOUT:
+                    raise BadRequest("invalid timeout duration: must be at most 168h", "run")
+        if not 2 <= options.get("cpu_shares", 2) <= 262144:
+            raise BadRequest("Invalid request: podman.cpu_shares must be between 2 and 262144",
+                             "run")
         if "lifecycle" in options:
             check_hooks(options["lifecycle"])
         if (options.get("environment") or {}).get("type") not in (None, ""):
@@ -2304,6 +2380,7 @@ class ContainerRunner:
         self.api_key = cfg.api_key()  # read once: it may come from a file or a credential
         self._credentials_digest = ""
         self._api_key_synced = False
+        self.secrets_synced = 0  # bumped whenever the daemon's secrets change
         self._workdirs: dict[str, str] = {}
 
     # -- credentials ---------------------------------------------------------------
@@ -2325,10 +2402,12 @@ class ContainerRunner:
                 await self.podman.call(self.podman.replace_secret, self.credentials_secret, data,
                                        labels)
                 self._credentials_digest = digest
+                self.secrets_synced += 1
         if self.api_key and not self._api_key_synced:
             await self.podman.call(self.podman.replace_secret, self.api_key_secret,
                                    self.api_key.encode(), labels)
             self._api_key_synced = True
+            self.secrets_synced += 1
 
     async def drop_own_secrets(self) -> None:
         """At shutdown: the next start creates them again, so none outlive the daemon."""
@@ -2719,12 +2798,71 @@ def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + digest.hexdigest()
 
 
+class WebhookHosts:
+    """Where webhooks may go (`webhook.allowed_hosts`: names, IP addresses, CIDRs; empty =
+    anywhere). A name listed is trusted whatever it resolves to; any other host must
+    resolve only into the listed networks, checked again at connect time by the resolver
+    below (so a name cannot rebind to another address between check and delivery)."""
+
+    def __init__(self, entries: Iterable[str]):
+        self.names: set[str] = set()
+        self.networks: list[Any] = []
+        for entry in entries:
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.names.add(entry.lower().rstrip("."))
+
+    @property
+    def open(self) -> bool:
+        return not (self.names or self.networks)
+
+    def address_ok(self, address: str) -> bool:
+        ip = ip_or_none(address)
+        return ip is not None and any(ip in net for net in self.networks)
+
+    async def permits(self, url: str) -> bool:
+        host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".")
+        if self.open or host in self.names:
+            return True
+        if ip_or_none(host) is not None:
+            return self.address_ok(host)
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(found) and all(self.address_ok(info[4][0]) for info in found)
+
+
+class WebhookResolver(aiohttp.abc.AbstractResolver):
+    """The default resolver, keeping only the addresses WebhookHosts allows."""
+
+    def __init__(self, hosts: WebhookHosts):
+        self.hosts, self.inner = hosts, aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        found = await self.inner.resolve(host, port, family)
+        if self.hosts.open or host.lower().rstrip(".") in self.hosts.names:
+            return found
+        allowed = [entry for entry in found if self.hosts.address_ok(entry["host"])]
+        if not allowed:
+            raise OSError("host not allowed")
+        return allowed
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class WebhookSender:
     """POSTs a job's final state to its webhook_url. Upstream tries twice 100 ms apart;
-    we retry with exponential backoff and record every attempt in the store."""
+    we retry with exponential backoff and record every attempt in the store. Redirects
+    are not followed (a 3xx fails the attempt: a signed body must not be replayed to
+    another host), and the recorded reason is one of a few fixed words, so that the
+    delivery log cannot be used to probe the network."""
 
     def __init__(self, cfg: Config, store: Store):
         self.cfg, self.store = cfg, store
+        self.hosts = WebhookHosts(cfg.webhook_allowed_hosts)
         self.tasks: set[asyncio.Task] = set()
         self.first_delay = 0.5
 
@@ -2745,24 +2883,38 @@ class WebhookSender:
             headers["X-Stromboli-Signature"] = sign_webhook(self.cfg.webhook_signing_secret,
                                                             stamp, body)
         delay = self.first_delay
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(resolver=WebhookResolver(self.hosts))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
+                                         connector=connector) as session:
             for attempt in range(1, max(1, self.cfg.webhook_max_attempts) + 1):
-                status, error = None, None
-                try:
-                    async with session.post(url, data=body, headers=headers) as resp:
-                        status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    error = short_error(exc) if str(exc) else type(exc).__name__
+                status, error = await self._attempt(session, url, body, headers)
                 await self.store.call(self.store.record_delivery, job["id"], url, attempt,
                                       status, error)
-                if status is not None and 200 <= status < 300:
+                if error is None:
                     return
                 if attempt < self.cfg.webhook_max_attempts:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 60)
         log.warning("webhook not delivered", extra=fields(job_id=job["id"],
                                                           attempts=self.cfg.webhook_max_attempts))
+
+    async def _attempt(self, session: aiohttp.ClientSession, url: str, body: bytes,
+                       headers: dict) -> tuple[int | None, str | None]:
+        """One POST → (HTTP status or None, None on success or a fixed reason)."""
+        if not await self.hosts.permits(url):
+            return None, "host not allowed"
+        try:
+            async with session.post(url, data=body, headers=headers,
+                                    allow_redirects=False) as resp:
+                status = resp.status
+        except asyncio.TimeoutError:
+            return None, "timed out"
+        except (aiohttp.ClientError, OSError):
+            return None, "connection failed"
+        if 200 <= status < 300:
+            return status, None
+        return status, "redirect not followed" if 300 <= status < 400 else \
+            f"HTTP {status // 100}xx"
 
 
 # ---------------------------------------------------------------------------
@@ -2940,7 +3092,11 @@ class AuthError(ApiError):
 
 class Auth:
     """Bearer tokens: static API tokens (compared in constant time) and HS256 JWTs whose
-    revocations live in the store, so a logout survives a restart."""
+    revocations live in the store, so a logout survives a restart.
+
+    Only a static token mints JWTs. Each mint starts a family (claim `fam`) shared by the
+    tokens later refreshed from it; refresh tokens are single-use and rotate, and the reuse
+    of a used one (a stolen copy) revokes its whole family, as logout does."""
 
     def __init__(self, cfg: Config, store: Store):
         self.cfg, self.store = cfg, store
@@ -2961,10 +3117,11 @@ class Auth:
         encoded = token.encode()
         return any(hmac.compare_digest(encoded, t) for t in self.static)
 
-    def issue(self, subject: str, refresh: bool = False) -> str:
+    def issue(self, subject: str, family: str, refresh: bool = False) -> str:
         now = int(time.time())
         lifetime = self.cfg.jwt_refresh_expiry if refresh else self.cfg.jwt_access_expiry
-        claims = {"sub": subject, "iat": now, "exp": now + int(lifetime), "jti": str(uuid.uuid4())}
+        claims = {"sub": subject, "iat": now, "exp": now + int(lifetime),
+                  "jti": str(uuid.uuid4()), "fam": family}
         if refresh:
             claims["is_refresh"] = True
         return jwt.encode(claims, self.secret, algorithm="HS256")
@@ -2983,27 +3140,44 @@ class Auth:
             raise AuthError(message)
         return claims
 
+    @staticmethod
+    def family_key(claims: dict) -> str:
+        return f"family:{claims.get('fam') or claims['jti']}"
+
+    async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await self.store.call(fn, *args)
+        except sqlite3.Error:
+            raise AuthError("auth backend unavailable", 503) from None
+
     async def check_access(self, token: str) -> dict | None:
         """The access token's claims (None for a static token), or AuthError."""
         if self.is_static(token):
             return None
         claims = self.decode(token)
-        try:
-            revoked = await self.store.call(self.store.is_revoked, claims["jti"])
-        except sqlite3.Error:
-            raise AuthError("auth backend unavailable", 503) from None
-        if revoked:
+        if await self._store(self.store.is_revoked, claims["jti"], self.family_key(claims)):
             raise AuthError("token revoked")
         return claims
 
-    async def revoke(self, claims: dict) -> None:
-        try:
-            await self.store.call(self.store.revoke, claims["jti"], float(claims["exp"]))
-        except sqlite3.Error:
-            raise AuthError("auth backend unavailable", 503) from None
+    async def refresh(self, token: str) -> dict:
+        """A new pair for a refresh token, which is used up; a reused one revokes its family."""
+        claims = self.decode(token, refresh=True)
+        if await self._store(self.store.is_revoked, self.family_key(claims)):
+            raise AuthError("invalid or expired refresh token")
+        if not await self._store(self.store.use_once, claims["jti"], float(claims["exp"])):
+            await self.revoke_family(claims)
+            raise AuthError("refresh token already used: its token family is revoked")
+        return self.tokens(claims["sub"], claims.get("fam") or claims["jti"])
 
-    def tokens(self, subject: str) -> dict:
-        return {"access_token": self.issue(subject), "refresh_token": self.issue(subject, True),
+    async def revoke_family(self, claims: dict) -> None:
+        """Revoke every token of the claims' grant (until any of them could still expire)."""
+        until = time.time() + max(self.cfg.jwt_access_expiry, self.cfg.jwt_refresh_expiry)
+        await self._store(self.store.revoke, self.family_key(claims), until)
+
+    def tokens(self, subject: str, family: str | None = None) -> dict:
+        family = family or str(uuid.uuid4())
+        return {"access_token": self.issue(subject, family),
+                "refresh_token": self.issue(subject, family, True),
                 "token_type": "bearer", "expires_in": int(self.cfg.jwt_access_expiry)}
 
 
@@ -3017,13 +3191,20 @@ class TokenBucket:
     def __init__(self, burst: float, now: float):
         self.tokens, self.stamp = float(burst), now
 
-    def take(self, rate: float, burst: float, now: float) -> bool:
+    def refill(self, rate: float, burst: float, now: float) -> None:
         self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
         self.stamp = now
+
+    def take(self, rate: float, burst: float, now: float) -> bool:
+        self.refill(rate, burst, now)
         if self.tokens >= 1:
             self.tokens -= 1
             return True
         return False
+
+    def wait(self, rate: float) -> int:
+        """Whole seconds until the next token."""
+        return max(1, int((1 - self.tokens) / rate + 0.999))
 
 
 def strip_port(address: str) -> str:
@@ -3036,17 +3217,68 @@ def strip_port(address: str) -> str:
     return m.group(1) if m else address
 
 
-class RateLimiter:
-    """Per-IP token buckets (U§9), kept in least-recently-used order: buckets idle for
-    10 minutes go, and past `max_clients` the least recently seen goes, so an IP-rotation
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(strip_port(text.strip()))
+    except ValueError:
+        return None
+
+
+class Buckets:
+    """Token buckets by client IP, in least-recently-used order: buckets idle for 10
+    minutes go, and past `max_clients` the least recently seen goes, so an IP-rotation
     flood cannot grow memory without bound."""
 
     IDLE_SECONDS = 600
 
+    def __init__(self, rate: float, burst: float, max_clients: int):
+        self.rate, self.burst, self.max_clients = rate, burst, max(1, max_clients)
+        self.table: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def get(self, ip: str, now: float) -> TokenBucket:
+        bucket = self.table.get(ip)
+        if bucket is None:
+            while self.table:
+                oldest = next(iter(self.table.values()))
+                if now - oldest.stamp <= self.IDLE_SECONDS and len(self.table) < self.max_clients:
+                    break
+                self.table.popitem(last=False)
+            bucket = self.table[ip] = TokenBucket(self.burst, now)
+        else:
+            self.table.move_to_end(ip)
+        return bucket
+
+
+class FailureBudget(Buckets):
+    """Failed authentications per IP: each spends a token; with none left, the IP's auth
+    attempts are refused (429) until the budget refills."""
+
+    def blocked(self, ip: str) -> int:
+        """Seconds to wait before trying again, 0 when the IP may try now."""
+        bucket = self.table.get(ip)
+        if bucket is None:
+            return 0
+        bucket.refill(self.rate, self.burst, time.monotonic())
+        return 0 if bucket.tokens >= 1 else bucket.wait(self.rate)
+
+    def spend(self, ip: str) -> None:
+        now = time.monotonic()
+        self.get(ip, now).take(self.rate, self.burst, now)
+
+
+class RateLimiter:
+    """Per-IP request buckets (U§9) and, apart from them, per-IP budgets of failed
+    authentications (on even when rate limiting is off), so that tokens cannot be
+    guessed at speed."""
+
     def __init__(self, cfg: Config):
-        self.rate, self.burst = cfg.rate_limit_rate, cfg.rate_limit_burst
-        self.max_clients = max(1, cfg.rate_limit_max_clients)
-        self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+        self.requests = Buckets(cfg.rate_limit_rate, cfg.rate_limit_burst,
+                                cfg.rate_limit_max_clients)
+        self.failures = FailureBudget(cfg.auth_failure_rate, cfg.auth_failure_burst,
+                                      cfg.rate_limit_max_clients)
         self.trusted = []
         for entry in cfg.rate_limit_trusted_proxies:
             try:
@@ -3054,42 +3286,34 @@ class RateLimiter:
             except ValueError:
                 log.warning("ignoring invalid trusted proxy", extra=fields(entry=entry))
 
+    def is_trusted(self, ip: Any) -> bool:
+        return ip is not None and any(ip in net for net in self.trusted)
+
     def client_ip(self, request: web.Request) -> str:
+        """The peer, or behind trusted proxies the rightmost forwarded address that is not
+        one of them (entries left of it are the client's to forge; non-IPs are ignored)."""
         peer = request.remote or ""
-        try:
-            trusted = any(ipaddress.ip_address(peer) in net for net in self.trusted)
-        except ValueError:
-            trusted = False
-        if trusted:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-            real = request.headers.get("X-Real-IP", "").strip()
-            if forwarded or real:
-                return strip_port(forwarded or real)
-        return peer
+        if not self.is_trusted(ip_or_none(peer)):
+            return peer
+        hops = [ip for ip in map(ip_or_none, request.headers.get("X-Forwarded-For", "")
+                                 .split(",")) if ip is not None]
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return str(hop)
+        real = ip_or_none(request.headers.get("X-Real-IP", ""))
+        return str(real or (hops[0] if hops else peer))
 
     def check(self, ip: str) -> tuple[bool, dict[str, str]]:
-        now = time.monotonic()
-        bucket = self.buckets.get(ip)
-        if bucket is None:
-            self._evict(now)
-            bucket = self.buckets[ip] = TokenBucket(self.burst, now)
-        else:
-            self.buckets.move_to_end(ip)
-        allowed = bucket.take(self.rate, self.burst, now)
-        headers = {"X-RateLimit-Limit": f"{self.rate:g}",
+        table, now = self.requests, time.monotonic()
+        bucket = table.get(ip, now)
+        allowed = bucket.take(table.rate, table.burst, now)
+        headers = {"X-RateLimit-Limit": f"{table.rate:g}",
                    "X-RateLimit-Remaining": str(max(0, int(bucket.tokens))),
                    "X-RateLimit-Reset": str(int(time.time()) + 1)}
         if not allowed:
             headers["X-RateLimit-Remaining"] = "0"
-            headers["Retry-After"] = str(max(1, int((1 - bucket.tokens) / self.rate + 0.999)))
+            headers["Retry-After"] = str(bucket.wait(table.rate))
         return allowed, headers
-
-    def _evict(self, now: float) -> None:
-        while self.buckets:
-            oldest = next(iter(self.buckets.values()))
-            if now - oldest.stamp <= self.IDLE_SECONDS and len(self.buckets) < self.max_clients:
-                return
-            self.buckets.popitem(last=False)
 
 
 # ---------------------------------------------------------------------------
@@ -4724,6 +4948,110 @@ fetch("doc.json").then(r => r.ok ? r.json() : Promise.reject(new Error("HTTP " +
 # HTTP — the application object, middlewares, handlers, the route table
 # ---------------------------------------------------------------------------
 
+class HealthMonitor:
+    """What /health reports, kept by a background task so that a request costs no Podman
+    call: Podman is pinged every few seconds and as soon as a Podman call fails, its version
+    is read once, and the daemon's own secrets are checked at start and whenever they are
+    synced (or Podman comes back)."""
+
+    INTERVAL = 5.0
+
+    def __init__(self, cfg: Config, runner: ContainerRunner):
+        self.cfg, self.runner = cfg, runner
+        self.podman_error: str | None = "not checked yet"
+        self.podman_version: dict | None = None
+        self.secret_errors: dict[str, str | None] = {}
+        self._checked_sync = -1
+        self._wake = asyncio.Event()
+        runner.podman.on_failure = self._wake.set
+
+    async def watch_forever(self) -> None:
+        while True:
+            await self.check()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.INTERVAL)
+            self._wake.clear()
+
+    async def check(self) -> None:
+        api = self.runner.podman
+        try:
+            await asyncio.wait_for(api.call(api.ping), 5)
+            if self.podman_version is None:
+                self.podman_version = await asyncio.wait_for(api.call(api.version), 10)
+            self.podman_error = None
+        except asyncio.TimeoutError:
+            self.podman_error = "timed out after 5s"
+        except Exception as exc:
+            self.podman_error = short_error(exc)
+        self._wake.clear()  # our own failed ping must not wake us at once
+        if self.podman_error is not None:
+            self._checked_sync = -1  # recheck the secrets once Podman is back
+        elif self._checked_sync != self.runner.secrets_synced:
+            self._checked_sync = self.runner.secrets_synced
+            for name in (self.runner.api_key_secret, self.runner.credentials_secret):
+                self.secret_errors[name] = await self._secret_error(name)
+
+    async def _secret_error(self, name: str) -> str | None:
+        try:
+            if await asyncio.wait_for(self.runner.podman.call(
+                    self.runner.podman.secret_exists, name), 5):
+                return None
+            return f"podman secret '{name}' not found: run stromboli to create it"
+        except Exception as exc:
+            return short_error(exc) or "secret check failed"
+
+    def components(self) -> list[dict]:
+        found = [self._component("podman", self.podman_error)]
+        if self.runner.api_key:
+            found.append(self._secret_component("anthropic-api-key",
+                                                self.runner.api_key_secret))
+        has_file = self.cfg.credentials_path.is_file()
+        if has_file or not self.runner.api_key:
+            found.append(self._component("claude-credentials-file", None if has_file else
+                                         "credentials file missing: run 'claude' to "
+                                         "authenticate"))
+            found.append(self._secret_component("claude-credentials-secret",
+                                                self.runner.credentials_secret))
+        return found
+
+    def _secret_component(self, component: str, secret: str) -> dict:
+        error = self.podman_error or self.secret_errors.get(secret, "not checked yet")
+        return self._component(component, error)
+
+    @staticmethod
+    def _component(name: str, error: str | None) -> dict:
+        return {"name": name, "status": "ok"} if error is None else \
+            {"name": name, "status": "error", "error": error}
+
+
+class BrowserGuard:
+    """Keeps web pages from driving the API (curl and the SDKs send no Origin and are not
+    affected): a foreign Origin is refused, so is a Host name that is not ours (DNS
+    rebinding uses names), and a body that is not JSON (forms and text/plain are what a
+    page can send without asking)."""
+
+    def __init__(self, cfg: Config):
+        self.hosts = {h.lower() for h in cfg.server_allowed_hosts} | {"localhost"}
+        self.origins = {o.rstrip("/").lower() for o in cfg.server_allowed_origins}
+
+    def check(self, request: web.Request, envelope: str) -> None:
+        host = request.headers.get("Host", "").lower()
+        name = strip_port(host)
+        if host and ip_or_none(name) is None and name not in self.hosts:
+            raise ApiError(421, f"unknown Host header {name[:100]!r}: add the name to "
+                                "STROMBOLI_SERVER_ALLOWED_HOSTS", envelope)
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            origin = origin.rstrip("/").lower()
+            if origin != f"{request.scheme}://{host}" and origin not in self.origins:
+                raise ApiError(403, "cross-origin request refused: add the origin to "
+                                    "STROMBOLI_SERVER_ALLOWED_ORIGINS", envelope)
+        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
+            kind = request.content_type
+            if kind != "application/json" and not kind.endswith("+json"):
+                raise ApiError(415, "Content-Type must be application/json", envelope)
+
+
 class Stromboli:
     """Everything the daemon holds, created once and shared by the handlers."""
 
@@ -4738,6 +5066,7 @@ class Stromboli:
                                      cfg.agent_host_uid, cfg.agent_session_quota)
         self.auth = Auth(cfg, self.store)
         self.limiter = RateLimiter(cfg)
+        self.browsers = BrowserGuard(cfg)
         self.webhooks = WebhookSender(cfg, self.store)
         self.runner: ContainerRunner | None = None
         self.jobs: JobManager | None = None
@@ -4748,7 +5077,7 @@ class Stromboli:
             "stromboli_queued_runs": ("Runs waiting for a slot.",
                                       lambda: self.runner.slots.queued if self.runner else 0),
             "stromboli_rate_limit_clients": ("Client IPs with a rate-limit bucket.",
-                                             lambda: len(self.limiter.buckets)),
+                                             lambda: len(self.limiter.requests)),
         })
 
     async def start(self) -> None:
@@ -4759,6 +5088,8 @@ class Stromboli:
                                       self.metrics)
         self.catalog = PodmanCatalog(self.podman, self.runner.instance, self.cfg.secrets_allowed)
         self.jobs = JobManager(self.cfg, self.store, self.runner, self.webhooks, self.metrics)
+        self.monitor = HealthMonitor(self.cfg, self.runner)
+        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
             log.warning("two-image mode: agents run without a user namespace (Podman cannot "
                         "mount the CLI image inside one), so their uid 1000 is host uid 1000")
@@ -4775,6 +5106,7 @@ class Stromboli:
                 self.runner.rootless = await self.podman.call(self.podman.rootless)
                 await self.runner.sync_credentials()
                 await self.jobs.recover()
+                await self.monitor.check()  # /health is right from the first answer
                 self.runner.connected.set()
                 log.info("podman connected", extra=fields(url=self.podman.url,
                                                           rootless=self.runner.rootless))
@@ -4845,6 +5177,7 @@ async def request_context(request: web.Request, handler: Callable) -> web.Stream
     app.metrics.request(request.method, route_template(request), response.status, elapsed)
     if response.status == 401:
         app.metrics.auth_failures += 1
+        app.limiter.failures.spend(request.get("client_ip") or app.limiter.client_ip(request))
     log.info("request", extra=fields(request_id=request_id, method=request.method,
                                      path=request.path, status=response.status,
                                      duration_ms=round(elapsed * 1000, 2),
@@ -4864,18 +5197,30 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Rate limit, then auth, on the routes the route table marks (U§3)."""
+    """Browser checks, rate limit, the failed-auth budget, then auth, as the route table
+    marks each route (U§3)."""
     app = state(request)
     if request.match_info.http_exception is not None:
         return await handler(request)  # no such route: the router answers 404/405
-    access = request.app[ROUTE_ACCESS_KEY].get((request.method, route_template(request)),
-                                               "protected")
+    access, envelope = request.app[ROUTE_ACCESS_KEY].get(
+        (request.method, route_template(request)), ("protected", "error"))
+    try:
+        app.browsers.check(request, envelope)
+    except ApiError as exc:
+        return exc.response()
+    ip = request["client_ip"] = app.limiter.client_ip(request)
     limit_headers: dict[str, str] = {}
     if access == "protected" and app.cfg.rate_limit_enabled:
-        allowed, limit_headers = app.limiter.check(app.limiter.client_ip(request))
+        allowed, limit_headers = app.limiter.check(ip)
         if not allowed:
             app.metrics.rate_limited += 1
             return json_response({"error": "rate limit exceeded"}, 429, limit_headers)
+    checks_auth = (access != "public" and app.cfg.auth_enabled) or \
+        request.path.startswith("/auth/")
+    if checks_auth and (retry := app.limiter.failures.blocked(ip)):
+        app.metrics.rate_limited += 1
+        return json_response({"error": "too many failed authentications"}, 429,
+                             {"Retry-After": str(retry)})
     if access in ("protected", "token") and app.cfg.auth_enabled:
         try:
             request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
@@ -4890,19 +5235,33 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
 
 
 async def read_json(request: web.Request, shape: str = "error", prefix: str = "") -> Any:
-    try:
-        raw = await request.read()
+    cfg = state(request).cfg
+    try:  # a body trickled in slowly must not hold the handler forever
+        raw = await asyncio.wait_for(request.read(), cfg.server_body_timeout)
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body too large (limit "
-                            f"{state(request).cfg.server_max_body_bytes} bytes)", shape) from None
+                            f"{cfg.server_max_body_bytes} bytes)", shape) from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, "request body not received within "
+                            f"{format_duration(cfg.server_body_timeout)}", shape) from None
     if not raw.strip():
         raise BadRequest(f"{prefix}request body is empty", shape)
     try:  # a large body is parsed off the event loop
-        return json.loads(raw) if len(raw) < 256 * 1024 else await asyncio.to_thread(json.loads, raw)
+        return strict_json(raw) if len(raw) < 256 * 1024 else \
+            await asyncio.to_thread(strict_json, raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{prefix}invalid JSON: {exc}", shape) from None
     except RecursionError:
         raise BadRequest(f"{prefix}invalid JSON: nested too deeply", shape) from None
+
+
+def refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python accepts) are refused."""
+    return json.loads(raw, parse_constant=refuse_constant)
 
 
 def require_configured(app: Stromboli, shape: str) -> None:
@@ -4913,37 +5272,11 @@ def require_configured(app: Stromboli, shape: str) -> None:
 # -- system -------------------------------------------------------------------
 
 async def health(request: web.Request) -> web.Response:
-    app = state(request)
-    components = [await check_component("podman", app.podman.call(app.podman.version))]
-    creds = app.cfg.credentials_path
-    if app.runner.api_key:
-        components.append(await check_component(
-            "anthropic-api-key", secret_present(app, app.runner.api_key_secret)))
-    if creds.is_file() or not app.runner.api_key:
-        components.append({"name": "claude-credentials-file", "status": "ok"} if creds.is_file()
-                          else {"name": "claude-credentials-file", "status": "error",
-                                "error": f"credentials file not found at {creds}: run 'claude'"
-                                         " to authenticate"})
-        components.append(await check_component(
-            "claude-credentials-secret", secret_present(app, app.runner.credentials_secret)))
+    """From the monitor's state: no Podman call, whoever asks and however often."""
+    components = state(request).monitor.components()
     status = "ok" if all(c["status"] == "ok" for c in components) else "degraded"
     return json_response({"status": status, "name": "stromboli", "version": VERSION,
                           "components": components})
-
-
-async def secret_present(app: Stromboli, name: str) -> None:
-    if not await app.podman.call(app.podman.secret_exists, name):
-        raise LookupError(f"podman secret '{name}' not found: run stromboli to create it")
-
-
-async def check_component(name: str, check: Awaitable) -> dict:
-    try:
-        await asyncio.wait_for(check, 5)
-        return {"name": name, "status": "ok"}
-    except asyncio.TimeoutError:
-        return {"name": name, "status": "error", "error": "timed out after 5s"}
-    except Exception as exc:
-        return {"name": name, "status": "error", "error": short_error(exc)}
 
 
 async def claude_status(request: web.Request) -> web.Response:
@@ -4972,6 +5305,9 @@ async def run_async(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
     require_configured(app, "run")
+    if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
+        raise BadRequest("Invalid request: webhook_url host is not in "
+                         "STROMBOLI_WEBHOOK_ALLOWED_HOSTS", "run")
     await app.runner.prepare(req)
     job = await app.jobs.submit(req)
     return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
@@ -5348,8 +5684,12 @@ def require_jwt(app: Stromboli) -> None:
 
 
 async def auth_token(request: web.Request) -> web.Response:
+    """Mint a pair. Only a static token may (perimeter has checked it when auth is on): a
+    JWT minting JWTs would make one leaked access token last forever."""
     app = state(request)
     require_jwt(app)
+    if request.get("jwt_claims") is not None:
+        raise AuthError("a static API token is required to mint tokens")
     body = await read_json(request, prefix="invalid request: ")
     client_id = body.get("client_id") if isinstance(body, dict) else None
     if not isinstance(client_id, str) or not client_id.strip():
@@ -5366,10 +5706,7 @@ async def auth_refresh(request: web.Request) -> web.Response:
     if not isinstance(token, str) or not token:
         raise BadRequest("invalid request: Key: 'RefreshRequest.RefreshToken' Error:Field "
                          "validation for 'RefreshToken' failed on the 'required' tag")
-    claims = app.auth.decode(token, refresh=True)
-    if await app.store.call(app.store.is_revoked, claims["jti"]):
-        raise AuthError("invalid or expired refresh token")
-    return json_response(app.auth.tokens(claims["sub"]))
+    return json_response(await app.auth.refresh(token))
 
 
 async def auth_validate(request: web.Request) -> web.Response:
@@ -5382,20 +5719,22 @@ async def auth_validate(request: web.Request) -> web.Response:
 
 
 async def auth_logout(request: web.Request) -> web.Response:
-    """Revoke the presented access token; a `refresh_token` in the body is revoked too."""
+    """Revoke the presented access token's whole family (every token of that grant), and
+    that of a `refresh_token` in the body. All or nothing: every token is checked first."""
     app = state(request)
     require_jwt(app)
-    token = Auth.bearer(request)
-    claims = app.auth.decode(token)
-    await app.auth.revoke(claims)
-    raw = await request.read()
-    if raw.strip():
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and isinstance(body.get("refresh_token"), str):
-            await app.auth.revoke(app.auth.decode(body["refresh_token"], refresh=True))
+    families = [await app.auth.check_access(Auth.bearer(request))]
+    if families[0] is None:
+        raise AuthError("invalid or expired token")  # a static token cannot log out
+    if request.body_exists:
+        body = await read_json(request, prefix="invalid request: ")
+        refresh = body.get("refresh_token") if isinstance(body, dict) else None
+        if refresh is not None:
+            if not isinstance(refresh, str):
+                raise BadRequest("invalid request: refresh_token must be a string")
+            families.append(app.auth.decode(refresh, refresh=True))
+    for claims in families:
+        await app.auth.revoke_family(claims)
     return json_response({"success": True, "message": "token invalidated"})
 
 
@@ -5417,35 +5756,36 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # -- the route table --------------------------------------------------------------
 
-# (method, path, handler, access): "public", "token" (auth, no rate limit: /auth/token),
-# or "protected" (rate limit, then auth).
-ROUTES: tuple[tuple[str, str, Callable, str], ...] = (
-    ("GET", "/health", health, "public"),
-    ("POST", "/auth/token", auth_token, "token"),
-    ("POST", "/auth/refresh", auth_refresh, "public"),
-    ("GET", "/auth/validate", auth_validate, "public"),
-    ("POST", "/auth/logout", auth_logout, "public"),
-    ("GET", "/claude/status", claude_status, "protected"),
-    ("POST", "/run", run_sync, "protected"),
-    ("GET", "/run/stream", run_stream, "protected"),
-    ("POST", "/run/async", run_async, "protected"),
-    ("GET", "/jobs", list_jobs, "protected"),
-    ("GET", "/jobs/{id}", get_job, "protected"),
-    ("DELETE", "/jobs/{id}", cancel_job, "protected"),
-    ("GET", "/sessions", list_sessions, "protected"),
-    ("DELETE", "/sessions/{id}", delete_session, "protected"),
-    ("GET", "/sessions/{id}/messages", session_messages, "protected"),
-    ("GET", "/sessions/{id}/messages/{message_id}", session_message, "protected"),
-    ("GET", "/secrets", list_secrets, "protected"),
-    ("POST", "/secrets", create_secret, "protected"),
-    ("GET", "/secrets/{name}", get_secret, "protected"),
-    ("DELETE", "/secrets/{name}", delete_secret, "protected"),
-    ("GET", "/images", list_images, "protected"),
-    ("GET", "/images/search", search_images, "protected"),
-    ("POST", "/images/pull", pull_image, "protected"),
-    ("GET", "/images/{name:.+}", inspect_image, "protected"),
-    ("GET", "/swagger/doc.json", openapi_document, "public"),
-    ("GET", "/swagger/", openapi_viewer, "public"),
+# (method, path, handler, access, envelope). access: "public", "token" (a static token
+# mints JWTs: auth, no rate limit) or "protected" (rate limit, then auth); envelope: the
+# ApiError shape of the route's errors (see ApiError).
+ROUTES: tuple[tuple[str, str, Callable, str, str], ...] = (
+    ("GET", "/health", health, "public", "error"),
+    ("POST", "/auth/token", auth_token, "token", "error"),
+    ("POST", "/auth/refresh", auth_refresh, "public", "error"),
+    ("GET", "/auth/validate", auth_validate, "public", "error"),
+    ("POST", "/auth/logout", auth_logout, "public", "error"),
+    ("GET", "/claude/status", claude_status, "protected", "error"),
+    ("POST", "/run", run_sync, "protected", "run"),
+    ("GET", "/run/stream", run_stream, "protected", "text"),
+    ("POST", "/run/async", run_async, "protected", "run"),
+    ("GET", "/jobs", list_jobs, "protected", "run"),
+    ("GET", "/jobs/{id}", get_job, "protected", "run"),
+    ("DELETE", "/jobs/{id}", cancel_job, "protected", "run"),
+    ("GET", "/sessions", list_sessions, "protected", "error"),
+    ("DELETE", "/sessions/{id}", delete_session, "protected", "success"),
+    ("GET", "/sessions/{id}/messages", session_messages, "protected", "error"),
+    ("GET", "/sessions/{id}/messages/{message_id}", session_message, "protected", "error"),
+    ("GET", "/secrets", list_secrets, "protected", "error"),
+    ("POST", "/secrets", create_secret, "protected", "success"),
+    ("GET", "/secrets/{name}", get_secret, "protected", "error"),
+    ("DELETE", "/secrets/{name}", delete_secret, "protected", "success"),
+    ("GET", "/images", list_images, "protected", "error"),
+    ("GET", "/images/search", search_images, "protected", "error"),
+    ("POST", "/images/pull", pull_image, "protected", "error"),
+    ("GET", "/images/{name:.+}", inspect_image, "protected", "error"),
+    ("GET", "/swagger/doc.json", openapi_document, "public", "error"),
+    ("GET", "/swagger/", openapi_viewer, "public", "error"),
 )
 ROUTE_ACCESS_KEY = web.AppKey("route_access", dict)
 
@@ -5455,9 +5795,9 @@ def build_app(app_state: Stromboli) -> web.Application:
                           client_max_size=app_state.cfg.server_max_body_bytes)
     app[APP_KEY] = app_state
     access = {}
-    for method, path, handler, level in ROUTES:
+    for method, path, handler, level, envelope in ROUTES:
         route = app.router.add_route(method, path, handler)
-        access[(method, route.resource.canonical)] = level  # the key perimeter looks up
+        access[(method, route.resource.canonical)] = (level, envelope)  # perimeter's key
     app[ROUTE_ACCESS_KEY] = access
     return app
 
@@ -5467,6 +5807,119 @@ def build_metrics_app(app_state: Stromboli) -> web.Application:
     app[APP_KEY] = app_state
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+# -- connections ------------------------------------------------------------------
+
+class ConnectionGuard:
+    """Limits in front of aiohttp's protocol, which has none against slowloris: at most
+    `max_connections` open (the excess is closed at once and counted), and a deadline for
+    a new connection's first request head. Later requests on a kept-alive connection are
+    bounded by aiohttp's keep-alive timeout, bodies by read_json's."""
+
+    def __init__(self, cfg: Config, metrics: "Metrics"):
+        self.limit, self.header_timeout = cfg.server_max_connections, cfg.server_header_timeout
+        self.metrics = metrics
+        self.open = 0
+
+    def protocol(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
+        return GuardedConnection(self, factory)
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One client connection: counted, timed until its request head is in, then handed
+    through to aiohttp's protocol untouched."""
+
+    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]):
+        self.guard, self.factory = guard, factory
+        self.inner: asyncio.Protocol | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.guard.open >= self.guard.limit:
+            self.guard.metrics.connections_rejected += 1
+            transport.abort()
+            return
+        self.guard.open += 1
+        self.inner = self.factory()
+        self.deadline = asyncio.get_running_loop().call_later(
+            self.guard.header_timeout, self._expire, transport)
+        self.inner.connection_made(transport)
+
+    def _expire(self, transport: asyncio.BaseTransport) -> None:
+        self.guard.metrics.connections_timed_out += 1
+        transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is not None:  # until the blank line that ends the request head
+            seen = self.tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:
+                self.deadline.cancel()
+                self.deadline = None
+            self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is None:
+            return
+        self.guard.open -= 1
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class GuardedSite(web.SockSite):
+    """aiohttp's socket site, with each connection passed through a ConnectionGuard."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, guard: ConnectionGuard):
+        super().__init__(runner, sock, backlog=1024)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        self._server = await asyncio.get_running_loop().create_server(
+            functools.partial(self.guard.protocol, server), sock=self._sock, backlog=1024)
+
+
+class LoopErrorLog:
+    """The event loop's error handler: one line per kind of error per 10 s, with a count,
+    so that a storm (accept() failing for want of file descriptors) cannot flood the log."""
+
+    INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        key = f"{context.get('message', 'event loop error')}: " \
+              f"{type(exc).__name__ + ': ' + str(exc) if exc else ''}"[:300]
+        last, count = self.seen.get(key, (0.0, 0))
+        now = time.monotonic()
+        if now - last < self.INTERVAL:
+            self.seen[key] = (last, count + 1)
+            return
+        self.seen[key] = (now, 0)
+        log.error("event loop error", extra=fields(error=key, repeats_since_last=count))
+
+
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: each connection and run holds descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # ---------------------------------------------------------------------------
@@ -5859,31 +6312,36 @@ def add_client_commands(sub: Any) -> None:
 # main() — argument parsing and dispatch
 # ---------------------------------------------------------------------------
 
-def site(runner: web.AppRunner, address: str, sock: socket.socket | None) -> web.BaseSite:
-    if sock is not None:
-        return web.SockSite(runner, sock, shutdown_timeout=10)
+def listening_socket(address: str) -> socket.socket:
     host, port = split_address(address)
-    return web.TCPSite(runner, host, port, shutdown_timeout=10)
+    return socket.create_server((host, port), backlog=1024)
 
 
 async def serve(cfg: Config) -> None:
     notifier = SystemdNotifier()
+    raise_open_file_limit()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrorLog())
     app_state = Stromboli(cfg)
     await app_state.start()
     sockets = activated_sockets()
-    runners = [web.AppRunner(build_app(app_state), handler_cancellation=True, access_log=None)]
+    handler_args = dict(access_log=None, shutdown_timeout=10,
+                        keepalive_timeout=cfg.server_keepalive_timeout)
+    runners = [web.AppRunner(build_app(app_state), handler_cancellation=True, **handler_args)]
     listeners = [(cfg.server_address, sockets[0] if sockets else None)]
     if cfg.metrics_enabled:
-        runners.append(web.AppRunner(build_metrics_app(app_state), access_log=None))
+        runners.append(web.AppRunner(build_metrics_app(app_state), **handler_args))
         listeners.append((cfg.metrics_address, sockets[1] if len(sockets) > 1 else None))
+    guard = ConnectionGuard(cfg, app_state.metrics)
+    app_state.metrics.gauges["stromboli_open_connections"] = (
+        "Open client connections (API and metrics listeners).", lambda: guard.open)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         for runner, (address, sock) in zip(runners, listeners):
             await runner.setup()
-            await site(runner, address, sock).start()
+            await GuardedSite(runner, sock or listening_socket(address), guard).start()
         where = "a systemd socket" if sockets else cfg.server_address
         log.info("Starting Stromboli 🌋", extra=fields(version=VERSION, address=where,
                                                        metrics=cfg.metrics_enabled and
