@@ -1724,8 +1724,10 @@ STATIC = {"Authorization": "Bearer static-token-1"}
 
 @pytest.fixture
 def auth_daemon(make_daemon):
+    """Auth on; a large failed-auth budget, since these tests fail on purpose (the budget
+    has its own tests)."""
     return make_daemon(STROMBOLI_AUTH_ENABLED="true", STROMBOLI_JWT_SECRET=JWT_SECRET,
-                       STROMBOLI_API_TOKENS="static-token-1")
+                       STROMBOLI_API_TOKENS="static-token-1", STROMBOLI_AUTH_FAILURE_BURST="1000")
 
 
 def bearer(token: str) -> dict:
@@ -1759,7 +1761,7 @@ def test_protected_routes_need_a_token(auth_daemon):
 def test_every_protected_route_needs_a_token(auth_daemon):
     sys.path.insert(0, str(HERE))
     import stromboli
-    for method, path, _, access in stromboli.ROUTES:
+    for method, path, _, access, _ in stromboli.ROUTES:
         concrete = re.sub(r"\{[^}]+\}", "x", path).replace("x:.+", "x")
         r = auth_daemon.http.request(method, concrete)
         if access == "public":
@@ -1810,15 +1812,15 @@ def test_jwt_flow_and_revocation_survives_restart(auth_daemon, make_daemon):
     tokens = auth_daemon.http.post("/auth/token", json={"client_id": "ci"}, headers=STATIC).json()
     assert tokens["token_type"] == "bearer" and tokens["expires_in"] == 86400
     claims = jwt.decode(tokens["access_token"], JWT_SECRET, algorithms=["HS256"])
-    assert set(claims) == {"sub", "iat", "exp", "jti"} and claims["sub"] == "ci"
+    assert set(claims) == {"sub", "iat", "exp", "jti", "fam"} and claims["sub"] == "ci"
     refresh_claims = jwt.decode(tokens["refresh_token"], JWT_SECRET, algorithms=["HS256"])
     assert refresh_claims["is_refresh"] is True
     assert refresh_claims["exp"] - refresh_claims["iat"] == 168 * 3600
     access = bearer(tokens["access_token"])
     assert auth_daemon.http.get("/jobs", headers=access).status_code == 200
-    # An access JWT can mint tokens too.
-    assert auth_daemon.http.post("/auth/token", json={"client_id": "ci2"},
-                                 headers=access).status_code == 200
+    # Only a static token mints: a leaked access JWT cannot make itself last.
+    r = auth_daemon.http.post("/auth/token", json={"client_id": "ci2"}, headers=access)
+    assert r.status_code == 401 and "static API token" in r.json()["error"]
     valid = auth_daemon.http.get("/auth/validate", headers=access).json()
     assert valid == {"valid": True, "subject": "ci", "expires_at": claims["exp"]}
     assert auth_daemon.http.get("/auth/validate", headers=STATIC).status_code == 401
@@ -1832,20 +1834,25 @@ def test_jwt_flow_and_revocation_survives_restart(auth_daemon, make_daemon):
                               json={"refresh_token": tokens["refresh_token"]})
     assert r.json() == {"success": True, "message": "token invalidated"}
     assert auth_daemon.http.get("/jobs", headers=access).json() == {"error": "token revoked"}
-    r = auth_daemon.http.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
-    assert r.status_code == 401  # revoked through the logout body (extension)
+    sibling = bearer(rotated["access_token"])  # refreshed from the same grant: revoked too
+    assert auth_daemon.http.get("/jobs", headers=sibling).json() == {"error": "token revoked"}
+    r = auth_daemon.http.post("/auth/refresh", json={"refresh_token": rotated["refresh_token"]})
+    assert r.status_code == 401
+    other = auth_daemon.http.post("/auth/token", json={"client_id": "other"},
+                                  headers=STATIC).json()
     auth_daemon.stop()
     again = make_daemon(state_dir=auth_daemon.state_dir, STROMBOLI_AUTH_ENABLED="true",
                         STROMBOLI_JWT_SECRET=JWT_SECRET)
-    r = again.http.get("/jobs", headers=access)
-    assert r.status_code == 401 and r.json() == {"error": "token revoked"}
-    fresh = bearer(rotated["access_token"])
-    assert again.http.get("/jobs", headers=fresh).status_code == 200
+    for revoked in (access, sibling):
+        r = again.http.get("/jobs", headers=revoked)
+        assert r.status_code == 401 and r.json() == {"error": "token revoked"}
+    assert again.http.get("/jobs", headers=bearer(other["access_token"])).status_code == 200
 
 
 def test_expired_revocations_are_reaped(make_daemon):
     d = make_daemon(STROMBOLI_AUTH_ENABLED="true", STROMBOLI_JWT_SECRET=JWT_SECRET,
                     STROMBOLI_API_TOKENS="static-token-1", STROMBOLI_JWT_EXPIRY="2s",
+                    STROMBOLI_JWT_REFRESH_EXPIRY="2s",
                     STROMBOLI_AUTH_BLACKLIST_CLEANUP_INTERVAL="500ms")
     token = d.http.post("/auth/token", json={"client_id": "c"}, headers=STATIC).json()
     d.http.post("/auth/logout", headers=bearer(token["access_token"]))
@@ -1901,7 +1908,8 @@ def test_forwarded_headers_only_from_trusted_proxies(make_daemon, trusted):
     if trusted:
         env["STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES"] = "127.0.0.0/8"
     d = make_daemon(**env)
-    statuses = [d.http.get("/jobs", headers={"X-Forwarded-For": f"203.0.113.{i}, 10.0.0.1"}
+    # The proxy appends the address it saw: the rightmost entry is the client.
+    statuses = [d.http.get("/jobs", headers={"X-Forwarded-For": f"10.0.0.1, 203.0.113.{i}"}
                            ).status_code for i in range(1, 4)]
     statuses.append(d.http.get("/jobs", headers={"X-Real-IP": "198.51.100.7"}).status_code)
     assert statuses == ([200, 200, 200, 200] if trusted else [200, 429, 429, 429])
@@ -2252,7 +2260,7 @@ def test_openapi_documents_exactly_the_route_table(daemon):
     doc = daemon.http.get("/swagger/doc.json").json()
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     routes = {(method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path))
-              for method, path, _, _ in stromboli.ROUTES}
+              for method, path, *_ in stromboli.ROUTES}
     assert documented == routes
     assert doc["swagger"] == "2.0" and doc["info"]["version"] == daemon.http.get(
         "/health").json()["version"]
