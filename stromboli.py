@@ -919,7 +919,7 @@ class Metrics:
                 ("stromboli_rate_limited_total", self.rate_limited, "Requests rejected with 429."),
                 ("stromboli_auth_failures_total", self.auth_failures, "Requests rejected with 401."),
                 ("stromboli_connections_rejected_total", self.connections_rejected,
-                 "Connections closed at once: max_connections were open."),
+                 "Connections refused, or evicted while sending their head, at max_connections."),
                 ("stromboli_connections_timed_out_total", self.connections_timed_out,
                  "Connections closed for not sending a request head in time.")):
             family(name, "counter", help_text)
@@ -5812,18 +5812,34 @@ def build_metrics_app(app_state: Stromboli) -> web.Application:
 # -- connections ------------------------------------------------------------------
 
 class ConnectionGuard:
-    """Limits in front of aiohttp's protocol, which has none against slowloris: at most
-    `max_connections` open (the excess is closed at once and counted), and a deadline for
-    a new connection's first request head. Later requests on a kept-alive connection are
-    bounded by aiohttp's keep-alive timeout, bodies by read_json's."""
+    """Limits in front of aiohttp's protocol, which has none against slowloris: a deadline
+    for a new connection's first request head, and at most `max_connections` open. When
+    full, a new connection takes the place of the oldest one still sending its head (a
+    slowloris holds its connections there; a real client leaves it within milliseconds),
+    and is closed at once only when every connection is busy with a request. Later
+    requests on a kept-alive connection are bounded by aiohttp's keep-alive timeout,
+    bodies by read_json's."""
 
     def __init__(self, cfg: Config, metrics: "Metrics"):
         self.limit, self.header_timeout = cfg.server_max_connections, cfg.server_header_timeout
         self.metrics = metrics
         self.open = 0
+        self.waiting: dict[GuardedConnection, asyncio.BaseTransport] = {}  # oldest first
 
     def protocol(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
         return GuardedConnection(self, factory)
+
+    def admit(self) -> bool:
+        """Room for one more connection, making it if a head-sending one can go."""
+        if self.open < self.limit:
+            return True
+        self.metrics.connections_rejected += 1
+        if not self.waiting:
+            return False
+        oldest = next(iter(self.waiting))
+        self.waiting.pop(oldest).abort()  # its connection_lost frees the slot
+        oldest.release()
+        return True
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -5832,24 +5848,36 @@ class GuardedConnection(asyncio.Protocol):
 
     def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]):
         self.guard, self.factory = guard, factory
+        self.counted = True
         self.inner: asyncio.Protocol | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.guard.open >= self.guard.limit:
-            self.guard.metrics.connections_rejected += 1
+        if not self.guard.admit():
             transport.abort()
             return
         self.guard.open += 1
         self.inner = self.factory()
         self.deadline = asyncio.get_running_loop().call_later(
             self.guard.header_timeout, self._expire, transport)
+        self.guard.waiting[self] = transport
         self.inner.connection_made(transport)
 
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         self.guard.metrics.connections_timed_out += 1
+        self.guard.waiting.pop(self, None)
         transport.abort()
+
+    def release(self) -> None:
+        """Stop counting this connection (it is closing); idempotent."""
+        if self.inner is not None and self.counted:
+            self.counted = False
+            self.guard.open -= 1
+        self.guard.waiting.pop(self, None)
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is not None:  # until the blank line that ends the request head
@@ -5857,6 +5885,7 @@ class GuardedConnection(asyncio.Protocol):
             if b"\r\n\r\n" in seen or b"\n\n" in seen:
                 self.deadline.cancel()
                 self.deadline = None
+                self.guard.waiting.pop(self, None)
             self.tail = seen[-3:]
         self.inner.data_received(data)
 
@@ -5866,9 +5895,7 @@ class GuardedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is None:
             return
-        self.guard.open -= 1
-        if self.deadline is not None:
-            self.deadline.cancel()
+        self.release()
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
