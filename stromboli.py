@@ -916,8 +916,10 @@ class Metrics:
         for state in ("pending", "running", *TERMINAL_STATES):
             out.append(f'stromboli_jobs{{state="{state}"}} {jobs_by_status.get(state, 0)}')
         for name, value, help_text in (
-                ("stromboli_rate_limited_total", self.rate_limited, "Requests rejected with 429."),
-                ("stromboli_auth_failures_total", self.auth_failures, "Requests rejected with 401."),
+                ("stromboli_rate_limited_total", self.rate_limited,
+                 "Requests rejected with 429."),
+                ("stromboli_auth_failures_total", self.auth_failures,
+                 "Requests rejected with 401."),
                 ("stromboli_connections_rejected_total", self.connections_rejected,
                  "Connections refused, or evicted while sending their head, at max_connections."),
                 ("stromboli_connections_timed_out_total", self.connections_timed_out,
