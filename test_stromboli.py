@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -25,6 +26,8 @@ import json
 import os
 import pathlib
 import re
+import resource
+import selectors
 import shlex
 import shutil
 import signal
@@ -2022,6 +2025,454 @@ def test_secrets_env_reaches_the_agent_but_never_the_api(daemon):
     finally:
         with podman_client() as client:
             client.secrets.remove(name)
+
+
+# ---------------------------------------------------------------------------
+# Network boundary: the network is hostile (issue 10)
+# ---------------------------------------------------------------------------
+# Each test plays an attacker from loopback (never any other address), bounded in time and
+# count: connections that never finish, a /health flood, a web page in the user's browser,
+# replayed and leaked tokens, a forged proxy header, webhook endpoints that redirect or probe,
+# and numbers no container should ever see.
+
+def metric_value(d: Daemon, name: str) -> float | None:
+    m = re.search(rf"^{name} (\S+)$", scrape(d), re.M)
+    return float(m.group(1)) if m else None
+
+
+def half_requests(port: int, count: int) -> list[socket.socket]:
+    """Connections that send half a request line and hold (slowloris)."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(1)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            break  # the listen queue is full: the attack is already complete
+        held.append(sock)
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            sock.sendall(b"GET /health HT")
+    return held
+
+
+def still_open(socks: list[socket.socket], within: float) -> list[socket.socket]:
+    """The sockets the server has not closed (EOF or reset) after `within` seconds; what it
+    sends first (a 408, say) is read and skipped."""
+    left_open = set(socks)
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + within
+        while left_open and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(min(left, 0.5)):
+                try:
+                    if key.fileobj.recv(65536):
+                        continue
+                except OSError:
+                    pass
+                selector.unregister(key.fileobj)
+                left_open.discard(key.fileobj)
+    return [sock for sock in socks if sock in left_open]
+
+
+def health_answers(d: Daemon, timeout: float = 1) -> bool:
+    try:
+        return httpx.get(d.url + "/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_connections_past_the_cap_are_closed_at_once_and_slow_heads_time_out(make_daemon):
+    d = make_daemon(STROMBOLI_SERVER_HEADER_TIMEOUT="3s", STROMBOLI_SERVER_MAX_CONNECTIONS="50")
+    started = time.monotonic()
+    held = half_requests(d.port, 40)  # under the cap
+    flood: list[socket.socket] = []
+    try:
+        assert len(held) == 40
+        assert health_answers(d, timeout=2), "/health stalled behind 40 half-sent requests"
+        flood = half_requests(d.port, 160)  # 200 in all
+        assert len(held + flood) > 100
+        survivors = still_open(held + flood, 1)
+        assert len(survivors) <= 50, f"{len(survivors)} connections open with a cap of 50"
+        survivors = still_open(survivors, started + 3 + 2 - time.monotonic())
+        assert survivors == [], f"{len(survivors)} half-sent requests outlived the header timeout"
+        wait_until(lambda: health_answers(d), 3, 0.2, "/health once the slow ones are gone")
+    finally:
+        for sock in held + flood:
+            sock.close()
+    assert (metric_value(d, "stromboli_connections_rejected_total") or 0) >= 150
+    assert metric_value(d, "stromboli_open_connections") is not None
+
+
+def test_a_slowloris_past_the_descriptor_limit_does_not_take_the_daemon_down(make_daemon):
+    d = make_daemon(STROMBOLI_SERVER_HEADER_TIMEOUT="3s", STROMBOLI_SERVER_MAX_CONNECTIONS="50")
+    # systemd's default of 1,024 descriptors against 1,100 connections, scaled down: 128
+    # descriptors (set after start, so the daemon cannot raise them) against 200 connections.
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (128, 128))
+    started = time.monotonic()
+    held = half_requests(d.port, 200)
+    try:
+        assert len(held) > 128
+        wait_until(lambda: health_answers(d), 3 + 3, 0.2, "/health during the slowloris")
+        survivors = still_open(held, started + 3 + 3 - time.monotonic())
+        assert survivors == [], f"{len(survivors)} half-sent requests outlived the header timeout"
+    finally:
+        for sock in held:
+            sock.close()
+    log = d.log()
+    assert log.count("Traceback") <= 2 and log.count('"level": "ERROR"') <= 5, \
+        f"{log.count(chr(10))} log lines, {log.count('Traceback')} tracebacks"
+
+
+def drip(port: int, first: bytes, more: bytes, limit: float) -> tuple[float, bytes] | None:
+    """Send `first`, then `more` every 0.25 s, until the server answers or closes: how long it
+    took and the first bytes it sent (b"" when it just closed); None if still open at `limit`."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=0.25) as sock:
+        sock.sendall(first)
+        while time.monotonic() - started < limit:
+            try:
+                return time.monotonic() - started, sock.recv(65536)
+            except socket.timeout:
+                pass
+            except OSError:
+                return time.monotonic() - started, b""
+            try:
+                sock.sendall(more)
+            except OSError:
+                return time.monotonic() - started, b""
+    return None
+
+
+def test_slow_request_heads_and_bodies_are_cut_off(make_daemon):
+    d = make_daemon(STROMBOLI_SERVER_HEADER_TIMEOUT="2s", STROMBOLI_SERVER_BODY_TIMEOUT="2s")
+    host = f"Host: 127.0.0.1:{d.port}\r\n".encode()
+    head = drip(d.port, b"GET /health HTTP/1.1\r\n" + host + b"X-Pad: ", b"a", limit=5)
+    assert head is not None, "a request head dripped a byte at a time was never cut off"
+    assert head[1] == b"" or head[1].startswith(b"HTTP/1.1 408"), head
+    body = drip(d.port, b"POST /run HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b'{"prompt": "', b"x", limit=5)
+    assert body is not None, "a body dripped a byte at a time was never cut off"
+    assert body[1] == b"" or body[1].startswith(b"HTTP/1.1 408"), body
+    assert health_answers(d)
+
+
+class PodmanTap:
+    """A unix socket in front of the Podman API that records the path of every request going
+    through (on the model server's event loop)."""
+
+    def __init__(self, path: pathlib.Path, loop: asyncio.AbstractEventLoop):
+        self.path, self.loop, self.requests = path, loop, []
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_unix_server(self._connection, str(path)), loop).result(5)
+
+    async def _connection(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(PODMAN_SOCKET)
+        await asyncio.gather(self._pipe(reader, up_writer, True),
+                             self._pipe(up_reader, writer, False))
+
+    async def _pipe(self, reader, writer, record: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if record:
+                    self.requests += re.findall(rb"^(?:GET|HEAD|POST|PUT|DELETE) (\S+) HTTP/1",
+                                                data, re.M)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+
+
+@pytest.fixture
+def podman_tap(model, tmp_path):
+    """Ask for it before make_daemon: it must outlive the daemons that use it."""
+    tap = PodmanTap(tmp_path / "podman.sock", model.loop)
+    yield tap
+    tap.close()
+
+
+def test_health_answers_from_state_without_calling_podman(podman_tap, make_daemon):
+    d = make_daemon(STROMBOLI_PODMAN_URL=f"unix://{podman_tap.path}")
+    seen = len(podman_tap.requests)
+    answered, started = 0, time.monotonic()
+    with httpx.Client(base_url=d.url, timeout=5) as client:
+        while answered < 200 and time.monotonic() - started < 5:
+            assert client.get("/health").status_code == 200
+            answered += 1
+    during = podman_tap.requests[seen:]
+    assert [p for p in during if not p.endswith(b"/_ping")] == [], \
+        f"{answered} /health calls made {len(during)} Podman calls"
+    assert len(during) <= 2  # the monitor's own ping every 5 s
+    assert answered == 200, f"only {answered} /health answers in 5 s"
+    body = d.http.get("/health").json()
+    assert body["status"] == "ok"
+    assert body["components"][0] == {"name": "podman", "status": "ok"}
+
+
+def test_health_does_not_show_the_credentials_path(make_daemon):
+    hidden = f"private-{marker()}"
+    d = make_daemon(ANTHROPIC_API_KEY="",
+                    STROMBOLI_AGENT_CREDENTIALS_FILE=f"/nonexistent/{hidden}/.credentials.json")
+    r = d.http.get("/health")
+    assert hidden not in r.text
+    file_component = next(c for c in r.json()["components"]
+                          if c["name"] == "claude-credentials-file")
+    assert file_component["status"] == "error"
+    assert file_component["error"].startswith("credentials file missing")
+    assert "/" not in file_component["error"]
+
+
+EVIL_ORIGIN = {"Origin": "http://evil.example"}
+
+
+def test_a_foreign_web_page_cannot_start_runs(daemon, model):
+    tag = marker()
+    r = daemon.http.post("/run", json={"prompt": f"hello {tag}"}, headers=EVIL_ORIGIN)
+    assert r.status_code == 403 and run_error(r).startswith("cross-origin request refused")
+    hooks = json.dumps({"post_start": [f"echo {tag}"]})
+    r = daemon.http.get("/run/stream", headers=EVIL_ORIGIN,
+                        params={"prompt": f"hello {tag}", "podman.lifecycle": hooks})
+    assert r.status_code == 403 and r.text.startswith("cross-origin request refused")
+    for origin in ("null", f"http://127.0.0.1:{daemon.port + 1}",
+                   f"https://127.0.0.1:{daemon.port}"):
+        r = daemon.http.post("/run", json={"prompt": f"hello {tag}"}, headers={"Origin": origin})
+        assert r.status_code == 403, origin
+    # A form or fetch "simple request" needs no preflight: text/plain, and no Origin is needed.
+    r = daemon.http.post("/run", content=json.dumps({"prompt": f"hello {tag}"}),
+                         headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    assert run_error(r).startswith("Content-Type must be application/json")
+    r = daemon.http.get("/sessions", headers=EVIL_ORIGIN)
+    assert r.status_code == 403 and r.json()["error"].startswith("cross-origin request refused")
+    time.sleep(1.5)  # a run started behind a refusal would have reached the model by now
+    assert model.requests_with(tag) == []
+
+
+def test_dns_rebinding_host_names_are_refused(daemon):
+    for host in ("evil.example", f"evil.example:{daemon.port}",
+                 f"localhost.evil.example:{daemon.port}"):
+        r = daemon.http.get("/sessions", headers={"Host": host})
+        assert r.status_code == 421, host
+        assert r.json()["error"].startswith("unknown Host header"), host
+    for host in (f"localhost:{daemon.port}", "localhost", f"127.0.0.1:{daemon.port}",
+                 f"[::1]:{daemon.port}"):
+        assert daemon.http.get("/sessions", headers={"Host": host}).status_code == 200, host
+    same = {"Host": f"localhost:{daemon.port}", "Origin": f"http://localhost:{daemon.port}"}
+    assert daemon.http.get("/sessions", headers=same).status_code == 200
+    r = daemon.http.post("/run", json={"prompt": "hello"},
+                         headers={"Origin": f"http://127.0.0.1:{daemon.port}"})
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+
+
+def test_allowed_origins_and_hosts_are_settings(make_daemon):
+    d = make_daemon(wait_podman=False, STROMBOLI_SERVER_ALLOWED_ORIGINS="https://dash.example",
+                    STROMBOLI_SERVER_ALLOWED_HOSTS="stromboli.lan")
+    assert d.http.get("/sessions", headers={"Origin": "https://dash.example"}).status_code == 200
+    r = d.http.get("/sessions", headers={"Origin": "https://dash.example.evil.example"})
+    assert r.status_code == 403 and r.json()["error"].startswith("cross-origin request refused")
+    named = {"Host": f"stromboli.lan:{d.port}", "Origin": f"http://stromboli.lan:{d.port}"}
+    assert d.http.get("/sessions", headers=named).status_code == 200
+    assert d.http.get("/sessions", headers={"Host": "other.lan"}).status_code == 421
+
+
+def mint(d: Daemon, headers: dict = STATIC) -> dict:
+    r = d.http.post("/auth/token", json={"client_id": "grant"}, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def refresh(d: Daemon, refresh_token: str) -> httpx.Response:
+    return d.http.post("/auth/refresh", json={"refresh_token": refresh_token})
+
+
+def jobs_status(d: Daemon, access_token: str) -> int:
+    return d.http.get("/jobs", headers=bearer(access_token)).status_code
+
+
+def test_only_static_tokens_mint(auth_daemon):
+    pair = mint(auth_daemon)
+    for name, token in (("access JWT", pair["access_token"]), ("forged JWT", forge()),
+                        ("refresh JWT", pair["refresh_token"])):
+        r = auth_daemon.http.post("/auth/token", json={"client_id": "more"}, headers=bearer(token))
+        assert r.status_code == 401, name
+
+
+def test_refresh_tokens_are_single_use_and_reuse_ends_the_grant(auth_daemon):
+    first = mint(auth_daemon)
+    r = refresh(auth_daemon, first["refresh_token"])
+    assert r.status_code == 200
+    second = r.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert jobs_status(auth_daemon, second["access_token"]) == 200
+    assert refresh(auth_daemon, first["refresh_token"]).status_code == 401  # replayed
+    assert jobs_status(auth_daemon, second["access_token"]) == 401  # the whole family ends
+    assert refresh(auth_daemon, second["refresh_token"]).status_code == 401
+    assert jobs_status(auth_daemon, first["access_token"]) == 401
+    other = mint(auth_daemon)  # another grant is untouched
+    assert jobs_status(auth_daemon, other["access_token"]) == 200
+
+
+def test_logout_ends_every_token_of_the_grant(auth_daemon):
+    first = mint(auth_daemon)
+    second = refresh(auth_daemon, first["refresh_token"]).json()
+    other = mint(auth_daemon)
+    r = auth_daemon.http.post("/auth/logout", headers=bearer(first["access_token"]))
+    assert r.json() == {"success": True, "message": "token invalidated"}
+    assert jobs_status(auth_daemon, first["access_token"]) == 401
+    assert jobs_status(auth_daemon, second["access_token"]) == 401  # minted by the refresh
+    assert refresh(auth_daemon, second["refresh_token"]).status_code == 401
+    assert jobs_status(auth_daemon, other["access_token"]) == 200
+
+
+def test_logout_with_a_bad_refresh_token_revokes_nothing(auth_daemon):
+    pair = mint(auth_daemon)
+    r = auth_daemon.http.post("/auth/logout", headers=bearer(pair["access_token"]),
+                              json={"refresh_token": "not-a-token"})
+    assert r.status_code == 401
+    assert jobs_status(auth_daemon, pair["access_token"]) == 200
+    assert refresh(auth_daemon, pair["refresh_token"]).status_code == 200
+
+
+def test_failed_authentications_are_budgeted_per_ip(make_daemon):
+    d = make_daemon(wait_podman=False, STROMBOLI_AUTH_ENABLED="true",
+                    STROMBOLI_JWT_SECRET=JWT_SECRET, STROMBOLI_API_TOKENS="static-token-1",
+                    STROMBOLI_AUTH_FAILURE_BURST="5", STROMBOLI_AUTH_FAILURE_RATE="0.25")
+    statuses = []
+    for i in range(30):  # wrong static tokens and forged JWTs, on two routes
+        if i % 2:
+            r = d.http.post("/auth/token", json={"client_id": "x"}, headers=bearer(f"guess-{i}"))
+        else:
+            r = d.http.get("/jobs", headers=bearer(forge(key="a-guessed-key-" + "x" * 32)))
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[-1] == 429, f"no 429 after {len(statuses)} failed authentications"
+    assert statuses.count(401) <= 6, statuses
+    retry_after = int(r.headers["Retry-After"])
+    assert 1 <= retry_after <= 8
+    assert d.http.post("/auth/token", json={"client_id": "x"}, headers=STATIC).status_code == 429
+    assert d.http.get("/jobs", headers=STATIC).status_code == 429  # even the right token
+    time.sleep(retry_after + 0.2)
+    assert d.http.get("/jobs", headers=STATIC).status_code == 200  # refilled
+
+
+def test_a_forged_forwarded_chain_is_limited_like_the_real_client(make_daemon):
+    d = make_daemon(wait_podman=False, STROMBOLI_RATE_LIMIT_ENABLED="true",
+                    STROMBOLI_RATE_LIMIT_RPS="0.1", STROMBOLI_RATE_LIMIT_BURST="5",
+                    STROMBOLI_RATE_LIMIT_TRUSTED_PROXIES="127.0.0.1/32")
+
+    def passed(forwarded) -> int:
+        return sum(d.http.get("/jobs", headers={"X-Forwarded-For": forwarded(i)}).status_code
+                   == 200 for i in range(20))
+    assert passed(lambda i: f"198.18.{i}.1, 203.0.113.7") <= 6  # the client's own entry is last
+    assert passed(lambda i: f"198.18.{i}.2, 203.0.113.8, 127.0.0.1") <= 6  # past our proxy
+    assert passed(lambda i: f"not-an-ip-{i}") <= 6  # ignored: the proxy itself is the client
+    assert passed(lambda i: f"203.0.113.{100 + i}") == 20  # real clients keep their own budgets
+
+
+@contextlib.contextmanager
+def hook_receiver(model: ScriptedModel, replies: dict[str, tuple[int, str]],
+                  host: str = "127.0.0.1"):
+    """Webhook endpoints on `host` (served from the model server's thread): `replies` maps a
+    path to (status, Location); other paths answer 200. Yields the base URL and the list of
+    (method, path) received."""
+    seen: list[tuple[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        await request.read()
+        status, location = replies.get(request.path, (200, ""))
+        return web.Response(status=status, headers={"Location": location} if location else {},
+                            text="upstream db at 10.9.8.7:5432 is down")
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, 0).start()
+        return runner
+    runner = asyncio.run_coroutine_threadsafe(start(), model.loop).result(5)
+    try:
+        yield f"http://{host}:{runner.addresses[0][1]}", seen
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), model.loop).result(10)
+
+
+def deliveries(d: Daemon, job_id: str) -> list[dict]:
+    return d.http.get(f"/jobs/{job_id}").json().get("webhook_deliveries", [])
+
+
+def test_webhooks_follow_no_redirect_and_log_only_a_reason(make_daemon, model):
+    d = make_daemon(STROMBOLI_WEBHOOK_MAX_ATTEMPTS="2")
+    replies = {"/temporary": (307, "/target"), "/found": (302, "/target"), "/broken": (503, "")}
+    with hook_receiver(model, replies) as (url, seen):
+        targets = {path: url + path for path in replies}
+        targets["closed port"] = f"http://127.0.0.1:{free_port()}/hook"
+        jobs = {name: d.http.post("/run/async", json={"prompt": "hello", "webhook_url": target}
+                                  ).json()["job_id"] for name, target in targets.items()}
+        wait_until(lambda: any(path == "/target" for _, path in seen)
+                   or all(len(deliveries(d, job)) >= 2 for job in jobs.values()),
+                   40, 0.2, "two delivery attempts per job")
+        assert [request for request in seen if request[1] == "/target"] == []
+    expected = {"/temporary": (307, "redirect not followed"),
+                "/found": (302, "redirect not followed"), "/broken": (503, "HTTP 5xx"),
+                "closed port": (None, "connection failed")}  # no address, no port, no OS text
+    for name, (status, reason) in expected.items():
+        attempts = [(a.get("status_code"), a.get("error")) for a in deliveries(d, jobs[name])]
+        assert attempts == [(status, reason)] * 2, name
+
+
+def test_webhook_allowlist_refuses_other_hosts_at_submit(make_daemon, model):
+    d = make_daemon(STROMBOLI_WEBHOOK_ALLOWED_HOSTS="example.invalid, 127.0.0.2/32")
+    with hook_receiver(model, {}, host="127.0.0.2") as (url, seen):
+        port = url.rsplit(":", 1)[1]
+        for refused in (f"http://127.0.0.1:{port}/hook", f"http://localhost:{port}/hook",
+                        f"http://127.0.0.3:{port}/hook"):
+            r = d.http.post("/run/async", json={"prompt": "hello", "webhook_url": refused})
+            assert r.status_code == 400, (refused, r.text)
+            assert run_error(r)
+        r = d.http.post("/run/async", json={"prompt": "hello", "webhook_url": url + "/hook"})
+        assert r.status_code == 202, r.text
+        wait_until(lambda: seen, 30, what="the delivery to the listed network")
+    assert len(d.http.get("/jobs").json()["jobs"]) == 1
+
+
+def test_out_of_range_run_options_are_400_not_500(make_daemon):
+    d = make_daemon(STROMBOLI_AGENT_ALLOW_ALL_VOLUMES="true")
+
+    def run_body(**sections) -> bytes:
+        return json.dumps({"prompt": "hello", **sections}).encode()
+    bodies = {
+        "NUL in a volume host path": run_body(podman={"volumes": ["/tmp/a\0b:/data"]}),
+        "cpu_shares -5": run_body(podman={"cpu_shares": -5}),
+        "cpu_shares 2**40": run_body(podman={"cpu_shares": 2 ** 40}),
+        "a 40-digit memory": run_body(podman={"memory": "9" * 40}),
+        "memory over 1 TiB": run_body(podman={"memory": "2000g"}),
+        "max_turns over 10000": run_body(claude={"max_turns": 10 ** 6}),
+        "max_budget_usd NaN": b'{"prompt": "hello", "claude": {"max_budget_usd": NaN}}',
+        "max_budget_usd Infinity": b'{"prompt": "hello", "claude": {"max_budget_usd": Infinity}}',
+        "max_budget_usd 1e400": b'{"prompt": "hello", "claude": {"max_budget_usd": 1e400}}',
+        "a NaN literal anywhere": b'{"prompt": "hello", "note": -Infinity}',
+    }
+    wrong = {}
+    for path in ("/run", "/run/async"):
+        for name, body in bodies.items():
+            r = d.http.post(path, content=body, headers={"Content-Type": "application/json"})
+            envelope = r.json() if r.headers.get("content-type", "").startswith(
+                "application/json") else {}
+            if r.status_code != 400 or envelope.get("id") != "" or \
+                    envelope.get("status") != "error" or not envelope.get("error"):
+                wrong[f"{path}: {name}"] = (r.status_code, r.text[:120])
+    assert not wrong, "\n".join(f"{name} → {outcome}" for name, outcome in wrong.items())
+    assert "Traceback" not in d.log()
 
 
 # ---------------------------------------------------------------------------
