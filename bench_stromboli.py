@@ -1,5 +1,6 @@
 """Benchmark stromboli: its overhead on top of a plain `podman run` of the Claude Code CLI
-(the default mode), and what an agent's output flood costs the daemon (`flood`).
+(the default mode), what an agent's output flood costs the daemon (`flood`), and the daemon
+under mixed traffic at a fixed rate (`load`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -44,17 +45,36 @@ is sampled, until it settles (3–30 s): once on the same daemon (the run's feed
 in memory) and once after a daemon restart (replay from the store). The issue's bounds: RSS
 under 300 MB and /health answering within 1 s throughout.
 
+`load`: the daemon under mixed traffic from loopback (issue 10). A daemon with auth on (a
+static token and a JWT secret; every other request carries the static token, the others a JWT
+minted from it) first runs --jobs async jobs, then gets --requests (default 10,000) requests
+launched open-loop at --rate (default 500) per second, i.e. on a fixed 2 ms cadence whatever the
+earlier ones are doing (aiohttp, at most --concurrency = 256 in flight; a request waiting for a
+slot shows as schedule lag): GET /health, GET /jobs, GET /jobs/{id} (the jobs above) and
+GET /sessions in turn, and one `POST /run {"prompt": "hello"}` in every --run-every (200). Nothing
+is launched after --max-seconds (120), and what is still in flight then is cancelled. Reported:
+requests sent and completed, errors by kind (non-2xx by status, a run not "completed", a
+/health not "ok", timeouts — 10 s per GET, 120 s per run —, connection errors), latency
+p50/p99/max per route (from send; and p99 from the moment the request was due), the offered and
+achieved rate, the daemon's RSS, open fds and threads (/proc, every 100 ms) before, at peak and
+after, and the CPU used by the daemon, by this process (the client and the scripted model) and by
+the whole machine: on 2 cores the client competes with the daemon.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
     python bench_stromboli.py --runs 10 --json     # machine-readable
     python bench_stromboli.py flood                # flood: markdown table on stdout
     python bench_stromboli.py flood --megabytes 20 --slow-readers 8 --json
+    python bench_stromboli.py load                 # load: 10,000 requests at 500/s
+    python bench_stromboli.py load --requests 1000 # a quick version
+    python bench_stromboli.py load --requests 10000 --rate 500 --json
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -74,7 +94,7 @@ import uuid
 import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_stromboli import IMAGE, Daemon, ScriptedModel, agent_env  # noqa: E402
+from test_stromboli import IMAGE, JWT_SECRET, Daemon, ScriptedModel, agent_env  # noqa: E402
 
 PROMPT = "hello"
 REPLY = "Hello from the scripted model"
@@ -559,6 +579,358 @@ def flood_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
+# -- load: mixed requests at a fixed rate from loopback (issue 10) ------------------------
+
+LOAD_TOKEN = "load-static-token-1"
+LOAD_ROUTES = ("GET /health", "GET /jobs", "GET /jobs/{id}", "GET /sessions")
+RUN_ROUTE = "POST /run"
+LOAD_TIMEOUT = 10.0  # seconds, per GET
+RUN_TIMEOUT = 120.0  # seconds, per POST /run (the time cap still applies)
+LOAD_SETTLE = 2.0  # seconds between the last answer and the "after" sample
+
+
+def read_proc(pid: int) -> dict[str, int]:
+    """RSS, peak RSS (VmHWM), threads and open fds of a process, from /proc."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key == "VmRSS":
+                found["rss"] = int(value.split()[0]) * 1024
+            elif key == "VmHWM":
+                found["hwm"] = int(value.split()[0]) * 1024
+            elif key == "Threads":
+                found["threads"] = int(value)
+    found["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return found
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..1) of a list; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.999999) - 1))]
+
+
+class ProcSampler:
+    """One thread sampling a process's RSS, open fds and threads every 100 ms."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.samples: list[tuple[float, int, int, int]] = []  # (monotonic, rss, fds, threads)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProcSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                found = read_proc(self.pid)
+                self.samples.append((time.monotonic(), found["rss"], found["fds"],
+                                     found["threads"]))
+            except (OSError, KeyError, ValueError):
+                pass
+            due = max(due + SAMPLE_INTERVAL, time.monotonic())
+            self._stop.wait(max(0.0, due - time.monotonic()))
+
+    def peaks(self, start: float, end: float) -> dict[str, int | None]:
+        window = [s for s in self.samples if start <= s[0] <= end]
+        return {"samples": len(window),
+                "rss": max((s[1] for s in window), default=None),
+                "fds": max((s[2] for s in window), default=None),
+                "threads": max((s[3] for s in window), default=None)}
+
+
+def load_plan(requests: int, run_every: int) -> list[str]:
+    """The route of each request: the GET routes in turn, one POST /run in every run_every."""
+    plan, k = [], 0
+    for i in range(requests):
+        if run_every and i % run_every == run_every // 2:
+            plan.append(RUN_ROUTE)
+        else:
+            plan.append(LOAD_ROUTES[k % len(LOAD_ROUTES)])
+            k += 1
+    return plan
+
+
+async def load_phase(args, url: str, tokens: list[str], job_ids: list[str]) -> dict:
+    """Open loop: request i is launched at start + i / rate whatever the earlier ones are doing
+    (at most --concurrency in flight; the others wait for a slot, which shows as schedule lag).
+    Nothing is launched after --max-seconds, and what is still in flight then is cancelled."""
+    import aiohttp
+
+    plan = load_plan(args.requests, args.run_every)
+    auth = [{"Authorization": f"Bearer {token}"} for token in tokens]
+    results: list[tuple[str, float, float, float, str]] = []  # route, due, sent, done, outcome
+    slots = asyncio.Semaphore(args.concurrency)
+    get_timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT)
+    run_timeout = aiohttp.ClientTimeout(total=RUN_TIMEOUT)
+
+    async def one(session: aiohttp.ClientSession, i: int, route: str, due: float) -> None:
+        async with slots:
+            method, path = route.split(" ", 1)
+            if route == "GET /jobs/{id}":
+                path = f"/jobs/{job_ids[i % len(job_ids)]}"
+            headers = {} if route == "GET /health" else auth[i % len(auth)]
+            body = {"prompt": PROMPT} if route == RUN_ROUTE else None
+            sent = time.monotonic()
+            try:
+                async with session.request(
+                        method, path, headers=headers, json=body,
+                        timeout=run_timeout if route == RUN_ROUTE else get_timeout) as response:
+                    content = await response.read()
+                    if not 200 <= response.status < 300:
+                        outcome = f"HTTP {response.status}"
+                    elif route in (RUN_ROUTE, "GET /health"):
+                        try:
+                            status = json.loads(content).get("status")
+                        except (ValueError, AttributeError):
+                            status = "unparsable"
+                        good = "completed" if route == RUN_ROUTE else "ok"
+                        word = "run" if route == RUN_ROUTE else "health"
+                        outcome = "ok" if status == good else f"{word} {status}"
+                    else:
+                        outcome = "ok"
+            except asyncio.TimeoutError:
+                outcome = "timeout"
+            except aiohttp.ClientConnectionError as exc:
+                outcome = f"connection error ({type(exc).__name__})"
+            except aiohttp.ClientError as exc:
+                outcome = f"client error ({type(exc).__name__})"
+            results.append((route, due, sent, time.monotonic(), outcome))
+
+    connector = aiohttp.TCPConnector(limit=args.concurrency, limit_per_host=args.concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
+        start = time.monotonic()
+        deadline = start + args.max_seconds
+        tasks = []
+        for i, route in enumerate(plan):
+            due = start + i / args.rate
+            if due >= deadline:
+                break
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # 0: yield, catch up
+            tasks.append(asyncio.create_task(one(session, i, route, due)))
+        launched = time.monotonic()
+        pending: set = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        end = time.monotonic()
+    return {"plan": plan, "results": results, "start": start, "launched": launched, "end": end,
+            "sent": len(tasks), "cancelled": len(pending)}
+
+
+def load_stats(phase: dict) -> dict:
+    """Counts, errors by kind and latency per route of one load phase."""
+    results = phase["results"]
+
+    def summarize(rows: list[tuple]) -> dict:
+        answered = [(due, sent, done) for _, due, sent, done, outcome in rows
+                    if not outcome.startswith(("timeout", "connection", "client"))]
+        latencies = [done - sent for _, sent, done in answered]
+        since_due = [done - due for due, _, done in answered]
+        errors: dict[str, int] = {}
+        for *_, outcome in rows:
+            if outcome != "ok":
+                errors[outcome] = errors.get(outcome, 0) + 1
+        return {"completed": len(rows), "ok": sum(1 for r in rows if r[4] == "ok"),
+                "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
+                "latency_p50": percentile(latencies, 0.50),
+                "latency_p99": percentile(latencies, 0.99),
+                "latency_max": max(latencies, default=None),
+                "since_due_p99": percentile(since_due, 0.99)}
+
+    planned: dict[str, int] = {}
+    for route in phase["plan"][:phase["sent"]]:
+        planned[route] = planned.get(route, 0) + 1
+    routes = {route: {"sent": planned.get(route, 0),
+                      **summarize([r for r in results if r[0] == route])}
+              for route in (*LOAD_ROUTES, RUN_ROUTE) if planned.get(route)}
+    lags = [sent - due for _, due, sent, _, _ in results]
+    answered = [r for r in results if not r[4].startswith(("timeout", "connection", "client"))]
+    first = min((r[2] for r in results), default=phase["start"])
+    last = max((r[3] for r in results), default=phase["end"])
+    return {
+        "planned": len(phase["plan"]), "sent": phase["sent"],
+        "not_sent_time_cap": len(phase["plan"]) - phase["sent"],
+        "cancelled_time_cap": phase["cancelled"],
+        "launch_seconds": phase["launched"] - phase["start"],
+        "total_seconds": phase["end"] - phase["start"],
+        "offered_rps": phase["sent"] / max(1e-9, phase["launched"] - phase["start"]),
+        "achieved_rps": len(answered) / max(1e-9, last - first),
+        "schedule_lag_p99": percentile(lags, 0.99), "schedule_lag_max": max(lags, default=None),
+        "all": {"sent": phase["sent"], **summarize(results)},
+        "routes": routes,
+    }
+
+
+def wait_jobs(client: httpx.Client, job_ids: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        while True:
+            status = client.get(f"/jobs/{job_id}").json().get("status")
+            if status in ("completed", "failed", "crashed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job_id} still {status} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def load(args) -> int:
+    """`load`: mixed requests at a fixed rate against an auth-on daemon."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-load-"))
+    env = {**daemon_env(model, args.image, 0), "STROMBOLI_AUTH_ENABLED": "true",
+           "STROMBOLI_API_TOKENS": LOAD_TOKEN, "STROMBOLI_JWT_SECRET": JWT_SECRET}
+    daemon = Daemon(workdir / "state", env)
+    report: dict = {"command": shlex.join(sys.orig_argv), "machine": machine_info(args.image),
+                    "requests": args.requests, "rate": args.rate,
+                    "concurrency": args.concurrency, "run_every": args.run_every,
+                    "max_seconds": args.max_seconds, "jobs": args.jobs,
+                    "timeouts": {"get": LOAD_TIMEOUT, "run": RUN_TIMEOUT}}
+    try:
+        daemon.start()
+        pid = daemon.proc.pid
+        static = {"Authorization": f"Bearer {LOAD_TOKEN}"}
+        with httpx.Client(base_url=daemon.url, timeout=120, headers=static) as client:
+            minted = client.post("/auth/token", json={"client_id": "load"})
+            minted.raise_for_status()
+            tokens = [LOAD_TOKEN, minted.json()["access_token"]]  # every other request a JWT
+            job_ids = []
+            for _ in range(max(1, args.jobs)):
+                created = client.post("/run/async", json={"prompt": PROMPT})
+                created.raise_for_status()
+                job_ids.append(created.json()["job_id"])
+            wait_jobs(client, job_ids)
+        time.sleep(1)
+        report["before"] = read_proc(pid)
+        report["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
+        with ProcSampler(pid) as sampler:
+            cpu0, daemon0, machine0 = time.process_time(), process_cpu(pid), machine_cpu()
+            print(f"load: {args.requests} requests at {args.rate:g}/s…", file=sys.stderr,
+                  flush=True)
+            phase = asyncio.run(load_phase(args, daemon.url, tokens, job_ids))
+            cpu1, daemon1, machine1 = time.process_time(), process_cpu(pid), machine_cpu()
+            wall = phase["end"] - phase["start"]
+            report.update(load_stats(phase))
+            report["peak"] = sampler.peaks(phase["start"], phase["end"] + LOAD_SETTLE)
+            time.sleep(LOAD_SETTLE)
+        report["after"] = read_proc(pid)
+        report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+        report["cpu"] = {
+            "client_seconds": cpu1 - cpu0, "client_share": (cpu1 - cpu0) / wall,
+            "daemon_seconds": daemon1 - daemon0, "daemon_share": (daemon1 - daemon0) / wall,
+            "machine_busy": (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]),
+            "nproc": os.cpu_count()}
+        start = time.monotonic()
+        try:
+            health = httpx.get(daemon.url + "/health", timeout=LOAD_TIMEOUT).status_code
+        except httpx.HTTPError as exc:
+            health = type(exc).__name__
+        report["health_after"] = {"status": health, "seconds": time.monotonic() - start}
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        raise
+    finally:
+        stop_daemon(daemon)
+        leftover = our_containers(workdir)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=2) if args.json else load_markdown(report))
+    return 0
+
+
+def load_markdown(report: dict) -> str:
+    def ms(value) -> str:
+        return "–" if value is None else f"{value * 1000:.0f} ms" if value >= 0.01 \
+            else f"{value * 1000:.1f} ms"
+
+    def mb(value) -> str:
+        return "–" if value is None else f"{value / MiB:.0f} MiB"
+
+    def errors(stats: dict) -> str:
+        return ", ".join(f"{kind}: {n}" for kind, n in stats["errors"].items()) or "0"
+
+    lines = ["| route | sent | completed | ok | errors | p50 | p99 | max | p99 from schedule |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, stats in [*report["routes"].items(), ("all", report["all"])]:
+        lines.append(f"| {'**all**' if label == 'all' else f'`{label}`'} | {stats['sent']} "
+                     f"| {stats['completed']} | {stats['ok']} | {errors(stats)} "
+                     f"| {ms(stats['latency_p50'])} | {ms(stats['latency_p99'])} "
+                     f"| {ms(stats['latency_max'])} | {ms(stats['since_due_p99'])} |")
+    before, peak, after, cpu = report["before"], report["peak"], report["after"], report["cpu"]
+    health = report["health_after"]
+    lines += [
+        "", "| measurement | value |", "|---|---|",
+        f"| requests planned / sent / completed | {report['planned']} / {report['sent']} / "
+        f"{report['all']['completed']} (not sent, time cap: {report['not_sent_time_cap']}; "
+        f"cancelled in flight at the cap: {report['cancelled_time_cap']}) |",
+        f"| offered rate (launch window {report['launch_seconds']:.1f} s) "
+        f"| {report['offered_rps']:.0f} req/s |",
+        f"| achieved rate (answered requests) | {report['achieved_rps']:.0f} req/s |",
+        f"| total time | {report['total_seconds']:.1f} s |",
+        f"| schedule lag p99 / max (waiting for a slot or the event loop) "
+        f"| {ms(report['schedule_lag_p99'])} / {ms(report['schedule_lag_max'])} |",
+        f"| daemon RSS before / peak / after | {mb(before['rss'])} / {mb(peak['rss'])} / "
+        f"{mb(after['rss'])} (VmHWM {mb(after['hwm'])}) |",
+        f"| daemon open fds before / peak / after | {before['fds']} / {peak['fds']} / "
+        f"{after['fds']} |",
+        f"| daemon threads before / peak / after | {before['threads']} / {peak['threads']} / "
+        f"{after['threads']} |",
+        f"| daemon CPU during the load | {cpu['daemon_seconds']:.1f} s "
+        f"({cpu['daemon_share'] * 100:.0f} % of one core) |",
+        f"| client (this process) CPU during the load | {cpu['client_seconds']:.1f} s "
+        f"({cpu['client_share'] * 100:.0f} % of one core) |",
+        f"| machine CPU busy ({cpu['nproc']} cores) | {cpu['machine_busy'] * 100:.0f} % "
+        f"(loadavg {' '.join(report['loadavg_before'])} → {' '.join(report['loadavg_after'])}) |",
+        f"| `GET /health` after the load | {health['status']} in {ms(health['seconds'])} |",
+    ]
+    info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
+    run_share = (f"one `POST /run {{\"prompt\": \"hello\"}}` in every {report['run_every']}"
+                 if report["run_every"] else "no runs")
+    return "\n".join([
+        *lines, "",
+        f"Open loop: request i launched at i / {report['rate']:g} s (aiohttp, at most "
+        f"{report['concurrency']} in flight), hard cap {report['max_seconds']:g} s; the GET "
+        f"routes in turn and {run_share}; auth on, every other request with the static token, "
+        f"the others with a JWT (`/health` with none); `GET /jobs/{{id}}` on {report['jobs']} "
+        f"finished async jobs. Timeouts: {report['timeouts']['get']:g} s per GET, "
+        f"{report['timeouts']['run']:g} s per run. ok: a 2xx, and for `/health` status "
+        "\"ok\", for a run status \"completed\". Latency from send to the last byte (p99 "
+        "from schedule: from the moment the request was due, slot wait included); daemon "
+        f"RSS, fds and threads sampled every {SAMPLE_INTERVAL * 1000:.0f} ms (/proc). The "
+        "client, the scripted model and the daemon share the machine.",
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -626,7 +998,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood}",
+    modes = parser.add_subparsers(dest="mode", metavar="{flood,load}",
                                   help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
@@ -649,7 +1021,36 @@ def main() -> int:
                               help="agent image (default: %s)" % IMAGE)
     flood_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                               help="print JSON instead of markdown")
+    load_parser = modes.add_parser(
+        "load", help="mixed requests at a fixed rate: errors, latency, daemon RSS and fds",
+        description="Open-loop load from loopback against a real daemon with auth on: "
+                    "GET /health, /jobs, /jobs/{id}, /sessions in turn and a small POST /run "
+                    "now and then, launched at --rate per second whatever the answers do.")
+    load_parser.add_argument("--requests", type=int, default=10000,
+                             help="requests to send (default: %(default)s; 1000 is a quick run)")
+    load_parser.add_argument("--rate", type=float, default=500,
+                             help="requests launched per second (default: %(default)s)")
+    load_parser.add_argument("--concurrency", type=int, default=256,
+                             help="requests in flight at most (default: %(default)s)")
+    load_parser.add_argument("--run-every", type=int, default=200,
+                             help="one POST /run in every N requests; 0: none "
+                                  "(default: %(default)s)")
+    load_parser.add_argument("--jobs", type=int, default=4,
+                             help="async jobs created first, for GET /jobs/{id} "
+                                  "(default: %(default)s)")
+    load_parser.add_argument("--max-seconds", type=float, default=120,
+                             help="hard cap on the load phase (default: %(default)s)")
+    load_parser.add_argument("--image", default=argparse.SUPPRESS,
+                             help="agent image (default: %s)" % IMAGE)
+    load_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print JSON instead of markdown")
     args = parser.parse_args()
+    if args.mode == "load":
+        if args.requests < 1 or args.rate <= 0 or args.concurrency < 1 \
+                or args.max_seconds <= 0 or args.run_every < 0 or args.jobs < 1:
+            parser.error("load: --requests, --concurrency, --jobs ≥ 1; --rate, --max-seconds "
+                         "> 0; --run-every ≥ 0")
+        return load(args)
     if args.mode == "flood":
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if not args.variants or set(args.variants) - set(FLOOD_VARIANTS):

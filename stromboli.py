@@ -1081,21 +1081,26 @@ class Podman:
     def rootless(self) -> bool:
         return bool(self.client.info().get("host", {}).get("security", {}).get("rootless"))
 
-    def secret_exists(self, name: str) -> bool:
-        return self.client.secrets.exists(name)
-
-    def secret_labels(self, name: str) -> dict | None:
-        """A secret's labels ({} when it has none), None when there is no such secret."""
-        try:
-            attrs = self.client.secrets.get(name).attrs
+    def secret(self, name: str) -> dict | None:
+        """The secret of exactly this name, inspected (with its labels), or None. Podman
+        also matches names as ID prefixes ("0" may be anyone's secret): never ask it by name."""
+        found = next((s for s in self.client.secrets.list()
+                      if (s.attrs.get("Spec") or {}).get("Name") == name), None)
+        if found is None:
+            return None
+        try:  # Podman 4's list leaves out the labels
+            return self.client.secrets.get(found.id).attrs
         except podman.errors.NotFound:
             return None
-        return (attrs.get("Spec") or {}).get("Labels") or {}
+
+    def secret_exists(self, name: str) -> bool:
+        return self.secret(name) is not None
 
     def secret_usable(self, name: str, allowed: Iterable[str]) -> bool:
         """May a run use this secret: one stromboli created, or one an admin allowed."""
-        labels = self.secret_labels(name)
-        return labels is not None and (name in allowed or labels.get("managed-by") == "stromboli")
+        attrs = self.secret(name)
+        labels = ((attrs or {}).get("Spec") or {}).get("Labels") or {}
+        return attrs is not None and (name in allowed or labels.get("managed-by") == "stromboli")
 
     def create_secret(self, name: str, data: bytes, labels: dict) -> None:
         """The value travels in the request body only (podman-py drops labels: the API
@@ -1110,8 +1115,8 @@ class Podman:
         self.create_secret(name, data, labels)
 
     def remove_secret(self, name: str) -> None:
-        if self.client.secrets.exists(name):
-            self.client.secrets.remove(name)
+        if (attrs := self.secret(name)) is not None:
+            self.client.secrets.remove(attrs["ID"])
 
     def image_exists(self, ref: str) -> bool:
         return self.client.images.exists(ref)
@@ -3592,9 +3597,13 @@ class PodmanCatalog:
     # Secrets: only those stromboli created (label managed-by=stromboli; the daemon's own
     # carry its instance) and those an admin allowed; other tenants' secrets stay unseen.
     def secrets(self) -> list[dict]:
-        # Podman 4's list leaves out the labels: each secret is inspected.
-        found = (self._find(s.id) for s in self.client.secrets.list())
-        return [self._secret(attrs) for attrs in found if attrs is not None]
+        found = []
+        for listed in self.client.secrets.list():
+            with contextlib.suppress(podman.errors.NotFound):  # removed meanwhile
+                attrs = self.client.secrets.get(listed.id).attrs  # the list has no labels
+                if self._kind(attrs) != "foreign":
+                    found.append(self._secret(attrs))
+        return found
 
     def secret(self, name: str) -> dict:
         attrs = self._find(name)
@@ -3603,11 +3612,8 @@ class PodmanCatalog:
         return self._secret(attrs)
 
     def _find(self, name: str) -> dict | None:
-        try:
-            attrs = self.client.secrets.get(name).attrs
-        except podman.errors.NotFound:
-            return None
-        return None if self._kind(attrs) == "foreign" else attrs
+        attrs = self.podman.secret(name)
+        return None if attrs is None or self._kind(attrs) == "foreign" else attrs
 
     def _kind(self, attrs: dict) -> str:
         """own (the daemon's credentials), managed (created through the API), allowed (an
@@ -3628,7 +3634,7 @@ class PodmanCatalog:
                 "managed": self._kind(attrs) == "own"}
 
     def create_secret(self, name: str, value: bytes) -> None:
-        if self.client.secrets.exists(name):
+        if self.podman.secret_exists(name):
             raise Conflict("secret already exists", "success", name=name)
         self.podman.create_secret(name, value, MANAGED_LABEL)
 
@@ -3644,7 +3650,7 @@ class PodmanCatalog:
             raise BadRequest("secret was not created by stromboli (it is only allowed for use by "
                              "STROMBOLI_SECRETS_ALLOWED) and cannot be deleted here", "success",
                              name=name)
-        self.client.secrets.remove(name)
+        self.client.secrets.remove(attrs["ID"])
 
 
 # ---------------------------------------------------------------------------

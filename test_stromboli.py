@@ -2584,6 +2584,23 @@ def test_secrets_round_trip(daemon):
     assert value not in daemon.log()
 
 
+def test_secret_names_are_never_id_prefixes(daemon):
+    """Podman resolves a name as an ID prefix too: through the API, only exact names count."""
+    name, value = f"exact-{marker()}", f"v-{marker()}"
+    assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
+    try:
+        secret_id = daemon.http.get(f"/secrets/{name}").json()["id"]
+        for prefix in (secret_id[:10], secret_id[:1]):
+            assert daemon.http.get(f"/secrets/{prefix}").status_code == 404
+            assert daemon.http.delete(f"/secrets/{prefix}").status_code == 404
+            r = daemon.http.post("/run", json={"prompt": "x",
+                                               "podman": {"secrets_env": {"S": prefix}}})
+            assert r.status_code == 400, r.text
+        assert daemon.http.get(f"/secrets/{name}").status_code == 200
+    finally:
+        daemon.http.delete(f"/secrets/{name}")
+
+
 def test_secret_validation_and_managed_secrets(daemon):
     for body in ({}, {"name": "x"}, {"value": "v"}, {"name": "x", "value": ""}):
         r = daemon.http.post("/secrets", json=body)
