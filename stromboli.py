@@ -606,22 +606,22 @@ def fields(**kwargs: Any) -> dict:
 # ---------------------------------------------------------------------------
 
 class ApiError(Exception):
-    """An HTTP outcome other than success, rendered in one of upstream's envelopes.
+    """An HTTP outcome other than success. Where it is raised does not choose how it looks:
+    it is rendered in the envelope of the route being served (its route record's), one of
+    upstream's: "error" → {"error": msg}; "run" → RunResponse {"id":"","status":"error",
+    "error"}; "success" → {"success": false, "error"}; "text" → plain text (the SSE
+    endpoint's errors). `extra` fields join the body."""
 
-    shape: "error" → {"error": msg}; "run" → RunResponse {"id":"","status":"error","error"};
-    "success" → {"success": false, "error"}; "text" → plain text (the SSE endpoint's errors).
-    """
-
-    def __init__(self, status: int, message: str, shape: str = "error", **extra: Any):
+    def __init__(self, status: int, message: str, **extra: Any):
         super().__init__(message)
-        self.status, self.message, self.shape, self.extra = status, message, shape, extra
+        self.status, self.message, self.extra = status, message, extra
 
-    def response(self) -> web.Response:
-        if self.shape == "text":
+    def response(self, envelope: str = "error") -> web.Response:
+        if envelope == "text":
             return web.Response(status=self.status, text=self.message)
-        if self.shape == "run":
+        if envelope == "run":
             body = {"id": "", "status": "error", "error": self.message}
-        elif self.shape == "success":
+        elif envelope == "success":
             body = {"success": False, "error": self.message}
         else:
             body = {"error": self.message}
@@ -634,8 +634,8 @@ class FixedStatus(ApiError):
 
     code = 500
 
-    def __init__(self, message: str, shape: str = "error", **extra: Any):
-        super().__init__(self.code, message, shape, **extra)
+    def __init__(self, message: str, **extra: Any):
+        super().__init__(self.code, message, **extra)
 
 
 class BadRequest(FixedStatus):
@@ -1261,26 +1261,25 @@ def check_kind(where: str, value: Any, kind: str) -> None:
                     "multi": "an array of strings", "joined": "an array of strings",
                     "int": "an integer", "budget": "a number", "json_text": "a JSON string",
                     "object": "an object", "map": "an object of strings"}[kind]
-        raise BadRequest(f"Invalid request: {where} must be {expected}", "run")
+        raise BadRequest(f"Invalid request: {where} must be {expected}")
 
 
 def validate_claude_options(options: Any) -> dict:
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise BadRequest("Invalid request: claude must be an object", "run")
+        raise BadRequest("Invalid request: claude must be an object")
     for name, value in options.items():
         if name in CLAUDE_KINDS and value is not None:
             check_kind(f"claude.{name}", value, CLAUDE_KINDS[name])
     for name, allowed in CHOICES.items():
         if options.get(name) and options[name] not in allowed:
             raise BadRequest(f"Invalid request: claude.{name} must be one of "
-                             f"{', '.join(allowed)}", "run")
+                             f"{', '.join(allowed)}")
     for name, most in (("max_turns", 10000), ("max_budget_usd", 1e6)):
         value = options.get(name)
         if value is not None and not 0 <= value <= most:  # also refuses NaN and infinity
-            raise BadRequest(f"Invalid request: claude.{name} must be between 0 and {most:g}",
-                             "run")
+            raise BadRequest(f"Invalid request: claude.{name} must be between 0 and {most:g}")
     return {k: v for k, v in options.items() if k in CLAUDE_KINDS and v is not None}
 
 
@@ -1412,10 +1411,10 @@ O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO mu
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def check_session_id(session_id: Any, shape: str = "run") -> str:
+def check_session_id(session_id: Any) -> str:
     """Session ids become path names: only the lowercase UUID form is accepted."""
     if not isinstance(session_id, str) or not UUID_RE.match(session_id):
-        raise BadRequest("invalid session ID: must be a lowercase UUID", shape)
+        raise BadRequest("invalid session ID: must be a lowercase UUID")
     return session_id
 
 
@@ -1437,7 +1436,7 @@ class SessionPlan:
         sid = options.get("session_id")
         if not sid and any(options.get(k) for k in ("resume", "continue", "fork_session")):
             raise BadRequest("Invalid request: claude.resume, claude.continue and "
-                             "claude.fork_session need claude.session_id", "run")
+                             "claude.fork_session need claude.session_id")
         if options.get("fork_session"):
             return cls(fork_id or str(uuid.uuid4()), "fork", sid)
         if options.get("continue"):
@@ -1920,7 +1919,7 @@ class SessionStore:
 
     def delete(self, session_id: str) -> None:
         if not self.exists(session_id):
-            raise NotFound(f"session not found: {session_id}", "success")
+            raise NotFound(f"session not found: {session_id}")
         self.remove(session_id)
 
     def remove(self, session_id: str) -> None:
@@ -2002,14 +2001,14 @@ def check_workdir(workdir: str) -> None:
     """U§12.3, with upstream's messages."""
     prefix = "workdir validation failed: "
     if len(workdir) > 4096:
-        raise BadRequest(prefix + "workdir path too long (max 4096 characters)", "run")
+        raise BadRequest(prefix + "workdir path too long (max 4096 characters)")
     if not workdir.startswith("/"):
-        raise BadRequest(prefix + "workdir must be an absolute path starting with /", "run")
+        raise BadRequest(prefix + "workdir must be an absolute path starting with /")
     if not WORKDIR_RE.match(workdir):
         raise BadRequest(prefix + "workdir contains invalid characters (only alphanumeric, /, _,"
-                         " ., - allowed)", "run")
+                         " ., - allowed)")
     if ".." in workdir:
-        raise BadRequest(prefix + "workdir cannot contain path traversal (..) sequences", "run")
+        raise BadRequest(prefix + "workdir cannot contain path traversal (..) sequences")
 
 
 def normalize_image(name: str) -> str:
@@ -2030,16 +2029,16 @@ def check_image(cfg: Config, image: str) -> None:
     """U§12.4: the allowlist, and the CLI-mount compatibility check."""
     prefix = "image validation failed: "
     if len(image) > 255 or not IMAGE_NAME_RE.match(image) or ".." in image:
-        raise BadRequest(f"{prefix}invalid image name format", "run")
+        raise BadRequest(f"{prefix}invalid image name format")
     patterns = cfg.agent_allowed_image_patterns
     if patterns and not any(image == p or fnmatch.fnmatchcase(image, p)
                             or fnmatch.fnmatchcase(normalize_image(image), normalize_image(p))
                             for p in patterns):
-        raise BadRequest(f'{prefix}image "{image}" not in allowed patterns', "run")
+        raise BadRequest(f'{prefix}image "{image}" not in allowed patterns')
     if cfg.agent_mount_claude_cli and image_matches(image, INCOMPATIBLE_IMAGES):
         raise BadRequest(f'{prefix}image "{image}" is incompatible with Claude CLI mount '
                          "(Alpine/musl-based images not supported, use glibc-based alternatives "
-                         "like debian/slim)", "run")
+                         "like debian/slim)")
 
 
 def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
@@ -2048,35 +2047,34 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
     parts = volume.split(":")
     if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
         raise BadRequest(f'{prefix}invalid volume format "{volume}": invalid volume format, '
-                         "expected host:container[:options]", "run")
+                         "expected host:container[:options]")
     host, target = parts[0], parts[1]
     options = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
     if "\0" in volume:
-        raise BadRequest(f"{prefix}volume must not contain NUL characters", "run")
+        raise BadRequest(f"{prefix}volume must not contain NUL characters")
     resolved = os.path.realpath(os.path.abspath(host))
     if not cfg.agent_allowed_volumes:
         if not cfg.agent_allow_all_volumes:
             raise BadRequest(prefix + "volume host path not allowed: no volume allowlist "
                              "configured; set allowed_volumes or enable allow_all_volumes for "
-                             "development", "run")
+                             "development")
     else:
         roots = [os.path.realpath(os.path.abspath(r)) for r in cfg.agent_allowed_volumes]
         if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots):
             raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{resolved}" '
-                             "is not in allowed directories", "run")
+                             "is not in allowed directories")
     if len(target) > 4096 or not target.startswith("/"):
-        raise BadRequest(f'{prefix}container path "{target}" must be an absolute path', "run")
+        raise BadRequest(f'{prefix}container path "{target}" must be an absolute path')
     clean = "/" + os.path.normpath(target).lstrip("/")
     if any(clean == b or clean.startswith(b + "/") for b in BLOCKED_CONTAINER_PATHS):
-        raise BadRequest(f'{prefix}container path "{target}" is blocked for security reasons',
-                         "run")
+        raise BadRequest(f'{prefix}container path "{target}" is blocked for security reasons')
     if any(s == clean or s.startswith(clean.rstrip("/") + "/") or
            (s != "/home/user" and clean.startswith(s + "/")) for s in SHADOWED_CONTAINER_PATHS):
         raise BadRequest(f'{prefix}container path "{target}" would shadow the image\'s system '
-                         "folders or the agent's home", "run")
+                         "folders or the agent's home")
     for option in options:
         if option not in MOUNT_OPTIONS:
-            raise BadRequest(f'{prefix}mount option "{option}" is not allowed', "run")
+            raise BadRequest(f'{prefix}mount option "{option}" is not allowed')
     return resolved, clean, options
 
 
@@ -2084,24 +2082,22 @@ def check_secrets_env(mapping: dict[str, str]) -> None:
     """U§12.5."""
     prefix = "secrets validation failed: "
     if len(mapping) > 50:
-        raise BadRequest(f"{prefix}too many secrets requested ({len(mapping)}), maximum is 50",
-                         "run")
+        raise BadRequest(f"{prefix}too many secrets requested ({len(mapping)}), maximum is 50")
     for env, name in mapping.items():
         if not ENV_NAME_RE.match(env):
             raise BadRequest(f'{prefix}invalid environment variable name "{env}": must start with'
-                             " letter or underscore, contain only alphanumeric and underscore",
-                             "run")
+                             " letter or underscore, contain only alphanumeric and underscore")
         if env in ("LD_PRELOAD", "LD_LIBRARY_PATH"):
             raise BadRequest(f'{prefix}environment variable "{env}" is not allowed for security '
-                             "reasons", "run")
+                             "reasons")
         if not name:
             raise BadRequest(f'{prefix}secret name for environment variable "{env}" cannot be '
-                             "empty", "run")
+                             "empty")
         if len(name) > 253:
             raise BadRequest(f'{prefix}secret name "{name}" exceeds maximum length of 253 '
-                             "characters", "run")
+                             "characters")
         if not SECRET_NAME_RE.match(name):
-            raise BadRequest(f'{prefix}invalid secret name "{name}"', "run")
+            raise BadRequest(f'{prefix}invalid secret name "{name}"')
 
 
 def check_hooks(hooks: dict) -> dict[str, list[str]]:
@@ -2114,21 +2110,20 @@ def check_hooks(hooks: dict) -> dict[str, list[str]]:
         check_kind(f"podman.lifecycle.{key}", hooks[key], "multi")
         commands = hooks[key]
         if not commands or len(commands) > 100:
-            raise BadRequest(f"{prefix}{key} must hold 1 to 100 commands", "run")
+            raise BadRequest(f"{prefix}{key} must hold 1 to 100 commands")
         for command in commands:
             if not 0 < len(command.encode()) <= 4096 or "\0" in command:
-                raise BadRequest(f"{prefix}each {key} command must be 1..4096 bytes without NUL",
-                                 "run")
+                raise BadRequest(f"{prefix}each {key} command must be 1..4096 bytes without NUL")
             size += len(command.encode())
         total += len(commands)
         checked[key] = commands
     if total > 200 or size > 65536:
-        raise BadRequest(f"{prefix}too many hook commands (max 200, 64 KiB in all)", "run")
+        raise BadRequest(f"{prefix}too many hook commands (max 200, 64 KiB in all)")
     if hooks.get("hooks_timeout") is not None:  # validated; hooks share the run's timeout
         try:
             parse_duration(hooks["hooks_timeout"])
         except ValueError as exc:
-            raise BadRequest(f"{prefix}hooks_timeout: {exc}", "run") from None
+            raise BadRequest(f"{prefix}hooks_timeout: {exc}") from None
     return checked
 
 
@@ -2145,16 +2140,16 @@ class RunRequest:
     @classmethod
     def parse(cls, body: Any, cfg: Config) -> "RunRequest":
         if not isinstance(body, dict):
-            raise BadRequest("Invalid request: body must be a JSON object", "run")
+            raise BadRequest("Invalid request: body must be a JSON object")
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadRequest("Invalid request: Key: 'RunRequest.Prompt' Error:Field validation "
-                             "for 'Prompt' failed on the 'required' tag", "run")
+                             "for 'Prompt' failed on the 'required' tag")
         if "\0" in prompt:
-            raise BadRequest("Invalid request: prompt must not contain NUL characters", "run")
+            raise BadRequest("Invalid request: prompt must not contain NUL characters")
         for name in ("workdir", "webhook_url"):
             if body.get(name) is not None and not isinstance(body[name], str):
-                raise BadRequest(f"Invalid request: {name} must be a string", "run")
+                raise BadRequest(f"Invalid request: {name} must be a string")
         req = cls(prompt=prompt, workdir=body.get("workdir") or "",
                   webhook_url=body.get("webhook_url") or "",
                   claude=validate_claude_options(body.get("claude")),
@@ -2162,7 +2157,7 @@ class RunRequest:
         if req.workdir:
             check_workdir(req.workdir)
         if req.webhook_url and not re.match(r"^https?://[^\s/]+", req.webhook_url):
-            raise BadRequest("Invalid request: webhook_url must be an http(s) URL", "run")
+            raise BadRequest("Invalid request: webhook_url must be an http(s) URL")
         if req.claude.get("session_id") is not None:
             check_session_id(req.claude["session_id"])
         SessionPlan.of(req.claude)  # rejects resume/continue/fork without a session id
@@ -2173,10 +2168,10 @@ class RunRequest:
         if options is None:
             return {}
         if not isinstance(options, dict):
-            raise BadRequest("Invalid request: podman must be an object", "run")
+            raise BadRequest("Invalid request: podman must be an object")
         for name in options:
             if name not in PODMAN_KINDS:  # nobody may believe they got a privilege
-                raise BadRequest(f'Invalid request: unknown podman option "{name}"', "run")
+                raise BadRequest(f'Invalid request: unknown podman option "{name}"')
         options = {k: v for k, v in options.items() if v not in (None, "")}
         for name, value in options.items():
             check_kind(f"podman.{name}", value, PODMAN_KINDS[name])
@@ -2191,18 +2186,17 @@ class RunRequest:
                 try:
                     value = parse(options[name])
                 except ValueError as exc:
-                    raise BadRequest(f"Invalid request: podman.{name}: {exc}", "run") from None
+                    raise BadRequest(f"Invalid request: podman.{name}: {exc}") from None
                 if name == "timeout" and value <= 0:
-                    raise BadRequest("invalid timeout duration: must be > 0", "run")
+                    raise BadRequest("invalid timeout duration: must be > 0")
                 if name == "timeout" and value > MAX_RUN_TIMEOUT:
-                    raise BadRequest("invalid timeout duration: must be at most 168h", "run")
+                    raise BadRequest("invalid timeout duration: must be at most 168h")
         if not 2 <= options.get("cpu_shares", 2) <= 262144:
-            raise BadRequest("Invalid request: podman.cpu_shares must be between 2 and 262144",
-                             "run")
+            raise BadRequest("Invalid request: podman.cpu_shares must be between 2 and 262144")
         if "lifecycle" in options:
             check_hooks(options["lifecycle"])
         if (options.get("environment") or {}).get("type") not in (None, ""):
-            raise BadRequest("compose environments are not supported by this server", "run")
+            raise BadRequest("compose environments are not supported by this server")
         return options
 
     def to_json(self) -> dict:
@@ -2522,7 +2516,7 @@ class ContainerRunner:
                     make_public_dirs(pathlib.Path(host))
                 except OSError as exc:
                     raise BadRequest(f'volume validation failed: cannot create "{host}": '
-                                     f"{exc.strerror}", "run") from None
+                                     f"{exc.strerror}") from None
 
     def write_prompt(self, run_id: str, prompt: str) -> str:
         """The prompt as a file only the container's user can read; → its host path."""
@@ -2542,8 +2536,7 @@ class ContainerRunner:
         try:  # runs wait briefly for Podman at startup (socket activation wakes us with one)
             await asyncio.wait_for(self.connected.wait(), 10)
         except asyncio.TimeoutError:
-            raise Unavailable("podman unavailable: not connected yet (see /health)",
-                              "run") from None
+            raise Unavailable("podman unavailable: not connected yet (see /health)") from None
         try:
             await self.sync_credentials()
             exists = await self.podman.call(self.podman.image_exists, image)
@@ -2551,19 +2544,19 @@ class ContainerRunner:
                       if await self.podman.call(self.podman.secret_usable, name,
                                                 self.cfg.secrets_allowed)]
         except PodmanUnavailable as exc:
-            raise Unavailable(str(exc), "run") from None
+            raise Unavailable(str(exc)) from None
         except Exception as exc:  # requests/urllib3 errors when the socket is gone
-            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
         if not exists:
             hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
                     else "pull it first (POST /images/pull)")
-            raise BadRequest(f'image validation failed: image "{image}" not found; {hint}', "run")
+            raise BadRequest(f'image validation failed: image "{image}" not found; {hint}')
         for name in req.podman.get("secrets_env", {}).values():
             if name not in usable:
                 raise BadRequest(f'secrets validation failed: secret "{name}" not found among '
                                  "stromboli's secrets (create it with POST /secrets, or an admin "
                                  "can allow an existing Podman secret with "
-                                 "STROMBOLI_SECRETS_ALLOWED)", "run")
+                                 "STROMBOLI_SECRETS_ALLOWED)")
         return image
 
     async def run(self, req: RunRequest, run_id: str, plan: SessionPlan,
@@ -2623,20 +2616,20 @@ class ContainerRunner:
         sid, sessions = plan.session_id, self.sessions
         if plan.mode == "fork":  # run() holds the source's lock too
             if await asyncio.to_thread(sessions.transcript, plan.source) is None:
-                raise NotFound(f"session has no history: {plan.source}", "run")
+                raise NotFound(f"session has no history: {plan.source}")
             await self._check_quota(plan.source)
             try:
                 await asyncio.to_thread(sessions.fork, plan.source, sid)
             except HomeError as exc:
-                raise Conflict(f"cannot fork {plan.source}: {exc}", "run") from None
+                raise Conflict(f"cannot fork {plan.source}: {exc}") from None
         else:
             await asyncio.to_thread(sessions.ensure, sid)
             history = await asyncio.to_thread(sessions.transcript, sid)
             if plan.mode == "new" and history is not None:
                 raise Conflict(f"session {sid} already has history; set claude.resume=true "
-                               "to continue it", "run")
+                               "to continue it")
             if plan.mode != "new" and history is None:
-                raise NotFound(f"session has no history: {sid}", "run")
+                raise NotFound(f"session has no history: {sid}")
             await self._check_quota(sid)
         if plan.mode != "new":
             cwd = req.workdir or await self.image_workdir(image)
@@ -2645,7 +2638,7 @@ class ContainerRunner:
     async def _check_quota(self, session_id: str) -> None:
         problem = await asyncio.to_thread(self.sessions.over_quota, session_id)
         if problem:
-            raise Conflict(problem, "run")
+            raise Conflict(problem)
 
     async def image_workdir(self, image: str) -> str:
         if image not in self._workdirs:
@@ -2716,7 +2709,7 @@ class ContainerRunner:
         except podman.errors.APIError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
         except (OSError, aiohttp.ClientError, podman.errors.PodmanError) as exc:
-            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
         self.metrics.active_containers += 1
         try:
             stream = await self._attach(cid, feed)
@@ -2742,7 +2735,7 @@ class ContainerRunner:
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
         except OSError as exc:  # requests' connection errors: Podman went away
-            raise Unavailable(f"podman unavailable: {short_error(exc)}", "run") from None
+            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
         finally:
             self.metrics.active_containers -= 1
             await asyncio.shield(self._destroy(cid))
@@ -3018,12 +3011,12 @@ class JobManager:
     async def _cancel(self, job_id: str) -> None:
         job = await self.store.call(self.store.get_job, job_id)
         if job is None:
-            raise NotFound("job not found", "run")
+            raise NotFound("job not found")
         updated = await self.store.call(functools.partial(
             self.store.update_job, job_id, status="cancelled", finished_at=time.time(),
             error="cancelled by request"))
         if not updated:
-            raise Conflict("cannot cancel job (already completed, failed, or cancelled)", "run")
+            raise Conflict("cannot cancel job (already completed, failed, or cancelled)")
         self.metrics.run_status("cancelled")
         task = self.tasks.get(job_id)
         if task:
@@ -3036,7 +3029,7 @@ class JobManager:
     async def get(self, job_id: str) -> dict:
         job = await self.store.call(self.store.get_job, job_id)
         if job is None:
-            raise NotFound("job not found", "run")
+            raise NotFound("job not found")
         return job
 
     async def recover(self) -> None:
@@ -3635,20 +3628,20 @@ class PodmanCatalog:
 
     def create_secret(self, name: str, value: bytes) -> None:
         if self.podman.secret_exists(name):
-            raise Conflict("secret already exists", "success", name=name)
+            raise Conflict("secret already exists", name=name)
         self.podman.create_secret(name, value, MANAGED_LABEL)
 
     def delete_secret(self, name: str) -> None:
         attrs = self._find(name)
         if attrs is None:
-            raise NotFound("secret not found", "success", name=name)
+            raise NotFound("secret not found", name=name)
         kind = self._kind(attrs)
         if kind == "own":
-            raise Conflict("secret is managed by stromboli and cannot be deleted", "success",
+            raise Conflict("secret is managed by stromboli and cannot be deleted",
                            name=name)
         if kind == "allowed":
             raise BadRequest("secret was not created by stromboli (it is only allowed for use by "
-                             "STROMBOLI_SECRETS_ALLOWED) and cannot be deleted here", "success",
+                             "STROMBOLI_SECRETS_ALLOWED) and cannot be deleted here",
                              name=name)
         self.client.secrets.remove(attrs["ID"])
 
@@ -5042,22 +5035,22 @@ class BrowserGuard:
         self.hosts = {h.lower() for h in cfg.server_allowed_hosts} | {"localhost"}
         self.origins = {o.rstrip("/").lower() for o in cfg.server_allowed_origins}
 
-    def check(self, request: web.Request, envelope: str) -> None:
+    def check(self, request: web.Request) -> None:
         host = request.headers.get("Host", "").lower()
         name = strip_port(host)
         if host and ip_or_none(name) is None and name not in self.hosts:
             raise ApiError(421, f"unknown Host header {name[:100]!r}: add the name to "
-                                "STROMBOLI_SERVER_ALLOWED_HOSTS", envelope)
+                                "STROMBOLI_SERVER_ALLOWED_HOSTS")
         origin = request.headers.get("Origin")
         if origin is not None:
             origin = origin.rstrip("/").lower()
             if origin != f"{request.scheme}://{host}" and origin not in self.origins:
                 raise ApiError(403, "cross-origin request refused: add the origin to "
-                                    "STROMBOLI_SERVER_ALLOWED_ORIGINS", envelope)
+                                    "STROMBOLI_SERVER_ALLOWED_ORIGINS")
         if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
             kind = request.content_type
             if kind != "application/json" and not kind.endswith("+json"):
-                raise ApiError(415, "Content-Type must be application/json", envelope)
+                raise ApiError(415, "Content-Type must be application/json")
 
 
 class Stromboli:
@@ -5169,11 +5162,13 @@ async def request_context(request: web.Request, handler: Callable) -> web.Stream
     app = state(request)
     request_id = request["request_id"] = request.headers.get("X-Request-ID") \
         or pysecrets.token_hex(8)
+    request["access"], request["envelope"] = request.app[ROUTE_ACCESS_KEY].get(
+        (request.method, route_template(request)), ("protected", "error"))
     started = time.monotonic()
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = exc.response()
+        response = exc.response(request["envelope"])
     except web.HTTPException as exc:
         response = http_exception_response(exc)
     except Exception:
@@ -5210,12 +5205,11 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
     app = state(request)
     if request.match_info.http_exception is not None:
         return await handler(request)  # no such route: the router answers 404/405
-    access, envelope = request.app[ROUTE_ACCESS_KEY].get(
-        (request.method, route_template(request)), ("protected", "error"))
+    access, envelope = request["access"], request["envelope"]
     try:
-        app.browsers.check(request, envelope)
+        app.browsers.check(request)
     except ApiError as exc:
-        return exc.response()
+        return exc.response(envelope)
     ip = request["client_ip"] = app.limiter.client_ip(request)
     limit_headers: dict[str, str] = {}
     if access == "protected" and app.cfg.rate_limit_enabled:
@@ -5232,7 +5226,7 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
     if access in ("protected", "token") and app.cfg.auth_enabled:
         try:
             request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
-        except ApiError as exc:
+        except ApiError as exc:  # upstream's auth middleware: {"error"} on every route
             response = exc.response()
             response.headers.update(limit_headers)
             return response
@@ -5242,25 +5236,25 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
     return response
 
 
-async def read_json(request: web.Request, shape: str = "error", prefix: str = "") -> Any:
+async def read_json(request: web.Request, prefix: str = "") -> Any:
     cfg = state(request).cfg
     try:  # a body trickled in slowly must not hold the handler forever
         raw = await asyncio.wait_for(request.read(), cfg.server_body_timeout)
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body too large (limit "
-                            f"{cfg.server_max_body_bytes} bytes)", shape) from None
+                            f"{cfg.server_max_body_bytes} bytes)") from None
     except asyncio.TimeoutError:
         raise ApiError(408, "request body not received within "
-                            f"{format_duration(cfg.server_body_timeout)}", shape) from None
+                            f"{format_duration(cfg.server_body_timeout)}") from None
     if not raw.strip():
-        raise BadRequest(f"{prefix}request body is empty", shape)
+        raise BadRequest(f"{prefix}request body is empty")
     try:  # a large body is parsed off the event loop
         return strict_json(raw) if len(raw) < 256 * 1024 else \
             await asyncio.to_thread(strict_json, raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"{prefix}invalid JSON: {exc}", shape) from None
+        raise BadRequest(f"{prefix}invalid JSON: {exc}") from None
     except RecursionError:
-        raise BadRequest(f"{prefix}invalid JSON: nested too deeply", shape) from None
+        raise BadRequest(f"{prefix}invalid JSON: nested too deeply") from None
 
 
 def refuse_constant(name: str) -> None:
@@ -5272,9 +5266,9 @@ def strict_json(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=refuse_constant)
 
 
-def require_configured(app: Stromboli, shape: str) -> None:
+def require_configured(app: Stromboli) -> None:
     if not app.runner.configured():
-        raise Unavailable("Claude not configured. Run 'make claude-setup' first", shape)
+        raise Unavailable("Claude not configured. Run 'make claude-setup' first")
 
 
 # -- system -------------------------------------------------------------------
@@ -5298,24 +5292,24 @@ async def claude_status(request: web.Request) -> web.Response:
 
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
-    require_configured(app, "run")
+    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    require_configured(app)
     try:
         result = await app.runner.run(req, new_id("run"), SessionPlan.of(req.claude))
     except RunFailed as exc:
         app.metrics.run_status("failed")
-        raise ApiError(500, str(exc), "run") from None
+        raise ApiError(500, str(exc)) from None
     app.metrics.run_status(result.status)
     return json_response(result.response())
 
 
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "run", "Invalid request: "), app.cfg)
-    require_configured(app, "run")
+    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    require_configured(app)
     if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
         raise BadRequest("Invalid request: webhook_url host is not in "
-                         "STROMBOLI_WEBHOOK_ALLOWED_HOSTS", "run")
+                         "STROMBOLI_WEBHOOK_ALLOWED_HOSTS")
     await app.runner.prepare(req)
     job = await app.jobs.submit(req)
     return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
@@ -5359,7 +5353,7 @@ def convert_query_value(name: str, kind: str, value: str) -> Any:
         if kind in ("object", "map"):
             return json.loads(value)
     except ValueError:
-        raise BadRequest(f"Invalid request: {name}: cannot parse {value!r}", "text") from None
+        raise BadRequest(f"Invalid request: {name}: cannot parse {value!r}") from None
     return value
 
 
@@ -5369,14 +5363,10 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     if query.get("run_id"):
         return await replay_stream(request, query["run_id"])
     if not query.get("prompt", "").strip():
-        raise BadRequest("Missing required parameter: prompt", "text")
-    try:
-        req = RunRequest.parse(stream_request_body(query), app.cfg)
-        require_configured(app, "text")
-        await app.runner.prepare(req)
-    except ApiError as exc:
-        exc.shape = "text"
-        raise
+        raise BadRequest("Missing required parameter: prompt")
+    req = RunRequest.parse(stream_request_body(query), app.cfg)
+    require_configured(app)
+    await app.runner.prepare(req)
     run_id = new_id("run")
     feed = app.runner.open_feed(run_id)
     response = await sse_response(request, run_id)
@@ -5449,13 +5439,13 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     try:
         after = max(-1, int(last))
     except ValueError:
-        raise BadRequest("Last-Event-ID must be an integer", "text") from None
+        raise BadRequest("Last-Event-ID must be an integer") from None
     feed = app.runner.feeds.get(run_id)
     if feed is not None:
         events: Any = feed.follow(after)
     else:
         if not await app.store.call(app.store.run_events, run_id, -1, 1):
-            raise NotFound(f"run not found: {run_id}", "text")
+            raise NotFound(f"run not found: {run_id}")
         events = stored_events(app.store, run_id, after)
     response = await sse_response(request, run_id)
     await write_feed(request, response, events)
@@ -5476,7 +5466,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     app = state(request)
     status = request.query.get("status")
     if status and status not in ("pending", "running", *TERMINAL_STATES):
-        raise BadRequest(f"invalid status filter {status!r}", "run")
+        raise BadRequest(f"invalid status filter {status!r}")
     jobs = await app.store.call(app.store.list_jobs, status)
     return json_response({"jobs": [job_response(j) for j in jobs]})
 
@@ -5523,9 +5513,9 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     app = state(request)
-    session_id = check_session_id(request.match_info["id"], "success")
+    session_id = check_session_id(request.match_info["id"])
     if app.sessions.busy(session_id):
-        raise Conflict("session is in use by a run; wait for it or cancel it first", "success")
+        raise Conflict("session is in use by a run; wait for it or cancel it first")
     async with app.sessions.lock(session_id):  # no run can start while the home goes
         await asyncio.to_thread(app.sessions.delete, session_id)
     return json_response({"success": True, "session_id": session_id})
@@ -5534,7 +5524,7 @@ async def delete_session(request: web.Request) -> web.Response:
 async def session_messages(request: web.Request) -> web.Response:
     """A page of the transcript, plus the session's cumulative `usage` (extension)."""
     app = state(request)
-    session_id = check_session_id(request.match_info["id"], "error")
+    session_id = check_session_id(request.match_info["id"])
     offset, limit = page_params(request, 50, 200)
     messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
     usage = await asyncio.to_thread(app.sessions.usage, session_id)
@@ -5545,7 +5535,7 @@ async def session_messages(request: web.Request) -> web.Response:
 
 async def session_message(request: web.Request) -> web.Response:
     app = state(request)
-    session_id = check_session_id(request.match_info["id"], "error")
+    session_id = check_session_id(request.match_info["id"])
     message_id = request.match_info["message_id"]
     message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
     if message is None:
@@ -5555,8 +5545,7 @@ async def session_message(request: web.Request) -> web.Response:
 
 # -- images and secrets -------------------------------------------------------------
 
-async def catalog(request: web.Request, method: str, *args: Any, failure: str,
-                  shape: str = "error") -> Any:
+async def catalog(request: web.Request, method: str, *args: Any, failure: str) -> Any:
     """Call a PodmanCatalog method off the loop; Podman failures become 500/503."""
     app = state(request)
     try:
@@ -5564,10 +5553,10 @@ async def catalog(request: web.Request, method: str, *args: Any, failure: str,
     except ApiError:
         raise
     except OSError as exc:  # requests' connection errors are OSErrors
-        raise Unavailable(f"podman unavailable: {short_error(exc)}", shape) from None
+        raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
     except (podman.errors.PodmanError, RunFailed) as exc:
         log.warning(failure, extra=fields(error=short_error(exc)))
-        raise ApiError(500, failure, shape) from None
+        raise ApiError(500, failure) from None
 
 
 async def list_images(request: web.Request) -> web.Response:
@@ -5650,25 +5639,23 @@ async def list_secrets(request: web.Request) -> web.Response:
     return json_response({"secrets": secrets})
 
 
-def check_secret_name(name: Any, shape: str = "error") -> str:
+def check_secret_name(name: Any) -> str:
     if not isinstance(name, str) or not SECRET_NAME_RE.match(name) or len(name) > 253:
-        raise BadRequest("invalid secret name: use letters, digits, _ and - (at most 253)",
-                         shape)
+        raise BadRequest("invalid secret name: use letters, digits, _ and - (at most 253)")
     return name
 
 
 async def create_secret(request: web.Request) -> web.Response:
-    body = await read_json(request, "success")
+    body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
             or not isinstance(body.get("value"), str) or not body["name"] or not body["value"]:
         raise BadRequest("Key: 'CreateSecretRequest.Name/Value' Error:Field validation for "
-                         "'Name' and 'Value' failed on the 'required' tag", "success")
-    name = check_secret_name(body["name"], "success")
+                         "'Name' and 'Value' failed on the 'required' tag")
+    name = check_secret_name(body["name"])
     value = body["value"].encode()
     if len(value) > MAX_SECRET_BYTES:
-        raise BadRequest("secret value exceeds 1 MB", "success", name=name)
-    await catalog(request, "create_secret", name, value, failure="failed to create secret",
-                  shape="success")
+        raise BadRequest("secret value exceeds 1 MB", name=name)
+    await catalog(request, "create_secret", name, value, failure="failed to create secret")
     return json_response({"success": True, "name": name}, 201)
 
 
@@ -5678,9 +5665,8 @@ async def get_secret(request: web.Request) -> web.Response:
 
 
 async def delete_secret(request: web.Request) -> web.Response:
-    name = check_secret_name(request.match_info["name"], "success")
-    await catalog(request, "delete_secret", name, failure="failed to delete secret",
-                  shape="success")
+    name = check_secret_name(request.match_info["name"])
+    await catalog(request, "delete_secret", name, failure="failed to delete secret")
     return json_response({"success": True, "name": name})
 
 
