@@ -1199,46 +1199,54 @@ def short_error(exc: BaseException) -> str:
 # Claude — option → argv mapping, output parsing, usage and cost, crash info
 # ---------------------------------------------------------------------------
 
-# (JSON field, kind, CLI flag) in upstream's argv order (U§4.2, U§6.2).
-CLAUDE_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("no_persistence", "bool", "--no-session-persistence"),
-    ("model", "str", "--model"),
-    ("fallback_model", "str", "--fallback-model"),
-    ("effort", "str", "--effort"),
-    ("system_prompt", "str", "--system-prompt"),
-    ("append_system_prompt", "str", "--append-system-prompt"),
-    ("tools", "multi", "--tools"),
-    ("allowed_tools", "joined", "--allowedTools"),
-    ("disallowed_tools", "joined", "--disallowedTools"),
-    ("permission_mode", "str", "--permission-mode"),
-    ("dangerously_skip_permissions", "bool", "--dangerously-skip-permissions"),
-    ("allow_dangerously_skip_permissions", "bool", "--allow-dangerously-skip-permissions"),
-    ("input_format", "str", "--input-format"),
-    ("output_format", "str", "--output-format"),
-    ("include_partial_messages", "bool", "--include-partial-messages"),
-    ("replay_user_messages", "bool", "--replay-user-messages"),
-    ("json_schema", "json_text", "--json-schema"),
-    ("max_budget_usd", "budget", "--max-budget-usd"),
-    ("max_turns", "int", "--max-turns"),
-    ("mcp_configs", "multi", "--mcp-config"),
-    ("strict_mcp_config", "bool", "--strict-mcp-config"),
-    ("agent", "str", "--agent"),
-    ("agents", "object", "--agents"),
-    ("add_dirs", "multi", "--add-dir"),
-    ("plugin_dirs", "multi", "--plugin-dir"),
-    ("files", "multi", "--file"),
-    ("settings", "str", "--settings"),
-    ("setting_sources", "joined", "--setting-sources"),
-    ("betas", "multi", "--betas"),
-    ("verbose", "bool", "--verbose"),
-    ("debug", "debug", "--debug"),
-    ("disable_slash_commands", "bool", "--disable-slash-commands"),
+# (JSON field, kind, CLI flag, description, example) in upstream's argv order (U§4.2,
+# U§6.2): these rows parse requests, build argv and write the OpenAPI document.
+CLAUDE_FLAGS: tuple[tuple[str, str, str, str, Any], ...] = (
+    ("no_persistence", "bool", "--no-session-persistence", "Don't save session to disk", False),
+    ("model", "str", "--model", "Model alias (sonnet, opus, haiku) or full name", "sonnet"),
+    ("fallback_model", "str", "--fallback-model", "Fallback model when default is overloaded", "haiku"),
+    ("effort", "str", "--effort", "Effort level: low, medium, high, xhigh, max (model-dependent, not validated)", "high"),
+    ("system_prompt", "str", "--system-prompt", "Replace default system prompt", "You are a senior Go developer"),
+    ("append_system_prompt", "str", "--append-system-prompt", "Append to default system prompt", "Focus on security best practices"),
+    ("tools", "multi", "--tools", "Built-in tools (\"\", \"default\", or specific names)", ["Bash", "Read", "Edit"]),
+    ("allowed_tools", "joined", "--allowedTools", "Allowed tools with patterns (e.g., \"Bash(git:*)\")", ["Bash(git:*)", "Read"]),
+    ("disallowed_tools", "joined", "--disallowedTools", "Denied tools", ["Write"]),
+    ("permission_mode", "str", "--permission-mode", "Permission mode: acceptEdits, bypassPermissions, default, delegate, dontAsk, plan", "bypassPermissions"),
+    ("dangerously_skip_permissions", "bool", "--dangerously-skip-permissions", "Bypass all permission checks (use in sandboxed environments only)", True),
+    ("allow_dangerously_skip_permissions", "bool", "--allow-dangerously-skip-permissions", "Enable bypass as an option without enabling by default", False),
+    ("input_format", "str", "--input-format", "Input format: text, stream-json", "text"),
+    ("output_format", "str", "--output-format", "Output format: text, json, stream-json", "json"),
+    ("include_partial_messages", "bool", "--include-partial-messages", "Include partial message chunks (stream-json only)", False),
+    ("replay_user_messages", "bool", "--replay-user-messages", "Re-emit user messages on stdout", False),
+    ("json_schema", "json_text", "--json-schema", "JSON Schema for structured output validation (extension: a JSON object is accepted too)", "{\"type\":\"object\"}"),
+    ("max_budget_usd", "budget", "--max-budget-usd", "Maximum dollar amount for API calls", 5),
+    ("max_turns", "int", "--max-turns", "Maximum number of agentic turns (0 = unlimited, unset = CLI default)", 30),
+    ("mcp_configs", "multi", "--mcp-config", "MCP server config files or JSON strings", None),
+    ("strict_mcp_config", "bool", "--strict-mcp-config", "Only use MCP servers from mcp_configs", False),
+    ("agent", "str", "--agent", "Agent for current session", "reviewer"),
+    ("agents", "object", "--agents", "Custom agents definition (JSON object)", None),
+    ("add_dirs", "multi", "--add-dir", "Additional directories for tool access", None),
+    ("plugin_dirs", "multi", "--plugin-dir", "Plugin directories", None),
+    ("files", "multi", "--file", "File resources (format: file_id:path)", None),
+    ("settings", "str", "--settings", "Path to settings JSON file or JSON string", None),
+    ("setting_sources", "joined", "--setting-sources", "Setting sources to load: user, project, local", ["user", "project"]),
+    ("betas", "multi", "--betas", "Beta headers for API requests", None),
+    ("verbose", "bool", "--verbose", "Enable verbose mode", False),
+    ("debug", "debug", "--debug", "Debug mode with optional category filter", "api,hooks"),
+    ("disable_slash_commands", "bool", "--disable-slash-commands", "Disable all slash commands/skills", False),
 )
 # Options that are not plain flags: the session ones (see SessionPlan) and env-var options.
-CLAUDE_OTHER = {"session_id": "str", "resume": "bool", "continue": "bool",
-                "fork_session": "bool", "prompt_caching_ttl": "str",
-                "bedrock_service_tier": "str", "enable_powershell_tool": "bool"}
-CLAUDE_KINDS = {name: kind for name, kind, _ in CLAUDE_FLAGS} | CLAUDE_OTHER
+CLAUDE_OTHER: dict[str, tuple[str, str, Any]] = {
+    "session_id": ("str", "Session ID (UUID) - used for both new and resumed sessions", "550e8400-e29b-41d4-a716-446655440000"),
+    "resume": ("bool", "Resume an existing session (requires session_id)", True),
+    "continue": ("bool", "Continue most recent conversation in workspace (ignores session_id)", False),
+    "fork_session": ("bool", "Create new session ID when resuming", False),
+    "prompt_caching_ttl": ("str", "Prompt cache TTL: \"5m\" (FORCE_PROMPT_CACHING_5M=1) or \"1h\" (ENABLE_PROMPT_CACHING_1H=1)", "1h"),
+    "bedrock_service_tier": ("str", "Bedrock service tier: default, flex, priority (ANTHROPIC_BEDROCK_SERVICE_TIER)", "priority"),
+    "enable_powershell_tool": ("bool", "Sets CLAUDE_CODE_USE_POWERSHELL_TOOL=1 (Windows agent hosts only)", False),
+}
+CLAUDE_KINDS = {name: kind for name, kind, *_ in CLAUDE_FLAGS} | \
+    {name: row[0] for name, row in CLAUDE_OTHER.items()}
 CHOICES = {"output_format": ("text", "json", "stream-json"), "input_format": ("text", "stream-json")}
 
 
@@ -1287,7 +1295,7 @@ def claude_argv(options: dict, session_flags: list[str]) -> list[str]:
     """The `claude` command line for one run (U§6.2). The prompt is not in it: the CLI
     reads it on stdin, so that it shows in no process list and has no size limit."""
     argv = ["claude", "-p", *session_flags]
-    for name, kind, flag in CLAUDE_FLAGS:
+    for name, kind, flag, *_ in CLAUDE_FLAGS:
         value = options.get(name)
         if value is None or value is False or value == "" or value == []:
             continue
@@ -1979,9 +1987,19 @@ MOUNT_OPTIONS = {"ro", "rw", "z", "Z", "noexec", "nosuid", "nodev", "rslave", "r
                  "rshared", "slave", "private", "shared", "nocopy", "copy"}
 INCOMPATIBLE_IMAGES = ("*alpine*", "*-alpine", "alpine:*", "gcr.io/distroless/*", "scratch",
                        "busybox*")
-PODMAN_KINDS = {"image": "str", "volumes": "multi", "secrets_env": "map", "timeout": "str",
-                "memory": "str", "cpus": "str", "cpu_shares": "int", "lifecycle": "object",
-                "environment": "object"}
+# (kind, description, example) of each podman option: parsing and the OpenAPI document.
+PODMAN_OPTIONS: dict[str, tuple[str, str, Any]] = {
+    "image": ("str", "Container image override (must match allowed patterns)", "python:3.12"),
+    "volumes": ("multi", "Volume mounts (host:container or host:container:options format)", ["/data:/data:ro"]),
+    "secrets_env": ("map", "Secrets injected as environment variables (ENV_NAME → Podman secret name)", None),
+    "timeout": ("str", "Container timeout (e.g., \"5m\", \"1h\", \"30s\")", "5m"),
+    "memory": ("str", "Memory limit (e.g., \"512m\", \"1g\")", "512m"),
+    "cpus": ("str", "CPU limit (e.g., \"0.5\", \"2\")", "1"),
+    "cpu_shares": ("int", "CPU shares (relative weight, default 1024)", 512),
+    "lifecycle": ("object", "Lifecycle hooks for running commands at container events", None),
+    "environment": ("object", "Compose environment; not supported by this server (a non-empty type is a 400)", None),
+}
+PODMAN_KINDS = {name: row[0] for name, row in PODMAN_OPTIONS.items()}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
 
 
@@ -3320,19 +3338,6 @@ class RateLimiter:
 # Agent image — building the default image (from a registry, or offline)
 # ---------------------------------------------------------------------------
 
-AGENT_CONTAINERFILE = """\
-FROM docker.io/library/node:20-slim
-RUN apt-get update && apt-get install -y --no-install-recommends git jq procps ca-certificates \\
- && rm -rf /var/lib/apt/lists/* \\
- && npm install -g @anthropic-ai/claude-code && npm cache clean --force \\
- && (userdel -r node || true) && useradd -m -u 1000 -s /bin/bash user \\
- && mkdir -p /workspace && chown user:user /workspace
-ENV DISABLE_AUTOUPDATER=1
-LABEL ai.stromboli.compatible="true" ai.stromboli.claude-cli="true" \\
-      ai.stromboli.description="Default stromboli agent image"
-USER user
-WORKDIR /workspace
-"""
 IMAGE_CHANGES = ["USER user", "WORKDIR /workspace", "ENV PATH=/usr/local/bin:/usr/bin:/bin",
                  "ENV HOME=/home/user", "LABEL ai.stromboli.compatible=true",
                  "LABEL ai.stromboli.claude-cli=true"]
@@ -3647,21 +3652,202 @@ class PodmanCatalog:
 
 
 # ---------------------------------------------------------------------------
-# OpenAPI — the document served at /swagger/doc.json and its HTML viewer
+# OpenAPI — route records, and the document at /swagger/doc.json derived from them
 # ---------------------------------------------------------------------------
 
-def schema_ref(definition: str) -> dict:
-    return {"$ref": f"#/definitions/{definition}"}
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One API route, declared beside its handler with @api. The router, the perimeter
+    (`access`), the error renderer (`envelope`) and the OpenAPI document all read it."""
+
+    method: str
+    path: str
+    handler: Callable
+    access: str  # public | token (a static token mints JWTs: auth, no rate limit) | protected
+    envelope: str  # the ApiError shape of every error raised while serving it
+    tag: str
+    summary: str
+    description: str = ""
+    body: str = ""  # the definition of its JSON body, if any
+    body_required: bool = True
+    params: tuple[dict, ...] = ()
+    produces: tuple[str, ...] = ("application/json",)
+    ok: tuple[int, str, str | None] = (200, "OK", None)
+    errors: tuple[tuple[int, str], ...] = ()  # (status, description) beyond the derived ones
+    error_schema: str = ""  # the definition of its error bodies (default: the envelope's)
+    reads_bearer: bool = False  # a public route that checks the bearer token itself
+
+    @property
+    def doc_path(self) -> str:
+        return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
 
 
-def reply(description: str, definition: str) -> dict:
-    """An OpenAPI response whose body is one of the definitions."""
-    return {"description": description, "schema": schema_ref(definition)}
+ROUTES: list[Route] = []  # filled once, at import, by @api (in declaration order)
+
+
+def api(method: str, path: str, access: str, envelope: str, tag: str, summary: str,
+        **details: Any) -> Callable[[Callable], Callable]:
+    """Declare the route a handler serves (see Route)."""
+    def register(handler: Callable) -> Callable:
+        ROUTES.append(Route(method, path, handler, access, envelope, tag, summary, **details))
+        return handler
+    return register
+
+
+def param(name: str, where: str, kind: str, description: str, example: Any = None,
+          **extra: Any) -> dict:
+    return {"name": name, "in": where, "type": kind, "description": description,
+            **({"required": True} if where == "path" else {}),
+            **({"x-example": example} if example is not None else {}), **extra}
+
+
+def prop(kind: str, description: str = "", **extra: Any) -> dict:
+    """A schema: `kind` is a JSON type, "[type]" an array of it, "#Definition" a reference,
+    "[#Definition]" an array of them; `example` and other keywords join it."""
+    if kind.startswith("["):
+        schema: dict = {"type": "array", "items": prop(kind[1:-1])}
+    elif kind.startswith("#"):
+        ref = {"$ref": f"#/definitions/{kind[1:]}"}
+        schema = {"allOf": [ref]} if description or extra else ref
+    else:
+        schema = {"type": kind}
+    return {**schema, **({"description": description} if description else {}), **extra}
+
+
+def obj(description: str, properties: dict, required: Iterable[str] = ()) -> dict:
+    return {**({"description": description} if description else {}), "type": "object",
+            "properties": properties, **({"required": list(required)} if required else {})}
+
+
+# What each option kind (CLAUDE_FLAGS, PODMAN_OPTIONS) is in a JSON body and in a query.
+OPTION_SCHEMA = {"bool": "boolean", "str": "string", "debug": "string", "multi": "[string]",
+                 "joined": "[string]", "int": "integer", "budget": "number",
+                 "json_text": "string", "object": "object", "map": "object"}
+OPTION_DEFINITIONS = {"lifecycle": "#stromboli_internal_types.LifecycleHooks",
+                      "environment": "#stromboli_internal_types.EnvironmentConfig"}
+OBJECT_VALUES = {"agents": {}, "secrets_env": {"type": "string"}}
+
+
+def option_schema(name: str, kind: str, description: str, example: Any) -> dict:
+    kind_text = OPTION_DEFINITIONS.get(name) or OPTION_SCHEMA[kind]
+    extra = {"example": example} if example is not None else {}
+    if name in OBJECT_VALUES:
+        extra["additionalProperties"] = OBJECT_VALUES[name]
+    return prop(kind_text, description, **extra)
+
+
+def option_rows() -> Iterable[tuple[str, str, str, str, Any]]:
+    """(section, name, kind, description, example) of every run option."""
+    for name, kind, _, description, example in CLAUDE_FLAGS:
+        yield "claude", name, kind, description, example
+    for name, (kind, description, example) in CLAUDE_OTHER.items():
+        yield "claude", name, kind, description, example
+    for name, (kind, description, example) in PODMAN_OPTIONS.items():
+        yield "podman", name, kind, description, example
+
+
+def options_definition(section: str, description: str) -> dict:
+    return obj(description, {name: option_schema(name, kind, text, example)
+                             for where, name, kind, text, example in option_rows()
+                             if where == section})
+
+
+def stream_parameters() -> list[dict]:
+    """/run/stream's query: upstream's three, the replay ones, then every run option (as
+    stream_request_body parses them)."""
+    found = [param("prompt", "query", "string", "The prompt to send to Claude (required "
+                   "unless run_id is given)"),
+             param("workdir", "query", "string", "Working directory inside container"),
+             param("session_id", "query", "string", "Session ID for conversation continuation"),
+             param("webhook_url", "query", "string", "(extension) Accepted and ignored: a "
+                   "stream has no job to report"),
+             param("run_id", "query", "string", "(extension) Replay/follow this run's events "
+                   "instead of starting a run"),
+             param("Last-Event-ID", "header", "integer", "(extension) With run_id: send only "
+                   "events after this id"),
+             param("last_event_id", "query", "integer", "(extension) Same as the Last-Event-ID "
+                   "header")]
+    for section, name, kind, _, _ in option_rows():
+        if name == "session_id":
+            continue
+        text = f"(extension) {section}.{name} (also as {section}.{name}=)"
+        schema = OPTION_SCHEMA[kind]
+        if name == "volumes":  # options hold commas: one parameter per volume
+            found.append(param(name, "query", "array", text, items={"type": "string"},
+                               collectionFormat="multi"))
+        elif schema == "[string]":
+            found.append(param(name, "query", "array", text, items={"type": "string"},
+                               collectionFormat="csv"))
+        elif schema == "object":
+            found.append(param(name, "query", "string", text + ", as a JSON object"))
+        else:
+            found.append(param(name, "query", schema, text))
+    return found
+
+
+ENVELOPE_SCHEMAS = {"run": "internal_api.RunResponse", "error": "internal_api.ErrorResponse",
+                    "success": "internal_api.ErrorResponse", "text": ""}
+
+
+def response(description: str, definition: str | None) -> dict:
+    """A response whose body is a definition, a bare JSON type ("object") or text (None)."""
+    if not definition:
+        schema = {"type": "string"}
+    else:
+        schema = {"type": definition} if definition.islower() else prop("#" + definition)
+    return {"description": description, "schema": schema}
+
+
+def operation(route: Route) -> dict:
+    """A route record as an OpenAPI operation. Beyond its own errors: 401 where auth is
+    checked, 429 where rate limits or the failed-auth budget apply, 413/415/408 where
+    there is a body, and 403/421 (browser checks) everywhere."""
+    error_schema = route.error_schema or ENVELOPE_SCHEMAS[route.envelope]
+    status, text, definition = route.ok
+    responses = {str(status): response(text, definition)}
+    checks_auth = route.access != "public" or route.path.startswith("/auth/")
+    if route.access != "public":
+        responses["401"] = {"$ref": "#/responses/Unauthorized"}
+    if route.access == "protected" or checks_auth:
+        responses["429"] = {"$ref": "#/responses/RateLimited"}
+    derived = [(403, "Foreign Origin (browser check; extension)"),
+               (421, "Host header not ours (browser check; extension)")]
+    if route.body:
+        derived += [(408, "Body not received in time (extension)"),
+                    (413, "Body over the size limit (extension)"),
+                    (415, "Body not sent as application/json (extension)")]
+    for code, description in (*derived, *route.errors):
+        responses[str(code)] = response(description, error_schema)
+    parameters = list(route.params)
+    if route.body:
+        parameters.insert(0, {"name": "request", "in": "body", "required": route.body_required,
+                              "description": "Request body", "schema": prop("#" + route.body)})
+    found = {"tags": [route.tag], "summary": route.summary, "description": route.description,
+             "produces": list(route.produces), "responses": dict(sorted(responses.items()))}
+    if parameters:
+        found["parameters"] = parameters
+    if route.body:
+        found["consumes"] = ["application/json"]
+    if route.access == "public" and not route.reads_bearer:
+        found["security"] = []
+    return found
+
+
+def build_openapi(routes: Iterable[Route]) -> dict:
+    paths: dict[str, dict] = {}
+    for route in routes:
+        paths.setdefault(route.doc_path, {})[route.method.lower()] = operation(route)
+    return {**OPENAPI_HEAD, "paths": paths, "definitions": {
+        **DEFINITIONS,
+        "stromboli_internal_types.ClaudeOptions": options_definition(
+            "claude", "All available Claude CLI options for headless execution"),
+        "stromboli_internal_types.PodmanOptions": options_definition(
+            "podman", "Podman container mount configuration")}}
 
 
 # Swagger 2.0, upstream's v0.5.6 document without /agents; definition names are upstream's
 # so generated clients match. What this server adds is marked "(extension)".
-OPENAPI: dict = {
+OPENAPI_HEAD: dict = {
     "swagger": "2.0",
     "info": {
         "title": "Stromboli API",
@@ -3693,1257 +3879,287 @@ OPENAPI: dict = {
         {"name": "docs", "description": "This document (extension)"},
     ],
     "responses": {
-        "Unauthorized": reply("Missing, malformed, invalid, expired or revoked token (auth enabled)", "internal_api.ErrorResponse"),
+        "Unauthorized": response("Missing, malformed, invalid, expired or revoked token (auth "
+                                 "enabled); always {\"error\"}", "internal_api.ErrorResponse"),
         "RateLimited": {
-            "description": "{\"error\":\"rate limit exceeded\"} (rate limiting enabled); "
-                           "Retry-After is an extension",
-            "schema": schema_ref("internal_api.ErrorResponse"),
+            "description": "{\"error\":\"rate limit exceeded\"} (rate limiting enabled) or "
+                           "{\"error\":\"too many failed authentications\"}; Retry-After is an "
+                           "extension",
+            "schema": prop("#internal_api.ErrorResponse"),
             "headers": {
                 "Retry-After": {"type": "integer", "description": "Seconds to wait (extension)"},
                 "X-RateLimit-Limit": {"type": "number", "description": "Requests per second"},
                 "X-RateLimit-Remaining": {"type": "integer", "description": "Tokens left"},
                 "X-RateLimit-Reset": {"type": "integer", "description": "Unix seconds"}}},
-        "TooLarge": reply("Request body over the size limit (extension; same envelope as the "
-                           "route's 400)", "internal_api.ErrorResponse"),
-    },
-    "paths": {
-        "/health": {"get": {
-            "tags": ["system"], "summary": "Health check", "security": [],
-            "description": "Health of the API with component checks; always 200, status "
-                           "\"degraded\" when a component fails",
-            "produces": ["application/json"],
-            "responses": {
-                "200": reply("OK", "internal_api.HealthResponse")}}},
-        "/claude/status": {"get": {
-            "tags": ["system"], "summary": "Claude status",
-            "description": "Checks if Claude credentials (or an API key) are configured",
-            "produces": ["application/json"],
-            "responses": {
-                "200": reply("OK", "internal_api.ClaudeStatusResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "429": {"$ref": "#/responses/RateLimited"}}}},
-        "/auth/token": {"post": {
-            "tags": ["auth"], "summary": "Generate JWT tokens",
-            "description": "Generate new JWT access and refresh tokens using API credentials "
-                           "(a static API token or a valid access JWT; not rate limited)",
-            "consumes": ["application/json"], "produces": ["application/json"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": True, "description": "Token request",
-                 "schema": schema_ref("internal_api.TokenRequest")}],
-            "responses": {
-                "200": reply("OK", "internal_api.TokenResponse"),
-                "400": reply("Bad Request", "internal_api.ErrorResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "413": {"$ref": "#/responses/TooLarge"},
-                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
-        "/auth/refresh": {"post": {
-            "tags": ["auth"], "summary": "Refresh access token", "security": [],
-            "description": "Generate a new access token (and a new refresh token) using a valid "
-                           "refresh token",
-            "consumes": ["application/json"], "produces": ["application/json"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": True,
-                 "description": "Refresh request",
-                 "schema": schema_ref("internal_api.RefreshRequest")}],
-            "responses": {
-                "200": reply("OK", "internal_api.TokenResponse"),
-                "400": reply("Bad Request", "internal_api.ErrorResponse"),
-                "401": reply("invalid or expired refresh token", "internal_api.ErrorResponse"),
-                "413": {"$ref": "#/responses/TooLarge"},
-                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
-        "/auth/validate": {"get": {
-            "tags": ["auth"], "summary": "Validate JWT token",
-            "description": "Validate a JWT access token and return its claims. Public route "
-                           "(no rate limit): it checks the bearer token itself",
-            "produces": ["application/json"],
-            "responses": {
-                "200": reply("OK", "internal_api.ValidateResponse"),
-                "401": reply("Unauthorized", "internal_api.ErrorResponse"),
-                "503": reply("JWT authentication not configured", "internal_api.ErrorResponse")}}},
-        "/auth/logout": {"post": {
-            "tags": ["auth"], "summary": "Logout (invalidate token)",
-            "description": "Revokes the bearer JWT; a refresh_token in the optional body is "
-                           "revoked too (extension). Public route (no rate limit): it checks "
-                           "the bearer token itself",
-            "consumes": ["application/json"], "produces": ["application/json"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": False,
-                 "description": "Refresh token to revoke as well (extension)",
-                 "schema": schema_ref("internal_api.LogoutRequest")}],
-            "responses": {
-                "200": reply("OK", "internal_api.LogoutResponse"),
-                "401": reply("Unauthorized", "internal_api.ErrorResponse"),
-                "413": {"$ref": "#/responses/TooLarge"},
-                "503": reply("Service Unavailable", "internal_api.ErrorResponse")}}},
-        "/run": {"post": {
-            "tags": ["execution"], "summary": "Run Claude",
-            "description": "Executes Claude Code in an isolated Podman container",
-            "consumes": ["application/json"], "produces": ["application/json"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": True, "description": "Run request",
-                 "schema": schema_ref("internal_api.RunRequest")}],
-            "responses": {
-                "200": reply("OK (status completed, or crashed with crash_info)", "internal_api.RunResponse"),
-                "400": reply("Invalid request, including option validation errors "
-                                       "(extension: upstream answers 500 for those)", "internal_api.RunResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": reply("session has no history: <id> (resume, continue or "
-                                       "fork without a transcript; extension)", "internal_api.RunResponse"),
-                "409": reply("Session already has history; set claude.resume=true "
-                                       "(extension)", "internal_api.RunResponse"),
-                "413": {"$ref": "#/responses/TooLarge"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Execution failed", "internal_api.RunResponse"),
-                "503": reply("Claude not configured, or Podman unavailable (extension)", "internal_api.RunResponse")}}},
-        "/run/async": {"post": {
-            "tags": ["execution"], "summary": "Run Claude async",
-            "description": "Starts Claude Code execution asynchronously and returns a job ID. "
-                           "Session-history errors (404/409 on /run) fail the job instead",
-            "consumes": ["application/json"], "produces": ["application/json"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": True, "description": "Run request",
-                 "schema": schema_ref("internal_api.RunRequest")}],
-            "responses": {
-                "202": reply("Accepted", "internal_api.AsyncRunResponse"),
-                "400": reply("Invalid request", "internal_api.RunResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "413": {"$ref": "#/responses/TooLarge"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "503": reply("Claude not configured, or Podman unavailable (extension)", "internal_api.RunResponse")}}},
-        "/run/stream": {"get": {
-            "tags": ["execution"], "summary": "Stream Claude output",
-            "description": (
-                "Executes Claude and streams output in real-time using SSE. Each output line "
-                "is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` "
-                "(data {id, session_id, status}) or `event: error` (data: message). Extensions: "
-                "every run option is a query parameter, bare or prefixed (`claude.<option>`, "
-                "`podman.<option>`), lists comma-separated, objects as JSON; `id:` on each "
-                "event, the X-Run-ID header, and replay with run_id + Last-Event-ID"),
-            "produces": ["text/event-stream"],
-            "parameters": [
-                {"name": "prompt", "in": "query", "type": "string", "required": False,
-                 "description": "The prompt to send to Claude (required unless run_id is given)"},
-                {"name": "workdir", "in": "query", "type": "string",
-                 "description": "Working directory inside container"},
-                {"name": "session_id", "in": "query", "type": "string",
-                 "description": "Session ID for conversation continuation"},
-                {"name": "run_id", "in": "query", "type": "string",
-                 "description": "(extension) Replay/follow this run's events instead of "
-                                "starting a run"},
-                {"name": "Last-Event-ID", "in": "header", "type": "integer",
-                 "description": "(extension) With run_id: send only events after this id"},
-                {"name": "last_event_id", "in": "query", "type": "integer",
-                 "description": "(extension) Same as the Last-Event-ID header"},
-                {"name": "resume", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.resume"},
-                {"name": "continue", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.continue"},
-                {"name": "fork_session", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.fork_session"},
-                {"name": "no_persistence", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.no_persistence"},
-                {"name": "model", "in": "query", "type": "string",
-                 "description": "(extension) claude.model"},
-                {"name": "fallback_model", "in": "query", "type": "string",
-                 "description": "(extension) claude.fallback_model"},
-                {"name": "effort", "in": "query", "type": "string",
-                 "description": "(extension) claude.effort"},
-                {"name": "system_prompt", "in": "query", "type": "string",
-                 "description": "(extension) claude.system_prompt"},
-                {"name": "append_system_prompt", "in": "query", "type": "string",
-                 "description": "(extension) claude.append_system_prompt"},
-                {"name": "tools", "in": "query", "type": "array", "items": {"type": "string"},
-                 "collectionFormat": "csv", "description": "(extension) claude.tools"},
-                {"name": "allowed_tools", "in": "query", "type": "array",
-                 "items": {"type": "string"}, "collectionFormat": "csv",
-                 "description": "(extension) claude.allowed_tools"},
-                {"name": "disallowed_tools", "in": "query", "type": "array",
-                 "items": {"type": "string"}, "collectionFormat": "csv",
-                 "description": "(extension) claude.disallowed_tools"},
-                {"name": "permission_mode", "in": "query", "type": "string",
-                 "description": "(extension) claude.permission_mode"},
-                {"name": "dangerously_skip_permissions", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.dangerously_skip_permissions"},
-                {"name": "allow_dangerously_skip_permissions", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.allow_dangerously_skip_permissions"},
-                {"name": "input_format", "in": "query", "type": "string",
-                 "description": "(extension) claude.input_format"},
-                {"name": "output_format", "in": "query", "type": "string",
-                 "description": "(extension) claude.output_format"},
-                {"name": "include_partial_messages", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.include_partial_messages"},
-                {"name": "replay_user_messages", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.replay_user_messages"},
-                {"name": "json_schema", "in": "query", "type": "string",
-                 "description": "(extension) claude.json_schema"},
-                {"name": "max_budget_usd", "in": "query", "type": "number",
-                 "description": "(extension) claude.max_budget_usd"},
-                {"name": "max_turns", "in": "query", "type": "integer",
-                 "description": "(extension) claude.max_turns"},
-                {"name": "mcp_configs", "in": "query", "type": "array",
-                 "items": {"type": "string"}, "collectionFormat": "csv",
-                 "description": "(extension) claude.mcp_configs"},
-                {"name": "strict_mcp_config", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.strict_mcp_config"},
-                {"name": "agent", "in": "query", "type": "string",
-                 "description": "(extension) claude.agent"},
-                {"name": "agents", "in": "query", "type": "string",
-                 "description": "(extension) claude.agents, as a JSON object"},
-                {"name": "add_dirs", "in": "query", "type": "array", "items": {"type": "string"},
-                 "collectionFormat": "csv", "description": "(extension) claude.add_dirs"},
-                {"name": "plugin_dirs", "in": "query", "type": "array",
-                 "items": {"type": "string"}, "collectionFormat": "csv",
-                 "description": "(extension) claude.plugin_dirs"},
-                {"name": "files", "in": "query", "type": "array", "items": {"type": "string"},
-                 "collectionFormat": "csv", "description": "(extension) claude.files"},
-                {"name": "settings", "in": "query", "type": "string",
-                 "description": "(extension) claude.settings"},
-                {"name": "setting_sources", "in": "query", "type": "array",
-                 "items": {"type": "string"}, "collectionFormat": "csv",
-                 "description": "(extension) claude.setting_sources"},
-                {"name": "betas", "in": "query", "type": "array", "items": {"type": "string"},
-                 "collectionFormat": "csv", "description": "(extension) claude.betas"},
-                {"name": "verbose", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.verbose"},
-                {"name": "debug", "in": "query", "type": "string",
-                 "description": "(extension) claude.debug"},
-                {"name": "disable_slash_commands", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.disable_slash_commands"},
-                {"name": "prompt_caching_ttl", "in": "query", "type": "string",
-                 "description": "(extension) claude.prompt_caching_ttl"},
-                {"name": "bedrock_service_tier", "in": "query", "type": "string",
-                 "description": "(extension) claude.bedrock_service_tier"},
-                {"name": "enable_powershell_tool", "in": "query", "type": "boolean",
-                 "description": "(extension) claude.enable_powershell_tool"},
-                {"name": "image", "in": "query", "type": "string",
-                 "description": "(extension) podman.image"},
-                {"name": "volumes", "in": "query", "type": "array", "items": {"type": "string"},
-                 "collectionFormat": "csv", "description": "(extension) podman.volumes"},
-                {"name": "secrets_env", "in": "query", "type": "string",
-                 "description": "(extension) podman.secrets_env, as a JSON object"},
-                {"name": "timeout", "in": "query", "type": "string",
-                 "description": "(extension) podman.timeout"},
-                {"name": "memory", "in": "query", "type": "string",
-                 "description": "(extension) podman.memory"},
-                {"name": "cpus", "in": "query", "type": "string",
-                 "description": "(extension) podman.cpus"},
-                {"name": "cpu_shares", "in": "query", "type": "integer",
-                 "description": "(extension) podman.cpu_shares"},
-                {"name": "lifecycle", "in": "query", "type": "string",
-                 "description": "(extension) podman.lifecycle, as a JSON object"}],
-            "responses": {
-                "200": {"description": "Event stream of output lines",
-                        "schema": {"type": "string"},
-                        "headers": {"X-Run-ID": {"type": "string",
-                                                 "description": "The run's id (extension)"}}},
-                "400": {"description": "Invalid request (plain text)",
-                        "schema": {"type": "string"}},
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": {"description": "run not found: <run_id> (plain text; extension)",
-                        "schema": {"type": "string"}},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "503": {"description": "Claude not configured, or Podman unavailable (plain text)",
-                        "schema": {"type": "string"}}}}},
-        "/jobs": {"get": {
-            "tags": ["jobs"], "summary": "List jobs",
-            "description": "Returns async jobs, newest first",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "status", "in": "query", "type": "string",
-                 "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"],
-                 "description": "(extension) Only jobs in this state"}],
-            "responses": {
-                "200": reply("OK", "internal_api.JobListResponse"),
-                "400": reply("Invalid status filter (extension)", "internal_api.RunResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "429": {"$ref": "#/responses/RateLimited"}}}},
-        "/jobs/{id}": {
-            "get": {
-                "tags": ["jobs"], "summary": "Get job status",
-                "description": "Returns the status and result of an async job",
-                "produces": ["application/json"],
-                "parameters": [
-                    {"name": "id", "in": "path", "required": True, "type": "string",
-                     "description": "Job ID"}],
-                "responses": {
-                    "200": reply("OK", "internal_api.JobResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": reply("Job not found", "internal_api.RunResponse"),
-                    "429": {"$ref": "#/responses/RateLimited"}}},
-            "delete": {
-                "tags": ["jobs"], "summary": "Cancel job",
-                "description": "Cancels a pending or running job (its container is stopped)",
-                "produces": ["application/json"],
-                "parameters": [
-                    {"name": "id", "in": "path", "required": True, "type": "string",
-                     "description": "Job ID"}],
-                "responses": {
-                    "200": reply("OK", "internal_api.JobCancelResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": reply("Job not found", "internal_api.RunResponse"),
-                    "409": reply("Job cannot be cancelled", "internal_api.RunResponse"),
-                    "429": {"$ref": "#/responses/RateLimited"}}}},
-        "/sessions": {"get": {
-            "tags": ["sessions"], "summary": "List sessions",
-            "description": "Returns existing sessions with titles, newest first",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "limit", "in": "query", "type": "integer",
-                 "description": "(extension) Number of sessions to return (default: all)"},
-                {"name": "offset", "in": "query", "type": "integer",
-                 "description": "(extension) Offset for pagination (default: 0)"}],
-            "responses": {
-                "200": reply("OK", "internal_api.SessionListResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal Server Error", "internal_api.SessionListResponse")}}},
-        "/sessions/{id}": {"delete": {
-            "tags": ["sessions"], "summary": "Destroy session",
-            "description": "Removes a session and all its stored data",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "type": "string",
-                 "description": "Session ID (lowercase UUID)"}],
-            "responses": {
-                "200": reply("OK", "internal_api.SessionDestroyResponse"),
-                "400": reply("Bad Request", "internal_api.SessionDestroyResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": reply("Not Found", "internal_api.SessionDestroyResponse"),
-                "409": reply("A run on the session is active or queued (extension)", "internal_api.SessionDestroyResponse"),
-                "429": {"$ref": "#/responses/RateLimited"}}}},
-        "/sessions/{id}/messages": {"get": {
-            "tags": ["sessions"], "summary": "List session messages",
-            "description": "Returns paginated conversation history for a session including all "
-                           "messages, tool calls, and results",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "type": "string",
-                 "description": "Session ID (UUID)"},
-                {"name": "offset", "in": "query", "type": "integer",
-                 "description": "Offset for pagination (default: 0)"},
-                {"name": "limit", "in": "query", "type": "integer",
-                 "description": "Number of messages to return (default: 50, max: 200)"}],
-            "responses": {
-                "200": reply("OK", "internal_api.SessionMessagesResponse"),
-                "400": reply("Invalid parameters", "internal_api.SessionMessagesResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": reply("Session not found", "internal_api.SessionMessagesResponse"),
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal error", "internal_api.SessionMessagesResponse")}}},
-        "/sessions/{id}/messages/{message_id}": {"get": {
-            "tags": ["sessions"], "summary": "Get session message",
-            "description": "Returns a specific message from session history by UUID, including "
-                           "full content, tool calls, and results",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "type": "string",
-                 "description": "Session ID (UUID)"},
-                {"name": "message_id", "in": "path", "required": True, "type": "string",
-                 "description": "Message UUID"}],
-            "responses": {
-                "200": reply("OK", "internal_api.SessionMessageResponse"),
-                "400": reply("Invalid parameters", "internal_api.SessionMessageResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": reply("Message not found", "internal_api.SessionMessageResponse"),
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal error", "internal_api.SessionMessageResponse")}}},
-        "/secrets": {
-            "get": {
-                "tags": ["secrets"], "summary": "List secrets",
-                "description": "Returns metadata for all Podman secrets; values are never "
-                               "returned",
-                "produces": ["application/json"],
-                "responses": {
-                    "200": reply("List of secrets (empty array if none exist)", "internal_api.SecretsListResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "429": {"$ref": "#/responses/RateLimited"},
-                    "500": reply("Internal server error", "internal_api.SecretsListResponse"),
-                    "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}},
-            "post": {
-                "tags": ["secrets"], "summary": "Create secret",
-                "description": "Creates a Podman secret. Names: letters, digits, - and _, max "
-                               "253 characters. Values are limited to 1MB",
-                "consumes": ["application/json"], "produces": ["application/json"],
-                "parameters": [
-                    {"name": "request", "in": "body", "required": True,
-                     "description": "Create secret request",
-                     "schema": schema_ref("internal_api.CreateSecretRequest")}],
-                "responses": {
-                    "201": reply("Secret created successfully", "internal_api.CreateSecretResponse"),
-                    "400": reply("Invalid request (missing/invalid name or value)", "internal_api.CreateSecretResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "409": reply("Secret with this name already exists", "internal_api.CreateSecretResponse"),
-                    "413": {"$ref": "#/responses/TooLarge"},
-                    "429": {"$ref": "#/responses/RateLimited"},
-                    "500": reply("Internal server error", "internal_api.CreateSecretResponse"),
-                    "503": reply("Podman unavailable (extension)", "internal_api.CreateSecretResponse")}}},
-        "/secrets/{name}": {
-            "get": {
-                "tags": ["secrets"], "summary": "Get secret metadata",
-                "description": "Returns metadata about a Podman secret; the value is never "
-                               "returned",
-                "produces": ["application/json"],
-                "parameters": [
-                    {"name": "name", "in": "path", "required": True, "type": "string",
-                     "x-example": "github-token", "description": "Secret name"}],
-                "responses": {
-                    "200": reply("Secret metadata", "internal_api.SecretInfoResponse"),
-                    "400": reply("Invalid secret name", "internal_api.ErrorResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": reply("Secret not found", "internal_api.ErrorResponse"),
-                    "429": {"$ref": "#/responses/RateLimited"},
-                    "500": reply("Internal server error", "internal_api.ErrorResponse"),
-                    "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}},
-            "delete": {
-                "tags": ["secrets"], "summary": "Delete secret",
-                "description": "Permanently deletes a Podman secret. Secrets in use by running "
-                               "containers may cause those containers to fail",
-                "produces": ["application/json"],
-                "parameters": [
-                    {"name": "name", "in": "path", "required": True, "type": "string",
-                     "x-example": "github-token", "description": "Secret name"}],
-                "responses": {
-                    "200": reply("Secret deleted successfully", "internal_api.DeleteSecretResponse"),
-                    "400": reply("Invalid secret name", "internal_api.DeleteSecretResponse"),
-                    "401": {"$ref": "#/responses/Unauthorized"},
-                    "404": reply("Secret not found", "internal_api.DeleteSecretResponse"),
-                    "409": reply("Secret is managed by stromboli (extension)", "internal_api.DeleteSecretResponse"),
-                    "429": {"$ref": "#/responses/RateLimited"},
-                    "500": reply("Internal server error", "internal_api.DeleteSecretResponse"),
-                    "503": reply("Podman unavailable (extension)", "internal_api.DeleteSecretResponse")}}},
-        "/images": {"get": {
-            "tags": ["images"], "summary": "List images",
-            "description": "Returns local container images sorted by compatibility rank: 1-2 "
-                           "verified compatible, 3 standard glibc (compatible), 4 incompatible "
-                           "(Alpine/musl)",
-            "produces": ["application/json"],
-            "responses": {
-                "200": reply("List of images (empty array if none exist)", "internal_api.ImagesListResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal server error", "internal_api.ErrorResponse"),
-                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
-        "/images/search": {"get": {
-            "tags": ["images"], "summary": "Search images",
-            "description": "Searches container registries for images matching the query",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "q", "in": "query", "required": True, "type": "string",
-                 "x-example": "python", "description": "Search query"},
-                {"name": "limit", "in": "query", "type": "integer", "x-example": 10,
-                 "description": "Maximum number of results (default 25, max 100)"},
-                {"name": "no_trunc", "in": "query", "type": "boolean",
-                 "description": "Don't truncate output (accepted; results are never truncated)"}],
-            "responses": {
-                "200": reply("Search results", "internal_api.ImageSearchResponse"),
-                "400": reply("Invalid request (missing query)", "internal_api.ErrorResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal server error", "internal_api.ErrorResponse"),
-                "502": reply("Registry search failed", "internal_api.ErrorResponse"),
-                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
-        "/images/pull": {"post": {
-            "tags": ["images"], "summary": "Pull image",
-            "description": "Pulls a container image from a registry. Extension: with `Accept: "
-                           "text/event-stream` the progress is streamed as SSE `data:` lines, "
-                           "then `event: done` (data: the ImagePullResponse JSON) or "
-                           "`event: error` (data: message)",
-            "consumes": ["application/json"], "produces": ["application/json", "text/event-stream"],
-            "parameters": [
-                {"name": "request", "in": "body", "required": True, "description": "Pull request",
-                 "schema": schema_ref("internal_api.ImagePullRequest")}],
-            "responses": {
-                "200": reply("Image pulled successfully (or the SSE progress stream)", "internal_api.ImagePullResponse"),
-                "400": reply("Invalid request", "internal_api.ErrorResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "413": {"$ref": "#/responses/TooLarge"},
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Pull failed", "internal_api.ErrorResponse")}}},
-        "/images/{name}": {"get": {
-            "tags": ["images"], "summary": "Inspect image",
-            "description": "Returns detailed information about a container image including all "
-                           "labels and compatibility information",
-            "produces": ["application/json"],
-            "parameters": [
-                {"name": "name", "in": "path", "required": True, "type": "string",
-                 "x-example": "python:3.12-slim",
-                 "description": "Image name with optional tag; may hold a registry and slashes, "
-                                "raw or URL-encoded (extension)"}],
-            "responses": {
-                "200": reply("Image details", "internal_api.ImageDetailResponse"),
-                "400": reply("Invalid image name", "internal_api.ErrorResponse"),
-                "401": {"$ref": "#/responses/Unauthorized"},
-                "404": reply("Image not found", "internal_api.ErrorResponse"),
-                "429": {"$ref": "#/responses/RateLimited"},
-                "500": reply("Internal server error", "internal_api.ErrorResponse"),
-                "503": reply("Podman unavailable (extension)", "internal_api.ErrorResponse")}}},
-        "/swagger/doc.json": {"get": {
-            "tags": ["docs"], "summary": "OpenAPI document", "security": [],
-            "description": "(extension) This Swagger 2.0 document",
-            "produces": ["application/json"],
-            "responses": {"200": {"description": "OK", "schema": {"type": "object"}}}}},
-        "/swagger/": {"get": {
-            "tags": ["docs"], "summary": "API documentation page", "security": [],
-            "description": "(extension) A self-contained HTML viewer of doc.json",
-            "produces": ["text/html"],
-            "responses": {"200": {"description": "OK", "schema": {"type": "string"}}}}},
-    },
-    "definitions": {
-        "internal_api.AsyncRunResponse": {
-            "description": "Response from starting an async Claude execution",
-            "type": "object",
-            "properties": {
-                "job_id": {"type": "string", "example": "job-abc123def456"},
-                "session_id": {"type": "string",
-                               "example": "550e8400-e29b-41d4-a716-446655440000"}}},
-        "internal_api.ClaudeStatusResponse": {
-            "description": "Claude configuration status",
-            "type": "object",
-            "properties": {
-                "configured": {"type": "boolean", "example": True},
-                "message": {"type": "string", "example": "Claude is configured"}}},
-        "internal_api.ComponentHealth": {
-            "type": "object",
-            "properties": {
-                "error": {"description": "Error message if status is \"error\"", "type": "string",
-                          "example": ""},
-                "name": {"description": "Name of the component", "type": "string",
-                         "example": "podman"},
-                "status": {"description": "Status is \"ok\" or \"error\"", "type": "string",
-                           "example": "ok"}}},
-        "internal_api.CreateSecretRequest": {
-            "description": "Request to create a new Podman secret",
-            "type": "object",
-            "required": ["name", "value"],
-            "properties": {
-                "name": {"type": "string", "example": "github-token"},
-                "value": {"type": "string", "example": "ghp_xxxxxxxxxxxx"}}},
-        "internal_api.CreateSecretResponse": {
-            "description": "Result of secret creation",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "name": {"type": "string", "example": "github-token"},
-                "success": {"type": "boolean", "example": True}}},
-        "internal_api.DeleteSecretResponse": {
-            "description": "Result of secret deletion",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "name": {"type": "string", "example": "github-token"},
-                "success": {"type": "boolean", "example": True}}},
-        "internal_api.ErrorResponse": {
-            "type": "object",
-            "properties": {"error": {"type": "string"}}},
-        "internal_api.HealthResponse": {
-            "description": "Health check response",
-            "type": "object",
-            "properties": {
-                "components": {"type": "array",
-                               "items": schema_ref("internal_api.ComponentHealth")},
-                "name": {"type": "string", "example": "stromboli"},
-                "status": {"type": "string", "example": "ok"},
-                "version": {"type": "string", "example": "0.5.6-alpha"}}},
-        "internal_api.ImageDetailResponse": {
-            "description": "Detailed container image information including labels",
-            "type": "object",
-            "properties": {
-                "compatibility_rank": {"type": "integer", "example": 3},
-                "compatible": {"type": "boolean", "example": True},
-                "created": {"type": "string", "example": "2024-01-15T10:30:00Z"},
-                "description": {"type": "string", "example": "Python development image"},
-                "has_claude_cli": {"type": "boolean", "example": False},
-                "id": {"type": "string", "example": "sha256:abc123def456"},
-                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                "rank_description": {"type": "string",
-                                     "example": "Standard glibc-based (compatible)"},
-                "repository": {"type": "string", "example": "python"},
-                "size": {"type": "integer", "example": 125000000},
-                "tag": {"type": "string", "example": "3.12-slim"},
-                "tools": {"type": "array", "items": {"type": "string"},
-                          "example": ["python", "pip"]}}},
-        "internal_api.ImageInfoResponse": {
-            "description": "Container image metadata with compatibility information",
-            "type": "object",
-            "properties": {
-                "compatibility_rank": {"type": "integer", "example": 3},
-                "compatible": {"type": "boolean", "example": True},
-                "created": {"type": "string", "example": "2024-01-15T10:30:00Z"},
-                "description": {"type": "string", "example": "Python development image"},
-                "has_claude_cli": {"type": "boolean", "example": False},
-                "id": {"type": "string", "example": "sha256:abc123def456"},
-                "repository": {"type": "string", "example": "python"},
-                "size": {"type": "integer", "example": 125000000},
-                "tag": {"type": "string", "example": "3.12-slim"},
-                "tools": {"type": "array", "items": {"type": "string"},
-                          "example": ["python", "pip"]}}},
-        "internal_api.ImagePullRequest": {
-            "description": "Request to pull a container image from a registry",
-            "type": "object",
-            "required": ["image"],
-            "properties": {
-                "image": {"type": "string", "example": "python:3.12-slim"},
-                "platform": {"type": "string", "example": "linux/amd64"},
-                "quiet": {"description": "Accepted and ignored", "type": "boolean",
-                          "example": True}}},
-        "internal_api.ImagePullResponse": {
-            "description": "Result of image pull operation",
-            "type": "object",
-            "properties": {
-                "image": {"type": "string", "example": "python:3.12-slim"},
-                "image_id": {"type": "string", "example": "sha256:abc123def456"},
-                "success": {"type": "boolean", "example": True}}},
-        "internal_api.ImageSearchResponse": {
-            "description": "Search results from container registries",
-            "type": "object",
-            "properties": {
-                "results": {
-                    "type": "array",
-                    "items": schema_ref("internal_api.SearchResultResponse")}}},
-        "internal_api.ImagesListResponse": {
-            "description": "List of local container images sorted by compatibility",
-            "type": "object",
-            "properties": {
-                "images": {"type": "array",
-                           "items": schema_ref("internal_api.ImageInfoResponse")}}},
-        "internal_api.JobCancelResponse": {
-            "description": "Result of a job cancel request",
-            "type": "object",
-            "properties": {
-                "cancelled": {"type": "boolean", "example": True},
-                "job_id": {"type": "string", "example": "job-abc123def456"}}},
-        "internal_api.JobListResponse": {
-            "description": "List of async jobs",
-            "type": "object",
-            "properties": {
-                "jobs": {"type": "array",
-                         "items": schema_ref("internal_api.JobResponse")}}},
-        "internal_api.JobResponse": {
-            "description": "Job status and result",
-            "type": "object",
-            "properties": {
-                "crash_info": schema_ref("stromboli_internal_job.CrashInfo"),
-                "created_at": {"type": "string", "example": "2024-01-15T10:30:00Z"},
-                "error": {"type": "string"},
-                "finished_at": {"description": "(extension) RFC 3339 with milliseconds; absent "
-                                               "until the job ends",
-                                "type": "string", "format": "date-time",
-                                "example": "2024-01-15T10:31:00.250Z"},
-                "id": {"type": "string", "example": "job-abc123def456"},
-                "output": {"type": "string", "example": "Hello!"},
-                "run_id": {"description": "(extension) The run's id (see /run/stream run_id)",
-                           "type": "string", "example": "run-abc123def456"},
-                "session_id": {"type": "string", "example": "sess-abc123def456"},
-                "started_at": {"description": "(extension) RFC 3339 with milliseconds; absent "
-                                              "until the job starts",
-                               "type": "string", "format": "date-time",
-                               "example": "2024-01-15T10:30:00.125Z"},
-                "status": {"allOf": [schema_ref("stromboli_internal_job.Status")],
-                           "example": "running"},
-                "structured_output": {"type": "object"},
-                "truncated": {"description": "(extension) Output was cut: a line over "
-                                             "agent.max_line or output over agent.max_output",
-                              "type": "boolean", "example": False},
-                "updated_at": {"type": "string", "example": "2024-01-15T10:31:00Z"},
-                "usage": {"description": "(extension) Token usage totals + estimated USD cost",
-                          "allOf": [schema_ref("stromboli_internal_job.Usage")]},
-                "webhook_deliveries": {
-                    "description": "(extension) Webhook delivery attempts; GET /jobs/{id} only, "
-                                   "when webhook_url was set",
-                    "type": "array",
-                    "items": {"type": "object", "properties": {
-                        "attempt": {"type": "integer"},
-                        "status_code": {"type": "integer"},
-                        "error": {"type": "string"},
-                        "at": {"type": "string", "format": "date-time"}}}}}},
-        "internal_api.LogoutRequest": {
-            "description": "(extension) Optional body of POST /auth/logout",
-            "type": "object",
-            "properties": {"refresh_token": {"type": "string"}}},
-        "internal_api.LogoutResponse": {
-            "type": "object",
-            "properties": {"message": {"type": "string"}, "success": {"type": "boolean"}}},
-        "internal_api.RefreshRequest": {
-            "type": "object",
-            "required": ["refresh_token"],
-            "properties": {"refresh_token": {"type": "string"}}},
-        "internal_api.RunRequest": {
-            "description": "Request to execute Claude Code in an isolated container",
-            "type": "object",
-            "required": ["prompt"],
-            "properties": {
-                "claude": {
-                    "description": "Claude configuration - all CLI options exposed",
-                    "allOf": [schema_ref("stromboli_internal_types.ClaudeOptions")]},
-                "podman": {
-                    "description": "Podman configuration",
-                    "allOf": [schema_ref("stromboli_internal_types.PodmanOptions")]},
-                "prompt": {"description": "Required: the prompt to send to Claude",
-                           "type": "string",
-                           "example": "Analyze this code and suggest improvements"},
-                "webhook_url": {"description": "Webhook URL to notify when job completes "
-                                               "(async only)",
-                                "type": "string", "example": "https://example.com/webhook"},
-                "workdir": {"description": "Working directory inside the container where Claude "
-                                           "will spawn; use podman.volumes to mount host paths",
-                            "type": "string", "example": "/workspace"}}},
-        "internal_api.RunResponse": {
-            "description": "Response from Claude execution",
-            "type": "object",
-            "properties": {
-                "crash_info": {
-                    "description": "Crash details (when status is \"crashed\")",
-                    "allOf": [schema_ref("stromboli_internal_job.CrashInfo")]},
-                "error": {"description": "Error message (when failed)", "type": "string",
-                          "example": ""},
-                "id": {"description": "Unique run identifier", "type": "string",
-                       "example": "run-abc123def456"},
-                "output": {"description": "Claude's raw output (full CLI output, including JSON "
-                                          "envelope when output_format=json)",
-                           "type": "string", "example": "Here is my analysis..."},
-                "session_id": {"description": "Session ID for conversation continuation",
-                               "type": "string", "example": "sess-abc123def456"},
-                "status": {"description": "Execution status: completed, crashed, error",
-                           "type": "string", "example": "completed"},
-                "structured_output": {"description": "structured_output from Claude's JSON "
-                                                     "envelope (when json_schema is used)",
-                                      "type": "object"},
-                "truncated": {"description": "(extension) Output was cut: a line over "
-                                             "agent.max_line or output over agent.max_output",
-                              "type": "boolean", "example": False},
-                "usage": {"description": "Token usage totals + estimated USD cost of this run; "
-                                         "omitted when no assistant message reported usage",
-                          "allOf": [schema_ref("stromboli_internal_job.Usage")]}}},
-        "internal_api.SearchResultResponse": {
-            "description": "Search result from a container registry",
-            "type": "object",
-            "properties": {
-                "automated": {"type": "boolean", "example": False},
-                "description": {"type": "string",
-                                "example": "Python is an interpreted programming language"},
-                "index": {"type": "string", "example": "docker.io"},
-                "name": {"type": "string", "example": "python"},
-                "official": {"type": "boolean", "example": True},
-                "stars": {"type": "integer", "example": 8500}}},
-        "internal_api.SecretInfoResponse": {
-            "description": "Secret metadata (never contains the actual secret value)",
-            "type": "object",
-            "properties": {
-                "created_at": {"type": "string", "example": "2024-01-15T10:30:00Z"},
-                "id": {"type": "string", "example": "abc123def456"},
-                "managed": {"description": "(extension) Managed by stromboli (cannot be deleted)",
-                            "type": "boolean", "example": False},
-                "name": {"type": "string", "example": "github-token"}}},
-        "internal_api.SecretsListResponse": {
-            "description": "List of available secrets that can be injected into runs",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "secrets": {"type": "array",
-                            "items": schema_ref("internal_api.SecretInfoResponse")}}},
-        "internal_api.SessionDestroyResponse": {
-            "description": "Result of session destruction",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "session_id": {"type": "string", "example": "sess-abc123"},
-                "success": {"type": "boolean", "example": True}}},
-        "internal_api.SessionInfo": {
-            "description": "Metadata about a single session",
-            "type": "object",
-            "properties": {
-                "id": {"type": "string", "example": "sess-abc123"},
-                "size_bytes": {"description": "(extension) Bytes in the session home (as of its "
-                                              "last run or check; see agent.session_quota)",
-                               "type": "integer", "example": 48213},
-                "title": {"description": "Session title; empty when none is known",
-                          "type": "string", "example": "Refactor billing service"}}},
-        "internal_api.SessionListResponse": {
-            "description": "List of existing sessions with metadata",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "sessions": {"type": "array",
-                             "items": schema_ref("internal_api.SessionInfo")},
-                "total": {"description": "(extension) Number of sessions before pagination",
-                          "type": "integer"}}},
-        "internal_api.SessionMessageResponse": {
-            "description": "A single message from session history",
-            "type": "object",
-            "properties": {
-                "error": {"type": "string"},
-                "message": schema_ref("stromboli_internal_history.Message")}},
-        "internal_api.SessionMessagesResponse": {
-            "description": "Paginated list of session messages",
-            "type": "object",
-            "properties": {
-                "has_more": {"type": "boolean"},
-                "limit": {"type": "integer"},
-                "messages": {"type": "array",
-                             "items": schema_ref("stromboli_internal_history.Message")},
-                "offset": {"type": "integer"},
-                "total": {"type": "integer"},
-                "usage": {"description": "(extension) The session's cumulative token usage",
-                          "allOf": [schema_ref("stromboli_internal_job.Usage")]}}},
-        "internal_api.TokenRequest": {
-            "type": "object",
-            "required": ["client_id"],
-            "properties": {"client_id": {"type": "string"}}},
-        "internal_api.TokenResponse": {
-            "type": "object",
-            "properties": {
-                "access_token": {"type": "string"},
-                "expires_in": {"type": "integer"},
-                "refresh_token": {"type": "string"},
-                "token_type": {"type": "string"}}},
-        "internal_api.ValidateResponse": {
-            "type": "object",
-            "properties": {
-                "expires_at": {"type": "integer"},
-                "subject": {"type": "string"},
-                "valid": {"type": "boolean"}}},
-        "stromboli_internal_history.ContentBlock": {
-            "description": "A content block (text, tool_use, or tool_result)",
-            "type": "object",
-            "properties": {
-                "content": {"description": "Tool result content (for tool_result)",
-                            "type": "string", "example": "file1.txt\nfile2.txt"},
-                "id": {"description": "Tool use ID (for tool_use and tool_result)",
-                       "type": "string", "example": "toolu_01G5uAJ4YZ26yyJbXNnG2byM"},
-                "input": {"description": "Tool input (for tool_use)", "type": "object",
-                          "additionalProperties": {}},
-                "is_error": {"description": "Whether tool execution errored", "type": "boolean",
-                             "example": False},
-                "name": {"description": "Tool name (for tool_use)", "type": "string",
-                         "example": "Bash"},
-                "text": {"description": "Text content (for text blocks)", "type": "string",
-                         "example": "I'll help you with that."},
-                "tool_use_id": {"description": "Tool use ID reference (for tool_result)",
-                                "type": "string", "example": "toolu_01G5uAJ4YZ26yyJbXNnG2byM"},
-                "type": {"description": "Block type: text, tool_use, tool_result",
-                         "type": "string", "example": "tool_use"}}},
-        "stromboli_internal_history.Message": {
-            "description": "A message in the conversation history",
-            "type": "object",
-            "properties": {
-                "content": {
-                    "description": "The actual message content",
-                    "allOf": [schema_ref("stromboli_internal_history.MessageContent")]},
-                "cwd": {"description": "Working directory at time of message", "type": "string",
-                        "example": "/workspace"},
-                "git_branch": {"description": "Git branch at time of message", "type": "string",
-                               "example": "main"},
-                "parent_uuid": {"description": "Parent message UUID for threading",
-                                "type": "string",
-                                "example": "92242819-b7d1-48d4-b023-6134c3e9f63a"},
-                "permission_mode": {"description": "Permission mode active for this message",
-                                    "type": "string", "example": "bypassPermissions"},
-                "session_id": {"description": "Session ID this message belongs to",
-                               "type": "string", "example": "c7518652-f0ea-436e-9143-327085022abd"},
-                "timestamp": {"description": "Timestamp when the message was created",
-                              "type": "string", "example": "2026-01-24T10:06:42.906Z"},
-                "tool_result": {
-                    "description": "Tool use result (for tool_result messages)",
-                    "allOf": [schema_ref("stromboli_internal_history.ToolResult")]},
-                "type": {
-                    "description": "Message type: user, assistant, queue-operation",
-                    "allOf": [schema_ref("stromboli_internal_history.MessageType")],
-                    "example": "assistant"},
-                "uuid": {"description": "Unique identifier for this message", "type": "string",
-                         "example": "40adde19-546a-43e8-ad25-31ef4faa4112"},
-                "version": {"description": "Claude Code version", "type": "string",
-                            "example": "2.1.19"}}},
-        "stromboli_internal_history.MessageContent": {
-            "description": "Message content with role and content blocks",
-            "type": "object",
-            "properties": {
-                "content": {
-                    "description": "Content blocks (text, tool_use, tool_result)",
-                    "type": "array",
-                    "items": schema_ref("stromboli_internal_history.ContentBlock")},
-                "message_id": {"description": "Message ID from API", "type": "string",
-                               "example": "msg_017ETE4Wk32ZXAQJp3GXP1Bo"},
-                "model": {"description": "Model used (for assistant messages)", "type": "string",
-                          "example": "claude-opus-4-5-20251101"},
-                "role": {"description": "Role: user or assistant", "type": "string",
-                         "example": "assistant"},
-                "stop_reason": {"description": "Stop reason (for assistant messages)",
-                                "type": "string", "example": "end_turn"},
-                "usage": {"description": "Token usage",
-                          "allOf": [schema_ref("stromboli_internal_history.Usage")]}}},
-        "stromboli_internal_history.MessageType": {
-            "type": "string",
-            "enum": ["user", "assistant", "queue-operation"],
-            "x-enum-varnames": ["MessageTypeUser", "MessageTypeAssistant", "MessageTypeSystem"]},
-        "stromboli_internal_history.ToolResult": {
-            "description": "Detailed result of a tool execution",
-            "type": "object",
-            "properties": {
-                "interrupted": {"description": "Whether execution was interrupted",
-                                "type": "boolean", "example": False},
-                "is_image": {"description": "Whether result is an image", "type": "boolean",
-                             "example": False},
-                "stderr": {"description": "Standard error", "type": "string", "example": ""},
-                "stdout": {"description": "Standard output", "type": "string",
-                           "example": "file1.txt\nfile2.txt"}}},
-        "stromboli_internal_history.Usage": {
-            "description": "Token usage statistics",
-            "type": "object",
-            "properties": {
-                "cache_creation_input_tokens": {"type": "integer", "example": 336},
-                "cache_read_input_tokens": {"type": "integer", "example": 18121},
-                "input_tokens": {"type": "integer", "example": 150},
-                "output_tokens": {"type": "integer", "example": 42}}},
-        "stromboli_internal_job.CrashInfo": {
-            "type": "object",
-            "properties": {
-                "exit_code": {"description": "Exit code (if available)", "type": "integer"},
-                "partial_output": {"description": "Partial output captured before crash",
-                                   "type": "string"},
-                "reason": {"description": "Human-readable crash reason", "type": "string"},
-                "signal": {"description": "Signal that killed the process (SIGSEGV, SIGKILL, etc.)",
-                           "type": "string"},
-                "task_completed": {"description": "Whether the task appeared to complete before "
-                                                  "crashing",
-                                   "type": "boolean"}}},
-        "stromboli_internal_job.Status": {
-            "type": "string",
-            "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"],
-            "x-enum-varnames": ["StatusPending", "StatusRunning", "StatusCompleted",
-                                "StatusFailed", "StatusCrashed", "StatusCancelled"]},
-        "stromboli_internal_job.Usage": {
-            "type": "object",
-            "properties": {
-                "cache_creation_input_tokens": {"type": "integer"},
-                "cache_read_input_tokens": {"type": "integer"},
-                "estimated_cost_usd": {"description": "Best effort: tokens × Anthropic's per-1M "
-                                                      "rates; 0 when the model is unknown",
-                                       "type": "number"},
-                "input_tokens": {"type": "integer"},
-                "model": {"description": "Model reported by Claude; empty when unknown",
-                          "type": "string"},
-                "output_tokens": {"type": "integer"},
-                "total_tokens": {"type": "integer"}}},
-        "stromboli_internal_types.ClaudeOptions": {
-            "description": "All available Claude CLI options for headless execution",
-            "type": "object",
-            "properties": {
-                "add_dirs": {"description": "Additional directories for tool access",
-                             "type": "array", "items": {"type": "string"}},
-                "agent": {"description": "Agent for current session", "type": "string",
-                          "example": "reviewer"},
-                "agents": {"description": "Custom agents definition (JSON object)",
-                           "type": "object", "additionalProperties": {}},
-                "allow_dangerously_skip_permissions": {
-                    "description": "Enable bypass as an option without enabling by default",
-                    "type": "boolean", "example": False},
-                "allowed_tools": {"description": "Allowed tools with patterns "
-                                                 "(e.g., \"Bash(git:*)\")",
-                                  "type": "array", "items": {"type": "string"},
-                                  "example": ["Bash(git:*)", "Read"]},
-                "append_system_prompt": {"description": "Append to default system prompt",
-                                         "type": "string",
-                                         "example": "Focus on security best practices"},
-                "bedrock_service_tier": {"description": "Bedrock service tier: default, flex, "
-                                                        "priority (ANTHROPIC_BEDROCK_SERVICE_TIER)",
-                                         "type": "string", "example": "priority"},
-                "betas": {"description": "Beta headers for API requests", "type": "array",
-                          "items": {"type": "string"}},
-                "continue": {"description": "Continue most recent conversation in workspace "
-                                            "(ignores session_id)",
-                             "type": "boolean", "example": False},
-                "dangerously_skip_permissions": {
-                    "description": "Bypass all permission checks (use in sandboxed environments "
-                                   "only)",
-                    "type": "boolean", "example": True},
-                "debug": {"description": "Debug mode with optional category filter",
-                          "type": "string", "example": "api,hooks"},
-                "disable_slash_commands": {"description": "Disable all slash commands/skills",
-                                           "type": "boolean", "example": False},
-                "disallowed_tools": {"description": "Denied tools", "type": "array",
-                                     "items": {"type": "string"}, "example": ["Write"]},
-                "effort": {"description": "Effort level: low, medium, high, xhigh, max "
-                                          "(model-dependent, not validated)",
-                           "type": "string", "example": "high"},
-                "enable_powershell_tool": {"description": "Sets CLAUDE_CODE_USE_POWERSHELL_TOOL=1 "
-                                                          "(Windows agent hosts only)",
-                                           "type": "boolean", "example": False},
-                "fallback_model": {"description": "Fallback model when default is overloaded",
-                                   "type": "string", "example": "haiku"},
-                "files": {"description": "File resources (format: file_id:path)", "type": "array",
-                          "items": {"type": "string"}},
-                "fork_session": {"description": "Create new session ID when resuming",
-                                 "type": "boolean", "example": False},
-                "include_partial_messages": {
-                    "description": "Include partial message chunks (stream-json only)",
-                    "type": "boolean", "example": False},
-                "input_format": {"description": "Input format: text, stream-json", "type": "string",
-                                 "example": "text"},
-                "json_schema": {"description": "JSON Schema for structured output validation "
-                                               "(extension: a JSON object is accepted too)",
-                                "type": "string", "example": "{\"type\":\"object\"}"},
-                "max_budget_usd": {"description": "Maximum dollar amount for API calls",
-                                   "type": "number", "example": 5},
-                "max_turns": {"description": "Maximum number of agentic turns (0 = unlimited, "
-                                             "unset = CLI default)",
-                              "type": "integer", "example": 30},
-                "mcp_configs": {"description": "MCP server config files or JSON strings",
-                                "type": "array", "items": {"type": "string"}},
-                "model": {"description": "Model alias (sonnet, opus, haiku) or full name",
-                          "type": "string", "example": "sonnet"},
-                "no_persistence": {"description": "Don't save session to disk", "type": "boolean",
-                                   "example": False},
-                "output_format": {"description": "Output format: text, json, stream-json",
-                                  "type": "string", "example": "json"},
-                "permission_mode": {"description": "Permission mode: acceptEdits, "
-                                                   "bypassPermissions, default, delegate, "
-                                                   "dontAsk, plan",
-                                    "type": "string", "example": "bypassPermissions"},
-                "plugin_dirs": {"description": "Plugin directories", "type": "array",
-                                "items": {"type": "string"}},
-                "prompt_caching_ttl": {"description": "Prompt cache TTL: \"5m\" "
-                                                      "(FORCE_PROMPT_CACHING_5M=1) or \"1h\" "
-                                                      "(ENABLE_PROMPT_CACHING_1H=1)",
-                                       "type": "string", "example": "1h"},
-                "replay_user_messages": {"description": "Re-emit user messages on stdout",
-                                         "type": "boolean", "example": False},
-                "resume": {"description": "Resume an existing session (requires session_id)",
-                           "type": "boolean", "example": True},
-                "session_id": {"description": "Session ID (UUID) - used for both new and resumed "
-                                              "sessions",
-                               "type": "string", "example": "550e8400-e29b-41d4-a716-446655440000"},
-                "setting_sources": {"description": "Setting sources to load: user, project, local",
-                                    "type": "array", "items": {"type": "string"},
-                                    "example": ["user", "project"]},
-                "settings": {"description": "Path to settings JSON file or JSON string",
-                             "type": "string"},
-                "strict_mcp_config": {"description": "Only use MCP servers from mcp_configs",
-                                      "type": "boolean", "example": False},
-                "system_prompt": {"description": "Replace default system prompt", "type": "string",
-                                  "example": "You are a senior Go developer"},
-                "tools": {"description": "Built-in tools (\"\", \"default\", or specific names)",
-                          "type": "array", "items": {"type": "string"},
-                          "example": ["Bash", "Read", "Edit"]},
-                "verbose": {"description": "Enable verbose mode", "type": "boolean",
-                            "example": False}}},
-        "stromboli_internal_types.EnvironmentConfig": {
-            "description": "Runtime environment configuration (single container or compose)",
-            "type": "object",
-            "properties": {
-                "build_timeout": {"description": "Build timeout override for compose (default "
-                                                 "10m)",
-                                  "type": "string", "example": "15m"},
-                "path": {"description": "Absolute path to the compose file (.yml/.yaml), "
-                                        "required when type=\"compose\"",
-                         "type": "string", "example": "/home/user/project/docker-compose.yml"},
-                "service": {"description": "Service name where Claude will run (required when "
-                                           "type=\"compose\")",
-                            "type": "string", "example": "dev"},
-                "type": {"description": "\"\" (default single container) or \"compose\"",
-                         "type": "string", "example": "compose"}}},
-        "stromboli_internal_types.LifecycleHooks": {
-            "description": "Commands to run at specific container lifecycle stages",
-            "type": "object",
-            "properties": {
-                "hooks_timeout": {"description": "Maximum duration for all hooks combined "
-                                                 "(e.g. \"5m\"); default: the container timeout",
-                                  "type": "string", "example": "5m"},
-                "on_create_command": {"description": "Shell commands run before Claude on a "
-                                                     "session's first run",
-                                      "type": "array", "items": {"type": "string"},
-                                      "example": ["pip install -r requirements.txt"]},
-                "post_create": {"description": "Shell commands run after on_create_command "
-                                               "(first run only)",
-                                "type": "array", "items": {"type": "string"},
-                                "example": ["npm run setup"]},
-                "post_start": {"description": "Shell commands run on every run, including "
-                                              "continues",
-                               "type": "array", "items": {"type": "string"},
-                               "example": ["redis-server --daemonize yes"]}}},
-        "stromboli_internal_types.PodmanOptions": {
-            "description": "Podman container mount configuration",
-            "type": "object",
-            "properties": {
-                "cpu_shares": {"description": "CPU shares (relative weight, default 1024)",
-                               "type": "integer", "example": 512},
-                "cpus": {"description": "CPU limit (e.g., \"0.5\", \"2\")", "type": "string",
-                         "example": "1"},
-                "environment": {
-                    "description": "Compose environment; not supported by this server (a "
-                                   "non-empty type is a 400)",
-                    "allOf": [
-                        schema_ref("stromboli_internal_types.EnvironmentConfig")]},
-                "image": {"description": "Container image override (must match allowed patterns)",
-                          "type": "string", "example": "python:3.12"},
-                "lifecycle": {
-                    "description": "Lifecycle hooks for running commands at container events",
-                    "allOf": [schema_ref("stromboli_internal_types.LifecycleHooks")]},
-                "memory": {"description": "Memory limit (e.g., \"512m\", \"1g\")", "type": "string",
-                           "example": "512m"},
-                "secrets_env": {"description": "Secrets injected as environment variables "
-                                               "(ENV_NAME → Podman secret name)",
-                                "type": "object", "additionalProperties": {"type": "string"}},
-                "timeout": {"description": "Container timeout (e.g., \"5m\", \"1h\", \"30s\")",
-                            "type": "string", "example": "5m"},
-                "volumes": {"description": "Volume mounts (host:container or "
-                                           "host:container:options format)",
-                            "type": "array", "items": {"type": "string"},
-                            "example": ["/data:/data:ro"]}}},
     },
 }
 
-SWAGGER_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Stromboli API</title><link rel="icon" href="data:,">
-<style>
-body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1rem 1.5rem;
-  color:#1d2330;background:#f7f8fa}
-h1{margin:.2rem 0}h1 small,h2 small,.d{color:#5c6575;font-weight:normal}
-h2{margin:1.5rem 0 .4rem;padding-bottom:.2rem;border-bottom:1px solid #d8dde6}
-.bar{display:flex;gap:.5rem;margin:.8rem 0}.bar input{flex:1;padding:.35rem .5rem}
-details.op{border:1px solid #d8dde6;border-radius:6px;margin:.3rem 0;background:#fff}
-details.op>summary{padding:.4rem .6rem;display:flex;gap:.7rem;align-items:center}
-.m{font:bold 12px monospace;color:#fff;border-radius:4px;padding:.15rem 0;width:4.4rem;
-  text-align:center;flex:none}.get{background:#2f7dd1}.post{background:#2e9e5b}
-.put{background:#c98a1a}.delete{background:#d14343}.patch{background:#7a4fc9}
-.path{font:600 13px monospace}.lock{margin-left:auto;font-size:12px;color:#8a6d1a}
-.in{padding:.2rem 1rem .8rem;border-top:1px solid #eef0f4}h4{margin:.7rem 0 .2rem;color:#39414f}
-table{border-collapse:collapse;width:100%}summary{cursor:pointer}
-td,th{text-align:left;vertical-align:top;padding:.25rem .5rem;border-bottom:1px solid #eef0f4}
-code,.n,.t{font-family:monospace;font-size:13px}.t{color:#7a3e9d}.r{color:#d14343}
-ul.s{list-style:none;margin:.1rem 0;padding-left:1.1rem;border-left:1px dotted #c5cbd6}
-</style></head><body>
-<h1 id="title">Stromboli API</h1>
-<div id="desc" class="d">Loading <a href="doc.json">doc.json</a>…</div>
-<div class="bar"><input id="q" type="search" placeholder="Filter by path, summary or tag">
-<button id="all">Expand all</button></div><main id="ops"></main>
-<script>
-"use strict";
-let doc;  // the document, once loaded
-const el = (tag, cls, text) => Object.assign(document.createElement(tag),  // text, never HTML
-  cls ? {className: cls} : {}, text == null ? {} : {textContent: String(text)});
-const add = (parent, ...kids) => { kids.forEach(k => k && parent.append(k)); return parent; };
-const deref = ref => ref.slice(2).split("/").reduce((o, k) => o && o[k], doc);
-function typeOf(s) {
-  if (!s) return "";
-  if (s.$ref) return s.$ref.split("/").pop();
-  if (s.allOf) return s.allOf.map(typeOf).join(" & ");
-  if (s.type === "array") return typeOf(s.items) + "[]";
-  if (s.enum) return (s.type || "") + " (" + s.enum.join(" | ") + ")";
-  if (s.additionalProperties) return "map<string, " + typeOf(s.additionalProperties) + ">";
-  return (s.type || "any") + (s.format ? " <" + s.format + ">" : "");
+DEFINITIONS: dict = {
+    "internal_api.AsyncRunResponse": obj("Response from starting an async Claude execution", properties={
+        "job_id": prop("string", example="job-abc123def456"),
+        "session_id": prop("string", example="550e8400-e29b-41d4-a716-446655440000"),
+    }),
+    "internal_api.ClaudeStatusResponse": obj("Claude configuration status", properties={
+        "configured": prop("boolean", example=True),
+        "message": prop("string", example="Claude is configured"),
+    }),
+    "internal_api.ComponentHealth": obj("", properties={
+        "error": prop("string", "Error message if status is \"error\"", example=""),
+        "name": prop("string", "Name of the component", example="podman"),
+        "status": prop("string", "Status is \"ok\" or \"error\"", example="ok"),
+    }),
+    "internal_api.CreateSecretRequest": obj("Request to create a new Podman secret", required=["name", "value"], properties={
+        "name": prop("string", example="github-token"),
+        "value": prop("string", example="ghp_xxxxxxxxxxxx"),
+    }),
+    "internal_api.CreateSecretResponse": obj("Result of secret creation", properties={
+        "error": prop("string"),
+        "name": prop("string", example="github-token"),
+        "success": prop("boolean", example=True),
+    }),
+    "internal_api.DeleteSecretResponse": obj("Result of secret deletion", properties={
+        "error": prop("string"),
+        "name": prop("string", example="github-token"),
+        "success": prop("boolean", example=True),
+    }),
+    "internal_api.ErrorResponse": obj("", properties={
+        "error": prop("string"),
+    }),
+    "internal_api.HealthResponse": obj("Health check response", properties={
+        "components": prop("[#internal_api.ComponentHealth]"),
+        "name": prop("string", example="stromboli"),
+        "status": prop("string", example="ok"),
+        "version": prop("string", example="0.5.6-alpha"),
+    }),
+    "internal_api.ImageDetailResponse": obj("Detailed container image information including labels", properties={
+        "compatibility_rank": prop("integer", example=3),
+        "compatible": prop("boolean", example=True),
+        "created": prop("string", example="2024-01-15T10:30:00Z"),
+        "description": prop("string", example="Python development image"),
+        "has_claude_cli": prop("boolean", example=False),
+        "id": prop("string", example="sha256:abc123def456"),
+        "labels": prop("object", additionalProperties={"type": "string"}),
+        "rank_description": prop("string", example="Standard glibc-based (compatible)"),
+        "repository": prop("string", example="python"),
+        "size": prop("integer", example=125000000),
+        "tag": prop("string", example="3.12-slim"),
+        "tools": prop("[string]", example=["python", "pip"]),
+    }),
+    "internal_api.ImageInfoResponse": obj("Container image metadata with compatibility information", properties={
+        "compatibility_rank": prop("integer", example=3),
+        "compatible": prop("boolean", example=True),
+        "created": prop("string", example="2024-01-15T10:30:00Z"),
+        "description": prop("string", example="Python development image"),
+        "has_claude_cli": prop("boolean", example=False),
+        "id": prop("string", example="sha256:abc123def456"),
+        "repository": prop("string", example="python"),
+        "size": prop("integer", example=125000000),
+        "tag": prop("string", example="3.12-slim"),
+        "tools": prop("[string]", example=["python", "pip"]),
+    }),
+    "internal_api.ImagePullRequest": obj("Request to pull a container image from a registry", required=["image"], properties={
+        "image": prop("string", example="python:3.12-slim"),
+        "platform": prop("string", example="linux/amd64"),
+        "quiet": prop("boolean", "Accepted and ignored", example=True),
+    }),
+    "internal_api.ImagePullResponse": obj("Result of image pull operation", properties={
+        "image": prop("string", example="python:3.12-slim"),
+        "image_id": prop("string", example="sha256:abc123def456"),
+        "success": prop("boolean", example=True),
+    }),
+    "internal_api.ImageSearchResponse": obj("Search results from container registries", properties={
+        "results": prop("[#internal_api.SearchResultResponse]"),
+    }),
+    "internal_api.ImagesListResponse": obj("List of local container images sorted by compatibility", properties={
+        "images": prop("[#internal_api.ImageInfoResponse]"),
+    }),
+    "internal_api.JobCancelResponse": obj("Result of a job cancel request", properties={
+        "cancelled": prop("boolean", example=True),
+        "job_id": prop("string", example="job-abc123def456"),
+    }),
+    "internal_api.JobListResponse": obj("List of async jobs", properties={
+        "jobs": prop("[#internal_api.JobResponse]"),
+    }),
+    "internal_api.JobResponse": obj("Job status and result", properties={
+        "crash_info": prop("#stromboli_internal_job.CrashInfo"),
+        "created_at": prop("string", example="2024-01-15T10:30:00Z"),
+        "error": prop("string"),
+        "finished_at": prop("string", "(extension) RFC 3339 with milliseconds; absent until the job ends", example="2024-01-15T10:31:00.250Z", format="date-time"),
+        "id": prop("string", example="job-abc123def456"),
+        "output": prop("string", example="Hello!"),
+        "run_id": prop("string", "(extension) The run's id (see /run/stream run_id)", example="run-abc123def456"),
+        "session_id": prop("string", example="sess-abc123def456"),
+        "started_at": prop("string", "(extension) RFC 3339 with milliseconds; absent until the job starts", example="2024-01-15T10:30:00.125Z", format="date-time"),
+        "status": prop("#stromboli_internal_job.Status", example="running"),
+        "structured_output": prop("object"),
+        "truncated": prop("boolean", "(extension) Output was cut: a line over agent.max_line or output over agent.max_output", example=False),
+        "updated_at": prop("string", example="2024-01-15T10:31:00Z"),
+        "usage": prop("#stromboli_internal_job.Usage", "(extension) Token usage totals + estimated USD cost"),
+        "webhook_deliveries": prop("array", "(extension) Webhook delivery attempts; GET /jobs/{id} only, when webhook_url was set", items={"type": "object", "properties": {"attempt": {"type": "integer"}, "status_code": {"type": "integer"}, "error": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}}),
+    }),
+    "internal_api.LogoutRequest": obj("(extension) Optional body of POST /auth/logout", properties={
+        "refresh_token": prop("string"),
+    }),
+    "internal_api.LogoutResponse": obj("", properties={
+        "message": prop("string"),
+        "success": prop("boolean"),
+    }),
+    "internal_api.RefreshRequest": obj("", required=["refresh_token"], properties={
+        "refresh_token": prop("string"),
+    }),
+    "internal_api.RunRequest": obj("Request to execute Claude Code in an isolated container", required=["prompt"], properties={
+        "claude": prop("#stromboli_internal_types.ClaudeOptions", "Claude configuration - all CLI options exposed"),
+        "podman": prop("#stromboli_internal_types.PodmanOptions", "Podman configuration"),
+        "prompt": prop("string", "Required: the prompt to send to Claude", example="Analyze this code and suggest improvements"),
+        "webhook_url": prop("string", "Webhook URL to notify when job completes (async only)", example="https://example.com/webhook"),
+        "workdir": prop("string", "Working directory inside the container where Claude will spawn; use podman.volumes to mount host paths", example="/workspace"),
+    }),
+    "internal_api.RunResponse": obj("Response from Claude execution", properties={
+        "crash_info": prop("#stromboli_internal_job.CrashInfo", "Crash details (when status is \"crashed\")"),
+        "error": prop("string", "Error message (when failed)", example=""),
+        "id": prop("string", "Unique run identifier", example="run-abc123def456"),
+        "output": prop("string", "Claude's raw output (full CLI output, including JSON envelope when output_format=json)", example="Here is my analysis..."),
+        "session_id": prop("string", "Session ID for conversation continuation", example="sess-abc123def456"),
+        "status": prop("string", "Execution status: completed, crashed, error", example="completed"),
+        "structured_output": prop("object", "structured_output from Claude's JSON envelope (when json_schema is used)"),
+        "truncated": prop("boolean", "(extension) Output was cut: a line over agent.max_line or output over agent.max_output", example=False),
+        "usage": prop("#stromboli_internal_job.Usage", "Token usage totals + estimated USD cost of this run; omitted when no assistant message reported usage"),
+    }),
+    "internal_api.SearchResultResponse": obj("Search result from a container registry", properties={
+        "automated": prop("boolean", example=False),
+        "description": prop("string", example="Python is an interpreted programming language"),
+        "index": prop("string", example="docker.io"),
+        "name": prop("string", example="python"),
+        "official": prop("boolean", example=True),
+        "stars": prop("integer", example=8500),
+    }),
+    "internal_api.SecretInfoResponse": obj("Secret metadata (never contains the actual secret value)", properties={
+        "created_at": prop("string", example="2024-01-15T10:30:00Z"),
+        "id": prop("string", example="abc123def456"),
+        "managed": prop("boolean", "(extension) Managed by stromboli (cannot be deleted)", example=False),
+        "name": prop("string", example="github-token"),
+    }),
+    "internal_api.SecretsListResponse": obj("List of available secrets that can be injected into runs", properties={
+        "error": prop("string"),
+        "secrets": prop("[#internal_api.SecretInfoResponse]"),
+    }),
+    "internal_api.SessionDestroyResponse": obj("Result of session destruction", properties={
+        "error": prop("string"),
+        "session_id": prop("string", example="sess-abc123"),
+        "success": prop("boolean", example=True),
+    }),
+    "internal_api.SessionInfo": obj("Metadata about a single session", properties={
+        "id": prop("string", example="sess-abc123"),
+        "size_bytes": prop("integer", "(extension) Bytes in the session home (as of its last run or check; see agent.session_quota)", example=48213),
+        "title": prop("string", "Session title; empty when none is known", example="Refactor billing service"),
+    }),
+    "internal_api.SessionListResponse": obj("List of existing sessions with metadata", properties={
+        "error": prop("string"),
+        "sessions": prop("[#internal_api.SessionInfo]"),
+        "total": prop("integer", "(extension) Number of sessions before pagination"),
+    }),
+    "internal_api.SessionMessageResponse": obj("A single message from session history", properties={
+        "error": prop("string"),
+        "message": prop("#stromboli_internal_history.Message"),
+    }),
+    "internal_api.SessionMessagesResponse": obj("Paginated list of session messages", properties={
+        "has_more": prop("boolean"),
+        "limit": prop("integer"),
+        "messages": prop("[#stromboli_internal_history.Message]"),
+        "offset": prop("integer"),
+        "total": prop("integer"),
+        "usage": prop("#stromboli_internal_job.Usage", "(extension) The session's cumulative token usage"),
+    }),
+    "internal_api.TokenRequest": obj("", required=["client_id"], properties={
+        "client_id": prop("string"),
+    }),
+    "internal_api.TokenResponse": obj("", properties={
+        "access_token": prop("string"),
+        "expires_in": prop("integer"),
+        "refresh_token": prop("string"),
+        "token_type": prop("string"),
+    }),
+    "internal_api.ValidateResponse": obj("", properties={
+        "expires_at": prop("integer"),
+        "subject": prop("string"),
+        "valid": prop("boolean"),
+    }),
+    "stromboli_internal_history.ContentBlock": obj("A content block (text, tool_use, or tool_result)", properties={
+        "content": prop("string", "Tool result content (for tool_result)", example="file1.txt\nfile2.txt"),
+        "id": prop("string", "Tool use ID (for tool_use and tool_result)", example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
+        "input": prop("object", "Tool input (for tool_use)", additionalProperties={}),
+        "is_error": prop("boolean", "Whether tool execution errored", example=False),
+        "name": prop("string", "Tool name (for tool_use)", example="Bash"),
+        "text": prop("string", "Text content (for text blocks)", example="I'll help you with that."),
+        "tool_use_id": prop("string", "Tool use ID reference (for tool_result)", example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
+        "type": prop("string", "Block type: text, tool_use, tool_result", example="tool_use"),
+    }),
+    "stromboli_internal_history.Message": obj("A message in the conversation history", properties={
+        "content": prop("#stromboli_internal_history.MessageContent", "The actual message content"),
+        "cwd": prop("string", "Working directory at time of message", example="/workspace"),
+        "git_branch": prop("string", "Git branch at time of message", example="main"),
+        "parent_uuid": prop("string", "Parent message UUID for threading", example="92242819-b7d1-48d4-b023-6134c3e9f63a"),
+        "permission_mode": prop("string", "Permission mode active for this message", example="bypassPermissions"),
+        "session_id": prop("string", "Session ID this message belongs to", example="c7518652-f0ea-436e-9143-327085022abd"),
+        "timestamp": prop("string", "Timestamp when the message was created", example="2026-01-24T10:06:42.906Z"),
+        "tool_result": prop("#stromboli_internal_history.ToolResult", "Tool use result (for tool_result messages)"),
+        "type": prop("#stromboli_internal_history.MessageType", "Message type: user, assistant, queue-operation", example="assistant"),
+        "uuid": prop("string", "Unique identifier for this message", example="40adde19-546a-43e8-ad25-31ef4faa4112"),
+        "version": prop("string", "Claude Code version", example="2.1.19"),
+    }),
+    "stromboli_internal_history.MessageContent": obj("Message content with role and content blocks", properties={
+        "content": prop("[#stromboli_internal_history.ContentBlock]", "Content blocks (text, tool_use, tool_result)"),
+        "message_id": prop("string", "Message ID from API", example="msg_017ETE4Wk32ZXAQJp3GXP1Bo"),
+        "model": prop("string", "Model used (for assistant messages)", example="claude-opus-4-5-20251101"),
+        "role": prop("string", "Role: user or assistant", example="assistant"),
+        "stop_reason": prop("string", "Stop reason (for assistant messages)", example="end_turn"),
+        "usage": prop("#stromboli_internal_history.Usage", "Token usage"),
+    }),
+    "stromboli_internal_history.MessageType": {"type": "string", "enum": ["user", "assistant", "queue-operation"], "x-enum-varnames": ["MessageTypeUser", "MessageTypeAssistant", "MessageTypeSystem"]},
+    "stromboli_internal_history.ToolResult": obj("Detailed result of a tool execution", properties={
+        "interrupted": prop("boolean", "Whether execution was interrupted", example=False),
+        "is_image": prop("boolean", "Whether result is an image", example=False),
+        "stderr": prop("string", "Standard error", example=""),
+        "stdout": prop("string", "Standard output", example="file1.txt\nfile2.txt"),
+    }),
+    "stromboli_internal_history.Usage": obj("Token usage statistics", properties={
+        "cache_creation_input_tokens": prop("integer", example=336),
+        "cache_read_input_tokens": prop("integer", example=18121),
+        "input_tokens": prop("integer", example=150),
+        "output_tokens": prop("integer", example=42),
+    }),
+    "stromboli_internal_job.CrashInfo": obj("", properties={
+        "exit_code": prop("integer", "Exit code (if available)"),
+        "partial_output": prop("string", "Partial output captured before crash"),
+        "reason": prop("string", "Human-readable crash reason"),
+        "signal": prop("string", "Signal that killed the process (SIGSEGV, SIGKILL, etc.)"),
+        "task_completed": prop("boolean", "Whether the task appeared to complete before crashing"),
+    }),
+    "stromboli_internal_job.Status": {"type": "string", "enum": ["pending", "running", "completed", "failed", "crashed", "cancelled"], "x-enum-varnames": ["StatusPending", "StatusRunning", "StatusCompleted", "StatusFailed", "StatusCrashed", "StatusCancelled"]},
+    "stromboli_internal_job.Usage": obj("", properties={
+        "cache_creation_input_tokens": prop("integer"),
+        "cache_read_input_tokens": prop("integer"),
+        "estimated_cost_usd": prop("number", "Best effort: tokens × Anthropic's per-1M rates; 0 when the model is unknown"),
+        "input_tokens": prop("integer"),
+        "model": prop("string", "Model reported by Claude; empty when unknown"),
+        "output_tokens": prop("integer"),
+        "total_tokens": prop("integer"),
+    }),
+    "stromboli_internal_types.EnvironmentConfig": obj("Runtime environment configuration (single container or compose)", properties={
+        "build_timeout": prop("string", "Build timeout override for compose (default 10m)", example="15m"),
+        "path": prop("string", "Absolute path to the compose file (.yml/.yaml), required when type=\"compose\"", example="/home/user/project/docker-compose.yml"),
+        "service": prop("string", "Service name where Claude will run (required when type=\"compose\")", example="dev"),
+        "type": prop("string", "\"\" (default single container) or \"compose\"", example="compose"),
+    }),
+    "stromboli_internal_types.LifecycleHooks": obj("Commands to run at specific container lifecycle stages", properties={
+        "hooks_timeout": prop("string", "Maximum duration for all hooks combined (e.g. \"5m\"); default: the container timeout", example="5m"),
+        "on_create_command": prop("[string]", "Shell commands run before Claude on a session's first run", example=["pip install -r requirements.txt"]),
+        "post_create": prop("[string]", "Shell commands run after on_create_command (first run only)", example=["npm run setup"]),
+        "post_start": prop("[string]", "Shell commands run on every run, including continues", example=["redis-server --daemonize yes"]),
+    }),
+
 }
-function target(s) {  // the object or enum schema that s ends in, or null
-  for (let i = 0; s && i < 10; i++) {
-    if (s.$ref) s = deref(s.$ref);
-    else if (s.allOf) s = s.allOf[0];
-    else if (s.type === "array") s = s.items;
-    else return s.properties || s.enum ? s : null;
-  }
-  return null;
-}
-function tree(s) {  // an object's fields; nested objects expand on demand
-  const t = target(s), ul = el("ul", "s");
-  if (!t) return null;
-  if (t.enum) return add(ul, el("li", "d", "one of: " + t.enum.join(", ")));
-  const req = new Set(t.required || []);
-  for (const [name, p] of Object.entries(t.properties)) {
-    const line = [el("span", "n", name), req.has(name) ? el("span", "r", "*") : null,
-      el("span", "t", "  " + typeOf(p)),
-      el("span", "d", p.description ? "  — " + p.description : "")];
-    if (!target(p)) { add(ul, add(el("li"), ...line)); continue; }
-    const d = add(el("details"), add(el("summary"), ...line));
-    d.addEventListener("toggle", () => d.open && d.childElementCount < 2 && add(d, tree(p)));
-    add(ul, add(el("li"), d));
-  }
-  return ul;
-}
-function schemaBlock(s, open) {
-  const t = tree(s), d = add(el("details"), add(el("summary"), el("code", "t", typeOf(s))), t);
-  d.open = open;
-  return t ? d : el("code", "t", typeOf(s));
-}
-function operation(method, path, op) {
-  const sec = op.security || doc.security || [], d = el("details", "op");
-  Object.assign(d, {id: method + "-" + path, title: op.tags.join(", ")});
-  add(d, add(el("summary"), el("span", "m " + method, method.toUpperCase()),
-    el("span", "path", path), el("span", "d", op.summary),
-    sec.length ? el("span", "lock", "auth: " + Object.keys(sec[0]).join(", ")) : null));
-  const body = add(el("div", "in"), el("p", null, op.description),
-    el("div", "d", "Consumes: " + (op.consumes || ["—"]).join(", ") +
-                   " · Produces: " + (op.produces || ["—"]).join(", ")));
-  const params = (op.parameters || []).filter(p => p.in !== "body");
-  if (params.length) {
-    const tb = add(el("table"), add(el("tr"), ...["Name", "In", "Type", "Description"]
-      .map(h => el("th", null, h))));
-    for (const p of params) add(tb, add(el("tr"), add(el("td"), el("span", "n", p.name),
-      p.required ? el("span", "r", "*") : null), el("td", "d", p.in), el("td", "t", typeOf(p)),
-      el("td", null, p.description)));
-    add(body, el("h4", null, "Parameters"), tb);
-  }
-  for (const p of (op.parameters || []).filter(p => p.in === "body"))
-    add(body, el("h4", null, "Request body" + (p.required ? "" : " (optional)")),
-      el("div", "d", p.description), schemaBlock(p.schema, true));
-  const tb = add(el("table"), add(el("tr"), el("th", null, "Status"), el("th", null, "Response")));
-  for (let [code, r] of Object.entries(op.responses || {})) {
-    if (r.$ref) r = deref(r.$ref);
-    const cell = add(el("td"), el("div", null, r.description),
-      r.schema ? schemaBlock(r.schema, false) : null);
-    for (const [h, v] of Object.entries(r.headers || {}))
-      add(cell, el("div", "d", "Header " + h + ": " + typeOf(v) + " — " + (v.description || "")));
-    add(tb, add(el("tr"), el("td", "n", code), cell));
-  }
-  return add(d, add(body, el("h4", null, "Responses"), tb));
-}
-function render() {
-  document.title = doc.info.title + " " + doc.info.version;
-  add(document.getElementById("title"), el("small", null, " " + doc.info.version));
-  const desc = document.getElementById("desc");
-  desc.textContent = doc.info.description + " Base path " + doc.basePath + ". ";
-  add(desc, Object.assign(el("a", null, "Raw doc.json"), {href: "doc.json"}));
-  const tags = doc.tags || [], groups = new Map(tags.map(t => [t.name, []]));
-  for (const [path, item] of Object.entries(doc.paths))
-    for (const [method, op] of Object.entries(item)) {
-      const tag = (op.tags || ["other"])[0];
-      groups.set(tag, (groups.get(tag) || []).concat(operation(method, path, op)));
-    }
-  const main = document.getElementById("ops");
-  for (const [tag, ops] of groups) {
-    const info = tags.find(t => t.name === tag) || {};
-    if (ops.length) add(main, add(el("section"), add(el("h2", null, tag + " "),
-      el("small", null, info.description)), ...ops));
-  }
-  const models = add(el("section"), el("h2", null, "Models"));
-  for (const name of Object.keys(doc.definitions || {}).sort()) {
-    const s = {$ref: "#/definitions/" + name};
-    add(models, add(el("details", "op"), add(el("summary"), el("span", "path", name),
-      el("span", "d", deref(s.$ref).description)), add(el("div", "in"), tree(s))));
-  }
-  add(main, models);
-  const hit = document.getElementById(decodeURIComponent(location.hash.slice(1)));
-  if (hit) { hit.open = true; hit.scrollIntoView(); }
-}
-document.getElementById("q").addEventListener("input", e => {
-  const q = e.target.value.trim().toLowerCase();
-  document.querySelectorAll("#ops section").forEach(sec => {
-    const ops = [...sec.querySelectorAll("details.op")];
-    ops.forEach(d => {
-      d.hidden = !(d.title + " " + d.firstChild.textContent).toLowerCase().includes(q);
-    });
-    sec.hidden = ops.every(d => d.hidden);
-  });
-});
-document.getElementById("all").addEventListener("click", e => {
-  const open = e.target.textContent === "Expand all";
-  document.querySelectorAll("details.op").forEach(d => { d.open = open; });
-  e.target.textContent = open ? "Collapse all" : "Expand all";
-});
-fetch("doc.json").then(r => r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status)))
-  .then(d => { doc = d; render(); })
-  .catch(err => { document.getElementById("desc").textContent = "Cannot load doc.json: " + err; });
-</script></body></html>
-"""
+
 
 # ---------------------------------------------------------------------------
 # HTTP — the application object, middlewares, handlers, the route table
@@ -5162,8 +4378,11 @@ async def request_context(request: web.Request, handler: Callable) -> web.Stream
     app = state(request)
     request_id = request["request_id"] = request.headers.get("X-Request-ID") \
         or pysecrets.token_hex(8)
-    request["access"], request["envelope"] = request.app[ROUTE_ACCESS_KEY].get(
-        (request.method, route_template(request)), ("protected", "error"))
+    record = request.app[ROUTE_RECORDS_KEY].get((request.method, route_template(request)))
+    # An unknown route is the router's 404/405; had it a handler without a record, it
+    # would be protected.
+    request["access"], request["envelope"] = (record.access, record.envelope) if record \
+        else ("protected", "error")
     started = time.monotonic()
     try:
         response = await handler(request)
@@ -5273,6 +4492,9 @@ def require_configured(app: Stromboli) -> None:
 
 # -- system -------------------------------------------------------------------
 
+@api("GET", "/health", "public", "error", "system", "Health check",
+     description="Health of the API with component checks; always 200, status \"degraded\" when a component fails",
+     ok=(200, "OK", "internal_api.HealthResponse"))
 async def health(request: web.Request) -> web.Response:
     """From the monitor's state: no Podman call, whoever asks and however often."""
     components = state(request).monitor.components()
@@ -5281,6 +4503,9 @@ async def health(request: web.Request) -> web.Response:
                           "components": components})
 
 
+@api("GET", "/claude/status", "protected", "error", "system", "Claude status",
+     description="Checks if Claude credentials (or an API key) are configured",
+     ok=(200, "OK", "internal_api.ClaudeStatusResponse"))
 async def claude_status(request: web.Request) -> web.Response:
     configured = state(request).runner.configured()
     return json_response({"configured": configured, "message": "Claude is configured"
@@ -5290,6 +4515,11 @@ async def claude_status(request: web.Request) -> web.Response:
 
 # -- runs ---------------------------------------------------------------------
 
+@api("POST", "/run", "protected", "run", "execution", "Run Claude",
+     description="Executes Claude Code in an isolated Podman container",
+     body="internal_api.RunRequest",
+     ok=(200, "OK (status completed, or crashed with crash_info)", "internal_api.RunResponse"),
+     errors=((400, "Invalid request, including option validation errors (extension: upstream answers 500 for those)"), (404, "session has no history: <id> (resume, continue or fork without a transcript; extension)"), (409, "Session already has history; set claude.resume=true (extension)"), (500, "Execution failed"), (503, "Claude not configured, or Podman unavailable (extension)"),))
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
@@ -5303,6 +4533,11 @@ async def run_sync(request: web.Request) -> web.Response:
     return json_response(result.response())
 
 
+@api("POST", "/run/async", "protected", "run", "execution", "Run Claude async",
+     description="Starts Claude Code execution asynchronously and returns a job ID. Session-history errors (404/409 on /run) fail the job instead",
+     body="internal_api.RunRequest",
+     ok=(202, "Accepted", "internal_api.AsyncRunResponse"),
+     errors=((400, "Invalid request"), (503, "Claude not configured, or Podman unavailable (extension)"),))
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
@@ -5357,6 +4592,11 @@ def convert_query_value(name: str, kind: str, value: str) -> Any:
     return value
 
 
+@api("GET", "/run/stream", "protected", "text", "execution", "Stream Claude output",
+     description="Executes Claude and streams output in real-time using SSE. Each output line is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` (data {id, session_id, status}) or `event: error` (data: message). Extensions: every run option is a query parameter, bare or prefixed (`claude.<option>`, `podman.<option>`), lists comma-separated, objects as JSON; `id:` on each event, the X-Run-ID header, and replay with run_id + Last-Event-ID",
+     params=tuple(stream_parameters()), produces=("text/event-stream",),
+     ok=(200, "Event stream of output lines; header X-Run-ID: the run's id (extension)", None),
+     errors=((400, "Invalid request (plain text)"), (404, "run not found: <run_id> (plain text; extension)"), (503, "Claude not configured, or Podman unavailable (plain text)"),))
 async def run_stream(request: web.Request) -> web.StreamResponse:
     app = state(request)
     query = request.query
@@ -5462,6 +4702,11 @@ async def stored_events(store: Store, run_id: str, after: int):
 
 # -- jobs -----------------------------------------------------------------------
 
+@api("GET", "/jobs", "protected", "run", "jobs", "List jobs",
+     description="Returns async jobs, newest first",
+     params=(param("status", "query", "string", "(extension) Only jobs in this state", enum=["pending", "running", "completed", "failed", "crashed", "cancelled"]),),
+     ok=(200, "OK", "internal_api.JobListResponse"),
+     errors=((400, "Invalid status filter (extension)"),))
 async def list_jobs(request: web.Request) -> web.Response:
     app = state(request)
     status = request.query.get("status")
@@ -5471,6 +4716,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     return json_response({"jobs": [job_response(j) for j in jobs]})
 
 
+@api("GET", "/jobs/{id}", "protected", "run", "jobs", "Get job status",
+     description="Returns the status and result of an async job",
+     params=(param("id", "path", "string", "Job ID"),),
+     ok=(200, "OK", "internal_api.JobResponse"),
+     errors=((404, "Job not found"),))
 async def get_job(request: web.Request) -> web.Response:
     """A job; with a webhook_url, its delivery attempts too (extension)."""
     app = state(request)
@@ -5482,6 +4732,11 @@ async def get_job(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+@api("DELETE", "/jobs/{id}", "protected", "run", "jobs", "Cancel job",
+     description="Cancels a pending or running job (its container is stopped)",
+     params=(param("id", "path", "string", "Job ID"),),
+     ok=(200, "OK", "internal_api.JobCancelResponse"),
+     errors=((404, "Job not found"), (409, "Job cannot be cancelled"),))
 async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     await state(request).jobs.cancel(job_id)
@@ -5503,6 +4758,12 @@ def page_params(request: web.Request, default: int, maximum: int) -> tuple[int, 
     return offset, min(limit, maximum)
 
 
+@api("GET", "/sessions", "protected", "error", "sessions", "List sessions",
+     description="Returns existing sessions with titles, newest first",
+     params=(param("limit", "query", "integer", "(extension) Number of sessions to return (default: all)"), param("offset", "query", "integer", "(extension) Offset for pagination (default: 0)"),),
+     ok=(200, "OK", "internal_api.SessionListResponse"),
+     errors=((500, "Internal Server Error"),),
+     error_schema="internal_api.SessionListResponse")
 async def list_sessions(request: web.Request) -> web.Response:
     """Newest first; `offset`/`limit` paginate (extension, default: all)."""
     app = state(request)
@@ -5511,6 +4772,12 @@ async def list_sessions(request: web.Request) -> web.Response:
     return json_response({"sessions": sessions[offset:offset + limit], "total": len(sessions)})
 
 
+@api("DELETE", "/sessions/{id}", "protected", "success", "sessions", "Destroy session",
+     description="Removes a session and all its stored data",
+     params=(param("id", "path", "string", "Session ID (lowercase UUID)"),),
+     ok=(200, "OK", "internal_api.SessionDestroyResponse"),
+     errors=((400, "Bad Request"), (404, "Not Found"), (409, "A run on the session is active or queued (extension)"),),
+     error_schema="internal_api.SessionDestroyResponse")
 async def delete_session(request: web.Request) -> web.Response:
     app = state(request)
     session_id = check_session_id(request.match_info["id"])
@@ -5521,6 +4788,12 @@ async def delete_session(request: web.Request) -> web.Response:
     return json_response({"success": True, "session_id": session_id})
 
 
+@api("GET", "/sessions/{id}/messages", "protected", "error", "sessions", "List session messages",
+     description="Returns paginated conversation history for a session including all messages, tool calls, and results",
+     params=(param("id", "path", "string", "Session ID (UUID)"), param("offset", "query", "integer", "Offset for pagination (default: 0)"), param("limit", "query", "integer", "Number of messages to return (default: 50, max: 200)"),),
+     ok=(200, "OK", "internal_api.SessionMessagesResponse"),
+     errors=((400, "Invalid parameters"), (404, "Session not found"), (500, "Internal error"),),
+     error_schema="internal_api.SessionMessagesResponse")
 async def session_messages(request: web.Request) -> web.Response:
     """A page of the transcript, plus the session's cumulative `usage` (extension)."""
     app = state(request)
@@ -5533,6 +4806,12 @@ async def session_messages(request: web.Request) -> web.Response:
         "limit": limit, "has_more": offset + limit < total, "usage": usage}))
 
 
+@api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions", "Get session message",
+     description="Returns a specific message from session history by UUID, including full content, tool calls, and results",
+     params=(param("id", "path", "string", "Session ID (UUID)"), param("message_id", "path", "string", "Message UUID"),),
+     ok=(200, "OK", "internal_api.SessionMessageResponse"),
+     errors=((400, "Invalid parameters"), (404, "Message not found"), (500, "Internal error"),),
+     error_schema="internal_api.SessionMessageResponse")
 async def session_message(request: web.Request) -> web.Response:
     app = state(request)
     session_id = check_session_id(request.match_info["id"])
@@ -5559,17 +4838,31 @@ async def catalog(request: web.Request, method: str, *args: Any, failure: str) -
         raise ApiError(500, failure) from None
 
 
+@api("GET", "/images", "protected", "error", "images", "List images",
+     description="Returns local container images sorted by compatibility rank: 1-2 verified compatible, 3 standard glibc (compatible), 4 incompatible (Alpine/musl)",
+     ok=(200, "List of images (empty array if none exist)", "internal_api.ImagesListResponse"),
+     errors=((500, "Internal server error"), (503, "Podman unavailable (extension)"),))
 async def list_images(request: web.Request) -> web.Response:
     images = await catalog(request, "images", failure="failed to list images")
     return json_response({"images": images})
 
 
+@api("GET", "/images/{name:.+}", "protected", "error", "images", "Inspect image",
+     description="Returns detailed information about a container image including all labels and compatibility information",
+     params=(param("name", "path", "string", "Image name with optional tag; may hold a registry and slashes, raw or URL-encoded (extension)", example="python:3.12-slim"),),
+     ok=(200, "Image details", "internal_api.ImageDetailResponse"),
+     errors=((400, "Invalid image name"), (404, "Image not found"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),))
 async def inspect_image(request: web.Request) -> web.Response:
     """`/images/{name}`: the name may hold a registry and slashes, raw or URL-encoded."""
     name = check_image_name(request.match_info["name"])
     return json_response(await catalog(request, "inspect", name, failure="internal server error"))
 
 
+@api("GET", "/images/search", "protected", "error", "images", "Search images",
+     description="Searches container registries for images matching the query",
+     params=(param("q", "query", "string", "Search query", example="python", required=True), param("limit", "query", "integer", "Maximum number of results (default 25, max 100)", example=10), param("no_trunc", "query", "boolean", "Don't truncate output (accepted; results are never truncated)"),),
+     ok=(200, "Search results", "internal_api.ImageSearchResponse"),
+     errors=((400, "Invalid request (missing query)"), (500, "Internal server error"), (502, "Registry search failed"), (503, "Podman unavailable (extension)"),))
 async def search_images(request: web.Request) -> web.Response:
     term = search_term(request.query.get("q", ""))
     try:
@@ -5583,6 +4876,12 @@ async def search_images(request: web.Request) -> web.Response:
     return json_response({"results": results})
 
 
+@api("POST", "/images/pull", "protected", "error", "images", "Pull image",
+     description="Pulls a container image from a registry. Extension: with `Accept: text/event-stream` the progress is streamed as SSE `data:` lines, then `event: done` (data: the ImagePullResponse JSON) or `event: error` (data: message)",
+     body="internal_api.ImagePullRequest",
+     produces=("application/json", "text/event-stream"),
+     ok=(200, "Image pulled successfully (or the SSE progress stream)", "internal_api.ImagePullResponse"),
+     errors=((400, "Invalid request"), (500, "Pull failed"),))
 async def pull_image(request: web.Request) -> web.StreamResponse:
     """Pull an image; with `Accept: text/event-stream` its progress is streamed as SSE
     (`data:` lines, then `event: done` with the JSON result, or `event: error`)."""
@@ -5630,6 +4929,11 @@ async def pull_image(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@api("GET", "/secrets", "protected", "error", "secrets", "List secrets",
+     description="Returns metadata for all Podman secrets; values are never returned",
+     ok=(200, "List of secrets (empty array if none exist)", "internal_api.SecretsListResponse"),
+     errors=((500, "Internal server error"), (503, "Podman unavailable (extension)"),),
+     error_schema="internal_api.SecretsListResponse")
 async def list_secrets(request: web.Request) -> web.Response:
     try:
         secrets = await catalog(request, "secrets", failure="failed to list secrets")
@@ -5645,6 +4949,12 @@ def check_secret_name(name: Any) -> str:
     return name
 
 
+@api("POST", "/secrets", "protected", "success", "secrets", "Create secret",
+     description="Creates a Podman secret. Names: letters, digits, - and _, max 253 characters. Values are limited to 1MB",
+     body="internal_api.CreateSecretRequest",
+     ok=(201, "Secret created successfully", "internal_api.CreateSecretResponse"),
+     errors=((400, "Invalid request (missing/invalid name or value)"), (409, "Secret with this name already exists"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),),
+     error_schema="internal_api.CreateSecretResponse")
 async def create_secret(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
@@ -5659,11 +4969,22 @@ async def create_secret(request: web.Request) -> web.Response:
     return json_response({"success": True, "name": name}, 201)
 
 
+@api("GET", "/secrets/{name}", "protected", "error", "secrets", "Get secret metadata",
+     description="Returns metadata about a Podman secret; the value is never returned",
+     params=(param("name", "path", "string", "Secret name", example="github-token"),),
+     ok=(200, "Secret metadata", "internal_api.SecretInfoResponse"),
+     errors=((400, "Invalid secret name"), (404, "Secret not found"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),))
 async def get_secret(request: web.Request) -> web.Response:
     name = check_secret_name(request.match_info["name"])
     return json_response(await catalog(request, "secret", name, failure="internal server error"))
 
 
+@api("DELETE", "/secrets/{name}", "protected", "success", "secrets", "Delete secret",
+     description="Permanently deletes a Podman secret. Secrets in use by running containers may cause those containers to fail",
+     params=(param("name", "path", "string", "Secret name", example="github-token"),),
+     ok=(200, "Secret deleted successfully", "internal_api.DeleteSecretResponse"),
+     errors=((400, "Invalid secret name"), (404, "Secret not found"), (409, "Secret is managed by stromboli (extension)"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),),
+     error_schema="internal_api.DeleteSecretResponse")
 async def delete_secret(request: web.Request) -> web.Response:
     name = check_secret_name(request.match_info["name"])
     await catalog(request, "delete_secret", name, failure="failed to delete secret")
@@ -5677,6 +4998,11 @@ def require_jwt(app: Stromboli) -> None:
         raise Unavailable("JWT authentication not configured")
 
 
+@api("POST", "/auth/token", "token", "error", "auth", "Generate JWT tokens",
+     description="Generate new JWT access and refresh tokens using API credentials (only a static API token mints: not a JWT; not rate limited)",
+     body="internal_api.TokenRequest",
+     ok=(200, "OK", "internal_api.TokenResponse"),
+     errors=((400, "Bad Request"), (503, "JWT authentication not configured"),))
 async def auth_token(request: web.Request) -> web.Response:
     """Mint a pair. Only a static token may (perimeter has checked it when auth is on): a
     JWT minting JWTs would make one leaked access token last forever."""
@@ -5692,6 +5018,11 @@ async def auth_token(request: web.Request) -> web.Response:
     return json_response(app.auth.tokens(client_id))
 
 
+@api("POST", "/auth/refresh", "public", "error", "auth", "Refresh access token",
+     description="Generate a new access token (and a new refresh token) using a valid refresh token",
+     body="internal_api.RefreshRequest",
+     ok=(200, "OK", "internal_api.TokenResponse"),
+     errors=((400, "Bad Request"), (401, "invalid or expired refresh token"), (503, "JWT authentication not configured"),))
 async def auth_refresh(request: web.Request) -> web.Response:
     app = state(request)
     require_jwt(app)
@@ -5703,6 +5034,11 @@ async def auth_refresh(request: web.Request) -> web.Response:
     return json_response(await app.auth.refresh(token))
 
 
+@api("GET", "/auth/validate", "public", "error", "auth", "Validate JWT token",
+     description="Validate a JWT access token and return its claims. Public route (no rate limit): it checks the bearer token itself",
+     ok=(200, "OK", "internal_api.ValidateResponse"),
+     errors=((401, "Unauthorized"), (503, "JWT authentication not configured"),),
+     reads_bearer=True)
 async def auth_validate(request: web.Request) -> web.Response:
     app = state(request)
     require_jwt(app)
@@ -5712,6 +5048,13 @@ async def auth_validate(request: web.Request) -> web.Response:
     return json_response({"valid": True, "subject": claims["sub"], "expires_at": claims["exp"]})
 
 
+@api("POST", "/auth/logout", "public", "error", "auth", "Logout (invalidate token)",
+     description="Revokes the bearer JWT; a refresh_token in the optional body is revoked too (extension). Public route (no rate limit): it checks the bearer token itself",
+     body="internal_api.LogoutRequest",
+     body_required=False,
+     ok=(200, "OK", "internal_api.LogoutResponse"),
+     errors=((401, "Unauthorized"), (503, "Service Unavailable"),),
+     reads_bearer=True)
 async def auth_logout(request: web.Request) -> web.Response:
     """Revoke the presented access token's whole family (every token of that grant), and
     that of a `refresh_token` in the body. All or nothing: every token is checked first."""
@@ -5732,10 +5075,17 @@ async def auth_logout(request: web.Request) -> web.Response:
     return json_response({"success": True, "message": "token invalidated"})
 
 
+@api("GET", "/swagger/doc.json", "public", "error", "docs", "OpenAPI document",
+     description="(extension) This Swagger 2.0 document",
+     ok=(200, "OK", "object"))
 async def openapi_document(request: web.Request) -> web.Response:
     return json_response(OPENAPI)
 
 
+@api("GET", "/swagger/", "public", "error", "docs", "API documentation page",
+     description="(extension) A self-contained HTML viewer of doc.json",
+     produces=("text/html",),
+     ok=(200, "OK", None))
 async def openapi_viewer(request: web.Request) -> web.Response:
     return web.Response(text=SWAGGER_HTML, content_type="text/html", charset="utf-8")
 
@@ -5750,49 +5100,20 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # -- the route table --------------------------------------------------------------
 
-# (method, path, handler, access, envelope). access: "public", "token" (a static token
-# mints JWTs: auth, no rate limit) or "protected" (rate limit, then auth); envelope: the
-# ApiError shape of the route's errors (see ApiError).
-ROUTES: tuple[tuple[str, str, Callable, str, str], ...] = (
-    ("GET", "/health", health, "public", "error"),
-    ("POST", "/auth/token", auth_token, "token", "error"),
-    ("POST", "/auth/refresh", auth_refresh, "public", "error"),
-    ("GET", "/auth/validate", auth_validate, "public", "error"),
-    ("POST", "/auth/logout", auth_logout, "public", "error"),
-    ("GET", "/claude/status", claude_status, "protected", "error"),
-    ("POST", "/run", run_sync, "protected", "run"),
-    ("GET", "/run/stream", run_stream, "protected", "text"),
-    ("POST", "/run/async", run_async, "protected", "run"),
-    ("GET", "/jobs", list_jobs, "protected", "run"),
-    ("GET", "/jobs/{id}", get_job, "protected", "run"),
-    ("DELETE", "/jobs/{id}", cancel_job, "protected", "run"),
-    ("GET", "/sessions", list_sessions, "protected", "error"),
-    ("DELETE", "/sessions/{id}", delete_session, "protected", "success"),
-    ("GET", "/sessions/{id}/messages", session_messages, "protected", "error"),
-    ("GET", "/sessions/{id}/messages/{message_id}", session_message, "protected", "error"),
-    ("GET", "/secrets", list_secrets, "protected", "error"),
-    ("POST", "/secrets", create_secret, "protected", "success"),
-    ("GET", "/secrets/{name}", get_secret, "protected", "error"),
-    ("DELETE", "/secrets/{name}", delete_secret, "protected", "success"),
-    ("GET", "/images", list_images, "protected", "error"),
-    ("GET", "/images/search", search_images, "protected", "error"),
-    ("POST", "/images/pull", pull_image, "protected", "error"),
-    ("GET", "/images/{name:.+}", inspect_image, "protected", "error"),
-    ("GET", "/swagger/doc.json", openapi_document, "public", "error"),
-    ("GET", "/swagger/", openapi_viewer, "public", "error"),
-)
-ROUTE_ACCESS_KEY = web.AppKey("route_access", dict)
+# ROUTES holds every handler's @api record; the document is derived from them once.
+OPENAPI = build_openapi(ROUTES)
+ROUTE_RECORDS_KEY = web.AppKey("route_records", dict)
 
 
 def build_app(app_state: Stromboli) -> web.Application:
     app = web.Application(middlewares=[request_context, perimeter],
                           client_max_size=app_state.cfg.server_max_body_bytes)
     app[APP_KEY] = app_state
-    access = {}
-    for method, path, handler, level, envelope in ROUTES:
-        route = app.router.add_route(method, path, handler)
-        access[(method, route.resource.canonical)] = (level, envelope)  # perimeter's key
-    app[ROUTE_ACCESS_KEY] = access
+    records = {}
+    for record in ROUTES:
+        route = app.router.add_route(record.method, record.path, record.handler)
+        records[(record.method, route.resource.canonical)] = record  # request_context's key
+    app[ROUTE_RECORDS_KEY] = records
     return app
 
 
@@ -6506,6 +5827,178 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+
+
+# ---------------------------------------------------------------------------
+# Data — the agent image's Containerfile and the OpenAPI viewer page
+# ---------------------------------------------------------------------------
+
+AGENT_CONTAINERFILE = """\
+FROM docker.io/library/node:20-slim
+RUN apt-get update && apt-get install -y --no-install-recommends git jq procps ca-certificates \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && npm install -g @anthropic-ai/claude-code && npm cache clean --force \\
+ && (userdel -r node || true) && useradd -m -u 1000 -s /bin/bash user \\
+ && mkdir -p /workspace && chown user:user /workspace
+ENV DISABLE_AUTOUPDATER=1
+LABEL ai.stromboli.compatible="true" ai.stromboli.claude-cli="true" \\
+      ai.stromboli.description="Default stromboli agent image"
+USER user
+WORKDIR /workspace
+"""
+
+SWAGGER_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Stromboli API</title><link rel="icon" href="data:,">
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:1rem 1.5rem;
+  color:#1d2330;background:#f7f8fa}
+h1{margin:.2rem 0}h1 small,h2 small,.d{color:#5c6575;font-weight:normal}
+h2{margin:1.5rem 0 .4rem;padding-bottom:.2rem;border-bottom:1px solid #d8dde6}
+.bar{display:flex;gap:.5rem;margin:.8rem 0}.bar input{flex:1;padding:.35rem .5rem}
+details.op{border:1px solid #d8dde6;border-radius:6px;margin:.3rem 0;background:#fff}
+details.op>summary{padding:.4rem .6rem;display:flex;gap:.7rem;align-items:center}
+.m{font:bold 12px monospace;color:#fff;border-radius:4px;padding:.15rem 0;width:4.4rem;
+  text-align:center;flex:none}.get{background:#2f7dd1}.post{background:#2e9e5b}
+.put{background:#c98a1a}.delete{background:#d14343}.patch{background:#7a4fc9}
+.path{font:600 13px monospace}.lock{margin-left:auto;font-size:12px;color:#8a6d1a}
+.in{padding:.2rem 1rem .8rem;border-top:1px solid #eef0f4}h4{margin:.7rem 0 .2rem;color:#39414f}
+table{border-collapse:collapse;width:100%}summary{cursor:pointer}
+td,th{text-align:left;vertical-align:top;padding:.25rem .5rem;border-bottom:1px solid #eef0f4}
+code,.n,.t{font-family:monospace;font-size:13px}.t{color:#7a3e9d}.r{color:#d14343}
+ul.s{list-style:none;margin:.1rem 0;padding-left:1.1rem;border-left:1px dotted #c5cbd6}
+</style></head><body>
+<h1 id="title">Stromboli API</h1>
+<div id="desc" class="d">Loading <a href="doc.json">doc.json</a>…</div>
+<div class="bar"><input id="q" type="search" placeholder="Filter by path, summary or tag">
+<button id="all">Expand all</button></div><main id="ops"></main>
+<script>
+"use strict";
+let doc;  // the document, once loaded
+const el = (tag, cls, text) => Object.assign(document.createElement(tag),  // text, never HTML
+  cls ? {className: cls} : {}, text == null ? {} : {textContent: String(text)});
+const add = (parent, ...kids) => { kids.forEach(k => k && parent.append(k)); return parent; };
+const deref = ref => ref.slice(2).split("/").reduce((o, k) => o && o[k], doc);
+function typeOf(s) {
+  if (!s) return "";
+  if (s.$ref) return s.$ref.split("/").pop();
+  if (s.allOf) return s.allOf.map(typeOf).join(" & ");
+  if (s.type === "array") return typeOf(s.items) + "[]";
+  if (s.enum) return (s.type || "") + " (" + s.enum.join(" | ") + ")";
+  if (s.additionalProperties) return "map<string, " + typeOf(s.additionalProperties) + ">";
+  return (s.type || "any") + (s.format ? " <" + s.format + ">" : "");
+}
+function target(s) {  // the object or enum schema that s ends in, or null
+  for (let i = 0; s && i < 10; i++) {
+    if (s.$ref) s = deref(s.$ref);
+    else if (s.allOf) s = s.allOf[0];
+    else if (s.type === "array") s = s.items;
+    else return s.properties || s.enum ? s : null;
+  }
+  return null;
+}
+function tree(s) {  // an object's fields; nested objects expand on demand
+  const t = target(s), ul = el("ul", "s");
+  if (!t) return null;
+  if (t.enum) return add(ul, el("li", "d", "one of: " + t.enum.join(", ")));
+  const req = new Set(t.required || []);
+  for (const [name, p] of Object.entries(t.properties)) {
+    const line = [el("span", "n", name), req.has(name) ? el("span", "r", "*") : null,
+      el("span", "t", "  " + typeOf(p)),
+      el("span", "d", p.description ? "  — " + p.description : "")];
+    if (!target(p)) { add(ul, add(el("li"), ...line)); continue; }
+    const d = add(el("details"), add(el("summary"), ...line));
+    d.addEventListener("toggle", () => d.open && d.childElementCount < 2 && add(d, tree(p)));
+    add(ul, add(el("li"), d));
+  }
+  return ul;
+}
+function schemaBlock(s, open) {
+  const t = tree(s), d = add(el("details"), add(el("summary"), el("code", "t", typeOf(s))), t);
+  d.open = open;
+  return t ? d : el("code", "t", typeOf(s));
+}
+function operation(method, path, op) {
+  const sec = op.security || doc.security || [], d = el("details", "op");
+  Object.assign(d, {id: method + "-" + path, title: op.tags.join(", ")});
+  add(d, add(el("summary"), el("span", "m " + method, method.toUpperCase()),
+    el("span", "path", path), el("span", "d", op.summary),
+    sec.length ? el("span", "lock", "auth: " + Object.keys(sec[0]).join(", ")) : null));
+  const body = add(el("div", "in"), el("p", null, op.description),
+    el("div", "d", "Consumes: " + (op.consumes || ["—"]).join(", ") +
+                   " · Produces: " + (op.produces || ["—"]).join(", ")));
+  const params = (op.parameters || []).filter(p => p.in !== "body");
+  if (params.length) {
+    const tb = add(el("table"), add(el("tr"), ...["Name", "In", "Type", "Description"]
+      .map(h => el("th", null, h))));
+    for (const p of params) add(tb, add(el("tr"), add(el("td"), el("span", "n", p.name),
+      p.required ? el("span", "r", "*") : null), el("td", "d", p.in), el("td", "t", typeOf(p)),
+      el("td", null, p.description)));
+    add(body, el("h4", null, "Parameters"), tb);
+  }
+  for (const p of (op.parameters || []).filter(p => p.in === "body"))
+    add(body, el("h4", null, "Request body" + (p.required ? "" : " (optional)")),
+      el("div", "d", p.description), schemaBlock(p.schema, true));
+  const tb = add(el("table"), add(el("tr"), el("th", null, "Status"), el("th", null, "Response")));
+  for (let [code, r] of Object.entries(op.responses || {})) {
+    if (r.$ref) r = deref(r.$ref);
+    const cell = add(el("td"), el("div", null, r.description),
+      r.schema ? schemaBlock(r.schema, false) : null);
+    for (const [h, v] of Object.entries(r.headers || {}))
+      add(cell, el("div", "d", "Header " + h + ": " + typeOf(v) + " — " + (v.description || "")));
+    add(tb, add(el("tr"), el("td", "n", code), cell));
+  }
+  return add(d, add(body, el("h4", null, "Responses"), tb));
+}
+function render() {
+  document.title = doc.info.title + " " + doc.info.version;
+  add(document.getElementById("title"), el("small", null, " " + doc.info.version));
+  const desc = document.getElementById("desc");
+  desc.textContent = doc.info.description + " Base path " + doc.basePath + ". ";
+  add(desc, Object.assign(el("a", null, "Raw doc.json"), {href: "doc.json"}));
+  const tags = doc.tags || [], groups = new Map(tags.map(t => [t.name, []]));
+  for (const [path, item] of Object.entries(doc.paths))
+    for (const [method, op] of Object.entries(item)) {
+      const tag = (op.tags || ["other"])[0];
+      groups.set(tag, (groups.get(tag) || []).concat(operation(method, path, op)));
+    }
+  const main = document.getElementById("ops");
+  for (const [tag, ops] of groups) {
+    const info = tags.find(t => t.name === tag) || {};
+    if (ops.length) add(main, add(el("section"), add(el("h2", null, tag + " "),
+      el("small", null, info.description)), ...ops));
+  }
+  const models = add(el("section"), el("h2", null, "Models"));
+  for (const name of Object.keys(doc.definitions || {}).sort()) {
+    const s = {$ref: "#/definitions/" + name};
+    add(models, add(el("details", "op"), add(el("summary"), el("span", "path", name),
+      el("span", "d", deref(s.$ref).description)), add(el("div", "in"), tree(s))));
+  }
+  add(main, models);
+  const hit = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  if (hit) { hit.open = true; hit.scrollIntoView(); }
+}
+document.getElementById("q").addEventListener("input", e => {
+  const q = e.target.value.trim().toLowerCase();
+  document.querySelectorAll("#ops section").forEach(sec => {
+    const ops = [...sec.querySelectorAll("details.op")];
+    ops.forEach(d => {
+      d.hidden = !(d.title + " " + d.firstChild.textContent).toLowerCase().includes(q);
+    });
+    sec.hidden = ops.every(d => d.hidden);
+  });
+});
+document.getElementById("all").addEventListener("click", e => {
+  const open = e.target.textContent === "Expand all";
+  document.querySelectorAll("details.op").forEach(d => { d.open = open; });
+  e.target.textContent = open ? "Collapse all" : "Expand all";
+});
+fetch("doc.json").then(r => r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status)))
+  .then(d => { doc = d; render(); })
+  .catch(err => { document.getElementById("desc").textContent = "Cannot load doc.json: " + err; });
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":

@@ -1764,7 +1764,8 @@ def test_protected_routes_need_a_token(auth_daemon):
 def test_every_protected_route_needs_a_token(auth_daemon):
     sys.path.insert(0, str(HERE))
     import stromboli
-    for method, path, _, access, _ in stromboli.ROUTES:
+    for route in stromboli.ROUTES:
+        method, path, access = route.method, route.path, route.access
         concrete = re.sub(r"\{[^}]+\}", "x", path).replace("x:.+", "x")
         r = auth_daemon.http.request(method, concrete)
         if access == "public":
@@ -2728,7 +2729,7 @@ def test_openapi_documents_exactly_the_route_table(daemon):
     doc = daemon.http.get("/swagger/doc.json").json()
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     routes = {(method, re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path))
-              for method, path, *_ in stromboli.ROUTES}
+              for method, path in ((r.method, r.path) for r in stromboli.ROUTES)}
     assert documented == routes
     assert doc["swagger"] == "2.0" and doc["info"]["version"] == daemon.http.get(
         "/health").json()["version"]
