@@ -441,6 +441,65 @@ def test_bounded_lines_skips_oversized_lines_without_holding_them():
     assert list(stromboli.bounded_lines(io.BytesIO(data), 1000)) == [b'{"a":1}\n', b'{"b":2}\n']
 
 
+def test_documented_options_are_exactly_the_parsed_ones():
+    doc = stromboli.OPENAPI
+    claude = doc["definitions"]["stromboli_internal_types.ClaudeOptions"]["properties"]
+    podman_ = doc["definitions"]["stromboli_internal_types.PodmanOptions"]["properties"]
+    assert set(claude) == set(stromboli.CLAUDE_KINDS)
+    assert set(podman_) == set(stromboli.PODMAN_KINDS)
+    stream = doc["paths"]["/run/stream"]["get"]["parameters"]
+    documented = {p["name"] for p in stream if p["in"] == "query"}
+    parsed = {"prompt", "workdir", "webhook_url", "run_id", "last_event_id",
+              *stromboli.CLAUDE_KINDS, *stromboli.PODMAN_KINDS}
+    assert documented == parsed
+    # and each documented query parameter really reaches the request
+    for name in documented - {"prompt", "run_id", "last_event_id"}:
+        kind = stromboli.CLAUDE_KINDS.get(name) or stromboli.PODMAN_KINDS.get(name) or "str"
+        value = {"bool": "true", "int": "3", "budget": "1.5", "object": "{}", "map": "{}"}.get(
+            kind, "x")
+        body = stromboli.stream_request_body(FakeQuery({"prompt": "p", name: value}))
+        assert name in body or name in body["claude"] or name in body["podman"], name
+
+
+class FakeQuery(dict):
+    """The part of aiohttp's MultiDict that stream_request_body uses."""
+
+    def getall(self, key):
+        return [self[key]]
+
+
+def test_served_document_keeps_every_upstream_operation_and_type():
+    upstream = json.loads((HERE.parent / "shared/reference/stromboli-openapi.json").read_text())
+    ours = stromboli.OPENAPI
+    for path, operations in upstream["paths"].items():
+        if path.startswith("/agents"):  # not implemented (a later issue)
+            continue
+        for method, operation in operations.items():
+            mine = ours["paths"][path][method]
+            theirs = {p["name"]: p.get("type") or p["schema"]
+                      for p in operation.get("parameters", [])}
+            assert {p["name"]: p.get("type") or p["schema"] for p in mine.get("parameters", [])
+                    if p["name"] in theirs} == theirs, (method, path)
+    for name, definition in upstream["definitions"].items():
+        if name == "internal_api.errorBody" or "agent" in name.lower():  # /agents only
+            continue
+        mine = ours["definitions"][name]
+        for prop_name, prop in (definition.get("properties") or {}).items():
+            kind = prop.get("type") or prop.get("$ref") or prop.get("allOf")
+            found = mine["properties"][prop_name]
+            assert (found.get("type") or found.get("$ref") or found.get("allOf")) == kind, \
+                (name, prop_name)
+
+
+def test_route_records_derive_auth_and_body_responses():
+    for route in stromboli.ROUTES:
+        responses = stromboli.OPENAPI["paths"][route.doc_path][route.method.lower()]["responses"]
+        assert ("401" in responses) == (route.access != "public" or route.reads_bearer or
+                                        route.path == "/auth/refresh"), route.path
+        assert ("413" in responses) == ("415" in responses) == bool(route.body), route.path
+        assert route.envelope in ("error", "run", "success", "text")
+
+
 def hostile_home(tmp_path: pathlib.Path):
     """A SessionStore with one session home and a root-only folder outside it."""
     store = stromboli.SessionStore(tmp_path / "sessions", tmp_path / "sessions", None, 0)
