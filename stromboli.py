@@ -1204,46 +1204,74 @@ def short_error(exc: BaseException) -> str:
 CLAUDE_FLAGS: tuple[tuple[str, str, str, str, Any], ...] = (
     ("no_persistence", "bool", "--no-session-persistence", "Don't save session to disk", False),
     ("model", "str", "--model", "Model alias (sonnet, opus, haiku) or full name", "sonnet"),
-    ("fallback_model", "str", "--fallback-model", "Fallback model when default is overloaded", "haiku"),
-    ("effort", "str", "--effort", "Effort level: low, medium, high, xhigh, max (model-dependent, not validated)", "high"),
-    ("system_prompt", "str", "--system-prompt", "Replace default system prompt", "You are a senior Go developer"),
-    ("append_system_prompt", "str", "--append-system-prompt", "Append to default system prompt", "Focus on security best practices"),
-    ("tools", "multi", "--tools", "Built-in tools (\"\", \"default\", or specific names)", ["Bash", "Read", "Edit"]),
-    ("allowed_tools", "joined", "--allowedTools", "Allowed tools with patterns (e.g., \"Bash(git:*)\")", ["Bash(git:*)", "Read"]),
+    ("fallback_model", "str", "--fallback-model", "Fallback model when default is overloaded",
+     "haiku"),
+    ("effort", "str", "--effort",
+     "Effort level: low, medium, high, xhigh, max (model-dependent, not validated)", "high"),
+    ("system_prompt", "str", "--system-prompt", "Replace default system prompt",
+     "You are a senior Go developer"),
+    ("append_system_prompt", "str", "--append-system-prompt", "Append to default system prompt",
+     "Focus on security best practices"),
+    ("tools", "multi", "--tools", "Built-in tools (\"\", \"default\", or specific names)",
+     ["Bash", "Read", "Edit"]),
+    ("allowed_tools", "joined", "--allowedTools",
+     "Allowed tools with patterns (e.g., \"Bash(git:*)\")", ["Bash(git:*)", "Read"]),
     ("disallowed_tools", "joined", "--disallowedTools", "Denied tools", ["Write"]),
-    ("permission_mode", "str", "--permission-mode", "Permission mode: acceptEdits, bypassPermissions, default, delegate, dontAsk, plan", "bypassPermissions"),
-    ("dangerously_skip_permissions", "bool", "--dangerously-skip-permissions", "Bypass all permission checks (use in sandboxed environments only)", True),
-    ("allow_dangerously_skip_permissions", "bool", "--allow-dangerously-skip-permissions", "Enable bypass as an option without enabling by default", False),
+    ("permission_mode", "str", "--permission-mode",
+     "Permission mode: acceptEdits, bypassPermissions, default, delegate, dontAsk, plan",
+     "bypassPermissions"),
+    ("dangerously_skip_permissions", "bool", "--dangerously-skip-permissions",
+     "Bypass all permission checks (use in sandboxed environments only)", True),
+    ("allow_dangerously_skip_permissions", "bool", "--allow-dangerously-skip-permissions",
+     "Enable bypass as an option without enabling by default", False),
     ("input_format", "str", "--input-format", "Input format: text, stream-json", "text"),
     ("output_format", "str", "--output-format", "Output format: text, json, stream-json", "json"),
-    ("include_partial_messages", "bool", "--include-partial-messages", "Include partial message chunks (stream-json only)", False),
-    ("replay_user_messages", "bool", "--replay-user-messages", "Re-emit user messages on stdout", False),
-    ("json_schema", "json_text", "--json-schema", "JSON Schema for structured output validation (extension: a JSON object is accepted too)", "{\"type\":\"object\"}"),
+    ("include_partial_messages", "bool", "--include-partial-messages",
+     "Include partial message chunks (stream-json only)", False),
+    ("replay_user_messages", "bool", "--replay-user-messages", "Re-emit user messages on stdout",
+     False),
+    ("json_schema", "json_text", "--json-schema",
+     "JSON Schema for structured output validation (extension: a JSON object is accepted too)",
+     "{\"type\":\"object\"}"),
     ("max_budget_usd", "budget", "--max-budget-usd", "Maximum dollar amount for API calls", 5),
-    ("max_turns", "int", "--max-turns", "Maximum number of agentic turns (0 = unlimited, unset = CLI default)", 30),
+    ("max_turns", "int", "--max-turns",
+     "Maximum number of agentic turns (0 = unlimited, unset = CLI default)", 30),
     ("mcp_configs", "multi", "--mcp-config", "MCP server config files or JSON strings", None),
-    ("strict_mcp_config", "bool", "--strict-mcp-config", "Only use MCP servers from mcp_configs", False),
+    ("strict_mcp_config", "bool", "--strict-mcp-config", "Only use MCP servers from mcp_configs",
+     False),
     ("agent", "str", "--agent", "Agent for current session", "reviewer"),
     ("agents", "object", "--agents", "Custom agents definition (JSON object)", None),
     ("add_dirs", "multi", "--add-dir", "Additional directories for tool access", None),
     ("plugin_dirs", "multi", "--plugin-dir", "Plugin directories", None),
     ("files", "multi", "--file", "File resources (format: file_id:path)", None),
     ("settings", "str", "--settings", "Path to settings JSON file or JSON string", None),
-    ("setting_sources", "joined", "--setting-sources", "Setting sources to load: user, project, local", ["user", "project"]),
+    ("setting_sources", "joined", "--setting-sources",
+     "Setting sources to load: user, project, local", ["user", "project"]),
     ("betas", "multi", "--betas", "Beta headers for API requests", None),
     ("verbose", "bool", "--verbose", "Enable verbose mode", False),
     ("debug", "debug", "--debug", "Debug mode with optional category filter", "api,hooks"),
-    ("disable_slash_commands", "bool", "--disable-slash-commands", "Disable all slash commands/skills", False),
+    ("disable_slash_commands", "bool", "--disable-slash-commands",
+     "Disable all slash commands/skills", False),
 )
 # Options that are not plain flags: the session ones (see SessionPlan) and env-var options.
 CLAUDE_OTHER: dict[str, tuple[str, str, Any]] = {
-    "session_id": ("str", "Session ID (UUID) - used for both new and resumed sessions", "550e8400-e29b-41d4-a716-446655440000"),
+    "session_id": ("str", "Session ID (UUID) - used for both new and resumed sessions",
+                   "550e8400-e29b-41d4-a716-446655440000"),
     "resume": ("bool", "Resume an existing session (requires session_id)", True),
-    "continue": ("bool", "Continue most recent conversation in workspace (ignores session_id)", False),
+    "continue": ("bool", "Continue most recent conversation in workspace (ignores session_id)",
+                 False),
     "fork_session": ("bool", "Create new session ID when resuming", False),
-    "prompt_caching_ttl": ("str", "Prompt cache TTL: \"5m\" (FORCE_PROMPT_CACHING_5M=1) or \"1h\" (ENABLE_PROMPT_CACHING_1H=1)", "1h"),
-    "bedrock_service_tier": ("str", "Bedrock service tier: default, flex, priority (ANTHROPIC_BEDROCK_SERVICE_TIER)", "priority"),
-    "enable_powershell_tool": ("bool", "Sets CLAUDE_CODE_USE_POWERSHELL_TOOL=1 (Windows agent hosts only)", False),
+    "prompt_caching_ttl": ("str",
+                           "Prompt cache TTL: \"5m\" (FORCE_PROMPT_CACHING_5M=1) or \"1h\" "
+                           "(ENABLE_PROMPT_CACHING_1H=1)",
+                           "1h"),
+    "bedrock_service_tier": ("str",
+                             "Bedrock service tier: default, flex, priority "
+                             "(ANTHROPIC_BEDROCK_SERVICE_TIER)",
+                             "priority"),
+    "enable_powershell_tool": ("bool",
+                               "Sets CLAUDE_CODE_USE_POWERSHELL_TOOL=1 (Windows agent hosts only)",
+                               False),
 }
 CLAUDE_KINDS = {name: kind for name, kind, *_ in CLAUDE_FLAGS} | \
     {name: row[0] for name, row in CLAUDE_OTHER.items()}
@@ -1990,14 +2018,19 @@ INCOMPATIBLE_IMAGES = ("*alpine*", "*-alpine", "alpine:*", "gcr.io/distroless/*"
 # (kind, description, example) of each podman option: parsing and the OpenAPI document.
 PODMAN_OPTIONS: dict[str, tuple[str, str, Any]] = {
     "image": ("str", "Container image override (must match allowed patterns)", "python:3.12"),
-    "volumes": ("multi", "Volume mounts (host:container or host:container:options format)", ["/data:/data:ro"]),
-    "secrets_env": ("map", "Secrets injected as environment variables (ENV_NAME → Podman secret name)", None),
+    "volumes": ("multi", "Volume mounts (host:container or host:container:options format)",
+                ["/data:/data:ro"]),
+    "secrets_env": ("map",
+                    "Secrets injected as environment variables (ENV_NAME → Podman secret name)",
+                    None),
     "timeout": ("str", "Container timeout (e.g., \"5m\", \"1h\", \"30s\")", "5m"),
     "memory": ("str", "Memory limit (e.g., \"512m\", \"1g\")", "512m"),
     "cpus": ("str", "CPU limit (e.g., \"0.5\", \"2\")", "1"),
     "cpu_shares": ("int", "CPU shares (relative weight, default 1024)", 512),
     "lifecycle": ("object", "Lifecycle hooks for running commands at container events", None),
-    "environment": ("object", "Compose environment; not supported by this server (a non-empty type is a 400)", None),
+    "environment": ("object",
+                    "Compose environment; not supported by this server (a non-empty type is a 400)",
+                    None),
 }
 PODMAN_KINDS = {name: row[0] for name, row in PODMAN_OPTIONS.items()}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
@@ -3984,18 +4017,30 @@ DEFINITIONS: dict = {
         "crash_info": prop("#stromboli_internal_job.CrashInfo"),
         "created_at": prop("string", example="2024-01-15T10:30:00Z"),
         "error": prop("string"),
-        "finished_at": prop("string", "(extension) RFC 3339 with milliseconds; absent until the job ends", example="2024-01-15T10:31:00.250Z", format="date-time"),
+        "finished_at": prop("string",
+                            "(extension) RFC 3339 with milliseconds; absent until the job ends",
+                            example="2024-01-15T10:31:00.250Z", format="date-time"),
         "id": prop("string", example="job-abc123def456"),
         "output": prop("string", example="Hello!"),
-        "run_id": prop("string", "(extension) The run's id (see /run/stream run_id)", example="run-abc123def456"),
+        "run_id": prop("string", "(extension) The run's id (see /run/stream run_id)",
+                       example="run-abc123def456"),
         "session_id": prop("string", example="sess-abc123def456"),
-        "started_at": prop("string", "(extension) RFC 3339 with milliseconds; absent until the job starts", example="2024-01-15T10:30:00.125Z", format="date-time"),
+        "started_at": prop("string",
+                           "(extension) RFC 3339 with milliseconds; absent until the job starts",
+                           example="2024-01-15T10:30:00.125Z", format="date-time"),
         "status": prop("#stromboli_internal_job.Status", example="running"),
         "structured_output": prop("object"),
-        "truncated": prop("boolean", "(extension) Output was cut: a line over agent.max_line or output over agent.max_output", example=False),
+        "truncated": prop("boolean",
+                          "(extension) Output was cut: a line over agent.max_line or output "
+                          "over agent.max_output",
+                          example=False),
         "updated_at": prop("string", example="2024-01-15T10:31:00Z"),
-        "usage": prop("#stromboli_internal_job.Usage", "(extension) Token usage totals + estimated USD cost"),
-        "webhook_deliveries": prop("array", "(extension) Webhook delivery attempts; GET /jobs/{id} only, when webhook_url was set", items={"type": "object", "properties": {"attempt": {"type": "integer"}, "status_code": {"type": "integer"}, "error": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}}),
+        "usage": prop("#stromboli_internal_job.Usage",
+                      "(extension) Token usage totals + estimated USD cost"),
+        "webhook_deliveries": prop("array",
+                                   "(extension) Webhook delivery attempts; GET /jobs/{id} only, "
+                                   "when webhook_url was set",
+                                   items={"type": "object", "properties": {"attempt": {"type": "integer"}, "status_code": {"type": "integer"}, "error": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}}),
     }),
     "internal_api.LogoutRequest": obj("(extension) Optional body of POST /auth/logout", properties={
         "refresh_token": prop("string"),
@@ -4008,22 +4053,41 @@ DEFINITIONS: dict = {
         "refresh_token": prop("string"),
     }),
     "internal_api.RunRequest": obj("Request to execute Claude Code in an isolated container", required=["prompt"], properties={
-        "claude": prop("#stromboli_internal_types.ClaudeOptions", "Claude configuration - all CLI options exposed"),
+        "claude": prop("#stromboli_internal_types.ClaudeOptions",
+                       "Claude configuration - all CLI options exposed"),
         "podman": prop("#stromboli_internal_types.PodmanOptions", "Podman configuration"),
-        "prompt": prop("string", "Required: the prompt to send to Claude", example="Analyze this code and suggest improvements"),
-        "webhook_url": prop("string", "Webhook URL to notify when job completes (async only)", example="https://example.com/webhook"),
-        "workdir": prop("string", "Working directory inside the container where Claude will spawn; use podman.volumes to mount host paths", example="/workspace"),
+        "prompt": prop("string", "Required: the prompt to send to Claude",
+                       example="Analyze this code and suggest improvements"),
+        "webhook_url": prop("string", "Webhook URL to notify when job completes (async only)",
+                            example="https://example.com/webhook"),
+        "workdir": prop("string",
+                        "Working directory inside the container where Claude will spawn; use "
+                        "podman.volumes to mount host paths",
+                        example="/workspace"),
     }),
     "internal_api.RunResponse": obj("Response from Claude execution", properties={
-        "crash_info": prop("#stromboli_internal_job.CrashInfo", "Crash details (when status is \"crashed\")"),
+        "crash_info": prop("#stromboli_internal_job.CrashInfo",
+                           "Crash details (when status is \"crashed\")"),
         "error": prop("string", "Error message (when failed)", example=""),
         "id": prop("string", "Unique run identifier", example="run-abc123def456"),
-        "output": prop("string", "Claude's raw output (full CLI output, including JSON envelope when output_format=json)", example="Here is my analysis..."),
-        "session_id": prop("string", "Session ID for conversation continuation", example="sess-abc123def456"),
-        "status": prop("string", "Execution status: completed, crashed, error", example="completed"),
-        "structured_output": prop("object", "structured_output from Claude's JSON envelope (when json_schema is used)"),
-        "truncated": prop("boolean", "(extension) Output was cut: a line over agent.max_line or output over agent.max_output", example=False),
-        "usage": prop("#stromboli_internal_job.Usage", "Token usage totals + estimated USD cost of this run; omitted when no assistant message reported usage"),
+        "output": prop("string",
+                       "Claude's raw output (full CLI output, including JSON envelope when "
+                       "output_format=json)",
+                       example="Here is my analysis..."),
+        "session_id": prop("string", "Session ID for conversation continuation",
+                           example="sess-abc123def456"),
+        "status": prop("string", "Execution status: completed, crashed, error",
+                       example="completed"),
+        "structured_output": prop("object",
+                                  "structured_output from Claude's JSON envelope (when "
+                                  "json_schema is used)"),
+        "truncated": prop("boolean",
+                          "(extension) Output was cut: a line over agent.max_line or output "
+                          "over agent.max_output",
+                          example=False),
+        "usage": prop("#stromboli_internal_job.Usage",
+                      "Token usage totals + estimated USD cost of this run; omitted when no "
+                      "assistant message reported usage"),
     }),
     "internal_api.SearchResultResponse": obj("Search result from a container registry", properties={
         "automated": prop("boolean", example=False),
@@ -4036,7 +4100,8 @@ DEFINITIONS: dict = {
     "internal_api.SecretInfoResponse": obj("Secret metadata (never contains the actual secret value)", properties={
         "created_at": prop("string", example="2024-01-15T10:30:00Z"),
         "id": prop("string", example="abc123def456"),
-        "managed": prop("boolean", "(extension) Managed by stromboli (cannot be deleted)", example=False),
+        "managed": prop("boolean", "(extension) Managed by stromboli (cannot be deleted)",
+                        example=False),
         "name": prop("string", example="github-token"),
     }),
     "internal_api.SecretsListResponse": obj("List of available secrets that can be injected into runs", properties={
@@ -4050,8 +4115,12 @@ DEFINITIONS: dict = {
     }),
     "internal_api.SessionInfo": obj("Metadata about a single session", properties={
         "id": prop("string", example="sess-abc123"),
-        "size_bytes": prop("integer", "(extension) Bytes in the session home (as of its last run or check; see agent.session_quota)", example=48213),
-        "title": prop("string", "Session title; empty when none is known", example="Refactor billing service"),
+        "size_bytes": prop("integer",
+                           "(extension) Bytes in the session home (as of its last run or check; "
+                           "see agent.session_quota)",
+                           example=48213),
+        "title": prop("string", "Session title; empty when none is known",
+                      example="Refactor billing service"),
     }),
     "internal_api.SessionListResponse": obj("List of existing sessions with metadata", properties={
         "error": prop("string"),
@@ -4068,7 +4137,8 @@ DEFINITIONS: dict = {
         "messages": prop("[#stromboli_internal_history.Message]"),
         "offset": prop("integer"),
         "total": prop("integer"),
-        "usage": prop("#stromboli_internal_job.Usage", "(extension) The session's cumulative token usage"),
+        "usage": prop("#stromboli_internal_job.Usage",
+                      "(extension) The session's cumulative token usage"),
     }),
     "internal_api.TokenRequest": obj("", required=["client_id"], properties={
         "client_id": prop("string"),
@@ -4085,32 +4155,45 @@ DEFINITIONS: dict = {
         "valid": prop("boolean"),
     }),
     "stromboli_internal_history.ContentBlock": obj("A content block (text, tool_use, or tool_result)", properties={
-        "content": prop("string", "Tool result content (for tool_result)", example="file1.txt\nfile2.txt"),
-        "id": prop("string", "Tool use ID (for tool_use and tool_result)", example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
+        "content": prop("string", "Tool result content (for tool_result)",
+                        example="file1.txt\nfile2.txt"),
+        "id": prop("string", "Tool use ID (for tool_use and tool_result)",
+                   example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
         "input": prop("object", "Tool input (for tool_use)", additionalProperties={}),
         "is_error": prop("boolean", "Whether tool execution errored", example=False),
         "name": prop("string", "Tool name (for tool_use)", example="Bash"),
-        "text": prop("string", "Text content (for text blocks)", example="I'll help you with that."),
-        "tool_use_id": prop("string", "Tool use ID reference (for tool_result)", example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
+        "text": prop("string", "Text content (for text blocks)",
+                     example="I'll help you with that."),
+        "tool_use_id": prop("string", "Tool use ID reference (for tool_result)",
+                            example="toolu_01G5uAJ4YZ26yyJbXNnG2byM"),
         "type": prop("string", "Block type: text, tool_use, tool_result", example="tool_use"),
     }),
     "stromboli_internal_history.Message": obj("A message in the conversation history", properties={
         "content": prop("#stromboli_internal_history.MessageContent", "The actual message content"),
         "cwd": prop("string", "Working directory at time of message", example="/workspace"),
         "git_branch": prop("string", "Git branch at time of message", example="main"),
-        "parent_uuid": prop("string", "Parent message UUID for threading", example="92242819-b7d1-48d4-b023-6134c3e9f63a"),
-        "permission_mode": prop("string", "Permission mode active for this message", example="bypassPermissions"),
-        "session_id": prop("string", "Session ID this message belongs to", example="c7518652-f0ea-436e-9143-327085022abd"),
-        "timestamp": prop("string", "Timestamp when the message was created", example="2026-01-24T10:06:42.906Z"),
-        "tool_result": prop("#stromboli_internal_history.ToolResult", "Tool use result (for tool_result messages)"),
-        "type": prop("#stromboli_internal_history.MessageType", "Message type: user, assistant, queue-operation", example="assistant"),
-        "uuid": prop("string", "Unique identifier for this message", example="40adde19-546a-43e8-ad25-31ef4faa4112"),
+        "parent_uuid": prop("string", "Parent message UUID for threading",
+                            example="92242819-b7d1-48d4-b023-6134c3e9f63a"),
+        "permission_mode": prop("string", "Permission mode active for this message",
+                                example="bypassPermissions"),
+        "session_id": prop("string", "Session ID this message belongs to",
+                           example="c7518652-f0ea-436e-9143-327085022abd"),
+        "timestamp": prop("string", "Timestamp when the message was created",
+                          example="2026-01-24T10:06:42.906Z"),
+        "tool_result": prop("#stromboli_internal_history.ToolResult",
+                            "Tool use result (for tool_result messages)"),
+        "type": prop("#stromboli_internal_history.MessageType",
+                     "Message type: user, assistant, queue-operation", example="assistant"),
+        "uuid": prop("string", "Unique identifier for this message",
+                     example="40adde19-546a-43e8-ad25-31ef4faa4112"),
         "version": prop("string", "Claude Code version", example="2.1.19"),
     }),
     "stromboli_internal_history.MessageContent": obj("Message content with role and content blocks", properties={
-        "content": prop("[#stromboli_internal_history.ContentBlock]", "Content blocks (text, tool_use, tool_result)"),
+        "content": prop("[#stromboli_internal_history.ContentBlock]",
+                        "Content blocks (text, tool_use, tool_result)"),
         "message_id": prop("string", "Message ID from API", example="msg_017ETE4Wk32ZXAQJp3GXP1Bo"),
-        "model": prop("string", "Model used (for assistant messages)", example="claude-opus-4-5-20251101"),
+        "model": prop("string", "Model used (for assistant messages)",
+                      example="claude-opus-4-5-20251101"),
         "role": prop("string", "Role: user or assistant", example="assistant"),
         "stop_reason": prop("string", "Stop reason (for assistant messages)", example="end_turn"),
         "usage": prop("#stromboli_internal_history.Usage", "Token usage"),
@@ -4139,23 +4222,39 @@ DEFINITIONS: dict = {
     "stromboli_internal_job.Usage": obj("", properties={
         "cache_creation_input_tokens": prop("integer"),
         "cache_read_input_tokens": prop("integer"),
-        "estimated_cost_usd": prop("number", "Best effort: tokens × Anthropic's per-1M rates; 0 when the model is unknown"),
+        "estimated_cost_usd": prop("number",
+                                   "Best effort: tokens × Anthropic's per-1M rates; 0 when the "
+                                   "model is unknown"),
         "input_tokens": prop("integer"),
         "model": prop("string", "Model reported by Claude; empty when unknown"),
         "output_tokens": prop("integer"),
         "total_tokens": prop("integer"),
     }),
     "stromboli_internal_types.EnvironmentConfig": obj("Runtime environment configuration (single container or compose)", properties={
-        "build_timeout": prop("string", "Build timeout override for compose (default 10m)", example="15m"),
-        "path": prop("string", "Absolute path to the compose file (.yml/.yaml), required when type=\"compose\"", example="/home/user/project/docker-compose.yml"),
-        "service": prop("string", "Service name where Claude will run (required when type=\"compose\")", example="dev"),
+        "build_timeout": prop("string", "Build timeout override for compose (default 10m)",
+                              example="15m"),
+        "path": prop("string",
+                     "Absolute path to the compose file (.yml/.yaml), required when "
+                     "type=\"compose\"",
+                     example="/home/user/project/docker-compose.yml"),
+        "service": prop("string",
+                        "Service name where Claude will run (required when type=\"compose\")",
+                        example="dev"),
         "type": prop("string", "\"\" (default single container) or \"compose\"", example="compose"),
     }),
     "stromboli_internal_types.LifecycleHooks": obj("Commands to run at specific container lifecycle stages", properties={
-        "hooks_timeout": prop("string", "Maximum duration for all hooks combined (e.g. \"5m\"); default: the container timeout", example="5m"),
-        "on_create_command": prop("[string]", "Shell commands run before Claude on a session's first run", example=["pip install -r requirements.txt"]),
-        "post_create": prop("[string]", "Shell commands run after on_create_command (first run only)", example=["npm run setup"]),
-        "post_start": prop("[string]", "Shell commands run on every run, including continues", example=["redis-server --daemonize yes"]),
+        "hooks_timeout": prop("string",
+                              "Maximum duration for all hooks combined (e.g. \"5m\"); default: "
+                              "the container timeout",
+                              example="5m"),
+        "on_create_command": prop("[string]",
+                                  "Shell commands run before Claude on a session's first run",
+                                  example=["pip install -r requirements.txt"]),
+        "post_create": prop("[string]",
+                            "Shell commands run after on_create_command (first run only)",
+                            example=["npm run setup"]),
+        "post_start": prop("[string]", "Shell commands run on every run, including continues",
+                           example=["redis-server --daemonize yes"]),
     }),
 
 }
@@ -4493,7 +4592,8 @@ def require_configured(app: Stromboli) -> None:
 # -- system -------------------------------------------------------------------
 
 @api("GET", "/health", "public", "error", "system", "Health check",
-     description="Health of the API with component checks; always 200, status \"degraded\" when a component fails",
+     description="Health of the API with component checks; always 200, status \"degraded\" when "
+                 "a component fails",
      ok=(200, "OK", "internal_api.HealthResponse"))
 async def health(request: web.Request) -> web.Response:
     """From the monitor's state: no Podman call, whoever asks and however often."""
@@ -4519,7 +4619,15 @@ async def claude_status(request: web.Request) -> web.Response:
      description="Executes Claude Code in an isolated Podman container",
      body="internal_api.RunRequest",
      ok=(200, "OK (status completed, or crashed with crash_info)", "internal_api.RunResponse"),
-     errors=((400, "Invalid request, including option validation errors (extension: upstream answers 500 for those)"), (404, "session has no history: <id> (resume, continue or fork without a transcript; extension)"), (409, "Session already has history; set claude.resume=true (extension)"), (500, "Execution failed"), (503, "Claude not configured, or Podman unavailable (extension)"),))
+     errors=((400,
+              "Invalid request, including option validation errors (extension: upstream answers "
+              "500 for those)"),
+             (404,
+              "session has no history: <id> (resume, continue or fork without a transcript; "
+              "extension)"),
+             (409, "Session already has history; set claude.resume=true (extension)"),
+             (500, "Execution failed"),
+             (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
@@ -4534,10 +4642,11 @@ async def run_sync(request: web.Request) -> web.Response:
 
 
 @api("POST", "/run/async", "protected", "run", "execution", "Run Claude async",
-     description="Starts Claude Code execution asynchronously and returns a job ID. Session-history errors (404/409 on /run) fail the job instead",
-     body="internal_api.RunRequest",
-     ok=(202, "Accepted", "internal_api.AsyncRunResponse"),
-     errors=((400, "Invalid request"), (503, "Claude not configured, or Podman unavailable (extension)"),))
+     description="Starts Claude Code execution asynchronously and returns a job ID. "
+                 "Session-history errors (404/409 on /run) fail the job instead",
+     body="internal_api.RunRequest", ok=(202, "Accepted", "internal_api.AsyncRunResponse"),
+     errors=((400, "Invalid request"),
+             (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
@@ -4593,10 +4702,17 @@ def convert_query_value(name: str, kind: str, value: str) -> Any:
 
 
 @api("GET", "/run/stream", "protected", "text", "execution", "Stream Claude output",
-     description="Executes Claude and streams output in real-time using SSE. Each output line is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` (data {id, session_id, status}) or `event: error` (data: message). Extensions: every run option is a query parameter, bare or prefixed (`claude.<option>`, `podman.<option>`), lists comma-separated, objects as JSON; `id:` on each event, the X-Run-ID header, and replay with run_id + Last-Event-ID",
+     description="Executes Claude and streams output in real-time using SSE. Each output line "
+                 "is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` (data "
+                 "{id, session_id, status}) or `event: error` (data: message). Extensions: "
+                 "every run option is a query parameter, bare or prefixed (`claude.<option>`, "
+                 "`podman.<option>`), lists comma-separated, objects as JSON; `id:` on each "
+                 "event, the X-Run-ID header, and replay with run_id + Last-Event-ID",
      params=tuple(stream_parameters()), produces=("text/event-stream",),
      ok=(200, "Event stream of output lines; header X-Run-ID: the run's id (extension)", None),
-     errors=((400, "Invalid request (plain text)"), (404, "run not found: <run_id> (plain text; extension)"), (503, "Claude not configured, or Podman unavailable (plain text)"),))
+     errors=((400, "Invalid request (plain text)"),
+             (404, "run not found: <run_id> (plain text; extension)"),
+             (503, "Claude not configured, or Podman unavailable (plain text)")))
 async def run_stream(request: web.Request) -> web.StreamResponse:
     app = state(request)
     query = request.query
@@ -4704,7 +4820,8 @@ async def stored_events(store: Store, run_id: str, after: int):
 
 @api("GET", "/jobs", "protected", "run", "jobs", "List jobs",
      description="Returns async jobs, newest first",
-     params=(param("status", "query", "string", "(extension) Only jobs in this state", enum=["pending", "running", "completed", "failed", "crashed", "cancelled"]),),
+     params=(param("status", "query", "string", "(extension) Only jobs in this state",
+                   enum=["pending", "running", "completed", "failed", "crashed", "cancelled"]),),
      ok=(200, "OK", "internal_api.JobListResponse"),
      errors=((400, "Invalid status filter (extension)"),))
 async def list_jobs(request: web.Request) -> web.Response:
@@ -4718,8 +4835,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @api("GET", "/jobs/{id}", "protected", "run", "jobs", "Get job status",
      description="Returns the status and result of an async job",
-     params=(param("id", "path", "string", "Job ID"),),
-     ok=(200, "OK", "internal_api.JobResponse"),
+     params=(param("id", "path", "string", "Job ID"),), ok=(200, "OK", "internal_api.JobResponse"),
      errors=((404, "Job not found"),))
 async def get_job(request: web.Request) -> web.Response:
     """A job; with a webhook_url, its delivery attempts too (extension)."""
@@ -4760,9 +4876,10 @@ def page_params(request: web.Request, default: int, maximum: int) -> tuple[int, 
 
 @api("GET", "/sessions", "protected", "error", "sessions", "List sessions",
      description="Returns existing sessions with titles, newest first",
-     params=(param("limit", "query", "integer", "(extension) Number of sessions to return (default: all)"), param("offset", "query", "integer", "(extension) Offset for pagination (default: 0)"),),
-     ok=(200, "OK", "internal_api.SessionListResponse"),
-     errors=((500, "Internal Server Error"),),
+     params=(param("limit", "query", "integer",
+                   "(extension) Number of sessions to return (default: all)"),
+             param("offset", "query", "integer", "(extension) Offset for pagination (default: 0)")),
+     ok=(200, "OK", "internal_api.SessionListResponse"), errors=((500, "Internal Server Error"),),
      error_schema="internal_api.SessionListResponse")
 async def list_sessions(request: web.Request) -> web.Response:
     """Newest first; `offset`/`limit` paginate (extension, default: all)."""
@@ -4776,7 +4893,9 @@ async def list_sessions(request: web.Request) -> web.Response:
      description="Removes a session and all its stored data",
      params=(param("id", "path", "string", "Session ID (lowercase UUID)"),),
      ok=(200, "OK", "internal_api.SessionDestroyResponse"),
-     errors=((400, "Bad Request"), (404, "Not Found"), (409, "A run on the session is active or queued (extension)"),),
+     errors=((400, "Bad Request"),
+             (404, "Not Found"),
+             (409, "A run on the session is active or queued (extension)")),
      error_schema="internal_api.SessionDestroyResponse")
 async def delete_session(request: web.Request) -> web.Response:
     app = state(request)
@@ -4789,8 +4908,12 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 @api("GET", "/sessions/{id}/messages", "protected", "error", "sessions", "List session messages",
-     description="Returns paginated conversation history for a session including all messages, tool calls, and results",
-     params=(param("id", "path", "string", "Session ID (UUID)"), param("offset", "query", "integer", "Offset for pagination (default: 0)"), param("limit", "query", "integer", "Number of messages to return (default: 50, max: 200)"),),
+     description="Returns paginated conversation history for a session including all messages, "
+                 "tool calls, and results",
+     params=(param("id", "path", "string", "Session ID (UUID)"),
+             param("offset", "query", "integer", "Offset for pagination (default: 0)"),
+             param("limit", "query", "integer",
+                   "Number of messages to return (default: 50, max: 200)")),
      ok=(200, "OK", "internal_api.SessionMessagesResponse"),
      errors=((400, "Invalid parameters"), (404, "Session not found"), (500, "Internal error"),),
      error_schema="internal_api.SessionMessagesResponse")
@@ -4806,9 +4929,12 @@ async def session_messages(request: web.Request) -> web.Response:
         "limit": limit, "has_more": offset + limit < total, "usage": usage}))
 
 
-@api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions", "Get session message",
-     description="Returns a specific message from session history by UUID, including full content, tool calls, and results",
-     params=(param("id", "path", "string", "Session ID (UUID)"), param("message_id", "path", "string", "Message UUID"),),
+@api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions",
+     "Get session message",
+     description="Returns a specific message from session history by UUID, including full "
+                 "content, tool calls, and results",
+     params=(param("id", "path", "string", "Session ID (UUID)"),
+             param("message_id", "path", "string", "Message UUID")),
      ok=(200, "OK", "internal_api.SessionMessageResponse"),
      errors=((400, "Invalid parameters"), (404, "Message not found"), (500, "Internal error"),),
      error_schema="internal_api.SessionMessageResponse")
@@ -4839,7 +4965,8 @@ async def catalog(request: web.Request, method: str, *args: Any, failure: str) -
 
 
 @api("GET", "/images", "protected", "error", "images", "List images",
-     description="Returns local container images sorted by compatibility rank: 1-2 verified compatible, 3 standard glibc (compatible), 4 incompatible (Alpine/musl)",
+     description="Returns local container images sorted by compatibility rank: 1-2 verified "
+                 "compatible, 3 standard glibc (compatible), 4 incompatible (Alpine/musl)",
      ok=(200, "List of images (empty array if none exist)", "internal_api.ImagesListResponse"),
      errors=((500, "Internal server error"), (503, "Podman unavailable (extension)"),))
 async def list_images(request: web.Request) -> web.Response:
@@ -4848,10 +4975,17 @@ async def list_images(request: web.Request) -> web.Response:
 
 
 @api("GET", "/images/{name:.+}", "protected", "error", "images", "Inspect image",
-     description="Returns detailed information about a container image including all labels and compatibility information",
-     params=(param("name", "path", "string", "Image name with optional tag; may hold a registry and slashes, raw or URL-encoded (extension)", example="python:3.12-slim"),),
+     description="Returns detailed information about a container image including all labels and "
+                 "compatibility information",
+     params=(param("name", "path", "string",
+                   "Image name with optional tag; may hold a registry and slashes, raw or "
+                   "URL-encoded (extension)",
+                   example="python:3.12-slim"),),
      ok=(200, "Image details", "internal_api.ImageDetailResponse"),
-     errors=((400, "Invalid image name"), (404, "Image not found"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),))
+     errors=((400, "Invalid image name"),
+             (404, "Image not found"),
+             (500, "Internal server error"),
+             (503, "Podman unavailable (extension)")))
 async def inspect_image(request: web.Request) -> web.Response:
     """`/images/{name}`: the name may hold a registry and slashes, raw or URL-encoded."""
     name = check_image_name(request.match_info["name"])
@@ -4860,9 +4994,16 @@ async def inspect_image(request: web.Request) -> web.Response:
 
 @api("GET", "/images/search", "protected", "error", "images", "Search images",
      description="Searches container registries for images matching the query",
-     params=(param("q", "query", "string", "Search query", example="python", required=True), param("limit", "query", "integer", "Maximum number of results (default 25, max 100)", example=10), param("no_trunc", "query", "boolean", "Don't truncate output (accepted; results are never truncated)"),),
+     params=(param("q", "query", "string", "Search query", example="python", required=True),
+             param("limit", "query", "integer", "Maximum number of results (default 25, max 100)",
+                   example=10),
+             param("no_trunc", "query", "boolean",
+                   "Don't truncate output (accepted; results are never truncated)")),
      ok=(200, "Search results", "internal_api.ImageSearchResponse"),
-     errors=((400, "Invalid request (missing query)"), (500, "Internal server error"), (502, "Registry search failed"), (503, "Podman unavailable (extension)"),))
+     errors=((400, "Invalid request (missing query)"),
+             (500, "Internal server error"),
+             (502, "Registry search failed"),
+             (503, "Podman unavailable (extension)")))
 async def search_images(request: web.Request) -> web.Response:
     term = search_term(request.query.get("q", ""))
     try:
@@ -4877,10 +5018,13 @@ async def search_images(request: web.Request) -> web.Response:
 
 
 @api("POST", "/images/pull", "protected", "error", "images", "Pull image",
-     description="Pulls a container image from a registry. Extension: with `Accept: text/event-stream` the progress is streamed as SSE `data:` lines, then `event: done` (data: the ImagePullResponse JSON) or `event: error` (data: message)",
-     body="internal_api.ImagePullRequest",
-     produces=("application/json", "text/event-stream"),
-     ok=(200, "Image pulled successfully (or the SSE progress stream)", "internal_api.ImagePullResponse"),
+     description="Pulls a container image from a registry. Extension: with `Accept: "
+                 "text/event-stream` the progress is streamed as SSE `data:` lines, then "
+                 "`event: done` (data: the ImagePullResponse JSON) or `event: error` (data: "
+                 "message)",
+     body="internal_api.ImagePullRequest", produces=("application/json", "text/event-stream"),
+     ok=(200, "Image pulled successfully (or the SSE progress stream)",
+         "internal_api.ImagePullResponse"),
      errors=((400, "Invalid request"), (500, "Pull failed"),))
 async def pull_image(request: web.Request) -> web.StreamResponse:
     """Pull an image; with `Accept: text/event-stream` its progress is streamed as SSE
@@ -4950,10 +5094,14 @@ def check_secret_name(name: Any) -> str:
 
 
 @api("POST", "/secrets", "protected", "success", "secrets", "Create secret",
-     description="Creates a Podman secret. Names: letters, digits, - and _, max 253 characters. Values are limited to 1MB",
+     description="Creates a Podman secret. Names: letters, digits, - and _, max 253 characters. "
+                 "Values are limited to 1MB",
      body="internal_api.CreateSecretRequest",
      ok=(201, "Secret created successfully", "internal_api.CreateSecretResponse"),
-     errors=((400, "Invalid request (missing/invalid name or value)"), (409, "Secret with this name already exists"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),),
+     errors=((400, "Invalid request (missing/invalid name or value)"),
+             (409, "Secret with this name already exists"),
+             (500, "Internal server error"),
+             (503, "Podman unavailable (extension)")),
      error_schema="internal_api.CreateSecretResponse")
 async def create_secret(request: web.Request) -> web.Response:
     body = await read_json(request)
@@ -4973,17 +5121,25 @@ async def create_secret(request: web.Request) -> web.Response:
      description="Returns metadata about a Podman secret; the value is never returned",
      params=(param("name", "path", "string", "Secret name", example="github-token"),),
      ok=(200, "Secret metadata", "internal_api.SecretInfoResponse"),
-     errors=((400, "Invalid secret name"), (404, "Secret not found"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),))
+     errors=((400, "Invalid secret name"),
+             (404, "Secret not found"),
+             (500, "Internal server error"),
+             (503, "Podman unavailable (extension)")))
 async def get_secret(request: web.Request) -> web.Response:
     name = check_secret_name(request.match_info["name"])
     return json_response(await catalog(request, "secret", name, failure="internal server error"))
 
 
 @api("DELETE", "/secrets/{name}", "protected", "success", "secrets", "Delete secret",
-     description="Permanently deletes a Podman secret. Secrets in use by running containers may cause those containers to fail",
+     description="Permanently deletes a Podman secret. Secrets in use by running containers may "
+                 "cause those containers to fail",
      params=(param("name", "path", "string", "Secret name", example="github-token"),),
      ok=(200, "Secret deleted successfully", "internal_api.DeleteSecretResponse"),
-     errors=((400, "Invalid secret name"), (404, "Secret not found"), (409, "Secret is managed by stromboli (extension)"), (500, "Internal server error"), (503, "Podman unavailable (extension)"),),
+     errors=((400, "Invalid secret name"),
+             (404, "Secret not found"),
+             (409, "Secret is managed by stromboli (extension)"),
+             (500, "Internal server error"),
+             (503, "Podman unavailable (extension)")),
      error_schema="internal_api.DeleteSecretResponse")
 async def delete_secret(request: web.Request) -> web.Response:
     name = check_secret_name(request.match_info["name"])
@@ -4999,9 +5155,9 @@ def require_jwt(app: Stromboli) -> None:
 
 
 @api("POST", "/auth/token", "token", "error", "auth", "Generate JWT tokens",
-     description="Generate new JWT access and refresh tokens using API credentials (only a static API token mints: not a JWT; not rate limited)",
-     body="internal_api.TokenRequest",
-     ok=(200, "OK", "internal_api.TokenResponse"),
+     description="Generate new JWT access and refresh tokens using API credentials (only a "
+                 "static API token mints: not a JWT; not rate limited)",
+     body="internal_api.TokenRequest", ok=(200, "OK", "internal_api.TokenResponse"),
      errors=((400, "Bad Request"), (503, "JWT authentication not configured"),))
 async def auth_token(request: web.Request) -> web.Response:
     """Mint a pair. Only a static token may (perimeter has checked it when auth is on): a
@@ -5019,10 +5175,12 @@ async def auth_token(request: web.Request) -> web.Response:
 
 
 @api("POST", "/auth/refresh", "public", "error", "auth", "Refresh access token",
-     description="Generate a new access token (and a new refresh token) using a valid refresh token",
-     body="internal_api.RefreshRequest",
-     ok=(200, "OK", "internal_api.TokenResponse"),
-     errors=((400, "Bad Request"), (401, "invalid or expired refresh token"), (503, "JWT authentication not configured"),))
+     description="Generate a new access token (and a new refresh token) using a valid refresh "
+                 "token",
+     body="internal_api.RefreshRequest", ok=(200, "OK", "internal_api.TokenResponse"),
+     errors=((400, "Bad Request"),
+             (401, "invalid or expired refresh token"),
+             (503, "JWT authentication not configured")))
 async def auth_refresh(request: web.Request) -> web.Response:
     app = state(request)
     require_jwt(app)
@@ -5035,7 +5193,8 @@ async def auth_refresh(request: web.Request) -> web.Response:
 
 
 @api("GET", "/auth/validate", "public", "error", "auth", "Validate JWT token",
-     description="Validate a JWT access token and return its claims. Public route (no rate limit): it checks the bearer token itself",
+     description="Validate a JWT access token and return its claims. Public route (no rate "
+                 "limit): it checks the bearer token itself",
      ok=(200, "OK", "internal_api.ValidateResponse"),
      errors=((401, "Unauthorized"), (503, "JWT authentication not configured"),),
      reads_bearer=True)
@@ -5049,12 +5208,11 @@ async def auth_validate(request: web.Request) -> web.Response:
 
 
 @api("POST", "/auth/logout", "public", "error", "auth", "Logout (invalidate token)",
-     description="Revokes the bearer JWT; a refresh_token in the optional body is revoked too (extension). Public route (no rate limit): it checks the bearer token itself",
-     body="internal_api.LogoutRequest",
-     body_required=False,
+     description="Revokes the bearer JWT; a refresh_token in the optional body is revoked too "
+                 "(extension). Public route (no rate limit): it checks the bearer token itself",
+     body="internal_api.LogoutRequest", body_required=False,
      ok=(200, "OK", "internal_api.LogoutResponse"),
-     errors=((401, "Unauthorized"), (503, "Service Unavailable"),),
-     reads_bearer=True)
+     errors=((401, "Unauthorized"), (503, "Service Unavailable"),), reads_bearer=True)
 async def auth_logout(request: web.Request) -> web.Response:
     """Revoke the presented access token's whole family (every token of that grant), and
     that of a `refresh_token` in the body. All or nothing: every token is checked first."""
@@ -5076,15 +5234,13 @@ async def auth_logout(request: web.Request) -> web.Response:
 
 
 @api("GET", "/swagger/doc.json", "public", "error", "docs", "OpenAPI document",
-     description="(extension) This Swagger 2.0 document",
-     ok=(200, "OK", "object"))
+     description="(extension) This Swagger 2.0 document", ok=(200, "OK", "object"))
 async def openapi_document(request: web.Request) -> web.Response:
     return json_response(OPENAPI)
 
 
 @api("GET", "/swagger/", "public", "error", "docs", "API documentation page",
-     description="(extension) A self-contained HTML viewer of doc.json",
-     produces=("text/html",),
+     description="(extension) A self-contained HTML viewer of doc.json", produces=("text/html",),
      ok=(200, "OK", None))
 async def openapi_viewer(request: web.Request) -> web.Response:
     return web.Response(text=SWAGGER_HTML, content_type="text/html", charset="utf-8")
