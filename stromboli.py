@@ -965,8 +965,11 @@ def process_open_fds() -> float:
 # Podman — connection discovery, the private API service, the podman-py wrapper
 # ---------------------------------------------------------------------------
 
-class PodmanUnavailable(Exception):
-    """The Podman API cannot be reached."""
+class PodmanUnavailable(FixedStatus):
+    """The Podman API cannot be reached: raised by Podman.call for every connection failure
+    (podman-py wraps them in APIError), rendered 503 in the route's envelope."""
+
+    code = 503
 
 
 class PodmanService:
@@ -1055,8 +1058,11 @@ class Podman:
                                               functools.partial(fn, *args, **kwargs))
         except podman.errors.NotFound:
             raise
-        except Exception:
+        except Exception as exc:
             self.on_failure()
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if isinstance(cause, OSError):  # the socket, not Podman's answer
+                raise PodmanUnavailable(f"podman unavailable: {short_error(cause)}") from None
             raise
 
     def close(self) -> None:
@@ -1865,6 +1871,33 @@ class SessionStore:
         if self.transcript(session_id) is None:
             self.remove(session_id)
 
+    def open_for_run(self, plan: SessionPlan, cwd: str) -> None:
+        """Make a run's home ready: a copy of the source for a fork (within the quota),
+        else the session's own; check that its history fits the mode and the home its
+        quota; for a continued conversation, put the transcript in the project folder of
+        `cwd`, where the CLI looks. The caller holds the session's (and source's) lock."""
+        sid = plan.session_id
+        if plan.mode == "fork":
+            if self.transcript(plan.source) is None:
+                raise NotFound(f"session has no history: {plan.source}")
+            self.check_quota(plan.source)
+            self.fork(plan.source, sid)
+        else:
+            self.ensure(sid)
+            history = self.transcript(sid)
+            if plan.mode == "new" and history is not None:
+                raise Conflict(f"session {sid} already has history; set claude.resume=true "
+                               "to continue it")
+            if plan.mode != "new" and history is None:
+                raise NotFound(f"session has no history: {sid}")
+            self.check_quota(sid)
+        if plan.mode != "new":
+            self.relocate(sid, plan.source or sid, cwd)
+
+    def check_quota(self, session_id: str) -> None:
+        if problem := self.over_quota(session_id):
+            raise Conflict(problem)
+
     def initialized(self, session_id: str) -> bool:
         with self._open(session_id) as home:
             return home.file_stat(home.fd, INIT_MARKER) is not None
@@ -2411,6 +2444,153 @@ def instance_secret(instance: str, name: str) -> str:
     return f"stromboli-{instance}-{name}"
 
 
+class Credentials:
+    """The daemon's own secrets — the API key and the `claude` login's credentials file —
+    kept in step with their Podman secrets, and how a container receives them: as files
+    only its user can read, never as values in `podman inspect`."""
+
+    def __init__(self, cfg: Config, podman_api: Podman, instance: str):
+        self.cfg, self.podman = cfg, podman_api
+        self.api_key = cfg.api_key()  # read once: it may come from a file or a credential
+        self.api_key_secret = instance_secret(instance, "anthropic-api-key")
+        self.file_secret = instance_secret(instance, "claude-credentials")
+        self.labels = {**MANAGED_LABEL, "stromboli.instance": instance}
+        self.synced = 0  # bumped whenever a secret changes (the health monitor rechecks)
+        self._lock = asyncio.Lock()
+        self._digest = ""
+        self._api_key_synced = False
+
+    def configured(self) -> bool:
+        return bool(self.api_key) or self.cfg.credentials_path.is_file()
+
+    async def sync(self) -> None:
+        """Bring the secrets in step with the credentials file (by hash) and the API key."""
+        async with self._lock:  # concurrent runs must not replace them twice
+            path = self.cfg.credentials_path
+            if path.is_file():
+                data = await asyncio.to_thread(path.read_bytes)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != self._digest:
+                    await self.podman.call(self.podman.replace_secret, self.file_secret, data,
+                                           self.labels)
+                    self._digest = digest
+                    self.synced += 1
+            if self.api_key and not self._api_key_synced:
+                await self.podman.call(self.podman.replace_secret, self.api_key_secret,
+                                       self.api_key.encode(), self.labels)
+                self._api_key_synced = True
+                self.synced += 1
+
+    async def drop(self) -> None:
+        """At shutdown: the next start creates them again, so none outlive the daemon."""
+        for name in (self.api_key_secret, self.file_secret):
+            try:
+                await asyncio.wait_for(self.podman.call(self.podman.remove_secret, name), 5)
+            except Exception as exc:  # Podman may be gone: nothing more to do
+                log.warning("could not remove a secret", extra=fields(
+                    secret=name, error=short_error(exc)))
+
+    def secret_env(self, requested: dict[str, str]) -> dict[str, str]:
+        """{environment variable: secret name} for a run, the daemon's API key included."""
+        mapping = dict(requested)
+        if self.api_key:
+            mapping.setdefault("ANTHROPIC_API_KEY", self.api_key_secret)
+        return mapping
+
+    def mounts(self, secret_env: dict[str, str]) -> list[dict]:
+        """Podman's secret mounts: each variable's secret as a file the entry command
+        exports, and the credentials file where the CLI looks for it."""
+        found = [{"source": name, "target": f"{SECRETS_DIR}/{env}", "uid": CONTAINER_UID,
+                  "gid": CONTAINER_UID, "mode": 0o400} for env, name in secret_env.items()]
+        if self._digest:
+            found.append({"source": self.file_secret, "uid": CONTAINER_UID, "gid": CONTAINER_UID,
+                          "mode": 0o600, "target": f"{CONTAINER_HOME}/.claude/.credentials.json"})
+        return found
+
+
+def container_command(cfg: Config, req: RunRequest, plan: SessionPlan, needs_init: bool,
+                      secret_env: Iterable[str]) -> list[str]:
+    """The container's command: a fail-fast shell chain that exports the secrets from
+    their files (so their values are in no `podman inspect`), makes and enters the
+    workdir, runs the lifecycle hooks (each in its own subshell on its own lines, so a
+    comment, `;`, `||` or `cd` inside one cannot change the chain), then execs claude
+    with the prompt on stdin (so it is in no argv)."""
+    argv = claude_argv(req.claude, plan.argv())
+    hooks = check_hooks(req.podman.get("lifecycle") or {})
+    steps = [f'export {env}="$(cat {SECRETS_DIR}/{env})"' for env in secret_env]
+    if req.workdir and cfg.agent_workdir_auto_create:
+        steps.append(f"mkdir -p {shell_quote(req.workdir)}")
+        steps.append(f"cd {shell_quote(req.workdir)}")
+    for key in HOOK_KEYS:
+        if key != "post_start" and not needs_init:
+            continue
+        steps += [f"(\n{hook}\n)" for hook in hooks.get(key, [])]
+    claude = "exec " + " ".join(map(shell_quote, argv)) + f" < {PROMPT_FILE}"
+    return ["sh", "-c", " && ".join(steps + [claude])]
+
+
+def agent_user(cfg: Config, rootless: bool) -> dict:
+    """Who the agent is. Rootful: uid 1000 inside a user namespace whose ids start at
+    userns_base on the host, so the agent is no real host user; rootless Podman maps
+    already, and keep-id lets the agent write the daemon user's session homes."""
+    if rootless:
+        return {"userns_mode": "keep-id", "user": f"{os.getuid()}:{os.getgid()}"}
+    spec: dict[str, Any] = {"user": f"{CONTAINER_UID}:{CONTAINER_UID}"}
+    if base := cfg.userns_base:
+        mapping = [{"container_id": 0, "host_id": base, "size": USERNS_SIZE}]
+        spec.update(userns_mode="private", idmappings={"UIDMap": mapping, "GIDMap": mapping})
+    return spec
+
+
+def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, home: str,
+                   prompt_file: str, secrets: list[dict], user: dict) -> dict:
+    """The container's create arguments: a pure function of the request and settings."""
+    opts = req.podman
+    cpus = parse_cpus(opts.get("cpus") or cfg.resources_cpus)
+    env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(cfg.agent_env),
+           **claude_env(req.claude)}
+    # `z`: on SELinux hosts the session home must be relabelled (ignored elsewhere).
+    volumes = {home: {"bind": CONTAINER_HOME, "mode": "rw", "extended_mode": ["z"]},
+               prompt_file: {"bind": PROMPT_FILE, "mode": "ro"}}
+    for volume in opts.get("volumes", []):
+        host, target, options = check_volume(cfg, volume)
+        volumes[host] = {"bind": target, "extended_mode": options}
+    spec: dict[str, Any] = dict(
+        name=name, labels=labels, environment=env, volumes=volumes, secrets=secrets,
+        cap_drop=["ALL"], no_new_privileges=True, pids_limit=cfg.agent_pids_limit,
+        mem_limit=parse_memory(opts.get("memory") or cfg.resources_memory),
+        cpu_period=100000, cpu_quota=int(cpus * 100000), **user)
+    if opts.get("cpu_shares"):
+        spec["cpu_shares"] = opts["cpu_shares"]
+    if cfg.agent_mount_claude_cli:
+        # Two-image mode: the CLI image read-only at /opt/claude, its claude first on PATH.
+        spec["image_volumes"] = [{"Source": cfg.cli_image, "Destination": CLI_MOUNT,
+                                  "ReadWrite": False}]
+        env["PATH"] = f"{CLI_MOUNT}/usr/local/bin:{DEFAULT_PATH}"
+    if req.workdir and not cfg.agent_workdir_auto_create:
+        spec["working_dir"] = req.workdir  # else the command's `mkdir -p && cd` does it
+    network = cfg.agent_network
+    if network in ("bridge", "host", "none", "private", "slirp4netns", "pasta"):
+        spec["network_mode"] = network
+    elif network:
+        spec["networks"] = {network: {}}
+    return spec
+
+
+def make_volume_dirs(cfg: Config, req: RunRequest) -> None:
+    """Create missing host folders of the request's volumes (volume_auto_create)."""
+    if not cfg.agent_volume_auto_create:
+        return
+    for volume in req.podman.get("volumes", []):
+        host, _, _ = check_volume(cfg, volume)
+        if not os.path.exists(host):
+            try:
+                make_public_dirs(pathlib.Path(host))
+            except OSError as exc:
+                raise BadRequest(f'volume validation failed: cannot create "{host}": '
+                                 f"{exc.strerror}") from None
+
+
 class ContainerRunner:
     """Runs one request in one fresh, hardened agent container and always removes it."""
 
@@ -2419,155 +2599,31 @@ class ContainerRunner:
         self.cfg, self.podman, self.sessions, self.store = cfg, podman_api, sessions, store
         self.metrics = metrics
         self.slots = RunSlots(cfg.run_slots)
-        self.feeds: dict[str, RunFeed] = {}
+        self.feeds: dict[str, RunFeed] = {}  # runs in progress (and for 5 min after)
         # Daemons sharing one Podman (a user and a system service, say) tell their
         # containers apart by this label, derived from the state dir.
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
-        self.api_key_secret = instance_secret(self.instance, "anthropic-api-key")
-        self.credentials_secret = instance_secret(self.instance, "claude-credentials")
+        self.credentials = Credentials(cfg, podman_api, self.instance)
         self.prompts = cfg.state_path / "prompts"
         self.rootless = False
         self.connected = asyncio.Event()  # set once Podman answered and recovery is done
-        self._credentials_lock = asyncio.Lock()
-        self.api_key = cfg.api_key()  # read once: it may come from a file or a credential
-        self._credentials_digest = ""
-        self._api_key_synced = False
-        self.secrets_synced = 0  # bumped whenever the daemon's secrets change
         self._workdirs: dict[str, str] = {}
 
-    # -- credentials ---------------------------------------------------------------
-    def configured(self) -> bool:
-        return bool(self.api_key) or self.cfg.credentials_path.is_file()
+    async def connect(self) -> None:
+        """Learn Podman's mode and bring the secrets in step (once it answers)."""
+        await self.podman.call(self.podman.version)
+        self.rootless = await self.podman.call(self.podman.rootless)
+        await self.credentials.sync()
 
-    async def sync_credentials(self) -> None:
-        """Keep the Podman secrets in step with the credentials file and the API key."""
-        async with self._credentials_lock:  # concurrent runs must not replace it twice
-            await self._sync_credentials()
-
-    async def _sync_credentials(self) -> None:
-        path = self.cfg.credentials_path
-        labels = {**MANAGED_LABEL, "stromboli.instance": self.instance}
-        if path.is_file():
-            data = await asyncio.to_thread(path.read_bytes)
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != self._credentials_digest:
-                await self.podman.call(self.podman.replace_secret, self.credentials_secret, data,
-                                       labels)
-                self._credentials_digest = digest
-                self.secrets_synced += 1
-        if self.api_key and not self._api_key_synced:
-            await self.podman.call(self.podman.replace_secret, self.api_key_secret,
-                                   self.api_key.encode(), labels)
-            self._api_key_synced = True
-            self.secrets_synced += 1
-
-    async def drop_own_secrets(self) -> None:
-        """At shutdown: the next start creates them again, so none outlive the daemon."""
-        for name in (self.api_key_secret, self.credentials_secret):
-            try:
-                await asyncio.wait_for(self.podman.call(self.podman.remove_secret, name), 5)
-            except Exception as exc:  # Podman may be gone: nothing more to do
-                log.warning("could not remove a secret", extra=fields(
-                    secret=name, error=short_error(exc)))
-
-    # -- the container ---------------------------------------------------------------
-    def secret_env(self, req: RunRequest) -> dict[str, str]:
-        """{environment variable: secret name} for the run, the daemon's API key included."""
-        mapping = dict(req.podman.get("secrets_env", {}))
-        if self.api_key:
-            mapping.setdefault("ANTHROPIC_API_KEY", self.api_key_secret)
-        return mapping
-
-    def command(self, req: RunRequest, plan: SessionPlan, needs_init: bool) -> list[str]:
-        """The container's command: a fail-fast shell chain that exports the secrets from
-        their files (so their values are in no `podman inspect`), makes and enters the
-        workdir, runs the lifecycle hooks (each in its own subshell on its own lines, so a
-        comment, `;`, `||` or `cd` inside one cannot change the chain), then execs claude
-        with the prompt on stdin (so it is in no argv)."""
-        argv = claude_argv(req.claude, plan.argv())
-        hooks = check_hooks(req.podman.get("lifecycle") or {})
-        steps = [f'export {env}="$(cat {SECRETS_DIR}/{env})"' for env in self.secret_env(req)]
-        if req.workdir and self.cfg.agent_workdir_auto_create:
-            steps.append(f"mkdir -p {shell_quote(req.workdir)}")
-            steps.append(f"cd {shell_quote(req.workdir)}")
-        for key in HOOK_KEYS:
-            if key != "post_start" and not needs_init:
-                continue
-            steps += [f"(\n{hook}\n)" for hook in hooks.get(key, [])]
-        claude = "exec " + " ".join(map(shell_quote, argv)) + f" < {PROMPT_FILE}"
-        return ["sh", "-c", " && ".join(steps + [claude])]
-
-    def spec(self, req: RunRequest, run_id: str, session_id: str, labels: dict,
-             prompt_file: str) -> dict:
-        """The container's create arguments: a pure function of the request and settings."""
-        opts = req.podman
-        cpus = parse_cpus(opts.get("cpus") or self.cfg.resources_cpus)
-        env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(self.cfg.agent_env),
-               **claude_env(req.claude)}
-        # `z`: on SELinux hosts the session home must be relabelled (ignored elsewhere).
-        volumes = {self.sessions.host_home(session_id): {"bind": CONTAINER_HOME, "mode": "rw",
-                                                         "extended_mode": ["z"]},
-                   prompt_file: {"bind": PROMPT_FILE, "mode": "ro"}}
-        for volume in opts.get("volumes", []):
-            host, target, options = check_volume(self.cfg, volume)
-            volumes[host] = {"bind": target, "extended_mode": options}
-        secrets = [{"source": name, "target": f"{SECRETS_DIR}/{env_name}", "uid": CONTAINER_UID,
-                    "gid": CONTAINER_UID, "mode": 0o400}
-                   for env_name, name in self.secret_env(req).items()]
-        if self._credentials_digest:
-            secrets.append({"source": self.credentials_secret, "uid": CONTAINER_UID,
-                            "gid": CONTAINER_UID, "mode": 0o600,
-                            "target": f"{CONTAINER_HOME}/.claude/.credentials.json"})
-        spec: dict[str, Any] = dict(
-            name=f"stromboli-agent-{run_id}",
-            labels={**MANAGED_LABEL, "stromboli.instance": self.instance,
-                    "stromboli.run": run_id, "stromboli.session": session_id, **labels},
-            environment=env, volumes=volumes, secrets=secrets,
-            cap_drop=["ALL"], no_new_privileges=True, pids_limit=self.cfg.agent_pids_limit,
-            mem_limit=parse_memory(opts.get("memory") or self.cfg.resources_memory),
-            cpu_period=100000, cpu_quota=int(cpus * 100000),
-        )
-        if opts.get("cpu_shares"):
-            spec["cpu_shares"] = opts["cpu_shares"]
-        if self.cfg.agent_mount_claude_cli:
-            # Two-image mode: the CLI image read-only at /opt/claude, its claude first on PATH.
-            spec["image_volumes"] = [{"Source": self.cfg.cli_image, "Destination": CLI_MOUNT,
-                                      "ReadWrite": False}]
-            env["PATH"] = f"{CLI_MOUNT}/usr/local/bin:{DEFAULT_PATH}"
-        spec.update(self.user_spec())
-        if req.workdir and not self.cfg.agent_workdir_auto_create:
-            spec["working_dir"] = req.workdir  # else the command's `mkdir -p && cd` does it
-        network = self.cfg.agent_network
-        if network in ("bridge", "host", "none", "private", "slirp4netns", "pasta"):
-            spec["network_mode"] = network
-        elif network:
-            spec["networks"] = {network: {}}
-        return spec
-
-    def user_spec(self) -> dict:
-        """Who the agent is. Rootful: uid 1000 inside a user namespace whose ids start at
-        userns_base on the host, so the agent is no real host user; rootless Podman maps
-        already, and keep-id lets the agent write the daemon user's session homes."""
-        if self.rootless:
-            return {"userns_mode": "keep-id", "user": f"{os.getuid()}:{os.getgid()}"}
-        spec = {"user": f"{CONTAINER_UID}:{CONTAINER_UID}"}
-        if base := self.cfg.userns_base:
-            mapping = [{"container_id": 0, "host_id": base, "size": USERNS_SIZE}]
-            spec.update(userns_mode="private", idmappings={"UIDMap": mapping, "GIDMap": mapping})
-        return spec
-
-    def make_volume_dirs(self, req: RunRequest) -> None:
-        """Create missing host folders of the request's volumes (volume_auto_create)."""
-        if not self.cfg.agent_volume_auto_create:
-            return
-        for volume in req.podman.get("volumes", []):
-            host, _, _ = check_volume(self.cfg, volume)
-            if not os.path.exists(host):
-                try:
-                    make_public_dirs(pathlib.Path(host))
-                except OSError as exc:
-                    raise BadRequest(f'volume validation failed: cannot create "{host}": '
-                                     f"{exc.strerror}") from None
+    async def remove_leftovers(self) -> list[dict]:
+        """Remove this instance's containers (a restart left them behind); → them."""
+        found = await self.podman.call(self.podman.containers,
+                                       f"stromboli.instance={self.instance}")
+        for container in found:
+            log.info("removing leftover agent container", extra=fields(
+                container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
+            await self.destroy(container["id"])
+        return found
 
     def write_prompt(self, run_id: str, prompt: str) -> str:
         """The prompt as a file only the container's user can read; → its host path."""
@@ -2589,15 +2645,13 @@ class ContainerRunner:
         except asyncio.TimeoutError:
             raise Unavailable("podman unavailable: not connected yet (see /health)") from None
         try:
-            await self.sync_credentials()
+            await self.credentials.sync()
             exists = await self.podman.call(self.podman.image_exists, image)
             usable = [name for name in req.podman.get("secrets_env", {}).values()
                       if await self.podman.call(self.podman.secret_usable, name,
                                                 self.cfg.secrets_allowed)]
-        except PodmanUnavailable as exc:
-            raise Unavailable(str(exc)) from None
-        except Exception as exc:  # requests/urllib3 errors when the socket is gone
-            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
+        except podman.errors.APIError as exc:  # Podman answered, with an error
+            raise Unavailable(f"podman failed: {short_error(exc)}") from None
         if not exists:
             hint = ("build it with `stromboli image build`" if image == self.cfg.default_image
                     else "pull it first (POST /images/pull)")
@@ -2661,35 +2715,11 @@ class ContainerRunner:
         await self.store.call(self.store.add_run_events, rows)
 
     async def _open_session(self, req: RunRequest, plan: SessionPlan, image: str) -> None:
-        """Create the session home (a copy of the source for a fork), check that the
-        history matches the mode and the home its quota, and put the transcript where the
-        CLI will look."""
-        sid, sessions = plan.session_id, self.sessions
-        if plan.mode == "fork":  # run() holds the source's lock too
-            if await asyncio.to_thread(sessions.transcript, plan.source) is None:
-                raise NotFound(f"session has no history: {plan.source}")
-            await self._check_quota(plan.source)
-            try:
-                await asyncio.to_thread(sessions.fork, plan.source, sid)
-            except HomeError as exc:
-                raise Conflict(f"cannot fork {plan.source}: {exc}") from None
-        else:
-            await asyncio.to_thread(sessions.ensure, sid)
-            history = await asyncio.to_thread(sessions.transcript, sid)
-            if plan.mode == "new" and history is not None:
-                raise Conflict(f"session {sid} already has history; set claude.resume=true "
-                               "to continue it")
-            if plan.mode != "new" and history is None:
-                raise NotFound(f"session has no history: {sid}")
-            await self._check_quota(sid)
-        if plan.mode != "new":
-            cwd = req.workdir or await self.image_workdir(image)
-            await asyncio.to_thread(sessions.relocate, sid, plan.source or sid, cwd)
-
-    async def _check_quota(self, session_id: str) -> None:
-        problem = await asyncio.to_thread(self.sessions.over_quota, session_id)
-        if problem:
-            raise Conflict(problem)
+        cwd = "" if plan.mode == "new" else req.workdir or await self.image_workdir(image)
+        try:
+            await asyncio.to_thread(self.sessions.open_for_run, plan, cwd)
+        except HomeError as exc:
+            raise Conflict(str(exc)) from None
 
     async def image_workdir(self, image: str) -> str:
         if image not in self._workdirs:
@@ -2699,7 +2729,7 @@ class ContainerRunner:
     async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
                        feed: RunFeed) -> RunResult:
         image = await self.prepare(req)
-        await asyncio.to_thread(self.make_volume_dirs, req)
+        await asyncio.to_thread(make_volume_dirs, self.cfg, req)
         await self._open_session(req, plan, image)
         session_id = plan.session_id
         needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
@@ -2707,8 +2737,14 @@ class ContainerRunner:
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
         prompt_file = await asyncio.to_thread(self.write_prompt, run_id, req.prompt)
-        spec = self.spec(req, run_id, session_id, labels, prompt_file)
-        command = self.command(req, plan, needs_init)
+        secret_env = self.credentials.secret_env(req.podman.get("secrets_env", {}))
+        spec = container_spec(
+            self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
+                session_id), prompt_file=prompt_file, secrets=self.credentials.mounts(secret_env),
+            user=agent_user(self.cfg, self.rootless),
+            labels={**MANAGED_LABEL, "stromboli.instance": self.instance, "stromboli.run": run_id,
+                    "stromboli.session": session_id, **labels})
+        command = container_command(self.cfg, req, plan, needs_init, secret_env)
         started = time.monotonic()
         try:
             exit_code, killed_for = await self._container(image, command, spec, feed, timeout,
@@ -2755,12 +2791,10 @@ class ContainerRunner:
             # Cancelled mid-create: the container may exist anyway, so wait and remove it.
             await asyncio.wait({creating})
             if not creating.cancelled() and creating.exception() is None:
-                await self._destroy(creating.result())
+                await self.destroy(creating.result())
             raise
-        except podman.errors.APIError as exc:
+        except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
-        except (OSError, aiohttp.ClientError, podman.errors.PodmanError) as exc:
-            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
         self.metrics.active_containers += 1
         try:
             stream = await self._attach(cid, feed)
@@ -2785,11 +2819,9 @@ class ContainerRunner:
             return exit_code, killed_for
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
-        except OSError as exc:  # requests' connection errors: Podman went away
-            raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
         finally:
             self.metrics.active_containers -= 1
-            await asyncio.shield(self._destroy(cid))
+            await asyncio.shield(self.destroy(cid))
 
     async def _attach(self, cid: str, feed: RunFeed) -> asyncio.Future:
         """Attach to the created container (before start, so no output is lost: the attach
@@ -2831,7 +2863,7 @@ class ContainerRunner:
             if problem:
                 return f"Quota: {problem}; its container was killed"
 
-    async def _destroy(self, cid: str) -> None:
+    async def destroy(self, cid: str) -> None:
         try:
             await self.podman.call(self.podman.kill, cid)
             await self.podman.call(self.podman.remove, cid)
@@ -3086,13 +3118,7 @@ class JobManager:
     async def recover(self) -> None:
         """At startup, before any run may start: remove this instance's leftover
         containers, fail the jobs that were running, requeue the pending ones."""
-        containers = await self.runner.podman.call(
-            self.runner.podman.containers, f"stromboli.instance={self.runner.instance}")
-        for container in containers:
-            log.info("removing leftover agent container",
-                     extra=fields(container=container["id"][:12],
-                                  job_id=container["labels"].get("stromboli.job")))
-            await self.runner._destroy(container["id"])
+        await self.runner.remove_leftovers()
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "running":
                 await self._finish(job, dict(status="failed", error=RESTART_ERROR,
@@ -4273,7 +4299,7 @@ class HealthMonitor:
     INTERVAL = 5.0
 
     def __init__(self, cfg: Config, runner: ContainerRunner):
-        self.cfg, self.runner = cfg, runner
+        self.cfg, self.runner, self.credentials = cfg, runner, runner.credentials
         self.podman_error: str | None = "not checked yet"
         self.podman_version: dict | None = None
         self.secret_errors: dict[str, str | None] = {}
@@ -4302,9 +4328,9 @@ class HealthMonitor:
         self._wake.clear()  # our own failed ping must not wake us at once
         if self.podman_error is not None:
             self._checked_sync = -1  # recheck the secrets once Podman is back
-        elif self._checked_sync != self.runner.secrets_synced:
-            self._checked_sync = self.runner.secrets_synced
-            for name in (self.runner.api_key_secret, self.runner.credentials_secret):
+        elif self._checked_sync != self.credentials.synced:
+            self._checked_sync = self.credentials.synced
+            for name in (self.credentials.api_key_secret, self.credentials.file_secret):
                 self.secret_errors[name] = await self._secret_error(name)
 
     async def _secret_error(self, name: str) -> str | None:
@@ -4318,16 +4344,16 @@ class HealthMonitor:
 
     def components(self) -> list[dict]:
         found = [self._component("podman", self.podman_error)]
-        if self.runner.api_key:
+        if self.credentials.api_key:
             found.append(self._secret_component("anthropic-api-key",
-                                                self.runner.api_key_secret))
+                                                self.credentials.api_key_secret))
         has_file = self.cfg.credentials_path.is_file()
-        if has_file or not self.runner.api_key:
+        if has_file or not self.credentials.api_key:
             found.append(self._component("claude-credentials-file", None if has_file else
                                          "credentials file missing: run 'claude' to "
                                          "authenticate"))
             found.append(self._secret_component("claude-credentials-secret",
-                                                self.runner.credentials_secret))
+                                                self.credentials.file_secret))
         return found
 
     def _secret_component(self, component: str, secret: str) -> dict:
@@ -4418,9 +4444,7 @@ class Stromboli:
         delay = 1.0
         while True:
             try:
-                await self.podman.call(self.podman.version)
-                self.runner.rootless = await self.podman.call(self.podman.rootless)
-                await self.runner.sync_credentials()
+                await self.runner.connect()
                 await self.jobs.recover()
                 await self.monitor.check()  # /health is right from the first answer
                 self.runner.connected.set()
@@ -4451,7 +4475,7 @@ class Stromboli:
         if self.webhooks.tasks:
             await asyncio.wait(self.webhooks.tasks, timeout=5)
         if self.runner:
-            await self.runner.drop_own_secrets()
+            await self.runner.credentials.drop()
         if self.podman:
             self.podman.close()
         await asyncio.to_thread(self.podman_service.stop)
@@ -4585,7 +4609,7 @@ def strict_json(raw: bytes) -> Any:
 
 
 def require_configured(app: Stromboli) -> None:
-    if not app.runner.configured():
+    if not app.runner.credentials.configured():
         raise Unavailable("Claude not configured. Run 'make claude-setup' first")
 
 
@@ -4607,7 +4631,7 @@ async def health(request: web.Request) -> web.Response:
      description="Checks if Claude credentials (or an API key) are configured",
      ok=(200, "OK", "internal_api.ClaudeStatusResponse"))
 async def claude_status(request: web.Request) -> web.Response:
-    configured = state(request).runner.configured()
+    configured = state(request).runner.credentials.configured()
     return json_response({"configured": configured, "message": "Claude is configured"
                           if configured else "Run 'make claude-setup' to configure (or set "
                                              "ANTHROPIC_API_KEY)"})
@@ -4955,10 +4979,8 @@ async def catalog(request: web.Request, method: str, *args: Any, failure: str) -
     app = state(request)
     try:
         return await app.podman.call(getattr(app.catalog, method), *args)
-    except ApiError:
+    except ApiError:  # PodmanUnavailable included
         raise
-    except OSError as exc:  # requests' connection errors are OSErrors
-        raise Unavailable(f"podman unavailable: {short_error(exc)}") from None
     except (podman.errors.PodmanError, RunFailed) as exc:
         log.warning(failure, extra=fields(error=short_error(exc)))
         raise ApiError(500, failure) from None
