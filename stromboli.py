@@ -5,7 +5,10 @@ One file, three dependencies (aiohttp, podman, pyjwt). Wire-compatible with upst
 Stromboli (Go) v0.5.6: synchronous runs (POST /run), SSE streams (GET /run/stream), async
 jobs (POST /run/async, /jobs), resumable sessions, JWT auth, per-IP rate limiting and a
 Prometheus exporter. Where upstream is weak it is better: jobs survive restarts (SQLite),
-cancel really kills the container, containers are hardened by default.
+cancel really kills the container, containers are hardened by default, and both the agent
+(it has a shell) and the network are treated as hostile: the daemon never follows a link
+in a session home, bounds every buffer, keeps secrets out of `podman inspect`, and answers
+its public routes without expensive work (see "Security model" in README.md).
 
     python3 stromboli.py serve                  # run the daemon (the default command)
     python3 stromboli.py check-config           # print the effective configuration
@@ -13,10 +16,13 @@ cancel really kills the container, containers are hardened by default.
     python3 stromboli.py run "hello"            # client: stream a run from a daemon
     python3 stromboli.py jobs | cancel | sessions | token | health
 
-Sections, in dependency order: configuration, errors, store (SQLite), metrics, Podman,
-Claude (argv, output, usage), sessions, runner, webhooks, jobs, auth, rate limiting, agent
-image, images and secrets, OpenAPI, HTTP (handlers and the route table), systemd, client
-CLI, main().
+Sections, in dependency order, each under a banner: configuration, logging, errors and
+envelopes, store (SQLite), metrics, Podman, Claude (option tables, argv, output, usage),
+sessions (the symlink-safe SafeHome layer, transcripts), runner (validation, Credentials,
+the container spec, the run lifecycle), webhooks, jobs, auth, rate limiting, agent image,
+images and secrets, OpenAPI (route records and the derived document), daemon (the app
+object, health monitor), HTTP (browser checks, middlewares, handlers declared with @api,
+connection limits), systemd, client CLI, main(), and data (Containerfile, viewer page).
 
 Configuration: flags > environment (STROMBOLI_*) > TOML file (--config,
 $STROMBOLI_CONFIG, /etc/stromboli/stromboli.toml) > defaults. See README.md.
@@ -559,6 +565,10 @@ def parse_error(parse: Callable[[str], Any], text: str) -> str | None:
         return str(exc)
     return None
 
+
+# ---------------------------------------------------------------------------
+# Logging — one line per event, JSON or text, with structured fields
+# ---------------------------------------------------------------------------
 
 def setup_logging(cfg: Config) -> None:
     level_name = cfg.log_level.lower().replace("warning", "warn")
@@ -4287,7 +4297,7 @@ DEFINITIONS: dict = {
 
 
 # ---------------------------------------------------------------------------
-# HTTP — the application object, middlewares, handlers, the route table
+# Daemon — what it holds (the app object), its background tasks, the health monitor
 # ---------------------------------------------------------------------------
 
 class HealthMonitor:
@@ -4364,34 +4374,6 @@ class HealthMonitor:
     def _component(name: str, error: str | None) -> dict:
         return {"name": name, "status": "ok"} if error is None else \
             {"name": name, "status": "error", "error": error}
-
-
-class BrowserGuard:
-    """Keeps web pages from driving the API (curl and the SDKs send no Origin and are not
-    affected): a foreign Origin is refused, so is a Host name that is not ours (DNS
-    rebinding uses names), and a body that is not JSON (forms and text/plain are what a
-    page can send without asking)."""
-
-    def __init__(self, cfg: Config):
-        self.hosts = {h.lower() for h in cfg.server_allowed_hosts} | {"localhost"}
-        self.origins = {o.rstrip("/").lower() for o in cfg.server_allowed_origins}
-
-    def check(self, request: web.Request) -> None:
-        host = request.headers.get("Host", "").lower()
-        name = strip_port(host)
-        if host and ip_or_none(name) is None and name not in self.hosts:
-            raise ApiError(421, f"unknown Host header {name[:100]!r}: add the name to "
-                                "STROMBOLI_SERVER_ALLOWED_HOSTS")
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            origin = origin.rstrip("/").lower()
-            if origin != f"{request.scheme}://{host}" and origin not in self.origins:
-                raise ApiError(403, "cross-origin request refused: add the origin to "
-                                    "STROMBOLI_SERVER_ALLOWED_ORIGINS")
-        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
-            kind = request.content_type
-            if kind != "application/json" and not kind.endswith("+json"):
-                raise ApiError(415, "Content-Type must be application/json")
 
 
 class Stromboli:
@@ -4480,6 +4462,38 @@ class Stromboli:
             self.podman.close()
         await asyncio.to_thread(self.podman_service.stop)
         self.store.close()
+
+
+# ---------------------------------------------------------------------------
+# HTTP — browser checks, middlewares, handlers and their route records, the app
+# ---------------------------------------------------------------------------
+
+class BrowserGuard:
+    """Keeps web pages from driving the API (curl and the SDKs send no Origin and are not
+    affected): a foreign Origin is refused, so is a Host name that is not ours (DNS
+    rebinding uses names), and a body that is not JSON (forms and text/plain are what a
+    page can send without asking)."""
+
+    def __init__(self, cfg: Config):
+        self.hosts = {h.lower() for h in cfg.server_allowed_hosts} | {"localhost"}
+        self.origins = {o.rstrip("/").lower() for o in cfg.server_allowed_origins}
+
+    def check(self, request: web.Request) -> None:
+        host = request.headers.get("Host", "").lower()
+        name = strip_port(host)
+        if host and ip_or_none(name) is None and name not in self.hosts:
+            raise ApiError(421, f"unknown Host header {name[:100]!r}: add the name to "
+                                "STROMBOLI_SERVER_ALLOWED_HOSTS")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            origin = origin.rstrip("/").lower()
+            if origin != f"{request.scheme}://{host}" and origin not in self.origins:
+                raise ApiError(403, "cross-origin request refused: add the origin to "
+                                    "STROMBOLI_SERVER_ALLOWED_ORIGINS")
+        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
+            kind = request.content_type
+            if kind != "application/json" and not kind.endswith("+json"):
+                raise ApiError(415, "Content-Type must be application/json")
 
 
 APP_KEY = web.AppKey("stromboli", Stromboli)
