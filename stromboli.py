@@ -3963,6 +3963,8 @@ OPENAPI_HEAD: dict = {
     },
 }
 
+SECRET_RESULT = {"error": prop("string"), "name": prop("string", example="github-token"),
+                 "success": prop("boolean", example=True)}
 DEFINITIONS: dict = {
     "internal_api.AsyncRunResponse": obj("Response from starting an async Claude execution", properties={
         "job_id": prop("string", example="job-abc123def456"),
@@ -3981,16 +3983,8 @@ DEFINITIONS: dict = {
         "name": prop("string", example="github-token"),
         "value": prop("string", example="ghp_xxxxxxxxxxxx"),
     }),
-    "internal_api.CreateSecretResponse": obj("Result of secret creation", properties={
-        "error": prop("string"),
-        "name": prop("string", example="github-token"),
-        "success": prop("boolean", example=True),
-    }),
-    "internal_api.DeleteSecretResponse": obj("Result of secret deletion", properties={
-        "error": prop("string"),
-        "name": prop("string", example="github-token"),
-        "success": prop("boolean", example=True),
-    }),
+    "internal_api.CreateSecretResponse": obj("Result of secret creation", SECRET_RESULT),
+    "internal_api.DeleteSecretResponse": obj("Result of secret deletion", SECRET_RESULT),
     "internal_api.ErrorResponse": obj("", properties={
         "error": prop("string"),
     }),
