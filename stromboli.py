@@ -700,6 +700,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL, finished_at REAL, truncated INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, updated_at);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+CREATE INDEX IF NOT EXISTS jobs_status_created ON jobs(status, created_at);
 CREATE TABLE IF NOT EXISTS run_events (
     run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (run_id, seq)
@@ -765,13 +767,14 @@ class Store:
         row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
-    def list_jobs(self, status: str | None = None, limit: int = 1000) -> list[dict]:
-        if status:
-            rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY created_at DESC "
-                                    "LIMIT ?", (status, limit))
-        else:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [self._job(r) for r in rows.fetchall()]
+    def list_jobs(self, status: str | None = None, limit: int = 1000,
+                  offset: int = 0) -> tuple[list[dict], int]:
+        """A page of jobs, newest first, and how many match in all."""
+        where, args = ("WHERE status=?", (status,)) if status else ("", ())
+        rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC "
+                                "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+        return [self._job(r) for r in rows], total
 
     def jobs_in(self, states: Iterable[str]) -> list[dict]:
         states = tuple(states)
@@ -1552,9 +1555,14 @@ def content_block(block: Any) -> dict:
                       "content": content, "is_error": block.get("is_error")})
 
 
+MESSAGE_TYPES = ("user", "assistant")
+
+
 def transcript_message(line: dict) -> dict | None:
-    """A transcript line as upstream's history Message (U§7.3); None for skipped lines."""
-    if line.get("type") == "queue-operation":
+    """A transcript line as upstream's history Message (U§7.3); None for the CLI's own
+    bookkeeping lines (attachments, modes, titles, summaries, queue operations...), which
+    are no conversation and whose types upstream's document does not know."""
+    if line.get("type") not in MESSAGE_TYPES:
         return None
     message = line.get("message") if isinstance(line.get("message"), dict) else {}
     content = message.get("content")
@@ -2409,6 +2417,13 @@ class RunFeed:
             await waiter.wait()
 
 
+def run_error_event(run_id: str, message: str) -> str:
+    """The data of a stream's final `event: error`: JSON with `status` and `error`, so that a
+    client which parses it can tell it from content (upstream sends the bare message)."""
+    return json.dumps({"id": run_id, "status": "error", "error": message},
+                      separators=(",", ":"))
+
+
 class RunSlots:
     """A FIFO semaphore: at most `size` runs execute; the rest wait in arrival order."""
 
@@ -2705,10 +2720,10 @@ class ContainerRunner:
                                           "status": result.status}, separators=(",", ":")))
             return result
         except asyncio.CancelledError:
-            feed.push("error", "run cancelled")
+            feed.push("error", run_error_event(run_id, "run cancelled"))
             raise
         except Exception as exc:
-            feed.push("error", getattr(exc, "message", None) or str(exc))
+            feed.push("error", run_error_event(run_id, getattr(exc, "message", None) or str(exc)))
             raise
         finally:
             asyncio.get_running_loop().call_later(300, self.feeds.pop, run_id, None)
@@ -4042,6 +4057,9 @@ DEFINITIONS: dict = {
     }),
     "internal_api.JobListResponse": obj("List of async jobs", properties={
         "jobs": prop("[#internal_api.JobResponse]"),
+        "limit": prop("integer", "(extension) The page size used", example=1000),
+        "offset": prop("integer", "(extension) Jobs skipped", example=0),
+        "total": prop("integer", "(extension) Jobs matching, on all pages", example=3),
     }),
     "internal_api.JobResponse": obj("Job status and result", properties={
         "crash_info": prop("#stromboli_internal_job.CrashInfo"),
@@ -4228,7 +4246,10 @@ DEFINITIONS: dict = {
         "stop_reason": prop("string", "Stop reason (for assistant messages)", example="end_turn"),
         "usage": prop("#stromboli_internal_history.Usage", "Token usage"),
     }),
-    "stromboli_internal_history.MessageType": {"type": "string", "enum": ["user", "assistant", "queue-operation"], "x-enum-varnames": ["MessageTypeUser", "MessageTypeAssistant", "MessageTypeSystem"]},
+    "stromboli_internal_history.MessageType": {
+        "type": "string", "enum": ["user", "assistant", "queue-operation"],
+        "description": "Served: user and assistant (the CLI's bookkeeping lines are left out)",
+        "x-enum-varnames": ["MessageTypeUser", "MessageTypeAssistant", "MessageTypeSystem"]},
     "stromboli_internal_history.ToolResult": obj("Detailed result of a tool execution", properties={
         "interrupted": prop("boolean", "Whether execution was interrupted", example=False),
         "is_image": prop("boolean", "Whether result is an image", example=False),
@@ -4736,11 +4757,12 @@ def convert_query_value(name: str, kind: str, value: str) -> Any:
 @api("GET", "/run/stream", "protected", "text", "execution", "Stream Claude output",
      description="Executes Claude and streams output in real-time using SSE. Each output line "
                  "is `id: <n>` + `data: <raw line>`; the stream ends with `event: done` (data "
-                 "{id, session_id, status}) or `event: error` (data: message). Extensions: "
+                 "{id, session_id, status}) or `event: error` (data {id, status: \"error\", "
+                 "error}: JSON, an extension; upstream sends the bare message). Extensions: "
                  "every run option is a query parameter, bare or prefixed (`claude.<option>`, "
                  "`podman.<option>`), lists comma-separated, objects as JSON; `id:` on each "
                  "event, the X-Run-ID header, and replay with run_id + Last-Event-ID",
-     params=tuple(stream_parameters()), produces=("text/event-stream",),
+     params=tuple(stream_parameters()), produces=("text/event-stream", "text/plain"),
      ok=(200, "Event stream of output lines; header X-Run-ID: the run's id (extension)", None),
      errors=((400, "Invalid request (plain text)"),
              (404, "run not found: <run_id> (plain text; extension)"),
@@ -4853,7 +4875,10 @@ async def stored_events(store: Store, run_id: str, after: int):
 @api("GET", "/jobs", "protected", "run", "jobs", "List jobs",
      description="Returns async jobs, newest first",
      params=(param("status", "query", "string", "(extension) Only jobs in this state",
-                   enum=["pending", "running", "completed", "failed", "crashed", "cancelled"]),),
+                   enum=["pending", "running", "completed", "failed", "crashed", "cancelled"]),
+             param("limit", "query", "integer", "(extension) Jobs per page (default and most: "
+                   "1000)"),
+             param("offset", "query", "integer", "(extension) Jobs to skip (default 0)")),
      ok=(200, "OK", "internal_api.JobListResponse"),
      errors=((400, "Invalid status filter (extension)"),))
 async def list_jobs(request: web.Request) -> web.Response:
@@ -4861,8 +4886,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status and status not in ("pending", "running", *TERMINAL_STATES):
         raise BadRequest(f"invalid status filter {status!r}")
-    jobs = await app.store.call(app.store.list_jobs, status)
-    return json_response({"jobs": [job_response(j) for j in jobs]})
+    offset, limit = page_params(request, 1000, 1000)
+    jobs, total = await app.store.call(app.store.list_jobs, status, limit, offset)
+    return json_response({"jobs": [job_response(j) for j in jobs], "total": total,
+                          "offset": offset, "limit": limit})
 
 
 @api("GET", "/jobs/{id}", "protected", "run", "jobs", "Get job status",
@@ -4892,6 +4919,15 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 # -- sessions ---------------------------------------------------------------------
+
+def path_session_id(request: web.Request) -> str:
+    """A session id from the path: one that is no lowercase UUID can never exist, so it is
+    a 404 (as upstream), refused before any filesystem access."""
+    session_id = request.match_info["id"]
+    if not UUID_RE.match(session_id):
+        raise NotFound("session not found")
+    return session_id
+
 
 def page_params(request: web.Request, default: int, maximum: int) -> tuple[int, int]:
     """offset/limit query parameters: invalid or negative values fall back (U§5.12)."""
@@ -4931,7 +4967,7 @@ async def list_sessions(request: web.Request) -> web.Response:
      error_schema="internal_api.SessionDestroyResponse")
 async def delete_session(request: web.Request) -> web.Response:
     app = state(request)
-    session_id = check_session_id(request.match_info["id"])
+    session_id = path_session_id(request)
     if app.sessions.busy(session_id):
         raise Conflict("session is in use by a run; wait for it or cancel it first")
     async with app.sessions.lock(session_id):  # no run can start while the home goes
@@ -4952,7 +4988,7 @@ async def delete_session(request: web.Request) -> web.Response:
 async def session_messages(request: web.Request) -> web.Response:
     """A page of the transcript, plus the session's cumulative `usage` (extension)."""
     app = state(request)
-    session_id = check_session_id(request.match_info["id"])
+    session_id = path_session_id(request)
     offset, limit = page_params(request, 50, 200)
     messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
     usage = await asyncio.to_thread(app.sessions.usage, session_id)
@@ -4972,7 +5008,7 @@ async def session_messages(request: web.Request) -> web.Response:
      error_schema="internal_api.SessionMessageResponse")
 async def session_message(request: web.Request) -> web.Response:
     app = state(request)
-    session_id = check_session_id(request.match_info["id"])
+    session_id = path_session_id(request)
     message_id = request.match_info["message_id"]
     message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
     if message is None:
@@ -5228,6 +5264,11 @@ async def auth_refresh(request: web.Request) -> web.Response:
      ok=(200, "OK", "internal_api.ValidateResponse"),
      errors=((401, "Unauthorized"), (503, "JWT authentication not configured"),),
      reads_bearer=True)
+@api("POST", "/auth/validate", "public", "error", "auth", "Validate JWT token (POST)",
+     description="(extension) The same as GET /auth/validate, as the API overview lists it",
+     ok=(200, "OK", "internal_api.ValidateResponse"),
+     errors=((401, "Unauthorized"), (503, "JWT authentication not configured")),
+     reads_bearer=True)
 async def auth_validate(request: web.Request) -> web.Response:
     app = state(request)
     require_jwt(app)
@@ -5276,6 +5317,10 @@ async def openapi_viewer(request: web.Request) -> web.Response:
     return web.Response(text=SWAGGER_HTML, content_type="text/html", charset="utf-8")
 
 
+@api("GET", "/metrics", "protected", "error", "system", "Prometheus metrics",
+     description="(extension) The Prometheus exposition, also served without auth on the "
+                 "metrics listener (127.0.0.1:9090 by default)",
+     produces=("text/plain",), ok=(200, "Prometheus text format 0.0.4", None))
 async def metrics_endpoint(request: web.Request) -> web.Response:
     app = state(request)
     jobs = await app.store.call(app.store.count_jobs_by_status)
@@ -5677,6 +5722,14 @@ def client(args: argparse.Namespace) -> ApiClient:
                      args.token or os.environ.get("STROMBOLI_TOKEN", ""))
 
 
+def error_message(data: str) -> str:
+    """The message of an `event: error` (JSON from this daemon, bare text from upstream)."""
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return data
+
+
 def follow_run(api: ApiClient, query: dict, as_json: bool, run_id: str | None = None) -> int:
     """Print a run's stream; the exit code follows its final status."""
     renderer = EventRenderer()
@@ -5692,9 +5745,10 @@ def follow_run(api: ApiClient, query: dict, as_json: bool, run_id: str | None = 
                 if as_json:
                     print(json.dumps({"type": "done", **status}), flush=True)
             elif event == "error":
+                message = error_message(data)
                 if as_json:
-                    print(json.dumps({"type": "error", "error": data}), flush=True)
-                raise ClientError(f"run failed: {data}")
+                    print(json.dumps({"type": "error", "error": message}), flush=True)
+                raise ClientError(f"run failed: {message}")
             elif as_json:
                 print(data if data.startswith("{") else json.dumps({"type": "text", "text": data}),
                       flush=True)

@@ -949,15 +949,18 @@ def test_stream_accepts_run_options_as_query_parameters(daemon, model):
 def test_stream_error_event_on_failure(daemon):
     _, events = read_sse(daemon, {"prompt": "please fail 500"})
     assert events[-1].event == "error"
-    assert "execution failed" in events[-1].data
+    error = json.loads(events[-1].data)  # JSON, so that a client can tell it from content
+    assert error["status"] == "error" and "execution failed" in error["error"]
+    assert error["id"].startswith("run-")
 
 
 def test_stream_multiline_error_keeps_every_line(daemon):
     _, events = read_sse(daemon, {"prompt": "please fail 500", "output_format": "stream-json"})
-    error = events[-1]
-    assert error.event == "error" and "\n" in error.data  # several data: lines, one event
-    assert '"type":"result"' in error.data.splitlines()[-1]
-    assert error.data.startswith("execution failed: exit status 1, output:")
+    assert events[-1].event == "error"
+    message = json.loads(events[-1].data)["error"]
+    assert "\n" in message  # the whole multi-line message, in one event
+    assert '"type":"result"' in message.splitlines()[-1]
+    assert message.startswith("execution failed: exit status 1, output:")
 
 
 def test_stream_missing_prompt_is_plain_400(daemon):
@@ -1406,11 +1409,10 @@ def test_session_id_traversal_is_rejected(daemon, bad):
                          ("GET", f"/sessions/{bad}/messages/m1"),
                          ("DELETE", f"/sessions/{bad}")):
         r = daemon.http.request(method, path)
-        assert r.status_code in (400, 404), (path, r.status_code)
-        if r.status_code == 404:  # only when the router itself cannot match the path
-            assert r.json() == {"error": "not found"}, (path, r.text)
-        else:
-            assert "invalid session ID" in r.json()["error"]
+        # Such an id can never exist: 404, as upstream (the router's own when it cannot even
+        # match the path), and no filesystem access.
+        assert r.status_code == 404, (path, r.status_code)
+        assert r.json()["error"] in ("not found", "session not found"), (path, r.text)
     r = daemon.http.post("/run", json={"prompt": "x", "claude": {"session_id": bad}})
     assert r.status_code == 400 and "invalid session ID" in run_error(r)
 
@@ -1419,6 +1421,54 @@ def test_unknown_session_is_404(daemon):
     session = str(uuid.uuid4())
     r = daemon.http.get(f"/sessions/{session}/messages")
     assert r.status_code == 404 and r.json() == {"error": f"session history not found: {session}"}
+
+
+def test_path_session_ids_that_are_no_uuid_are_404(daemon):
+    """The upstream SDK's e2e suite accepts only 404/500 for these (issue 12)."""
+    for method, path in (("DELETE", "/sessions/sess-example123"),
+                         ("GET", "/sessions/sess-example123/messages"),
+                         ("GET", "/sessions/sess-example123/messages/m1")):
+        r = daemon.http.request(method, path)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"] == "session not found"
+        assert r.json().get("success", False) is False
+
+
+def test_messages_validate_against_the_served_document(daemon):
+    """Every message the daemon serves fits its own document (a validating proxy in front
+    of it would otherwise turn the answer into a 500)."""
+    import jsonschema
+    tag = marker()
+    session = daemon.http.post("/run", json={
+        "prompt": f"bash: echo {tag}", "claude": {"dangerously_skip_permissions": True}}
+    ).json()["session_id"]
+    doc = daemon.http.get("/swagger/doc.json").json()
+    schema = {**doc["paths"]["/sessions/{id}/messages"]["get"]["responses"]["200"]["schema"],
+              "definitions": doc["definitions"]}
+    page = daemon.http.get(f"/sessions/{session}/messages").json()
+    assert page["messages"], page
+    jsonschema.validate(page, schema)  # OpenAPI 2.0 schemas are JSON Schema draft 4
+    types = {m["type"] for m in page["messages"]}
+    assert types <= {"user", "assistant"} and types == {"user", "assistant"}, types
+    transcript = next((daemon.state_dir / "sessions" / session / ".claude/projects").glob(
+        f"*/{session}.jsonl")).read_text()
+    assert '"type":"attachment"' in transcript or '"type":"last-prompt"' in transcript \
+        or '"type":"system"' in transcript, "the CLI wrote no bookkeeping line to leave out"
+
+
+def test_jobs_paginate_with_total(daemon):
+    ids = [daemon.http.post("/run/async", json={"prompt": f"page {marker()}"}).json()["job_id"]
+           for _ in range(3)]
+    for job_id in ids:
+        daemon.wait_job(job_id)
+    first = daemon.http.get("/jobs", params={"limit": 2}).json()
+    assert len(first["jobs"]) == 2 and first["limit"] == 2 and first["offset"] == 0
+    assert first["total"] >= 3
+    second = daemon.http.get("/jobs", params={"limit": 2, "offset": 2}).json()
+    assert {j["id"] for j in first["jobs"]}.isdisjoint(j["id"] for j in second["jobs"])
+    newest_first = [j["id"] for j in first["jobs"]]
+    assert newest_first == [ids[2], ids[1]]  # no job of another test came in between
+    assert daemon.http.get("/jobs").json()["total"] == first["total"]
 
 
 # ---------------------------------------------------------------------------
@@ -1910,6 +1960,23 @@ def test_jwt_flow_and_revocation_survives_restart(auth_daemon, make_daemon):
         r = again.http.get("/jobs", headers=revoked)
         assert r.status_code == 401 and r.json() == {"error": "token revoked"}
     assert again.http.get("/jobs", headers=bearer(other["access_token"])).status_code == 200
+
+
+def test_overview_rows_post_validate_and_metrics_on_the_api_port(auth_daemon):
+    """The API overview lists POST /auth/validate and GET /metrics on the API's base URL."""
+    tokens = auth_daemon.http.post("/auth/token", json={"client_id": "ov"}, headers=STATIC).json()
+    access = bearer(tokens["access_token"])
+    for method in ("GET", "POST"):
+        r = auth_daemon.http.request(method, "/auth/validate", headers=access)
+        assert r.status_code == 200 and r.json()["subject"] == "ov", (method, r.text)
+        assert auth_daemon.http.request(method, "/auth/validate").status_code == 401
+    assert auth_daemon.http.get("/metrics").status_code == 401  # behind auth like the rest
+    for headers in (access, STATIC):
+        r = auth_daemon.http.get("/metrics", headers=headers)
+        assert r.status_code == 200 and "http_requests_total" in r.text
+        assert r.headers["Content-Type"].startswith("text/plain")
+    # the separate listener stays open (127.0.0.1) for Prometheus
+    assert httpx.get(f"http://127.0.0.1:{auth_daemon.metrics_port}/metrics").status_code == 200
 
 
 def test_expired_revocations_are_reaped(make_daemon):
