@@ -1,6 +1,7 @@
 """Benchmark stromboli: its overhead on top of a plain `podman run` of the Claude Code CLI
-(the default mode), what an agent's output flood costs the daemon (`flood`), and the daemon
-under mixed traffic at a fixed rate (`load`).
+(the default mode), what an agent's output flood costs the daemon (`flood`), the daemon
+under mixed traffic at a fixed rate (`load`), and the requests/s of its cheap routes next to
+a bare aiohttp handler (`rps`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -60,6 +61,29 @@ achieved rate, the daemon's RSS, open fds and threads (/proc, every 100 ms) befo
 after, and the CPU used by the daemon, by this process (the client and the scripted model) and by
 the whole machine: on 2 cores the client competes with the daemon.
 
+`rps`: requests per second, closed loop, from loopback (issue 12's fast path, issue 10's
+/health targets). Needs `wrk` on PATH (Debian package `wrk`; the bench installs nothing and
+says so if it is missing). In one run: a bare aiohttp app in a subprocess (one GET handler, a
+small JSON body, no access log) and a real daemon with auth on (a static token and a JWT
+secret, as in `load`; its access log on, as shipped). After one async job has finished and a
+JWT has been minted (`POST /auth/token` with the static token), `wrk -t2 -c32 -d5s --latency`
+(--threads, --connections, --duration; each target after a --warmup of 1 s, --rounds times in
+turn, median reported) runs against, in this order:
+
+  the bare handler; GET /health (public); GET /jobs/{id} with the JWT; GET /jobs/{id} with
+  the static token; GET /jobs with the JWT (headers with wrk's -H).
+
+Reported per target: req/s and its ratio to the bare handler, p50/p99 latency, requests,
+non-2xx answers and socket errors, and the serving process's CPU. Then "a /health flood slows a
+concurrent run by at most 10 %": after one discarded run, the median wall time of --runs
+(default 5) sequential `POST /run {"prompt": "hello"}`, alone and while one wrk process (same
+-t/-c) floods GET /health for the whole series (started 1 s before the first run, stopped with
+SIGINT after the last); --flood-rounds pairs (default 1, alone then flooded; more alternate,
+ABBA). Reported: both medians and their ratio, /health's req/s during the flood, the daemon's
+and the machine's CPU. Targets checked: /health ≥ 0.5× bare and a flooded run ≤ 1.10× (issue
+10), GET /jobs/{id} with a JWT ≥ 0.3× bare (issue 12). On 2 cores wrk competes with the
+server it measures, and under the flood with the run: the CPU figures show how much.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -69,6 +93,8 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py load                 # load: 10,000 requests at 500/s
     python bench_stromboli.py load --requests 1000 # a quick version
     python bench_stromboli.py load --requests 10000 --rate 500 --json
+    python bench_stromboli.py rps                  # wrk: req/s vs bare aiohttp; /health flood
+    python bench_stromboli.py rps --rounds 3 --runs 5 --flood-rounds 2 --json
 """
 
 from __future__ import annotations
@@ -80,8 +106,11 @@ import json
 import os
 import pathlib
 import platform
+import re
+import resource
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -931,6 +960,413 @@ def load_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
+# -- rps: requests/s next to a bare aiohttp handler (issues 10 and 12) -----------------------
+
+RPS_TOKEN = "rps-static-token-1"
+# The reference: a bare aiohttp app, one GET handler with a small JSON body, no access log,
+# in its own process (as the daemon is), on the default asyncio loop (as the daemon uses).
+BARE_APP = r'''
+import asyncio
+from aiohttp import web
+
+
+async def handler(request):
+    return web.json_response({"status": "ok", "name": "bare"})
+
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(site._server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())
+'''
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+RPS_BOUNDS = {"health": 0.5, "job_jwt": 0.3}  # × bare: issue 10 (/health), issue 12 (JWT)
+FLOOD_SLOWDOWN = 1.10  # issue 10: a /health flood slows a concurrent run by at most 10 %
+FLOOD_RAMP = 1.0  # seconds the flood runs before the first run of a flooded series
+
+
+def wrk_seconds(value: str) -> float | None:
+    """A wrk time ("635.91us", "1.20ms", "5.00s", "1.00m") → seconds; None if unparsable."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value.strip())
+    return float(match[1]) * WRK_UNITS[match[2]] if match else None
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/sec, the request count, latency (avg, max, percentiles with --latency),
+    non-2xx/3xx answers and socket errors from wrk's report."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    if not rps:
+        raise RuntimeError(f"wrk: no Requests/sec line in its output:\n{output}")
+    done = re.search(r"^\s*(\d+) requests in (\S+?),", output, re.M)
+    latency = re.search(r"^\s*Latency\s+(\S+)\s+(\S+)\s+(\S+)", output, re.M)
+    if latency and latency[1] == "Distribution":
+        latency = None
+    percentiles = {int(p): wrk_seconds(v)
+                   for p, v in re.findall(r"^\s*(50|75|90|99)%\s+(\S+)", output, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", output)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                     output)
+    socket_errors = dict(zip(("connect", "read", "write", "timeout"),
+                             map(int, sock.groups()))) if sock else {}
+    return {"rps": float(rps[1]),
+            "requests": int(done[1]) if done else None,
+            "seconds": wrk_seconds(done[2]) if done else None,
+            "latency_avg": wrk_seconds(latency[1]) if latency else None,
+            "latency_max": wrk_seconds(latency[3]) if latency else None,
+            "latency_p50": percentiles.get(50), "latency_p90": percentiles.get(90),
+            "latency_p99": percentiles.get(99),
+            "non_2xx": int(non2xx[1]) if non2xx else 0,
+            "socket_errors": socket_errors,
+            "errors": (int(non2xx[1]) if non2xx else 0) + sum(socket_errors.values())}
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (here: the wrk processes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Rps:
+    def __init__(self, args, wrk: str):
+        self.args, self.wrk = args, wrk
+
+    def argv(self, url: str, headers: list[str], seconds: float) -> list[str]:
+        header_args = [arg for header in headers for arg in ("-H", header)]
+        return [self.wrk, f"-t{self.args.threads}", f"-c{self.args.connections}",
+                f"-d{max(1, round(seconds))}s", "--latency", *header_args, url]
+
+    def measure(self, url: str, headers: list[str], server_pid: int, seconds: float) -> dict:
+        """One wrk run of `seconds` → its figures, and the CPU of the server, wrk and the
+        machine meanwhile."""
+        argv = self.argv(url, headers, seconds)
+        cpu0, server0, machine0 = children_cpu(), process_cpu(server_pid), machine_cpu()
+        start = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        wall = time.monotonic() - start
+        cpu1, server1, machine1 = children_cpu(), process_cpu(server_pid), machine_cpu()
+        if proc.returncode:
+            raise RuntimeError(f"wrk exited {proc.returncode}: {shlex.join(argv)}\n"
+                               f"{proc.stdout}{proc.stderr}")
+        return {**parse_wrk(proc.stdout),
+                "server_cpu_share": (server1 - server0) / wall,
+                "wrk_cpu_share": (cpu1 - cpu0) / wall,
+                "machine_busy": (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]),
+                "wrk_output": proc.stdout.strip()}
+
+    def targets(self, targets: list[dict]) -> dict:
+        """Each target for --duration, --rounds times in turn, after a --warmup run each."""
+        if self.args.warmup:
+            for target in targets:
+                self.measure(target["url"], target["headers"], target["pid"], self.args.warmup)
+        runs: dict[str, list[dict]] = {t["key"]: [] for t in targets}
+        for r in range(self.args.rounds):
+            for target in targets:
+                print(f"rps: round {r + 1}/{self.args.rounds}: {target['label']}…",
+                      file=sys.stderr, flush=True)
+                runs[target["key"]].append(self.measure(target["url"], target["headers"],
+                                                        target["pid"], self.args.duration))
+        results = {}
+        for target in targets:
+            rounds = runs[target["key"]]
+
+            def median(key: str):
+                values = [r[key] for r in rounds if r[key] is not None]
+                return statistics.median(values) if values else None
+
+            results[target["key"]] = {
+                "label": target["label"], "path": target["path"], "auth": target["auth"],
+                **{key: median(key) for key in ("rps", "latency_p50", "latency_p99",
+                                                "server_cpu_share", "wrk_cpu_share",
+                                                "machine_busy")},
+                "requests": sum(r["requests"] or 0 for r in rounds),
+                "non_2xx": sum(r["non_2xx"] for r in rounds),
+                "socket_errors": sum(sum(r["socket_errors"].values()) for r in rounds),
+                "rounds": rounds}
+        bare = results["bare"]["rps"]
+        for result in results.values():
+            result["ratio"] = result["rps"] / bare if bare else None
+        return results
+
+    def health_flood(self, client: httpx.Client, daemon: Daemon) -> dict:
+        """Median wall time of --runs sequential POST /run, alone and while wrk floods
+        /health (one wrk process for the whole series); --flood-rounds pairs, ABBA order."""
+        n, pid = self.args.rps_runs, daemon.proc.pid
+        post_run(client)  # warm-up, discarded
+        walls: dict[str, list[float]] = {"alone": [], "flood": []}
+        series: list[dict] = []
+        for r in range(self.args.flood_rounds):
+            for side in ("alone", "flood") if r % 2 == 0 else ("flood", "alone"):
+                print(f"rps: {n} × POST /run, {side} (round {r + 1}/"
+                      f"{self.args.flood_rounds})…", file=sys.stderr, flush=True)
+                wrk = None
+                cpu0 = children_cpu()
+                if side == "flood":
+                    argv = self.argv(daemon.url + "/health", [], n * RUN_TIMEOUT + 60)
+                    wrk = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+                    time.sleep(FLOOD_RAMP)
+                    if wrk.poll() is not None:
+                        raise RuntimeError(f"wrk exited {wrk.returncode}:\n"
+                                           f"{''.join(wrk.communicate())}")
+                daemon0, machine0, start = process_cpu(pid), machine_cpu(), time.monotonic()
+                these: list[float] = []
+                try:
+                    for _ in range(n):
+                        these.append(post_run(client))
+                finally:
+                    end, daemon1, machine1 = time.monotonic(), process_cpu(pid), machine_cpu()
+                    if wrk is not None:
+                        wrk.send_signal(signal.SIGINT)  # wrk stops and prints its report
+                        try:
+                            out, err = wrk.communicate(timeout=30)
+                        except subprocess.TimeoutExpired:
+                            wrk.kill()
+                            out, err = wrk.communicate()
+                wall = end - start
+                entry = {"side": side, "round": r, "walls": these, "seconds": wall,
+                         "daemon_cpu_share": (daemon1 - daemon0) / wall,
+                         "machine_busy": (machine1[0] - machine0[0])
+                         / max(1, machine1[1] - machine0[1])}
+                if wrk is not None:
+                    if wrk.returncode not in (0, -signal.SIGINT):
+                        raise RuntimeError(f"wrk exited {wrk.returncode}:\n{out}{err}")
+                    flood_wall = wall + FLOOD_RAMP
+                    entry["wrk"] = {**parse_wrk(out), "wrk_output": out.strip(),
+                                    "wrk_cpu_share": (children_cpu() - cpu0) / flood_wall}
+                walls[side].extend(these)
+                series.append(entry)
+        alone, flooded = summary(walls["alone"]), summary(walls["flood"])
+        floods = [s["wrk"] for s in series if "wrk" in s]
+        return {"runs": n, "rounds": self.args.flood_rounds, "alone": alone, "flood": flooded,
+                "ratio": flooded["median"] / alone["median"],
+                "health_rps": statistics.median(f["rps"] for f in floods),
+                "health_p99": statistics.median(f["latency_p99"] for f in floods
+                                                if f["latency_p99"] is not None)
+                if any(f["latency_p99"] is not None for f in floods) else None,
+                "health_requests": sum(f["requests"] or 0 for f in floods),
+                "health_errors": sum(f["errors"] for f in floods),
+                "wrk_cpu_share": statistics.median(f["wrk_cpu_share"] for f in floods),
+                "daemon_cpu_share": {side: statistics.median(
+                    s["daemon_cpu_share"] for s in series if s["side"] == side)
+                    for side in ("alone", "flood")},
+                "machine_busy": {side: statistics.median(
+                    s["machine_busy"] for s in series if s["side"] == side)
+                    for side in ("alone", "flood")},
+                "series": series}
+
+
+def post_run(client: httpx.Client) -> float:
+    """One `POST /run {"prompt": "hello"}` → its wall time; it must complete with the reply."""
+    start = time.monotonic()
+    response = client.post("/run", json={"prompt": PROMPT})
+    wall = time.monotonic() - start
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if body.get("status") != "completed" or body.get("output") != REPLY:
+        raise RuntimeError(f"POST /run failed ({response.status_code}): {response.text[:2000]}")
+    return wall
+
+
+def start_bare() -> tuple[subprocess.Popen, str]:
+    """The bare aiohttp app in a subprocess → (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, "-c", BARE_APP], stdout=subprocess.PIPE,
+                            text=True)
+    ready: list[str] = []
+    reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(20)
+    if not ready or not ready[0].strip().isdigit():
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"the bare aiohttp app did not start (exit {proc.poll()})")
+    return proc, f"http://127.0.0.1:{int(ready[0])}"
+
+
+def wrk_version(wrk: str) -> str:
+    out = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    first = (out.stdout or out.stderr).split("\n", 1)[0].split()
+    return first[1] if len(first) > 1 else "?"
+
+
+def rps(args) -> int:
+    """`rps`: wrk against a bare aiohttp handler and the daemon's cheap routes, then POST /run
+    alone and under a /health flood."""
+    wrk = shutil.which("wrk")
+    if not wrk:
+        print("bench_stromboli.py rps needs wrk (HTTP benchmarking tool), not found on PATH: "
+              "install it (Debian/Ubuntu: apt-get install wrk) and run again.", file=sys.stderr)
+        return 2
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-rps-"))
+    env = {**daemon_env(model, args.image, 0), "STROMBOLI_AUTH_ENABLED": "true",
+           "STROMBOLI_API_TOKENS": RPS_TOKEN, "STROMBOLI_JWT_SECRET": JWT_SECRET}
+    daemon = Daemon(workdir / "state", env)
+    report: dict = {"command": shlex.join(sys.orig_argv),
+                    "machine": {**machine_info(args.image), "wrk": wrk_version(wrk)},
+                    "threads": args.threads, "connections": args.connections,
+                    "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds,
+                    "bounds": {**RPS_BOUNDS, "flood_slowdown": FLOOD_SLOWDOWN},
+                    "loadavg_before": open("/proc/loadavg").read().split()[:3]}
+    bare = None
+    bench = Rps(args, wrk)
+    try:
+        bare, bare_url = start_bare()
+        daemon.start()
+        static = f"Authorization: Bearer {RPS_TOKEN}"
+        with httpx.Client(base_url=daemon.url, timeout=RUN_TIMEOUT,
+                          headers={"Authorization": f"Bearer {RPS_TOKEN}"}) as client:
+            minted = client.post("/auth/token", json={"client_id": "rps"},
+                                 headers={"Content-Type": "application/json"})
+            minted.raise_for_status()
+            jwt = f"Authorization: Bearer {minted.json()['access_token']}"
+            created = client.post("/run/async", json={"prompt": PROMPT})
+            created.raise_for_status()
+            job_id = created.json()["job_id"]
+            wait_jobs(client, [job_id])
+            report["job_status"] = client.get(f"/jobs/{job_id}").json().get("status")
+            pid = daemon.proc.pid
+            targets = [
+                {"key": "bare", "label": "bare aiohttp handler", "path": "GET /",
+                 "auth": "none", "url": bare_url + "/", "headers": [], "pid": bare.pid},
+                {"key": "health", "label": "`GET /health`", "path": "GET /health",
+                 "auth": "none (public)", "url": daemon.url + "/health", "headers": [],
+                 "pid": pid},
+                {"key": "job_jwt", "label": "`GET /jobs/{id}`, JWT", "path": "GET /jobs/{id}",
+                 "auth": "JWT", "url": f"{daemon.url}/jobs/{job_id}", "headers": [jwt],
+                 "pid": pid},
+                {"key": "job_static", "label": "`GET /jobs/{id}`, static token",
+                 "path": "GET /jobs/{id}", "auth": "static token",
+                 "url": f"{daemon.url}/jobs/{job_id}", "headers": [static], "pid": pid},
+                {"key": "jobs_jwt", "label": "`GET /jobs`, JWT", "path": "GET /jobs",
+                 "auth": "JWT", "url": daemon.url + "/jobs", "headers": [jwt], "pid": pid}]
+            for target in targets:  # each answers 200 before it is measured
+                name, _, value = (target["headers"] or [": "])[0].partition(": ")
+                answer = httpx.get(target["url"], timeout=10,
+                                   headers={name: value} if target["headers"] else None)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{target['label']}: HTTP {answer.status_code} "
+                                       f"before the measurement: {answer.text[:500]}")
+                if target["key"] == "health":
+                    report["health_status"] = answer.json().get("status")
+            report["targets"] = bench.targets(targets)
+            if args.rps_runs:
+                report["flood"] = bench.health_flood(client, daemon)
+        report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        raise
+    finally:
+        if bare is not None:
+            bare.terminate()
+            try:
+                bare.wait(10)
+            except subprocess.TimeoutExpired:
+                bare.kill()
+                bare.wait(10)
+        stop_daemon(daemon)
+        leftover = our_containers(workdir)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not args.json:
+        print(rps_markdown(report))
+        return 0
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def rps_markdown(report: dict) -> str:
+    def ms(value) -> str:
+        return "–" if value is None else f"{value * 1000:.2f} ms" if value < 0.01 \
+            else f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+    def pct(value) -> str:
+        return "–" if value is None else f"{value * 100:.0f} %"
+
+    def times(value) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
+    def verdict(value, ok: bool) -> str:
+        return f"{times(value)} — " + ("–" if value is None else "**met**" if ok
+                                       else "**not met**")
+
+    targets = report["targets"]
+    lines = ["| target | auth | req/s | × bare | p50 | p99 | requests | non-2xx | socket errors "
+             "| server CPU (of one core) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in targets.values():
+        lines.append(f"| {t['label']} | {t['auth']} | {t['rps']:,.0f} | {times(t['ratio'])} "
+                     f"| {ms(t['latency_p50'])} | {ms(t['latency_p99'])} | {t['requests']:,} "
+                     f"| {t['non_2xx']} | {t['socket_errors']} | {pct(t['server_cpu_share'])} |")
+    health, job = targets["health"]["ratio"], targets["job_jwt"]["ratio"]
+    bounds = report["bounds"]
+    checks = [f"- `/health` ≥ {bounds['health']}× bare (issue 10): "
+              f"{verdict(health, health is not None and health >= bounds['health'])}",
+              f"- `GET /jobs/{{id}}` with a JWT ≥ {bounds['job_jwt']}× bare (issue 12): "
+              f"{verdict(job, job is not None and job >= bounds['job_jwt'])}"]
+    flood = report.get("flood")
+    if flood:
+        n, rounds = flood["runs"] * flood["rounds"], flood["rounds"]
+        lines += ["", f"| `POST /run {{\"prompt\": \"hello\"}}`, n={n} per side | median | p90 "
+                      "| daemon CPU (of one core) | machine CPU busy |",
+                  "|---|---|---|---|---|"]
+        for side, label in (("alone", "alone"),
+                            ("flood", f"while `wrk -c{report['connections']}` floods "
+                                      "`/health`")):
+            lines.append(f"| {label} | {flood[side]['median']:.2f} s "
+                         f"| {flood[side]['p90']:.2f} s | {pct(flood['daemon_cpu_share'][side])} "
+                         f"| {pct(flood['machine_busy'][side])} |")
+        bare = targets["bare"]["rps"]
+        lines += ["", f"Ratio of medians (flooded / alone): **{flood['ratio']:.2f}×**; "
+                      f"`/health` meanwhile: {flood['health_rps']:,.0f} req/s "
+                      f"({times(flood['health_rps'] / bare if bare else None)} bare), p99 "
+                      f"{ms(flood['health_p99'])}, {flood['health_requests']:,} requests, "
+                      f"{flood['health_errors']} errors (non-2xx + socket); wrk itself used "
+                      f"{pct(flood['wrk_cpu_share'])} of one core."]
+        checks.append(f"- a `/health` flood slows a concurrent run by ≤ "
+                      f"{(bounds['flood_slowdown'] - 1) * 100:.0f} % (issue 10): "
+                      f"{(flood['ratio'] - 1) * 100:+.0f} %, "
+                      f"{verdict(flood['ratio'], flood['ratio'] <= bounds['flood_slowdown'])}")
+    info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
+    rounds = (f"{report['rounds']} rounds, median per target" if report["rounds"] > 1
+              else "one round")
+    flood_text = ""
+    if flood:
+        order = "ABBA" if flood["rounds"] > 1 else "back-to-back"
+        flood_text = (f" Then, after one discarded run, {flood['runs']} sequential `POST /run` "
+                      f"alone and {flood['runs']} while one wrk process (same -t/-c) floods "
+                      f"`/health` for the whole series (started {FLOOD_RAMP:g} s before the "
+                      f"first run, stopped with SIGINT after the last), {flood['rounds']} "
+                      f"pair(s), {order}.")
+    return "\n".join([
+        *lines, "", "Targets:", *checks, "",
+        f"`wrk -t{report['threads']} -c{report['connections']} -d{report['duration']}s "
+        f"--latency` per target ({rounds}, in the order shown, each after a "
+        f"{report['warmup']} s warm-up), headers with `-H`. Bare: a subprocess serving one "
+        "aiohttp GET handler with a small JSON body, no access log. The daemon: "
+        "`stromboli.py serve` with auth on (a static token and a JWT secret; the JWT minted "
+        "by `POST /auth/token`), its access log on as shipped (JSON lines at info, to a "
+        f"file), `GET /jobs/{{id}}` on one finished async job ({report.get('job_status')}); "
+        f"`/health` answered \"{report.get('health_status')}\". Server CPU: the serving "
+        "process's user+system time over wrk's wall time; wrk, the bench and the server "
+        "share the machine." + flood_text,
+        f"Load average before → after: {' '.join(report['loadavg_before'])} → "
+        f"{' '.join(report.get('loadavg_after', ['?']))}.",
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -998,7 +1434,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood,load}",
+    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps}",
                                   help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
@@ -1044,7 +1480,44 @@ def main() -> int:
                              help="agent image (default: %s)" % IMAGE)
     load_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON instead of markdown")
+    rps_parser = modes.add_parser(
+        "rps", help="requests/s (wrk) of the daemon's cheap routes next to bare aiohttp, and "
+                    "POST /run under a /health flood",
+        description="wrk against a bare aiohttp handler and the daemon's GET /health, "
+                    "GET /jobs/{id} (JWT and static token) and GET /jobs (JWT), in one run, "
+                    "with the ratios to the bare handler; then the median wall time of "
+                    "sequential POST /run alone and while wrk floods /health. Needs wrk.")
+    rps_parser.add_argument("--duration", type=int, default=5,
+                            help="seconds of wrk per target (default: %(default)s)")
+    rps_parser.add_argument("--connections", type=int, default=32,
+                            help="wrk connections, -c (default: %(default)s)")
+    rps_parser.add_argument("--threads", type=int, default=2,
+                            help="wrk threads, -t (default: %(default)s)")
+    rps_parser.add_argument("--warmup", type=int, default=1,
+                            help="seconds of discarded wrk per target first; 0: none "
+                                 "(default: %(default)s)")
+    rps_parser.add_argument("--rounds", type=int, default=1,
+                            help="wrk runs per target, in turn; the median is reported "
+                                 "(default: %(default)s)")
+    rps_parser.add_argument("--runs", dest="rps_runs", metavar="N", type=int, default=5,
+                            help="sequential POST /run per side (alone, under the /health "
+                                 "flood) and round; 0 skips the flood part "
+                                 "(default: %(default)s)")
+    rps_parser.add_argument("--flood-rounds", type=int, default=1,
+                            help="(alone, flooded) series pairs, in ABBA order "
+                                 "(default: %(default)s)")
+    rps_parser.add_argument("--image", default=argparse.SUPPRESS,
+                            help="agent image (default: %s)" % IMAGE)
+    rps_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print JSON instead of markdown")
     args = parser.parse_args()
+    if args.mode == "rps":
+        if args.duration < 1 or args.threads < 1 or args.connections < args.threads \
+                or args.warmup < 0 or args.rounds < 1 or args.rps_runs < 0 \
+                or args.flood_rounds < 1:
+            parser.error("rps: --duration, --threads, --rounds, --flood-rounds ≥ 1; "
+                         "--connections ≥ --threads; --warmup, --runs ≥ 0")
+        return rps(args)
     if args.mode == "load":
         if args.requests < 1 or args.rate <= 0 or args.concurrency < 1 \
                 or args.max_seconds <= 0 or args.run_every < 0 or args.jobs < 1:
