@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import hashlib
 import hmac
+import io
 import json
 import os
 import pathlib
@@ -38,12 +39,14 @@ import sys
 import threading
 import time
 import uuid
+from unittest import mock
 
 import httpx
 import jwt
 import podman
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from httpx_sse import connect_sse
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -402,13 +405,14 @@ def run_error(response: httpx.Response) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Fast tier: the pure parts in-process (no container, runs first, in well under a second)
+# Fast tier: the pure parts in-process, no container nor daemon (`pytest -m fast`: ~2 s)
 # ---------------------------------------------------------------------------
 
 sys.path.insert(0, str(HERE))
 import stromboli  # noqa: E402  (the module under test, for the in-process tier)
 
 
+@pytest.mark.fast
 def test_feed_splits_lines_across_frames_and_cuts_long_ones():
     feed = stromboli.RunFeed("run-x", max_line=1024, max_output=1024 * 1024)
     for chunk in (b"al", b"pha\nbe", b"ta\r\n", b"x" * 3000, b"y" * 3000, b"\nlast"):
@@ -420,6 +424,7 @@ def test_feed_splits_lines_across_frames_and_cuts_long_ones():
     assert lines[3] == "last" and feed.truncated
 
 
+@pytest.mark.fast
 def test_feed_drops_output_past_the_cap_but_keeps_the_last_line():
     feed = stromboli.RunFeed("run-x", max_line=1024, max_output=10 * 1024)
     feed.feed(b"".join(b"%05d %s\n" % (i, b"a" * 94) for i in range(1000)))
@@ -435,12 +440,13 @@ def test_feed_drops_output_past_the_cap_but_keeps_the_last_line():
     assert untouched.output() == "short" and not untouched.truncated
 
 
+@pytest.mark.fast
 def test_bounded_lines_skips_oversized_lines_without_holding_them():
-    import io
     data = b'{"a":1}\n' + b"z" * 5000 + b'\n{"b":2}\n' + b"q" * 5000
     assert list(stromboli.bounded_lines(io.BytesIO(data), 1000)) == [b'{"a":1}\n', b'{"b":2}\n']
 
 
+@pytest.mark.fast
 def test_documented_options_are_exactly_the_parsed_ones():
     doc = stromboli.OPENAPI
     claude = doc["definitions"]["stromboli_internal_types.ClaudeOptions"]["properties"]
@@ -468,6 +474,7 @@ class FakeQuery(dict):
         return [self[key]]
 
 
+@pytest.mark.fast
 def test_served_document_keeps_every_upstream_operation_and_type():
     upstream = json.loads((HERE.parent / "shared/reference/stromboli-openapi.json").read_text())
     ours = stromboli.OPENAPI
@@ -491,6 +498,7 @@ def test_served_document_keeps_every_upstream_operation_and_type():
                 (name, prop_name)
 
 
+@pytest.mark.fast
 def test_route_records_derive_auth_and_body_responses():
     for route in stromboli.ROUTES:
         responses = stromboli.OPENAPI["paths"][route.doc_path][route.method.lower()]["responses"]
@@ -510,6 +518,7 @@ def hostile_home(tmp_path: pathlib.Path):
     return store, sid, tmp_path / "sessions" / sid, outside
 
 
+@pytest.mark.fast
 def test_safe_home_never_follows_the_agents_links(tmp_path):
     store, sid, home, outside = hostile_home(tmp_path)
     (outside / f"{sid}.jsonl").write_text('{"type":"user","message":{"content":"SECRET"}}\n')
@@ -529,6 +538,7 @@ def test_safe_home_never_follows_the_agents_links(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == [f"{sid}.jsonl"]
 
 
+@pytest.mark.fast
 def test_safe_home_resume_does_not_move_into_a_linked_project_folder(tmp_path):
     store, sid, home, outside = hostile_home(tmp_path)
     (home / ".claude" / "projects" / "other").mkdir(parents=True)
@@ -539,6 +549,7 @@ def test_safe_home_resume_does_not_move_into_a_linked_project_folder(tmp_path):
     assert (home / ".claude" / "projects" / "-workspace" / f"{sid}.jsonl").is_file()
 
 
+@pytest.mark.fast
 def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
     store, sid, home, outside = hostile_home(tmp_path)
     (outside / "private").write_text("root only")
@@ -558,6 +569,7 @@ def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
     assert "over its quota" in small.over_quota(sid)
 
 
+@pytest.mark.fast
 def test_volume_targets_that_shadow_the_image_are_refused():
     cfg = stromboli.Config(agent_allow_all_volumes=True)
     for target in ("/", "/usr", "/usr/lib", "/lib64", "/opt", "/opt/claude", "/home",
@@ -571,11 +583,903 @@ def test_volume_targets_that_shadow_the_image_are_refused():
     assert stromboli.check_volume(cfg, "/tmp:/opt/tools")[1] == "/opt/tools"
 
 
+@pytest.mark.fast
 def test_request_parser_names_unknown_podman_options():
     cfg = stromboli.Config()
     for key in ("privileged", "cap_add", "devices", "security_opt", "user", "mounts"):
         with pytest.raises(stromboli.BadRequest, match=f'unknown podman option "{key}"'):
             stromboli.RunRequest.parse({"prompt": "x", "podman": {key: True}}, cfg)
+
+
+# -- option → argv mapping --------------------------------------------------------
+
+@pytest.mark.fast
+def test_claude_argv_maps_every_flag_kind_in_table_order():
+    options = {"no_persistence": True, "model": "opus", "tools": ["Bash", "Read"],
+               "allowed_tools": ["Bash(git:*)", "Read"], "dangerously_skip_permissions": False,
+               "json_schema": {"type": "object"}, "max_budget_usd": 1.5, "max_turns": 7,
+               "agents": {"rev": {"description": "d"}}, "add_dirs": [], "settings": "",
+               "setting_sources": ["user"], "debug": True, "disable_slash_commands": True}
+    assert stromboli.claude_argv(options, ["--session-id", "s"]) == [
+        "claude", "-p", "--session-id", "s", "--no-session-persistence", "--model", "opus",
+        "--tools", "Bash", "Read", "--allowedTools", "Bash(git:*),Read",
+        "--json-schema", '{"type": "object"}', "--max-budget-usd", "1.50", "--max-turns", "7",
+        "--agents", '{"rev": {"description": "d"}}', "--setting-sources", "user", "--debug",
+        "--disable-slash-commands"]
+    argv = stromboli.claude_argv({"json_schema": '{"type":"string"}', "debug": "api,hooks",
+                                  "max_budget_usd": 3, "max_turns": 0}, [])
+    assert argv == ["claude", "-p", "--json-schema", '{"type":"string"}',
+                    "--max-budget-usd", "3.00", "--max-turns", "0", "--debug", "api,hooks"]
+    assert stromboli.claude_argv({}, []) == ["claude", "-p"]
+
+
+@pytest.mark.fast
+def test_stream_json_output_adds_verbose_once():
+    argv = stromboli.claude_argv({"output_format": "stream-json"}, [])
+    assert argv == ["claude", "-p", "--output-format", "stream-json", "--verbose"]
+    argv = stromboli.claude_argv({"output_format": "stream-json", "verbose": True}, [])
+    assert argv.count("--verbose") == 1
+    assert "--verbose" not in stromboli.claude_argv({"output_format": "json"}, [])
+
+
+@pytest.mark.fast
+def test_session_plans_give_the_cli_the_flags_it_accepts():
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    new = stromboli.SessionPlan.of({"session_id": sid})
+    assert (new.mode, new.argv()) == ("new", ["--session-id", sid])
+    fresh = stromboli.SessionPlan.of({})
+    assert fresh.mode == "new" and stromboli.UUID_RE.match(fresh.session_id)
+    resume = stromboli.SessionPlan.of({"session_id": sid, "resume": True})
+    assert (resume.mode, resume.argv()) == ("resume", ["--resume", sid])
+    cont = stromboli.SessionPlan.of({"session_id": sid, "continue": True, "resume": True})
+    assert (cont.mode, cont.argv()) == ("continue", ["--continue"])
+    fork = stromboli.SessionPlan.of({"session_id": sid, "fork_session": True, "resume": True},
+                                    fork_id=other)
+    assert (fork.mode, fork.source) == ("fork", sid)
+    assert fork.argv() == ["--resume", sid, "--fork-session", "--session-id", other]
+    assert stromboli.SessionPlan.of({"session_id": sid, "fork_session": True}).session_id != sid
+    for flag in ("resume", "continue", "fork_session"):
+        with pytest.raises(stromboli.BadRequest, match="need claude.session_id"):
+            stromboli.SessionPlan.of({flag: True})
+    argv = stromboli.claude_argv({"model": "haiku"}, resume.argv())
+    assert argv == ["claude", "-p", "--resume", sid, "--model", "haiku"]
+
+
+@pytest.mark.fast
+def test_claude_env_carries_the_env_options():
+    assert stromboli.claude_env({}) == {}
+    assert stromboli.claude_env({"prompt_caching_ttl": "1h"}) == {"ENABLE_PROMPT_CACHING_1H": "1"}
+    assert stromboli.claude_env({"prompt_caching_ttl": "5m", "bedrock_service_tier": "flex",
+                                 "enable_powershell_tool": True}) == {
+        "FORCE_PROMPT_CACHING_5M": "1", "ANTHROPIC_BEDROCK_SERVICE_TIER": "flex",
+        "CLAUDE_CODE_USE_POWERSHELL_TOOL": "1"}
+    assert stromboli.claude_env({"prompt_caching_ttl": "2h", "enable_powershell_tool": False}) == {}
+
+
+# -- request validation -----------------------------------------------------------
+
+REQUIRED_PROMPT = ("Invalid request: Key: 'RunRequest.Prompt' Error:Field validation for 'Prompt' "
+                   "failed on the 'required' tag")
+BAD_BODIES = [
+    ("not an object", ["prompt"], "Invalid request: body must be a JSON object"),
+    ("no prompt", {}, REQUIRED_PROMPT),
+    ("blank prompt", {"prompt": " \n\t"}, REQUIRED_PROMPT),
+    ("prompt not a string", {"prompt": 5}, REQUIRED_PROMPT),
+    ("NUL in prompt", {"prompt": "a\0b"},
+     "Invalid request: prompt must not contain NUL characters"),
+]
+BAD_FIELDS = [  # beside a valid prompt
+    ("workdir type", {"workdir": 5}, "Invalid request: workdir must be a string"),
+    ("webhook type", {"webhook_url": ["x"]}, "Invalid request: webhook_url must be a string"),
+    ("webhook scheme", {"webhook_url": "ftp://host/x"},
+     "Invalid request: webhook_url must be an http(s) URL"),
+    ("claude type", {"claude": ["model"]}, "Invalid request: claude must be an object"),
+    ("bool", {"claude": {"no_persistence": "yes"}},
+     "Invalid request: claude.no_persistence must be a boolean"),
+    ("str", {"claude": {"model": 3}}, "Invalid request: claude.model must be a string"),
+    ("multi", {"claude": {"tools": "Bash"}},
+     "Invalid request: claude.tools must be an array of strings"),
+    ("multi items", {"claude": {"add_dirs": ["/a", 1]}},
+     "Invalid request: claude.add_dirs must be an array of strings"),
+    ("joined", {"claude": {"allowed_tools": "Read"}},
+     "Invalid request: claude.allowed_tools must be an array of strings"),
+    ("int from bool", {"claude": {"max_turns": True}},
+     "Invalid request: claude.max_turns must be an integer"),
+    ("int from float", {"claude": {"max_turns": 1.5}},
+     "Invalid request: claude.max_turns must be an integer"),
+    ("budget", {"claude": {"max_budget_usd": "5"}},
+     "Invalid request: claude.max_budget_usd must be a number"),
+    ("json_text", {"claude": {"json_schema": 5}},
+     "Invalid request: claude.json_schema must be a JSON string"),
+    ("object", {"claude": {"agents": []}}, "Invalid request: claude.agents must be an object"),
+    ("debug", {"claude": {"debug": 1}}, "Invalid request: claude.debug must be a string"),
+    ("session flag", {"claude": {"resume": "true"}},
+     "Invalid request: claude.resume must be a boolean"),
+    ("output choice", {"claude": {"output_format": "xml"}},
+     "Invalid request: claude.output_format must be one of text, json, stream-json"),
+    ("input choice", {"claude": {"input_format": "json"}},
+     "Invalid request: claude.input_format must be one of text, stream-json"),
+    ("max_turns < 0", {"claude": {"max_turns": -1}},
+     "Invalid request: claude.max_turns must be between 0 and 10000"),
+    ("max_turns > 10000", {"claude": {"max_turns": 10001}},
+     "Invalid request: claude.max_turns must be between 0 and 10000"),
+    ("budget < 0", {"claude": {"max_budget_usd": -0.01}},
+     "Invalid request: claude.max_budget_usd must be between 0 and 1e+06"),
+    ("budget > 1e6", {"claude": {"max_budget_usd": 1e6 + 1}},
+     "Invalid request: claude.max_budget_usd must be between 0 and 1e+06"),
+    ("budget NaN", {"claude": {"max_budget_usd": float("nan")}},
+     "Invalid request: claude.max_budget_usd must be between 0 and 1e+06"),
+    ("budget inf", {"claude": {"max_budget_usd": float("inf")}},
+     "Invalid request: claude.max_budget_usd must be between 0 and 1e+06"),
+    ("session id form", {"claude": {"session_id": "not-a-uuid"}},
+     "invalid session ID: must be a lowercase UUID"),
+    ("session id case", {"claude": {"session_id": str(uuid.uuid4()).upper()}},
+     "invalid session ID: must be a lowercase UUID"),
+    ("session id path", {"claude": {"session_id": "../" + str(uuid.uuid4())}},
+     "invalid session ID: must be a lowercase UUID"),
+    ("resume without id", {"claude": {"resume": True}},
+     ("Invalid request: claude.resume, claude.continue and claude.fork_session need "
+      "claude.session_id")),
+    ("podman type", {"podman": "big"}, "Invalid request: podman must be an object"),
+    ("podman unknown", {"podman": {"network": "host"}},
+     'Invalid request: unknown podman option "network"'),
+    ("podman str", {"podman": {"cpus": 2}}, "Invalid request: podman.cpus must be a string"),
+    ("podman map", {"podman": {"secrets_env": {"A": 1}}},
+     "Invalid request: podman.secrets_env must be an object of strings"),
+    ("cpu_shares low", {"podman": {"cpu_shares": 1}},
+     "Invalid request: podman.cpu_shares must be between 2 and 262144"),
+    ("cpu_shares high", {"podman": {"cpu_shares": 262145}},
+     "Invalid request: podman.cpu_shares must be between 2 and 262144"),
+    ("cpu_shares bool", {"podman": {"cpu_shares": True}},
+     "Invalid request: podman.cpu_shares must be an integer"),
+    ("memory syntax", {"podman": {"memory": "1x"}},
+     "Invalid request: podman.memory: invalid memory value '1x' (use e.g. 512m, 2g)"),
+    ("memory 40 digits", {"podman": {"memory": "9" * 40}},
+     f"Invalid request: podman.memory: invalid memory value '{'9' * 40}' (use e.g. 512m, 2g)"),
+    ("memory small", {"podman": {"memory": "5m"}},
+     "Invalid request: podman.memory: memory value '5m' is below Podman's minimum of 6m"),
+    ("memory large", {"podman": {"memory": "1025g"}},
+     "Invalid request: podman.memory: memory value '1025g' is above 1024g"),
+    ("cpus range", {"podman": {"cpus": "0"}},
+     "Invalid request: podman.cpus: cpus value '0' must be between 0.01 and 1024"),
+    ("cpus NaN", {"podman": {"cpus": "nan"}},
+     "Invalid request: podman.cpus: cpus value 'nan' must be between 0.01 and 1024"),
+    ("timeout syntax", {"podman": {"timeout": "5 minutes"}},
+     ("Invalid request: podman.timeout: invalid duration '5 minutes' (use Go syntax such as "
+      "30s, 5m, 1h)")),
+    ("timeout zero", {"podman": {"timeout": "0s"}}, "invalid timeout duration: must be > 0"),
+    ("timeout > 168h", {"podman": {"timeout": "168h1s"}},
+     "invalid timeout duration: must be at most 168h"),
+    ("compose", {"podman": {"environment": {"type": "compose"}}},
+     "compose environments are not supported by this server"),
+    ("workdir relative", {"workdir": "work"},
+     "workdir validation failed: workdir must be an absolute path starting with /"),
+    ("workdir traversal", {"workdir": "/work/../etc"},
+     "workdir validation failed: workdir cannot contain path traversal (..) sequences"),
+    ("workdir characters", {"workdir": "/work dir"},
+     ("workdir validation failed: workdir contains invalid characters (only alphanumeric, /, "
+      "_, ., - allowed)")),
+    ("workdir length", {"workdir": "/" + "a" * 4096},
+     "workdir validation failed: workdir path too long (max 4096 characters)"),
+]
+BAD_REQUESTS = BAD_BODIES + [(name, {"prompt": "hello", **fields}, message)
+                             for name, fields, message in BAD_FIELDS]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("body, message", [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_run_request_is_refused_with_its_message(body, message):
+    with pytest.raises(stromboli.BadRequest) as refused:
+        stromboli.RunRequest.parse(body, stromboli.Config())
+    assert refused.value.message == message
+    assert refused.value.status == 400
+
+
+@pytest.mark.fast
+def test_run_request_keeps_valid_options_and_drops_unknown_and_empty_ones():
+    sid = str(uuid.uuid4())
+    req = stromboli.RunRequest.parse({
+        "prompt": "hi", "workdir": "/work/sub_dir-1.x", "webhook_url": "https://hooks.example/x",
+        "claude": {"model": "opus", "session_id": sid, "resume": True, "max_turns": 0,
+                   "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"},
+                   "output_format": None, "not_an_option": 1},
+        "podman": {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144,
+                   "image": "", "lifecycle": None}}, stromboli.Config())
+    assert req.claude == {"model": "opus", "session_id": sid, "resume": True, "max_turns": 0,
+                          "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"}}
+    assert req.podman == {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144}
+    assert (req.workdir, req.webhook_url) == ("/work/sub_dir-1.x", "https://hooks.example/x")
+    assert stromboli.RunRequest.parse({"prompt": "p", "claude": None, "podman": None},
+                                      stromboli.Config()).to_json() == {
+        "prompt": "p", "workdir": "", "webhook_url": "", "claude": {}, "podman": {}}
+
+
+# -- durations, sizes, memory, cpus -----------------------------------------------
+
+@pytest.mark.fast
+def test_parse_duration_reads_go_durations():
+    for text, seconds in (("0", 0), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("500ms", 0.5),
+                          ("1.5s", 1.5), ("2h45m30s", 9930), ("250us", 0.00025),
+                          ("250µs", 0.00025), ("10ns", 1e-8), (" 1m ", 60)):
+        assert stromboli.parse_duration(text) == pytest.approx(seconds), text
+    for bad in ("", "5", "1d", "m5", "5m x", "-5s", "5s5", "1h 30m", "1e3s", "s"):
+        with pytest.raises(ValueError, match="invalid duration"):
+            stromboli.parse_duration(bad)
+
+
+@pytest.mark.fast
+def test_format_duration_is_the_shortest_go_form_and_round_trips():
+    assert [stromboli.format_duration(s) for s in (0, 0.5, 45, 90, 120, 3600, 5400, 86400)] == \
+        ["0s", "0.5s", "45s", "90s", "2m", "1h", "90m", "24h"]
+    for seconds in (0.25, 1, 59, 60, 61, 3599, 3600, 7200, 604800):
+        assert stromboli.parse_duration(stromboli.format_duration(seconds)) == seconds
+
+
+@pytest.mark.fast
+def test_parse_memory_bounds_and_units():
+    assert stromboli.parse_memory("512m") == 512 * 1024 ** 2
+    assert stromboli.parse_memory(" 2G ") == 2 * 1024 ** 3
+    assert stromboli.parse_memory("6m") == 6 * 1024 ** 2
+    assert stromboli.parse_memory("6291456") == 6 * 1024 ** 2
+    assert stromboli.parse_memory("1024g") == 1024 ** 4
+    for bad, message in (("1x", "invalid memory value"), ("1.5g", "invalid memory value"),
+                         ("1t", "invalid memory value"), ("", "invalid memory value"),
+                         ("-1g", "invalid memory value"), ("9" * 40, "invalid memory value"),
+                         ("9" * 40 + "g", "invalid memory value"), ("5m", "below Podman's minimum"),
+                         ("6291455", "below Podman's minimum"), ("1025g", "above 1024g")):
+        with pytest.raises(ValueError, match=message):
+            stromboli.parse_memory(bad)
+
+
+@pytest.mark.fast
+def test_parse_cpus_range():
+    assert [stromboli.parse_cpus(t) for t in ("0.01", "0.5", " 2 ", "1024")] == [0.01, 0.5, 2, 1024]
+    for bad, message in (("0", "must be between"), ("0.009", "must be between"),
+                         ("1025", "must be between"), ("-1", "must be between"),
+                         ("nan", "must be between"), ("inf", "must be between"),
+                         ("two", "invalid cpus value"), ("", "invalid cpus value")):
+        with pytest.raises(ValueError, match=message):
+            stromboli.parse_cpus(bad)
+
+
+@pytest.mark.fast
+def test_sizes_parse_and_format():
+    assert [stromboli.parse_size(t) for t in ("512", "64k", "16M", "1g", 2048)] == \
+        [512, 65536, 16 * 1024 ** 2, 1024 ** 3, 2048]
+    for bad in ("1.5m", "1t", "-1", "", "k", "1" * 16):
+        with pytest.raises(ValueError, match="invalid size"):
+            stromboli.parse_size(bad)
+    assert [stromboli.format_size(n) for n in (0, 512, 1536, 1024 ** 2, 3 * 1024 ** 3 // 2,
+                                                3 * 1024 ** 3, 2048 * 1024 ** 3)] == \
+        ["0 B", "512 B", "1.5 KiB", "1.0 MiB", "1.5 GiB", "3.0 GiB", "2048.0 GiB"]
+
+
+# -- configuration: precedence, unknown keys, validation ----------------------------
+
+@pytest.mark.fast
+def test_config_load_precedence_defaults_file_env_overrides(tmp_path):
+    config = tmp_path / "stromboli.toml"
+    config.write_text('[server]\nmax_concurrent_runs = 3\n'
+                      '[resources]\nmemory = "1g"\ncpus = "2"\ntimeout = "10m"\n'
+                      '[agent]\nallowed_volumes = ["/srv", "/data"]\n[agent.env]\nA = "1"\n')
+    environ = {"STROMBOLI_RESOURCES_CPUS": "3", "STROMBOLI_DEFAULT_CPUS": "4",
+               "STROMBOLI_DEFAULT_TIMEOUT": "20m", "STROMBOLI_RESOURCES_MEMORY": "",
+               "STROMBOLI_LOG_LEVEL": "debug"}
+    cfg = stromboli.Config.load(str(config), {"resources.timeout": "5m"}, environ)
+    assert cfg.resources_memory == "1g"          # the file (an empty variable is unset)
+    assert cfg.resources_cpus == "3"             # env beats the file; the first name its alias
+    assert cfg.resources_timeout == 300          # the override beats env and file
+    assert cfg.log_level == "debug"              # env beats the default
+    assert cfg.max_concurrent_runs == 3          # the file beats the default
+    assert cfg.agent_allowed_volumes == ("/srv", "/data") and cfg.agent_env == (("A", "1"),)
+    assert cfg.server_address == stromboli.Config().server_address == ":8080"  # the default
+    assert stromboli.Config.load(str(config), None, environ).resources_timeout == 1200
+    from_file = stromboli.Config.load(None, None, {"STROMBOLI_CONFIG": str(config)})
+    assert (from_file.resources_cpus, from_file.resources_timeout) == ("2", 600)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert stromboli.Config.load(str(empty), None, {}) == stromboli.Config()
+
+
+@pytest.mark.fast
+def test_config_load_reads_the_jwt_credential_below_the_variable(tmp_path):
+    (tmp_path / "jwt-secret").write_text(JWT_SECRET + "\n")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert stromboli.Config.load(str(empty), None, environ).jwt_secret == JWT_SECRET
+    environ["STROMBOLI_JWT_SECRET"] = "from-the-variable-" + "x" * 32
+    assert stromboli.Config.load(str(empty), None, environ).jwt_secret == environ[
+        "STROMBOLI_JWT_SECRET"]
+
+
+@pytest.mark.fast
+def test_config_load_names_the_source_of_a_bad_value(tmp_path):
+    config = tmp_path / "stromboli.toml"
+    config.write_text('[resources]\ntimeout = "soon"\n')
+    with pytest.raises(stromboli.ConfigError, match=r"^resources\.timeout in the config file: "
+                                                    r"invalid duration 'soon'"):
+        stromboli.Config.load(str(config), None, {})
+    config.write_text("")
+    with pytest.raises(stromboli.ConfigError,
+                       match=r"^STROMBOLI_RATE_LIMIT_BURST: invalid literal"):
+        stromboli.Config.load(str(config), None, {"STROMBOLI_RATE_LIMIT_BURST": "many"})
+    with pytest.raises(stromboli.ConfigError,
+                       match=r"^--set auth\.enabled: invalid boolean 'maybe'$"):
+        stromboli.Config.load(str(config), {"auth.enabled": "maybe"}, {})
+    with pytest.raises(stromboli.ConfigError, match=r"^STROMBOLI_AGENT_ENV: invalid KEY=VALUE pair "
+                                                    r"\(entry 2, key 'NOVALUE'\)$"):
+        stromboli.Config.load(str(config), None, {"STROMBOLI_AGENT_ENV": "A=1,NOVALUE"})
+
+
+@pytest.mark.fast
+def test_config_file_with_unknown_keys_or_bad_toml_is_refused(tmp_path):
+    config = tmp_path / "stromboli.toml"
+    config.write_text('[server]\nadress = ":80"\nmax_body_bytes = 1\n[nope]\nx = 1\n')
+    with pytest.raises(stromboli.ConfigError) as refused:
+        stromboli.Config.load(str(config), None, {})
+    assert str(refused.value) == f"config file {config}: unknown keys: nope.x, server.adress"
+    config.write_text("[server\n")
+    with pytest.raises(stromboli.ConfigError, match=f"^config file {re.escape(str(config))}: "):
+        stromboli.Config.load(str(config), None, {})
+    with pytest.raises(stromboli.ConfigError, match="^cannot read config file .*missing.toml: "
+                                                    "No such file or directory$"):
+        stromboli.Config.load(str(tmp_path / "missing.toml"), None, {})
+
+
+@pytest.mark.fast
+def test_config_validate_messages():
+    hint = "generate one with: openssl rand -base64 32"
+    assert stromboli.Config(jwt_secret=JWT_SECRET).validate() == []
+    assert stromboli.Config(auth_enabled=False).validate() == []
+    assert stromboli.Config().validate() == [
+        f"auth is enabled but STROMBOLI_JWT_SECRET is empty — {hint}"]
+    assert stromboli.Config(jwt_secret="  short  ").validate() == [
+        f"STROMBOLI_JWT_SECRET is too short (5 chars, need at least 32) — {hint}"]
+    assert stromboli.Config(jwt_secret="INSECURE-secret-do-not-use-in-prod").validate() == [
+        f"STROMBOLI_JWT_SECRET is a known placeholder value — {hint}"]
+    assert stromboli.Config(jwt_secret=JWT_SECRET, jwt_refresh_expiry=0).validate() == [
+        "JWT access and refresh expiry must be > 0"]
+    broken = stromboli.Config(
+        auth_enabled=False, rate_limit_enabled=True, rate_limit_rate=0, auth_failure_burst=0,
+        server_header_timeout=0, jobs_cleanup_ttl=0, max_concurrent_runs=-1, log_format="xml",
+        resources_memory="1x", resources_cpus="0", resources_timeout=0, agent_max_line=100,
+        agent_userns_base=-1, server_address="nohost", metrics_address="127.0.0.1:99999")
+    assert broken.validate() == [
+        "rate limit rate and burst must be > 0", "auth failure rate and burst must be > 0",
+        "server timeouts must be > 0 and max_connections >= 1",
+        "jobs cleanup TTL and interval must be > 0", "STROMBOLI_MAX_CONCURRENT_RUNS must be >= 0",
+        "STROMBOLI_LOG_FORMAT must be json or text",
+        "resources: invalid memory value '1x' (use e.g. 512m, 2g)",
+        "resources: cpus value '0' must be between 0.01 and 1024",
+        "resources timeout must be > 0", "agent max_line must be >= 1k and max_output >= max_line",
+        "agent userns_base must be between 0 and 4294901758",
+        "server address: invalid address 'nohost' (use host:port or :port)",
+        "metrics address: invalid address '127.0.0.1:99999' (use host:port or :port)"]
+
+
+# -- rate limiting ----------------------------------------------------------------
+
+@pytest.mark.fast
+def test_token_bucket_spends_refills_and_caps_at_the_burst():
+    bucket = stromboli.TokenBucket(2, now=100.0)
+    assert [bucket.take(1.0, 2, 100.0) for _ in range(3)] == [True, True, False]
+    assert bucket.wait(1.0) == 1 and bucket.wait(0.25) == 4
+    assert not bucket.take(1.0, 2, 100.5)          # half a token
+    assert bucket.tokens == pytest.approx(0.5) and bucket.wait(0.25) == 2
+    assert bucket.take(1.0, 2, 101.0)
+    bucket.refill(1.0, 2, 1000.0)                  # a long idle time refills only the burst
+    assert bucket.tokens == 2
+
+
+@pytest.mark.fast
+def test_buckets_evict_the_least_recent_and_the_idle():
+    buckets = stromboli.Buckets(1.0, 1, max_clients=3)
+    for ip in ("a", "b", "c"):
+        buckets.get(ip, 0.0).take(1.0, 1, 0.0)
+    assert buckets.get("a", 1.0) is buckets.table["a"]  # seen again: most recent now
+    buckets.get("d", 1.0)
+    assert list(buckets.table) == ["c", "a", "d"] and len(buckets) == 3
+    buckets.get("e", 1.0 + stromboli.Buckets.IDLE_SECONDS + 1)  # all others idle too long
+    assert list(buckets.table) == ["e"]
+
+
+@pytest.mark.fast
+def test_rate_limiter_check_counts_down_and_says_when_to_retry():
+    limiter = stromboli.RateLimiter(stromboli.Config(rate_limit_rate=0.5, rate_limit_burst=2))
+    first, second, third = (limiter.check("192.0.2.1") for _ in range(3))
+    assert first[0] and first[1]["X-RateLimit-Remaining"] == "1"
+    assert first[1]["X-RateLimit-Limit"] == "0.5" and "Retry-After" not in first[1]
+    assert second[0] and second[1]["X-RateLimit-Remaining"] == "0"
+    assert not third[0] and third[1]["X-RateLimit-Remaining"] == "0"
+    assert third[1]["Retry-After"] == "2"
+    assert limiter.check("192.0.2.2")[0]  # another client has its own bucket
+
+
+class FakePeer:
+    """What RateLimiter.client_ip reads of a request."""
+
+    def __init__(self, remote: str, **headers: str):
+        self.remote = remote
+        self.headers = {k.replace("_", "-"): v for k, v in headers.items()}
+
+
+@pytest.mark.fast
+def test_client_ip_is_the_rightmost_untrusted_forwarded_address():
+    limiter = stromboli.RateLimiter(stromboli.Config(
+        rate_limit_trusted_proxies=("10.0.0.0/8", "::1", "not-a-network")))
+    ip = limiter.client_ip
+    assert ip(FakePeer("203.0.113.5", X_Forwarded_For="198.51.100.1")) == "203.0.113.5"
+    assert ip(FakePeer("203.0.113.5", X_Real_IP="198.51.100.1")) == "203.0.113.5"
+    assert ip(FakePeer("10.0.0.2")) == "10.0.0.2"
+    forged = "6.6.6.6, 198.51.100.7, 10.0.0.9"  # the client wrote 6.6.6.6 itself
+    assert ip(FakePeer("10.0.0.2", X_Forwarded_For=forged)) == "198.51.100.7"
+    assert ip(FakePeer("10.0.0.2", X_Forwarded_For="198.51.100.7:8080, junk, ")) == "198.51.100.7"
+    assert ip(FakePeer("::1", X_Forwarded_For="[2001:db8::1]:443")) == "2001:db8::1"
+    all_trusted = "10.0.0.5, 10.0.0.6"
+    assert ip(FakePeer("10.0.0.2", X_Forwarded_For=all_trusted, X_Real_IP="192.0.2.9")) == \
+        "192.0.2.9"
+    assert ip(FakePeer("10.0.0.2", X_Forwarded_For=all_trusted)) == "10.0.0.5"
+    assert ip(FakePeer("10.0.0.2", X_Forwarded_For="junk", X_Real_IP="junk")) == "10.0.0.2"
+    assert [str(n) for n in limiter.trusted] == ["10.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.fast
+def test_failure_budget_blocks_an_ip_until_it_refills():
+    budget = stromboli.FailureBudget(0.25, 3, 100)
+    assert budget.blocked("192.0.2.1") == 0
+    for _ in range(2):
+        budget.spend("192.0.2.1")
+    assert budget.blocked("192.0.2.1") == 0  # one failure left
+    budget.spend("192.0.2.1")
+    assert 3 <= budget.blocked("192.0.2.1") <= 4  # a token comes back every 4 s
+    assert budget.blocked("192.0.2.2") == 0 and "192.0.2.2" not in budget.table
+    budget.table["192.0.2.1"].stamp -= 4.1  # as if 4.1 s had passed
+    assert budget.blocked("192.0.2.1") == 0
+
+
+# -- metrics ------------------------------------------------------------------------
+
+PROMETHEUS_SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})?'
+    r' (-?(?:\d+(?:\.\d*)?(?:e[+-]?\d+)?|NaN|\+Inf|-Inf))$')
+
+
+def prometheus_samples(text: str) -> dict[str, float]:
+    """{series: value} of a text-format exposition, checked by promtool when it is on PATH
+    and line by line here: a sample belongs to the family of the last # TYPE line."""
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, check=False,
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert text.endswith("\n")
+    samples, family, kind = {}, None, None
+    for line in text.splitlines():
+        if m := re.match(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram)$", line):
+            family, kind = m.groups()
+            continue
+        if line.startswith("# HELP "):
+            continue
+        m = PROMETHEUS_SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        assert m.group(1) in {family + s for s in suffixes}, line
+        assert m.group(1) + (m.group(2) or "") not in samples, f"duplicate series: {line}"
+        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return samples
+
+
+@pytest.mark.fast
+def test_metrics_render_prometheus_text_and_counters_move():
+    metrics = stromboli.Metrics()
+    metrics.gauges["stromboli_test_level"] = ("A gauge read at render time.", lambda: 2.5)
+    before = prometheus_samples(metrics.render({}))
+    assert before["active_containers"] == 0 and before["stromboli_test_level"] == 2.5
+    assert before['stromboli_jobs{state="pending"}'] == 0
+    assert not any(k.startswith(("http_requests_total{", "stromboli_runs_total{")) for k in before)
+    odd = 'a"b\\c\nd'  # label values are escaped
+    for seconds in (0.02, 3, 0.02):
+        metrics.request("GET", "/jobs/{id}", 200, seconds)
+    metrics.request("POST", odd, 404, 0.001)
+    metrics.run_finished(4)
+    metrics.run_status("completed")
+    metrics.run_status("completed")
+    metrics.rate_limited += 1
+    metrics.active_containers = 2
+    after = prometheus_samples(metrics.render({"running": 1, "completed": 5}))
+    series = 'method="GET",path="/jobs/{id}"'
+    assert after[f'http_requests_total{{{series},status="200"}}'] == 3
+    assert after['http_requests_total{method="POST",path="a\\"b\\\\c\\nd",status="404"}'] == 1
+    assert after[f'http_request_duration_seconds_bucket{{{series},le="0.01"}}'] == 0
+    assert after[f'http_request_duration_seconds_bucket{{{series},le="0.025"}}'] == 2
+    assert after[f'http_request_duration_seconds_bucket{{{series},le="5"}}'] == 3
+    assert after[f'http_request_duration_seconds_bucket{{{series},le="+Inf"}}'] == 3
+    assert after[f"http_request_duration_seconds_count{{{series}}}"] == 3
+    assert after[f"http_request_duration_seconds_sum{{{series}}}"] == pytest.approx(3.04)
+    assert after['stromboli_run_duration_seconds_bucket{le="2"}'] == 0
+    assert after['stromboli_run_duration_seconds_bucket{le="5"}'] == 1
+    assert after["stromboli_run_duration_seconds_count"] == 1
+    assert after['stromboli_runs_total{status="completed"}'] == 2
+    assert after['stromboli_jobs{state="running"}'] == 1
+    assert after['stromboli_jobs{state="completed"}'] == 5
+    assert after["stromboli_rate_limited_total"] == 1 and after["active_containers"] == 2
+    buckets: dict[str, list[float]] = {}  # cumulative: never decreasing towards +Inf
+    for key, value in after.items():
+        if m := re.match(r'^(\w+_bucket)\{(.*?),?le="[^"]+"\}$', key):
+            buckets.setdefault(m.group(1) + m.group(2), []).append(value)
+    assert len(buckets) == 3 and all(v == sorted(v) for v in buckets.values())
+
+
+# -- transcripts --------------------------------------------------------------------
+
+def transcript(*lines: str | bytes, end: bytes = b"\n") -> io.BytesIO:
+    data = b"\n".join(line.encode() if isinstance(line, str) else line for line in lines)
+    return io.BytesIO(data + end)
+
+
+HUGE_LINE = json.dumps({"type": "summary", "summary": "x" * (stromboli.MAX_TRANSCRIPT_LINE + 10)})
+
+
+@pytest.mark.fast
+def test_read_transcript_skips_broken_partial_non_object_and_huge_lines():
+    fh = transcript('{"n": 1}', '{"n": 2', "[1, 2]", "5", '"text"', "", "   ", "null",
+                    b'{"n": "\xff"}', HUGE_LINE, '  {"n": 3}  ', "{not json}",
+                    '{"n": 4}', '{"n": 5', end=b"")  # the last line is cut short
+    assert [line["n"] for line in stromboli.read_transcript(fh)] == [1, 3, 4]
+    assert list(stromboli.read_transcript(io.BytesIO(b""))) == []
+    assert [x["n"] for x in stromboli.read_transcript(transcript('{"n": 6}', end=b""))] == [6]
+
+
+@pytest.mark.fast
+def test_transcript_message_maps_lines_to_history_messages():
+    user = stromboli.transcript_message({
+        "type": "user", "uuid": "u1", "parentUuid": None, "sessionId": "s",
+        "timestamp": "2025-01-01T00:00:00Z", "cwd": "/workspace",
+        "message": {"role": "user", "content": "hello"}})
+    assert user == {"uuid": "u1", "type": "user", "session_id": "s",
+                    "timestamp": "2025-01-01T00:00:00Z", "cwd": "/workspace",
+                    "content": {"role": "user", "content": [{"type": "text", "text": "hello"}]}}
+    assistant = stromboli.transcript_message({
+        "type": "assistant", "uuid": "a1", "parentUuid": "u1",
+        "message": {"role": "assistant", "model": "claude-sonnet", "id": "msg_1",
+                    "stop_reason": "tool_use", "usage": {"output_tokens": 3},
+                    "content": [{"type": "text", "text": "hi"}, None, "bare",
+                                {"type": "tool_use", "id": "t1", "name": "Bash",
+                                 "input": {"command": "ls"}},
+                                {"type": "tool_result", "tool_use_id": "t1", "is_error": False,
+                                 "content": [{"type": "text", "text": "a"}, "x",
+                                             {"type": "text", "text": "b"}]}]},
+        "toolUseResult": {"stdout": "a\nb", "stderr": "", "interrupted": False}})
+    assert assistant["parent_uuid"] == "u1" and assistant["timestamp"]
+    assert assistant["content"]["message_id"] == "msg_1"
+    assert assistant["content"]["usage"] == {"output_tokens": 3}
+    assert assistant["content"]["content"] == [
+        {"type": "text", "text": "hi"}, {"type": "text", "text": "bare"},
+        {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}},
+        {"type": "tool_result", "tool_use_id": "t1", "content": "ab", "is_error": False}]
+    assert assistant["tool_result"] == {"stdout": "a\nb", "stderr": "", "interrupted": False}
+    assert stromboli.transcript_message({"type": "queue-operation"}) is None
+    odd = stromboli.transcript_message({"type": "system", "message": "not an object",
+                                        "toolUseResult": "text"})
+    assert odd["content"] == {"role": "", "content": []} and "tool_result" not in odd
+
+
+@pytest.mark.fast
+def test_transcript_title_prefers_the_last_recorded_title():
+    first = '{"type": "user", "message": {"content": "  fix   the\\n build  "}}'
+    assert stromboli.transcript_title(transcript(first)) == "fix the build"
+    later = '{"type": "user", "message": {"content": "second prompt"}}'
+    assert stromboli.transcript_title(transcript(HUGE_LINE, "{broken", first, later)) == \
+        "fix the build"
+    long_prompt = json.dumps({"type": "user", "message": {"content": "word " * 40}})
+    title = stromboli.transcript_title(transcript(long_prompt))
+    assert len(title) == 80 and title.endswith("…") and title.startswith("word word")
+    titled = transcript(first, '{"type": "summary", "summary": "A summary"}',
+                        '{"type": "custom-title", "customTitle": "Custom"}', later,
+                        '{"hookSpecificOutput": {"sessionTitle": 5}}',
+                        '{"type": "summary", "summary": ["not text"]}')
+    assert stromboli.transcript_title(titled) == "Custom"
+    hooked = transcript('{"type": "custom-title", "customTitle": "Custom"}',
+                        '{"hookSpecificOutput": {"sessionTitle": "From a hook"}}')
+    assert stromboli.transcript_title(hooked) == "From a hook"
+    assert stromboli.transcript_title(transcript('{"type": "user", "message": {"content": '
+                                                 '[{"type": "text", "text": "blocks"}]}}')) == ""
+
+
+@pytest.mark.fast
+def test_transcript_usage_counts_each_message_once():
+    def line(message_id, **usage):
+        return json.dumps({"type": "assistant", "uuid": str(uuid.uuid4()), "message": {
+            "id": message_id, "model": "claude-sonnet-4", "usage": usage}})
+    fh = transcript(line("m1", input_tokens=100, output_tokens=10),
+                    line("m1", input_tokens=100, output_tokens=10),  # one line per block
+                    line("m2", input_tokens=1000, output_tokens=100, cache_read_input_tokens=50),
+                    '{"type": "user", "message": {"usage": {"input_tokens": 999}}}',
+                    '{"type": "assistant", "message": {"id": "m3", "usage": "none"}}',
+                    '{"type": "assistant", "message": "text"}', HUGE_LINE, '{"type": "assist')
+    usage = stromboli.transcript_usage(fh)
+    assert usage == {"model": "claude-sonnet-4", "input_tokens": 1100, "output_tokens": 110,
+                     "cache_creation_input_tokens": 0, "cache_read_input_tokens": 50,
+                     "total_tokens": 1260,
+                     "estimated_cost_usd": round((1100 * 3 + 110 * 15 + 50 * 0.3) / 1e6, 6)}
+    assert stromboli.transcript_usage(transcript('{"type": "user"}', "{broken")) is None
+
+
+# -- run slots ------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_run_slots_are_handed_out_first_in_first_out():
+    async def scenario() -> tuple[list[str], list[int]]:
+        slots, order, peaks = stromboli.RunSlots(2), [], []
+        gates = {name: asyncio.Event() for name in "ABCDEF"}
+
+        async def run(name: str) -> None:
+            async with slots.slot():
+                order.append(name)
+                peaks.append(slots.active)
+                await gates[name].wait()
+        tasks = {}
+        for name in "ABCDEF":
+            tasks[name] = asyncio.ensure_future(run(name))
+            await asyncio.sleep(0)  # arrive in this order
+        await asyncio.sleep(0.01)
+        assert order == ["A", "B"] and slots.queued == 4
+        tasks["D"].cancel()  # gives up while waiting: leaves the queue
+        await asyncio.sleep(0.01)
+        assert slots.queued == 3
+        for name in "BACEF":
+            gates[name].set()
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5)
+        assert tasks["D"].cancelled()
+        assert (slots.active, slots.queued) == (0, 0)
+        return order, peaks
+    order, peaks = asyncio.run(scenario())
+    assert order == ["A", "B", "C", "E", "F"]
+    assert max(peaks) == 2
+
+
+@pytest.mark.fast
+def test_run_slot_handed_to_a_cancelled_waiter_goes_to_the_next():
+    async def scenario() -> list[str]:
+        slots, order = stromboli.RunSlots(1), []
+        release = asyncio.Event()
+        tasks: dict[str, asyncio.Task] = {}
+
+        async def holder() -> None:
+            async with slots.slot():
+                order.append("A")
+                await release.wait()
+            tasks["B"].cancel()  # B was just handed the slot but has not run yet
+
+        async def waiter(name: str) -> None:
+            async with slots.slot():
+                order.append(name)
+        tasks["A"] = asyncio.ensure_future(holder())
+        await asyncio.sleep(0)
+        for name in "BC":
+            tasks[name] = asyncio.ensure_future(waiter(name))
+            await asyncio.sleep(0)
+        assert slots.queued == 2
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 5)
+        assert tasks["B"].cancelled() and (slots.active, slots.queued) == (0, 0)
+        return order
+    assert asyncio.run(scenario()) == ["A", "C"]
+
+
+# -- JWT ------------------------------------------------------------------------------
+
+@pytest.fixture
+def jwt_auth(tmp_path):
+    """stromboli.Auth over a real (temporary) store, with one static token."""
+    store = stromboli.Store(tmp_path / "db.sqlite")
+    cfg = stromboli.Config(jwt_secret=JWT_SECRET, auth_valid_tokens=("static-token-1",),
+                           jwt_access_expiry=600, jwt_refresh_expiry=3600)
+    yield stromboli.Auth(cfg, store)
+    store.close()
+
+
+@pytest.mark.fast
+def test_jwt_issue_and_decode_keep_access_and_refresh_apart(jwt_auth):
+    auth = jwt_auth
+    pair = auth.tokens("alice")
+    assert pair["token_type"] == "bearer" and pair["expires_in"] == 600
+    access = auth.decode(pair["access_token"])
+    refresh = auth.decode(pair["refresh_token"], refresh=True)
+    assert access["sub"] == refresh["sub"] == "alice"
+    assert access["fam"] == refresh["fam"] and access["jti"] != refresh["jti"]
+    assert access["exp"] - access["iat"] == 600 and refresh["exp"] - refresh["iat"] == 3600
+    assert "is_refresh" not in access and refresh["is_refresh"] is True
+    assert jwt.get_unverified_header(pair["access_token"])["alg"] == "HS256"
+    with pytest.raises(stromboli.AuthError, match="^invalid or expired token$"):
+        auth.decode(pair["refresh_token"])  # a refresh token is no access token
+    with pytest.raises(stromboli.AuthError, match="^invalid or expired refresh token$"):
+        auth.decode(pair["access_token"], refresh=True)  # nor the other way round
+    assert auth.family_key(access) == f"family:{access['fam']}"
+    assert auth.family_key({"jti": "j1"}) == "family:j1"  # tokens from before families
+    bob = auth.tokens("bob", family="f1")
+    assert auth.decode(bob["refresh_token"], refresh=True)["fam"] == "f1"
+
+
+@pytest.mark.fast
+def test_jwt_decode_refuses_forged_expired_and_incomplete_tokens(jwt_auth):
+    auth = jwt_auth
+    now = int(time.time())
+    claims = {"sub": "m", "iat": now, "exp": now + 60, "jti": "j"}
+    unsigned = base64url(json.dumps({"alg": "none", "typ": "JWT"}).encode()) + "." + \
+        base64url(json.dumps(claims).encode()) + "."
+    for token in (jwt.encode(claims, "another-secret-that-is-long-enough-xxxxxxxx", "HS256"),
+                  jwt.encode(claims, JWT_SECRET, "HS512"), unsigned,
+                  jwt.encode({**claims, "exp": now - 10}, JWT_SECRET, "HS256"),
+                  jwt.encode({k: v for k, v in claims.items() if k != "jti"}, JWT_SECRET, "HS256"),
+                  jwt.encode({k: v for k, v in claims.items() if k != "exp"}, JWT_SECRET, "HS256"),
+                  "not.a.jwt", ""):
+        with pytest.raises(stromboli.AuthError) as refused:
+            auth.decode(token)
+        assert (refused.value.status, refused.value.message) == (401, "invalid or expired token")
+    assert auth.decode(jwt.encode(claims, JWT_SECRET, "HS256"))["sub"] == "m"
+    unconfigured = stromboli.Auth(stromboli.Config(), auth.store)
+    with pytest.raises(stromboli.AuthError):
+        unconfigured.decode(jwt.encode(claims, JWT_SECRET, "HS256"))
+
+
+@pytest.mark.fast
+def test_refresh_rotates_and_a_reused_refresh_token_revokes_its_family(jwt_auth):
+    auth = jwt_auth
+    async def scenario() -> None:
+        assert auth.is_static("static-token-1") and not auth.is_static("static-token-2")
+        assert await auth.check_access("static-token-1") is None
+        pair = auth.tokens("alice")
+        assert (await auth.check_access(pair["access_token"]))["sub"] == "alice"
+        rotated = await auth.refresh(pair["refresh_token"])
+        family = auth.decode(pair["access_token"])["fam"]
+        assert auth.decode(rotated["access_token"])["fam"] == family
+        with pytest.raises(stromboli.AuthError, match="already used: its token family is revoked"):
+            await auth.refresh(pair["refresh_token"])  # a stolen copy replayed
+        for token in (pair["access_token"], rotated["access_token"]):
+            with pytest.raises(stromboli.AuthError, match="^token revoked$"):
+                await auth.check_access(token)
+        with pytest.raises(stromboli.AuthError, match="^invalid or expired refresh token$"):
+            await auth.refresh(rotated["refresh_token"])
+        other = auth.tokens("bob")  # another grant is untouched
+        assert (await auth.check_access(other["access_token"]))["sub"] == "bob"
+        with pytest.raises(stromboli.AuthError, match="^invalid or expired refresh token$"):
+            await auth.refresh(other["access_token"])
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_bearer_header_parsing():
+    malformed = "invalid authorization header format"
+    for headers, message in (({}, "missing authorization header"),
+                             ({"Authorization": "Basic dXNlcg=="}, malformed),
+                             ({"Authorization": "Bearer   "}, malformed)):
+        with pytest.raises(stromboli.AuthError, match=f"^{message}$"):
+            stromboli.Auth.bearer(make_mocked_request("GET", "/jobs", headers))
+    assert stromboli.Auth.bearer(make_mocked_request(
+        "GET", "/jobs", {"Authorization": "bearer  tok-1 "})) == "tok-1"
+
+
+# -- browser guard ----------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_browser_guard_host_origin_and_content_type():
+    guard = stromboli.BrowserGuard(stromboli.Config(
+        server_allowed_hosts=("API.example",), server_allowed_origins=("https://app.example/",)))
+
+    def status(method: str = "GET", body: bool = False, **headers: str) -> int | None:
+        headers = {k.replace("_", "-"): v for k, v in headers.items()}
+        request = make_mocked_request(method, "/run", headers,
+                                      **({"payload": mock.Mock()} if body else {}))
+        try:
+            guard.check(request)
+        except stromboli.ApiError as exc:
+            return exc.status
+        return None
+    for host in ("localhost:8080", "LOCALHOST", "127.0.0.1:8080", "[::1]:8080", "api.example",
+                 "api.example:443", "10.1.2.3"):
+        assert status(Host=host) is None, host
+    assert status() is None  # HTTP/1.0 without a Host
+    for host in ("evil.example", "localhost.evil.example", "api.example.evil", "127.0.0.1.nip.io"):
+        assert status(Host=host) == 421, host
+    with pytest.raises(stromboli.ApiError, match="unknown Host header 'evil.example'"):
+        guard.check(make_mocked_request("GET", "/", {"Host": "evil.example:80"}))
+    assert status(Host="localhost:8080", Origin="http://localhost:8080") is None
+    assert status(Host="localhost:8080", Origin="https://app.example") is None
+    assert status(Host="localhost:8080", Origin="HTTPS://APP.EXAMPLE/") is None
+    for origin in ("http://evil.example", "null", "https://localhost:8080",
+                   "http://localhost:8081", "https://app.example.evil"):
+        assert status(Host="localhost:8080", Origin=origin) == 403, origin
+    json_post = {"method": "POST", "body": True, "Host": "localhost"}
+    for kind in ("application/json", "application/json; charset=utf-8",
+                 "application/merge-patch+json"):
+        assert status(**json_post, Content_Type=kind) is None, kind
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                 "application/jsonx"):
+        assert status(**json_post, Content_Type=kind) == 415, kind
+    assert status(**json_post) == 415  # no Content-Type
+    assert status("POST", Host="localhost", Content_Type="text/plain") is None  # no body
+    assert status("GET", body=True, Host="localhost", Content_Type="text/plain") is None
+
+
+# -- the app in-process (aiohttp's test client, no Podman) --------------------------------
+
+def in_process(tmp_path: pathlib.Path, exercise, **settings) -> None:
+    """Run `exercise(client, app_state)` against build_app over a Stromboli that was never
+    started: no Podman, so only what the perimeter and the request parsers answer."""
+    cfg = stromboli.Config(**{"state_dir": str(tmp_path / "state"), "jwt_secret": JWT_SECRET,
+                              "auth_valid_tokens": ("static-token-1",),
+                              "auth_failure_burst": 1000, **settings})
+
+    async def scenario() -> None:
+        app_state = stromboli.Stromboli(cfg)
+        try:
+            async with TestClient(TestServer(stromboli.build_app(app_state))) as client:
+                await exercise(client, app_state)
+        finally:
+            app_state.store.close()
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_in_process_perimeter_wants_a_token_on_every_non_public_route(tmp_path):
+    async def exercise(client, app_state) -> None:
+        checked = 0
+        for route in stromboli.ROUTES:
+            if route.access == "public" and not route.reads_bearer:
+                continue
+            path = re.sub(r"\{[^}]+\}", "x", route.path)
+            for headers, message in (({}, "missing authorization header"),
+                                     (bearer(forge(key="a-guessed-key-" + "x" * 32)),
+                                      "invalid or expired token")):
+                r = await client.request(route.method, path, headers=headers)
+                assert r.status == 401, (route.method, route.path, r.status)
+                assert await r.json() == {"error": message}, (route.method, route.path)
+                checked += 1
+        assert checked >= 2 * 20  # every protected route, /auth/token, validate and logout
+        assert app_state.metrics.auth_failures == checked
+        r = await client.get("/swagger/doc.json")
+        assert r.status == 200 and await r.json() == stromboli.OPENAPI
+        r = await client.post("/auth/refresh", json={"refresh_token": forge()})
+        assert r.status == 401 and await r.json() == {"error": "invalid or expired refresh token"}
+    in_process(tmp_path, exercise)
+
+
+@pytest.mark.fast
+def test_in_process_run_validation_answers_in_each_routes_envelope(tmp_path):
+    async def exercise(client, app_state) -> None:
+        r = await client.post("/run", json={"prompt": "x", "claude": {"max_turns": -1}},
+                              headers=STATIC)
+        assert r.status == 400 and await r.json() == {
+            "id": "", "status": "error",
+            "error": "Invalid request: claude.max_turns must be between 0 and 10000"}
+        r = await client.post("/run/async", data=b'{"prompt": NaN}', headers={
+            **STATIC, "Content-Type": "application/json"})
+        assert r.status == 400 and (await r.json())["error"] == \
+            "Invalid request: invalid JSON: NaN is not JSON"
+        r = await client.post("/run", data=b'{"prompt": "x"}', headers={
+            **STATIC, "Content-Type": "text/plain"})
+        assert r.status == 415 and await r.json() == {
+            "id": "", "status": "error", "error": "Content-Type must be application/json"}
+        r = await client.get("/run/stream", params={"prompt": "x", "podman.timeout": "169h"},
+                             headers=STATIC)
+        assert r.status == 400
+        assert await r.text() == "invalid timeout duration: must be at most 168h"
+        r = await client.get("/run/stream", params={"prompt": "x", "max_turns": "many"},
+                             headers=STATIC)
+        assert (r.status, await r.text()) == (
+            400, "Invalid request: max_turns: cannot parse 'many'")
+        pair = await (await client.post("/auth/token", json={"client_id": "c"},
+                                        headers=STATIC)).json()
+        r = await client.get("/auth/validate", headers=bearer(pair["access_token"]))
+        assert (await r.json())["subject"] == "c"
+        r = await client.post("/run", json={"prompt": " "}, headers=bearer(pair["access_token"]))
+        assert r.status == 400 and (await r.json())["error"] == REQUIRED_PROMPT
+        requests = app_state.metrics.requests
+        assert requests[("POST", "/run", "400")] == 2 and requests[("POST", "/run", "415")] == 1
+    in_process(tmp_path, exercise)
 
 
 # ---------------------------------------------------------------------------
@@ -1086,15 +1990,16 @@ def test_concurrency_cap_queues_jobs_fifo(make_daemon):
     ids = [d.http.post("/run/async", json={"prompt": "sleep 1.5"}).json()["job_id"]
            for _ in range(3)]
     seen_pending = False
-    while True:
+
+    def all_completed():
+        nonlocal seen_pending
         jobs = {j["id"]: j for j in d.http.get("/jobs").json()["jobs"]}
         states = [jobs[i]["status"] for i in ids]
         assert states.count("running") <= 1, states
         seen_pending |= "pending" in states
-        if all(s == "completed" for s in states):
-            break
         assert not any(s in ("failed", "crashed") for s in states), states
-        time.sleep(0.05)
+        return jobs if all(s == "completed" for s in states) else None
+    jobs = wait_until(all_completed, 90, 0.05, "the three queued jobs to complete")
     assert seen_pending
     started = [parse_time(jobs[i]["started_at"]) for i in ids]
     assert started == sorted(started)  # first in, first out
@@ -1119,7 +2024,7 @@ def test_sync_runs_wait_their_turn(make_daemon):
         time.sleep(0.05)
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert time.monotonic() - started >= 3.0  # one after the other
-    assert peak[0] <= 1
+    assert peak[0] == 1  # a container was seen running, never two
 
 
 def test_lifecycle_hooks_run_init_once_and_post_start_always(daemon):
@@ -1322,9 +2227,15 @@ def test_runs_on_one_session_are_serialised(daemon):
     second = daemon.http.post("/run/async", json={"prompt": "hello", "claude": {
         "session_id": session, "resume": True}}).json()
     label = f"stromboli.session={session}"
-    while daemon.http.get(f"/jobs/{second['job_id']}").json()["status"] in ("pending", "running"):
-        assert len(agent_containers(label)) <= 1
-        time.sleep(0.05)
+    peak = [0]
+
+    def second_finished() -> bool:
+        peak[0] = max(peak[0], len(agent_containers(label)))
+        assert peak[0] <= 1
+        return daemon.http.get(f"/jobs/{second['job_id']}").json()["status"] not in (
+            "pending", "running")
+    wait_until(second_finished, 60, 0.05, "the second run on the session to finish")
+    assert peak[0] == 1  # the session's containers were seen, one at a time
     a, b = daemon.wait_job(first["job_id"]), daemon.wait_job(second["job_id"])
     assert a["status"] == b["status"] == "completed", (a, b)
     # B starts once A's container is gone; A's row is written a moment later.
@@ -1879,10 +2790,11 @@ def test_every_protected_route_needs_a_token(auth_daemon):
         method, path, access = route.method, route.path, route.access
         concrete = re.sub(r"\{[^}]+\}", "x", path).replace("x:.+", "x")
         r = auth_daemon.http.request(method, concrete)
-        if access == "public":
-            assert r.status_code != 401 or path.startswith("/auth/"), (method, path)
-        else:
+        if access == "public" and not route.reads_bearer:
+            assert r.status_code != 401, (method, path, r.status_code)
+        else:  # and /auth/validate, /auth/logout: public, but they check the bearer themselves
             assert r.status_code == 401, (method, path, r.status_code)
+    assert {route.access for route in stromboli.ROUTES} == {"public", "token", "protected"}
     r = auth_daemon.http.get(f"/images/{IMAGE}")  # names with slashes too
     assert r.status_code == 401
 
@@ -2142,14 +3054,19 @@ def test_secrets_env_reaches_the_agent_but_never_the_api(daemon):
     name, value = f"test-secret-{marker()}", f"value-{marker()}"
     assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
     try:
-        body = daemon.http.post("/run", json={
-            "prompt": "bash: echo got=$MY_SECRET", "claude": {"dangerously_skip_permissions": True},
-            "podman": {"secrets_env": {"MY_SECRET": name}}}).json()
+        job_id = daemon.http.post("/run/async", json={
+            "prompt": "bash: echo got=$MY_SECRET; sleep 2",
+            "claude": {"dangerously_skip_permissions": True},
+            "podman": {"secrets_env": {"MY_SECRET": name}}}).json()["job_id"]
+        running = wait_until(lambda: [c for c in agent_containers(f"stromboli.job={job_id}")
+                                      if c.attrs.get("State") == "running"], 30,
+                             what="the run's container")
+        with podman_client() as client:  # inspected while it runs (it is removed afterwards)
+            inspected = client.containers.get(running[0].id).attrs
+        assert inspected["Config"]["Env"] and value not in json.dumps(inspected)
+        body = daemon.wait_job(job_id)
         assert body["status"] == "completed", body
         assert f"got={value}" in body["output"]  # the agent itself printed it
-        with podman_client() as client:
-            for container in client.containers.list(all=True):
-                assert value not in json.dumps(container.attrs)
         assert value not in daemon.log()
     finally:
         with podman_client() as client:
@@ -2632,7 +3549,13 @@ def base_image(agent_image):
 
 
 def test_image_list_is_ranked_and_labelled(daemon, base_image):
-    images = daemon.http.get("/images").json()["images"]
+    with podman_client() as client:  # a name the ranking knows as incompatible
+        client.images.get(base_image).tag("localhost/busybox-probe", "test")
+    try:
+        images = daemon.http.get("/images").json()["images"]
+    finally:
+        with podman_client() as client:
+            client.images.remove("localhost/busybox-probe:test")
     ranks = [i["compatibility_rank"] for i in images]
     assert ranks == sorted(ranks)
     agent = next(i for i in images if f"{i['repository']}:{i['tag']}" == IMAGE)
@@ -2643,7 +3566,9 @@ def test_image_list_is_ranked_and_labelled(daemon, base_image):
     assert base["compatibility_rank"] == 3 and base["tools"] == ["git", "jq"]
     assert base["has_claude_cli"] is False and base["description"] == "Base for tests"
     probe = [i for i in images if "busybox" in i["repository"] or "probe" in i["repository"]]
-    assert all(i["compatibility_rank"] in (3, 4) for i in probe)
+    assert probe and all(i["compatibility_rank"] in (3, 4) for i in probe)
+    busybox = next(i for i in probe if i["repository"] == "localhost/busybox-probe")
+    assert busybox["compatibility_rank"] == 4 and busybox["compatible"] is False
 
 
 def test_image_inspect(daemon, base_image):
