@@ -1159,8 +1159,9 @@ def test_transcript_message_maps_lines_to_history_messages():
         {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": "ls"}},
         {"type": "tool_result", "tool_use_id": "t1", "content": "ab", "is_error": False}]
     assert assistant["tool_result"] == {"stdout": "a\nb", "stderr": "", "interrupted": False}
-    assert stromboli.transcript_message({"type": "queue-operation"}) is None
-    odd = stromboli.transcript_message({"type": "system", "message": "not an object",
+    for bookkeeping in ("queue-operation", "system", "attachment", "last-prompt", "summary"):
+        assert stromboli.transcript_message({"type": bookkeeping}) is None  # no conversation
+    odd = stromboli.transcript_message({"type": "user", "message": "not an object",
                                         "toolUseResult": "text"})
     assert odd["content"] == {"role": "", "content": []} and "tool_result" not in odd
 
