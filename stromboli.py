@@ -4443,6 +4443,7 @@ class HealthMonitor:
         self.podman_error: str | None = "not checked yet"
         self.podman_version: dict | None = None
         self.has_credentials_file = False
+        self._reported: tuple[list | None, bytes] = (None, b"")
         self.secret_errors: dict[str, str | None] = {}
         self._checked_sync = -1
         self._wake = asyncio.Event()
@@ -4483,6 +4484,16 @@ class HealthMonitor:
             return f"podman secret '{name}' not found: run stromboli to create it"
         except Exception as exc:
             return short_error(exc) or "secret check failed"
+
+    def report(self) -> bytes:
+        """/health's body, encoded again only when the state changed."""
+        components = self.components()
+        if components != self._reported[0]:
+            status = "ok" if all(c["status"] == "ok" for c in components) else "degraded"
+            body = {"status": status, "name": "stromboli", "version": VERSION,
+                    "components": components}
+            self._reported = (components, json.dumps(body, separators=(",", ":")).encode())
+        return self._reported[1]
 
     def components(self) -> list[dict]:
         found = [self._component("podman", self.podman_error)]
@@ -4783,10 +4794,7 @@ def require_configured(app: Stromboli) -> None:
      ok=(200, "OK", "internal_api.HealthResponse"))
 async def health(request: web.Request) -> web.Response:
     """From the monitor's state: no Podman call, whoever asks and however often."""
-    components = state(request).monitor.components()
-    status = "ok" if all(c["status"] == "ok" for c in components) else "degraded"
-    return json_response({"status": status, "name": "stromboli", "version": VERSION,
-                          "components": components})
+    return web.Response(body=state(request).monitor.report(), content_type="application/json")
 
 
 @api("GET", "/claude/status", "protected", "error", "system", "Claude status",
