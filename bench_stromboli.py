@@ -1095,21 +1095,25 @@ class Rps:
             result["ratio"] = result["rps"] / bare if bare else None
         return results
 
-    def health_flood(self, client: httpx.Client, daemon: Daemon) -> dict:
-        """Median wall time of --runs sequential POST /run, alone and while wrk floods
-        /health (one wrk process for the whole series); --flood-rounds pairs, ABBA order."""
+    def health_flood(self, client: httpx.Client, daemon: Daemon, bare_url: str) -> dict:
+        """Median wall time of --runs sequential POST /run, alone, while wrk floods
+        /health (one wrk process for the whole series), and while it floods the bare
+        aiohttp handler instead (the floor: what any HTTP flood costs a run on this
+        machine); --flood-rounds rounds, the order alternating."""
         n, pid = self.args.rps_runs, daemon.proc.pid
         post_run(client)  # warm-up, discarded
-        walls: dict[str, list[float]] = {"alone": [], "flood": []}
+        walls: dict[str, list[float]] = {"alone": [], "flood": [], "bare": []}
         series: list[dict] = []
+        targets = {"flood": daemon.url + "/health", "bare": bare_url + "/"}
         for r in range(self.args.flood_rounds):
-            for side in ("alone", "flood") if r % 2 == 0 else ("flood", "alone"):
+            order = ("alone", "flood", "bare")
+            for side in order if r % 2 == 0 else order[::-1]:
                 print(f"rps: {n} × POST /run, {side} (round {r + 1}/"
                       f"{self.args.flood_rounds})…", file=sys.stderr, flush=True)
                 wrk = None
                 cpu0 = children_cpu()
-                if side == "flood":
-                    argv = self.argv(daemon.url + "/health", [], n * RUN_TIMEOUT + 60)
+                if side in targets:
+                    argv = self.argv(targets[side], [], n * RUN_TIMEOUT + 60)
                     wrk = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, text=True)
                     time.sleep(FLOOD_RAMP)
@@ -1144,9 +1148,11 @@ class Rps:
                 walls[side].extend(these)
                 series.append(entry)
         alone, flooded = summary(walls["alone"]), summary(walls["flood"])
-        floods = [s["wrk"] for s in series if "wrk" in s]
+        bare_flooded = summary(walls["bare"])
+        floods = [s["wrk"] for s in series if s["side"] == "flood"]
         return {"runs": n, "rounds": self.args.flood_rounds, "alone": alone, "flood": flooded,
-                "ratio": flooded["median"] / alone["median"],
+                "ratio": flooded["median"] / alone["median"], "bare": bare_flooded,
+                "bare_ratio": bare_flooded["median"] / alone["median"],
                 "health_rps": statistics.median(f["rps"] for f in floods),
                 "health_p99": statistics.median(f["latency_p99"] for f in floods
                                                 if f["latency_p99"] is not None)
@@ -1156,10 +1162,10 @@ class Rps:
                 "wrk_cpu_share": statistics.median(f["wrk_cpu_share"] for f in floods),
                 "daemon_cpu_share": {side: statistics.median(
                     s["daemon_cpu_share"] for s in series if s["side"] == side)
-                    for side in ("alone", "flood")},
+                    for side in ("alone", "flood", "bare")},
                 "machine_busy": {side: statistics.median(
                     s["machine_busy"] for s in series if s["side"] == side)
-                    for side in ("alone", "flood")},
+                    for side in ("alone", "flood", "bare")},
                 "series": series}
 
 
@@ -1261,7 +1267,7 @@ def rps(args) -> int:
                     report["health_status"] = answer.json().get("status")
             report["targets"] = bench.targets(targets)
             if args.rps_runs:
-                report["flood"] = bench.health_flood(client, daemon)
+                report["flood"] = bench.health_flood(client, daemon, bare_url)
         report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     except Exception:
         sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
@@ -1324,12 +1330,15 @@ def rps_markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         for side, label in (("alone", "alone"),
                             ("flood", f"while `wrk -c{report['connections']}` floods "
-                                      "`/health`")):
+                                      "`/health`"),
+                            ("bare", f"while `wrk -c{report['connections']}` floods the bare "
+                                     "aiohttp handler (the floor)")):
             lines.append(f"| {label} | {flood[side]['median']:.2f} s "
                          f"| {flood[side]['p90']:.2f} s | {pct(flood['daemon_cpu_share'][side])} "
                          f"| {pct(flood['machine_busy'][side])} |")
         bare = targets["bare"]["rps"]
-        lines += ["", f"Ratio of medians (flooded / alone): **{flood['ratio']:.2f}×**; "
+        lines += ["", f"Ratio of medians (flooded / alone): **{flood['ratio']:.2f}×** "
+                      f"(a flood of the bare handler: {flood['bare_ratio']:.2f}×); "
                       f"`/health` meanwhile: {flood['health_rps']:,.0f} req/s "
                       f"({times(flood['health_rps'] / bare if bare else None)} bare), p99 "
                       f"{ms(flood['health_p99'])}, {flood['health_requests']:,} requests, "
