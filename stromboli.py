@@ -4093,6 +4093,18 @@ OPENAPI_HEAD: dict = {
     },
 }
 
+IMAGE_INFO = {
+    "compatibility_rank": prop("integer", example=3),
+    "compatible": prop("boolean", example=True),
+    "created": prop("string", example="2024-01-15T10:30:00Z"),
+    "description": prop("string", example="Python development image"),
+    "has_claude_cli": prop("boolean", example=False),
+    "id": prop("string", example="sha256:abc123def456"),
+    "repository": prop("string", example="python"),
+    "size": prop("integer", example=125000000),
+    "tag": prop("string", example="3.12-slim"),
+    "tools": prop("[string]", example=["python", "pip"]),
+}
 SECRET_RESULT = {"error": prop("string"), "name": prop("string", example="github-token"),
                  "success": prop("boolean", example=True)}
 DEFINITIONS: dict = {
@@ -4124,32 +4136,12 @@ DEFINITIONS: dict = {
         "status": prop("string", example="ok"),
         "version": prop("string", example="0.5.6-alpha"),
     }),
-    "internal_api.ImageDetailResponse": obj("Detailed container image information including labels", properties={
-        "compatibility_rank": prop("integer", example=3),
-        "compatible": prop("boolean", example=True),
-        "created": prop("string", example="2024-01-15T10:30:00Z"),
-        "description": prop("string", example="Python development image"),
-        "has_claude_cli": prop("boolean", example=False),
-        "id": prop("string", example="sha256:abc123def456"),
-        "labels": prop("object", additionalProperties={"type": "string"}),
-        "rank_description": prop("string", example="Standard glibc-based (compatible)"),
-        "repository": prop("string", example="python"),
-        "size": prop("integer", example=125000000),
-        "tag": prop("string", example="3.12-slim"),
-        "tools": prop("[string]", example=["python", "pip"]),
-    }),
-    "internal_api.ImageInfoResponse": obj("Container image metadata with compatibility information", properties={
-        "compatibility_rank": prop("integer", example=3),
-        "compatible": prop("boolean", example=True),
-        "created": prop("string", example="2024-01-15T10:30:00Z"),
-        "description": prop("string", example="Python development image"),
-        "has_claude_cli": prop("boolean", example=False),
-        "id": prop("string", example="sha256:abc123def456"),
-        "repository": prop("string", example="python"),
-        "size": prop("integer", example=125000000),
-        "tag": prop("string", example="3.12-slim"),
-        "tools": prop("[string]", example=["python", "pip"]),
-    }),
+    "internal_api.ImageDetailResponse": obj(
+        "Detailed container image information including labels", {
+            **IMAGE_INFO, "labels": prop("object", additionalProperties={"type": "string"}),
+            "rank_description": prop("string", example="Standard glibc-based (compatible)")}),
+    "internal_api.ImageInfoResponse": obj(
+        "Container image metadata with compatibility information", IMAGE_INFO),
     "internal_api.ImagePullRequest": obj("Request to pull a container image from a registry", required=["image"], properties={
         "image": prop("string", example="python:3.12-slim"),
         "platform": prop("string", example="linux/amd64"),
