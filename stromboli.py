@@ -515,8 +515,9 @@ class Config:
                 shown = ",".join(value)
             elif f.metadata["kind"] == "duration":
                 shown = format_duration(value)
-            elif f.metadata["kind"] == "size":
-                shown = format_size(value)
+            elif f.metadata["kind"] == "size":  # as it would be written: 16m, 1g
+                shown = next(f"{value // 1024 ** i}{unit}" for i, unit in
+                             ((3, "g"), (2, "m"), (1, "k"), (0, "")) if value % 1024 ** i == 0)
             else:
                 shown = str(value)
             rows.append((f.metadata["key"], f.metadata["env"][0], shown))
