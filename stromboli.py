@@ -317,6 +317,8 @@ class Config:
                                                 "(empty = any)")
     webhook_max_attempts: int = setting(5, "webhook.max_attempts", "STROMBOLI_WEBHOOK_MAX_ATTEMPTS",
                                         kind="int", help="deliveries tried per webhook")
+    jobs_max_queued: int = setting(1000, "jobs.max_queued", "STROMBOLI_MAX_QUEUED_JOBS",
+                                   kind="int", help="pending async jobs at most (429 beyond)")
     jobs_cleanup_ttl: float = setting(3600.0, "jobs.cleanup_ttl", "STROMBOLI_JOBS_CLEANUP_TTL",
                                       kind="duration", help="finished jobs kept this long")
     jobs_cleanup_interval: float = setting(300.0, "jobs.cleanup_interval",
@@ -673,13 +675,14 @@ class ApiError(Exception):
     "error"}; "success" → {"success": false, "error"}; "text" → plain text (the SSE
     endpoint's errors). `extra` fields join the body."""
 
-    def __init__(self, status: int, message: str, **extra: Any):
+    def __init__(self, status: int, message: str, headers: dict | None = None, **extra: Any):
         super().__init__(message)
         self.status, self.message, self.extra = status, message, extra
+        self.headers = headers or {}
 
     def response(self, envelope: str = "error") -> web.Response:
         if envelope == "text":
-            return web.Response(status=self.status, text=self.message)
+            return web.Response(status=self.status, text=self.message, headers=self.headers)
         if envelope == "run":
             body = {"id": "", "status": "error", "error": self.message}
         elif envelope == "success":
@@ -687,7 +690,7 @@ class ApiError(Exception):
         else:
             body = {"error": self.message}
         body.update(self.extra)
-        return json_response(body, status=self.status)
+        return json_response(body, status=self.status, headers=self.headers)
 
 
 class FixedStatus(ApiError):
@@ -759,6 +762,9 @@ CREATE TABLE IF NOT EXISTS run_events (
     at REAL NOT NULL, PRIMARY KEY (run_id, seq)
 );
 CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, job_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, url TEXT NOT NULL,
     attempt INTEGER NOT NULL, status_code INTEGER, error TEXT, at REAL NOT NULL
@@ -812,6 +818,28 @@ class Store:
         self._jobs[job["id"]] = job
         return job
 
+    def insert_job_once(self, job: dict, key: str, request_hash: str) -> dict | None:
+        """Insert a job under an Idempotency-Key, unless the key is taken: → None when
+        inserted, else {"job_id", "request_hash"} of the job the key already names."""
+        found = self._db.execute("SELECT job_id, request_hash FROM idempotency_keys WHERE "
+                                 "key=?", (key,)).fetchone()
+        if found:
+            return dict(found)
+        with self._db:  # both rows or neither
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO idempotency_keys VALUES (?,?,?)",
+                             (key, request_hash, job["id"]))
+            self.insert_job(job)
+        return None
+
+    def queue_positions(self) -> dict[str, int]:
+        """{job id: place among pending jobs, 0 = next}, oldest first."""
+        rows = self._db.execute("SELECT id FROM jobs WHERE status='pending' ORDER BY created_at")
+        return {row[0]: place for place, row in enumerate(rows)}
+
+    def count_pending(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='pending'").fetchone()[0]
+
     def insert_job(self, job: dict) -> None:
         row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
                for k, v in job.items()}
@@ -856,6 +884,9 @@ class Store:
             "AND updated_at < ?", (older_than,))]
         self._db.executemany("DELETE FROM run_events WHERE run_id=?", [(i,) for i in ids])
         self._jobs.clear()
+        self._db.execute("DELETE FROM idempotency_keys WHERE job_id NOT IN (SELECT id FROM jobs) "
+                         "OR job_id IN (SELECT id FROM jobs WHERE status IN ('completed','failed',"
+                         "'crashed','cancelled') AND updated_at < ?)", (older_than,))
         return self._db.execute(
             "DELETE FROM jobs WHERE status IN ('completed','failed','crashed','cancelled') "
             "AND updated_at < ?", (older_than,)).rowcount
@@ -3119,11 +3150,18 @@ class JobManager:
         self.webhooks, self.metrics = webhooks, metrics
         self.tasks: dict[str, asyncio.Task] = {}
 
-    async def submit(self, req: RunRequest) -> dict:
+    async def submit(self, req: RunRequest, key: str = "") -> tuple[dict, bool]:
+        """Queue a job; with an Idempotency-Key, the job that key already names (for the
+        same request; 409 for another). → (job, whether it is new)."""
+        if await self.store.call(self.store.count_pending) >= self.cfg.jobs_max_queued:
+            raise ApiError(429, f"too many queued jobs ({self.cfg.jobs_max_queued}): retry "
+                                "later", {"Retry-After": "5"})
         # Shielded: a client that hangs up mid-way must not leave a row without its task.
-        return await asyncio.shield(self._submit(req))
+        return await asyncio.shield(self._submit(req, key))
 
-    async def _submit(self, req: RunRequest) -> dict:
+    async def _submit(self, req: RunRequest, key: str) -> tuple[dict, bool]:
+        # The request as the client sent it (before a new session id is filled in).
+        digest = hashlib.sha256(json.dumps(req.to_json(), sort_keys=True).encode()).hexdigest()
         plan = SessionPlan.of(req.claude)
         session_id = plan.session_id
         if plan.mode == "new":
@@ -3132,9 +3170,16 @@ class JobManager:
         job = {"id": new_id("job"), "status": "pending", "session_id": session_id,
                "run_id": new_id("run"), "request": req.to_json(), "created_at": now,
                "updated_at": now}
-        await self.store.call(self.store.insert_job, job)
+        if key:
+            taken = await self.store.call(self.store.insert_job_once, job, key, digest)
+            if taken is not None:
+                if taken["request_hash"] != digest:
+                    raise Conflict("Idempotency-Key already used for a different request")
+                return await self.get(taken["job_id"]), False
+        else:
+            await self.store.call(self.store.insert_job, job)
         self._start(job)
-        return job
+        return job, True
 
     def _start(self, job: dict) -> None:
         task = asyncio.ensure_future(self._run(job))
@@ -3873,6 +3918,7 @@ class Route:
     params: tuple[dict, ...] = ()
     produces: tuple[str, ...] = ("application/json",)
     ok: tuple[int, str, str | None] = (200, "OK", None)
+    also_ok: tuple[tuple[int, str, str | None], ...] = ()  # other success answers
     errors: tuple[tuple[int, str], ...] = ()  # (status, description) beyond the derived ones
     error_schema: str = ""  # the definition of its error bodies (default: the envelope's)
     reads_bearer: bool = False  # a public route that checks the bearer token itself
@@ -4003,8 +4049,8 @@ def operation(route: Route) -> dict:
     checked, 429 where rate limits or the failed-auth budget apply, 413/415/408 where
     there is a body, and 403/421 (browser checks) everywhere."""
     error_schema = route.error_schema or ENVELOPE_SCHEMAS[route.envelope]
-    status, text, definition = route.ok
-    responses = {str(status): response(text, definition)}
+    responses = {str(status): response(text, definition)
+                 for status, text, definition in (route.ok, *route.also_ok)}
     checks_auth = route.access != "public" or route.path.startswith("/auth/")
     if route.access != "public":
         responses["401"] = {"$ref": "#/responses/Unauthorized"}
@@ -4178,6 +4224,8 @@ DEFINITIONS: dict = {
                             example="2024-01-15T10:31:00.250Z", format="date-time"),
         "id": prop("string", example="job-abc123def456"),
         "output": prop("string", example="Hello!"),
+        "queue_position": prop("integer", "(extension) A pending job's place in the queue, 0 = "
+                               "next", example=0),
         "run_id": prop("string", "(extension) The run's id (see /run/stream run_id)",
                        example="run-abc123def456"),
         "session_id": prop("string", example="sess-abc123def456"),
@@ -4832,7 +4880,13 @@ async def run_sync(request: web.Request) -> web.Response:
      description="Starts Claude Code execution asynchronously and returns a job ID. "
                  "Session-history errors (404/409 on /run) fail the job instead",
      body="internal_api.RunRequest", ok=(202, "Accepted", "internal_api.AsyncRunResponse"),
+     also_ok=((200, "The job this Idempotency-Key already names (extension)",
+               "internal_api.AsyncRunResponse"),),
+     params=(param("Idempotency-Key", "header", "string", "(extension) Resubmitting with the "
+                   "same key and body answers 200 with the same job; another body, 409"),),
      errors=((400, "Invalid request"),
+             (409, "Idempotency-Key already used for a different request (extension)"),
+             (429, "Too many queued jobs (jobs.max_queued; extension), with Retry-After"),
              (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
@@ -4841,9 +4895,14 @@ async def run_async(request: web.Request) -> web.Response:
     if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
         raise BadRequest("Invalid request: webhook_url host is not in "
                          "STROMBOLI_WEBHOOK_ALLOWED_HOSTS")
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > 255 or not key.isprintable():
+        raise BadRequest("Invalid request: Idempotency-Key must be at most 255 printable "
+                         "characters")
     await app.runner.prepare(req)
-    job = await app.jobs.submit(req)
-    return json_response({"job_id": job["id"], "session_id": job["session_id"]}, 202)
+    job, new = await app.jobs.submit(req, key)
+    return json_response({"job_id": job["id"], "session_id": job["session_id"]},
+                         202 if new else 200)
 
 
 def stream_request_body(query: Any) -> dict:
@@ -5022,8 +5081,12 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise BadRequest(f"invalid status filter {status!r}")
     offset, limit = page_params(request, 1000, 1000)
     jobs, total = await app.store.call(app.store.list_jobs, status, limit, offset)
-    return json_response({"jobs": [job_response(j) for j in jobs], "total": total,
-                          "offset": offset, "limit": limit})
+    places = await app.store.call(app.store.queue_positions) \
+        if any(j["status"] == "pending" for j in jobs) else {}
+    return json_response({"jobs": [drop_none({**job_response(j),
+                                              "queue_position": places.get(j["id"])})
+                                   for j in jobs],
+                          "total": total, "offset": offset, "limit": limit})
 
 
 @api("GET", "/jobs/{id}", "protected", "run", "jobs", "Get job status",
@@ -5035,6 +5098,9 @@ async def get_job(request: web.Request) -> web.Response:
     app = state(request)
     job = await app.jobs.get(request.match_info["id"])
     body = job_response(job)
+    if job["status"] == "pending":
+        places = await app.store.call(app.store.queue_positions)
+        body["queue_position"] = places.get(job["id"])
     if job["request"].get("webhook_url"):
         attempts = await app.store.call(app.store.deliveries, job["id"])
         body["webhook_deliveries"] = [drop_none({**a, "at": rfc3339(a["at"])}) for a in attempts]
@@ -5050,6 +5116,21 @@ async def cancel_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
     await state(request).jobs.cancel(job_id)
     return json_response({"cancelled": True, "job_id": job_id})
+
+
+@api("GET", "/jobs/{id}/stream", "protected", "text", "jobs", "Stream a job's events",
+     description="(extension) The job's output as SSE, as /run/stream sends it: `id:` on each "
+                 "event, Last-Event-ID (header or last_event_id) resumes after that event, "
+                 "replayed from the store once the job has finished, live while it runs, "
+                 "ending with `event: done` or `event: error`; keep-alive comments every 15 s",
+     params=(param("id", "path", "string", "Job ID"),
+             param("Last-Event-ID", "header", "integer", "Send only events after this id"),
+             param("last_event_id", "query", "integer", "Same as the Last-Event-ID header")),
+     produces=("text/event-stream", "text/plain"),
+     ok=(200, "Event stream of output lines", None), errors=((404, "Job not found"),))
+async def job_stream(request: web.Request) -> web.StreamResponse:
+    job = await state(request).jobs.get(request.match_info["id"])
+    return await replay_stream(request, job["run_id"])
 
 
 # -- sessions ---------------------------------------------------------------------

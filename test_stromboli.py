@@ -2078,6 +2078,60 @@ def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
     assert again.http.get(f"/jobs/{first}").json()["status"] == "failed"
 
 
+def test_idempotent_submits(daemon):
+    key = f"key-{marker()}"
+    body = {"prompt": f"idempotent {marker()}"}
+    first = daemon.http.post("/run/async", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 202
+    again = daemon.http.post("/run/async", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.json() == first.json()
+    other = daemon.http.post("/run/async", json={"prompt": "something else"},
+                             headers={"Idempotency-Key": key})
+    assert other.status_code == 409 and "Idempotency-Key" in run_error(other)
+    assert daemon.wait_job(first.json()["job_id"])["status"] == "completed"
+    jobs = daemon.http.get("/jobs").json()["jobs"]
+    assert sum(1 for j in jobs if j["id"] == first.json()["job_id"]) == 1
+    fresh = daemon.http.post("/run/async", json=body)  # no key: a new job
+    assert fresh.status_code == 202 and fresh.json()["job_id"] != first.json()["job_id"]
+
+
+def test_admission_control_and_queue_positions(make_daemon):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_MAX_QUEUED_JOBS="2")
+    ids = [d.http.post("/run/async", json={"prompt": "sleep 3"}).json()["job_id"]]
+    wait_until(lambda: d.http.get(f"/jobs/{ids[0]}").json()["status"] == "running", 20,
+               what="the first job running")
+    ids += [d.http.post("/run/async", json={"prompt": f"queued {i}"}).json()["job_id"]
+            for i in range(2)]
+    refused = d.http.post("/run/async", json={"prompt": "one too many"})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
+    assert "too many queued jobs" in run_error(refused)
+    places = [d.http.get(f"/jobs/{i}").json().get("queue_position") for i in ids]
+    assert places == [None, 0, 1], places
+    listed = {j["id"]: j.get("queue_position") for j in d.http.get("/jobs").json()["jobs"]}
+    assert [listed[i] for i in ids] == [None, 0, 1]
+    for job_id in ids:
+        assert d.wait_job(job_id)["status"] == "completed"
+
+
+def test_job_stream_replays_after_last_event_id(daemon):
+    job = daemon.http.post("/run/async", json={"prompt": "hello", "claude": {
+        "output_format": "stream-json"}}).json()
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        with connect_sse(client, "GET", f"/jobs/{job['job_id']}/stream") as source:
+            live = list(source.iter_sse())
+    assert live[-1].event == "done" and json.loads(live[-1].data)["status"] == "completed"
+    ids = [int(e.id) for e in live]
+    assert ids == list(range(len(ids))) and len(ids) > 3  # no gaps, no duplicates
+    daemon.wait_job(job["job_id"])
+    with httpx.Client(base_url=daemon.url, timeout=60) as client:
+        with connect_sse(client, "GET", f"/jobs/{job['job_id']}/stream",
+                         headers={"Last-Event-ID": str(ids[1])}) as source:
+            rest = list(source.iter_sse())
+    assert [int(e.id) for e in rest] == ids[2:]
+    assert [e.data for e in rest] == [e.data for e in live[2:]]
+    assert daemon.http.get("/jobs/job-nope/stream").status_code == 404
+
+
 def test_finished_jobs_are_deleted_after_the_ttl(make_daemon):
     d = make_daemon(STROMBOLI_JOBS_CLEANUP_TTL="1s", STROMBOLI_JOBS_CLEANUP_INTERVAL="500ms")
     job_id = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
