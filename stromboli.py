@@ -196,6 +196,9 @@ class Config:
                                               "STROMBOLI_SERVER_KEEPALIVE_TIMEOUT",
                                               kind="duration",
                                               help="idle keep-alive connections closed after this")
+    server_shutdown_grace: float = setting(30.0, "server.shutdown_grace",
+                                           "STROMBOLI_SHUTDOWN_GRACE", kind="duration",
+                                           help="on SIGTERM, runs may finish this long")
     server_max_connections: int = setting(512, "server.max_connections",
                                           "STROMBOLI_SERVER_MAX_CONNECTIONS", kind="int",
                                           help="open client connections at most (more: closed)")
@@ -1284,6 +1287,15 @@ class Podman:
                     size -= len(data)
         finally:
             response.close()
+
+    def is_running(self, cid: str) -> bool:
+        return self.client.containers.get(cid).attrs["State"]["Status"] == "running"
+
+    def logs(self, cid: str, attached: Callable[[], None], sink: Callable[[bytes], None]) -> None:
+        """An exited container's whole output into `sink` (as attach does for a live one)."""
+        attached()
+        for chunk in self.client.containers.get(cid).logs(stdout=True, stderr=True):
+            sink(chunk if isinstance(chunk, bytes) else str(chunk).encode())
 
     def kill(self, cid: str) -> None:
         try:
@@ -2739,6 +2751,7 @@ class ContainerRunner:
         self.credentials = Credentials(cfg, podman_api, self.instance)
         self.prompts = cfg.state_path / "prompts"
         self.rootless = False
+        self.detaching = False  # a shutdown: jobs' containers are left running, not removed
         self.connected = asyncio.Event()  # set once Podman answered and recovery is done
         self._workdirs: dict[str, str] = {}
 
@@ -2748,15 +2761,10 @@ class ContainerRunner:
         self.rootless = await self.podman.call(self.podman.rootless)
         await self.credentials.sync()
 
-    async def remove_leftovers(self) -> list[dict]:
-        """Remove this instance's containers (a restart left them behind); → them."""
-        found = await self.podman.call(self.podman.containers,
-                                       f"stromboli.instance={self.instance}")
-        for container in found:
-            log.info("removing leftover agent container", extra=fields(
-                container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
-            await self.destroy(container["id"])
-        return found
+    async def instance_containers(self) -> list[dict]:
+        """This daemon's containers (by its instance label), as a restart found them."""
+        return await self.podman.call(self.podman.containers,
+                                      f"stromboli.instance={self.instance}")
 
     def write_prompt(self, run_id: str, prompt: str) -> str:
         """The prompt as a file only the container's user can read; → its host path."""
@@ -2801,7 +2809,7 @@ class ContainerRunner:
                   labels: dict | None = None,
                   on_start: Callable[[], Awaitable[None]] | None = None,
                   on_end: Callable[[RunResult | None, Exception | None], Awaitable[None]]
-                  | None = None) -> RunResult:
+                  | None = None, resume: dict | None = None) -> RunResult:
         """Wait for the session and a slot, then execute. Cancelling the calling task
         kills and removes the container. `on_start` runs once the slot is held, `on_end`
         (with the result or the error) before it is given to the next run, so that a
@@ -2817,7 +2825,7 @@ class ContainerRunner:
                 if on_start:
                     await on_start()
                 try:
-                    result = await self._execute(req, run_id, plan, labels or {}, feed)
+                    result = await self._execute(req, run_id, plan, labels or {}, feed, resume)
                 except Exception as exc:
                     if on_end:
                         await asyncio.shield(on_end(None, exc))
@@ -2828,7 +2836,8 @@ class ContainerRunner:
                                           "status": result.status}, separators=(",", ":")))
             return result
         except asyncio.CancelledError:
-            feed.push("error", run_error_event(run_id, "run cancelled"))
+            feed.push("error", run_error_event(run_id, "the daemon is restarting: run it again "
+                                               "shortly" if self.detaching else "run cancelled"))
             raise
         except Exception as exc:
             feed.push("error", run_error_event(run_id, getattr(exc, "message", None) or str(exc)))
@@ -2860,30 +2869,57 @@ class ContainerRunner:
         return self._workdirs[image]
 
     async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
-                       feed: RunFeed) -> RunResult:
-        image = await self.prepare(req)
-        await asyncio.to_thread(make_volume_dirs, self.cfg, req)
-        await self._open_session(req, plan, image)
+                       feed: RunFeed, resume: dict | None = None) -> RunResult:
+        """Set the run up and create its container — or, with `resume` (a container that
+        outlived a daemon restart, with the labels written at its creation), take it over —
+        then follow it to its end."""
         session_id = plan.session_id
-        needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
-        before = await asyncio.to_thread(self.sessions.transcript, session_id)
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
-        prompt_file = await asyncio.to_thread(self.write_prompt, run_id, req.prompt)
-        secret_env = self.credentials.secret_env(req.podman.get("secrets_env", {}))
-        spec = container_spec(
-            self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
-                session_id), prompt_file=prompt_file, secrets=self.credentials.mounts(secret_env),
-            user=agent_user(self.cfg, self.rootless),
-            labels={**MANAGED_LABEL, "stromboli.instance": self.instance, "stromboli.run": run_id,
-                    "stromboli.session": session_id, **labels})
-        command = container_command(self.cfg, req, plan, needs_init, secret_env)
+        if resume is None:
+            image = await self.prepare(req)
+            await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+            await self._open_session(req, plan, image)
+            needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
+            before = await asyncio.to_thread(self.sessions.transcript, session_id)
+            prompt_file = await asyncio.to_thread(self.write_prompt, run_id, req.prompt)
+            secret_env = self.credentials.secret_env(req.podman.get("secrets_env", {}))
+            resume_labels = {"stromboli.deadline": str(int(time.time() + timeout)),
+                             "stromboli.init": str(int(needs_init)),
+                             "stromboli.transcript": f"{before.folder}/{before.size}"
+                             if before else ""}
+            spec = container_spec(
+                self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
+                    session_id), prompt_file=prompt_file,
+                secrets=self.credentials.mounts(secret_env),
+                user=agent_user(self.cfg, self.rootless),
+                labels={**MANAGED_LABEL, "stromboli.instance": self.instance,
+                        "stromboli.run": run_id, "stromboli.session": session_id,
+                        **resume_labels, **labels})
+            command = container_command(self.cfg, req, plan, needs_init, secret_env)
+        else:
+            needs_init = resume["labels"].get("stromboli.init") == "1"
+            folder, _, size = resume["labels"].get("stromboli.transcript", "").partition("/")
+            before = Transcript(folder, f"{session_id}.jsonl", int(size), 0) if folder else None
+            prompt_file = str(self.prompts / run_id)
+            timeout = float(resume["labels"].get("stromboli.deadline", 0)) - time.time()
         started = time.monotonic()
+        keep = "stromboli.job" in labels  # a job's container outlives a daemon shutdown
+        detached = False
         try:
-            exit_code, killed_for = await self._container(image, command, spec, feed, timeout,
-                                                          session_id)
+            if resume is None:
+                exit_code, killed_for = await self._container(image, command, spec, feed,
+                                                              timeout, session_id, keep)
+            else:
+                exit_code, killed_for = await self._supervise(resume["id"], feed, timeout,
+                                                              session_id, keep)
+        except asyncio.CancelledError:
+            detached = keep and self.detaching
+            raise
         finally:
-            await asyncio.shield(asyncio.to_thread(self._after_container, plan, prompt_file))
+            if not detached:
+                await asyncio.shield(asyncio.to_thread(self._after_container, plan,
+                                                       prompt_file))
         self.metrics.run_finished(time.monotonic() - started)
         output, usage, structured = await asyncio.to_thread(
             self._outcome, feed, session_id, before)  # may parse megabytes
@@ -2900,7 +2936,8 @@ class ContainerRunner:
         return result("completed", output, None, usage, structured)
 
     def _after_container(self, plan: SessionPlan, prompt_file: str) -> None:
-        os.unlink(prompt_file)
+        with contextlib.suppress(FileNotFoundError):  # (gone already if a restart came between)
+            os.unlink(prompt_file)
         if plan.mode == "fork":
             self.sessions.settle_fork(plan.session_id, plan.source)
         self.sessions.over_quota(plan.session_id)  # refreshes the size /sessions shows
@@ -2913,9 +2950,8 @@ class ContainerRunner:
         return output, usage, structured_output(output)
 
     async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
-                         timeout: float, session_id: str) -> tuple[int, str | None]:
-        """Create, start, stream and wait; always kill and remove.
-        → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
+                         timeout: float, session_id: str, keep: bool) -> tuple[int, str | None]:
+        """Create the container, then supervise it from its start."""
         creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
                                                           **spec))
         try:
@@ -2928,12 +2964,27 @@ class ContainerRunner:
             raise
         except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
+        return await self._supervise(cid, feed, timeout, session_id, keep, created=True)
+
+    async def _supervise(self, cid: str, feed: RunFeed, timeout: float, session_id: str,
+                         keep: bool, created: bool = False) -> tuple[int, str | None]:
+        """Stream a container's output into the feed until it exits (attached before the
+        start of a new one, so nothing is lost; one found after a restart replays its
+        output from the start, or from its log once it has exited), within the timeout and
+        the home's quota; then remove it — unless it is a job's and the daemon is detaching
+        (a shutdown: the next start takes it over).
+        → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
         self.metrics.active_containers += 1
+        detached = False
         try:
-            stream = await self._attach(cid, feed)
-            await self.podman.call(self.podman.start, cid)
+            if created or await self.podman.call(self.podman.is_running, cid):
+                stream = await self._attach(cid, feed, self.podman.attach)
+            else:
+                stream = await self._attach(cid, feed, self.podman.logs)
+            if created:
+                await self.podman.call(self.podman.start, cid)
             watch = asyncio.ensure_future(self._watch_quota(session_id))
-            timer = asyncio.ensure_future(asyncio.sleep(timeout))
+            timer = asyncio.ensure_future(asyncio.sleep(max(timeout, 0)))
             try:
                 await asyncio.wait({stream, watch, timer}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -2950,13 +3001,17 @@ class ContainerRunner:
             await asyncio.sleep(0)  # let the last call_soon_threadsafe frames land
             feed.flush()
             return exit_code, killed_for
+        except asyncio.CancelledError:
+            detached = keep and self.detaching
+            raise
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
         finally:
             self.metrics.active_containers -= 1
-            await asyncio.shield(self.destroy(cid))
+            if not detached:
+                await asyncio.shield(self.destroy(cid))
 
-    async def _attach(self, cid: str, feed: RunFeed) -> asyncio.Future:
+    async def _attach(self, cid: str, feed: RunFeed, method: Callable) -> asyncio.Future:
         """Attach to the created container (before start, so no output is lost: the attach
         stream delivers output as it is written and ends when the container exits; a
         followed log polls). → the streaming future. The reading thread waits while 64
@@ -2974,8 +3029,7 @@ class ContainerRunner:
             loop.call_soon_threadsafe(consume, chunk)
 
         stream = asyncio.ensure_future(self.podman.call(
-            self.podman.attach, cid, functools.partial(loop.call_soon_threadsafe, attached.set),
-            deliver))
+            method, cid, functools.partial(loop.call_soon_threadsafe, attached.set), deliver))
         waiter = asyncio.ensure_future(attached.wait())
         await asyncio.wait({stream, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -3137,7 +3191,8 @@ class WebhookSender:
 # Jobs — async runs: queue, cancel, restart recovery, retention
 # ---------------------------------------------------------------------------
 
-RESTART_ERROR = "the daemon restarted while this job was running; its container was stopped"
+RESTART_ERROR = ("the daemon restarted while this job was running, and its container is gone "
+                 "(removed while the daemon was down)")
 
 
 class JobManager:
@@ -3181,12 +3236,12 @@ class JobManager:
         self._start(job)
         return job, True
 
-    def _start(self, job: dict) -> None:
-        task = asyncio.ensure_future(self._run(job))
+    def _start(self, job: dict, resume: dict | None = None) -> None:
+        task = asyncio.ensure_future(self._run(job, resume))
         self.tasks[job["id"]] = task
         task.add_done_callback(lambda _: self.tasks.pop(job["id"], None))
 
-    async def _run(self, job: dict) -> None:
+    async def _run(self, job: dict, resume: dict | None = None) -> None:
         req = RunRequest(**job["request"])
 
         async def started() -> None:
@@ -3199,8 +3254,10 @@ class JobManager:
             await self._finish(job, self._outcome(job, result, error))
         try:
             plan = SessionPlan.of(req.claude, fork_id=job["session_id"])
+            if resume is not None:  # its events are replayed from the container's start
+                await self.store.call(self.store.delete_run_events, job["run_id"])
             await self.runner.run(req, job["run_id"], plan, {"stromboli.job": job["id"]},
-                                  started, end)
+                                  None if resume else started, end, resume)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # failed before it had a slot
@@ -3263,17 +3320,29 @@ class JobManager:
         return job
 
     async def recover(self) -> None:
-        """At startup, before any run may start: remove this instance's leftover
-        containers, fail the jobs that were running, requeue the pending ones."""
-        await self.runner.remove_leftovers()
+        """At startup, before any run may start: take over the containers of the jobs that
+        were running (they outlive the daemon), fail the running jobs whose container is
+        gone, requeue the pending ones, and remove every other leftover container."""
+        found = await self.runner.instance_containers()
+        containers = {c["labels"].get("stromboli.job") or c["id"]: c for c in found}
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "running":
-                await self._finish(job, dict(status="failed", error=RESTART_ERROR,
-                                             finished_at=time.time()))
+                container = containers.pop(job["id"], None)
+                if container is not None:
+                    log.info("taking over a job's container", extra=fields(
+                        job_id=job["id"], container=container["id"][:12]))
+                    self._start(job, resume=container)
+                else:
+                    await self._finish(job, dict(status="failed", error=RESTART_ERROR,
+                                                 finished_at=time.time()))
                 continue
             # A queued job cancelled by the shutdown left a "run cancelled" event behind.
             await self.store.call(self.store.delete_run_events, job["run_id"])
             self._start(job)
+        for container in containers.values():  # runs of clients that are gone, old jobs
+            log.info("removing leftover agent container", extra=fields(
+                container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
+            await self.runner.destroy(container["id"])
 
     async def cleanup_forever(self) -> None:
         while True:
@@ -3285,7 +3354,9 @@ class JobManager:
                 log.info("deleted finished jobs", extra=fields(count=removed))
 
     async def shutdown(self) -> None:
-        """Stop running jobs' containers; their rows are failed at the next start."""
+        """Let go of the jobs: their containers keep running, their rows stay as they are,
+        and the next start takes them over (pending ones are queued again)."""
+        self.runner.detaching = True
         for task in list(self.tasks.values()):
             task.cancel()
         if self.tasks:
@@ -4579,6 +4650,7 @@ class Stromboli:
         self.runner: ContainerRunner | None = None
         self.jobs: JobManager | None = None
         self.background: list[asyncio.Task] = []
+        self.draining = False  # a shutdown began: no new runs
         self._request_prefix = pysecrets.token_hex(4)
         self._request_numbers = itertools.count(1)
         self.metrics.gauges.update({
@@ -4624,6 +4696,15 @@ class Stromboli:
                 log.warning("podman not ready, retrying", extra=fields(error=short_error(exc)))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new runs and let the running ones finish, for at most `grace` seconds."""
+        self.draining = True
+        if self.runner:
+            self.runner.detaching = True  # what is still running at the end is let go
+        deadline = time.monotonic() + grace
+        while self.runner and self.runner.slots.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     def next_request_id(self) -> str:
         """Unique per request (a per-start random prefix and a counter: no syscall)."""
@@ -4822,6 +4903,12 @@ def strict_json(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=refuse_constant)
 
 
+def require_running(app: Stromboli) -> None:
+    """No new runs once a shutdown began (the next daemon will take them)."""
+    if app.draining:
+        raise ApiError(503, "the daemon is restarting: retry shortly", {"Retry-After": "5"})
+
+
 def require_configured(app: Stromboli) -> None:
     if not app.runner.credentials.configured():
         raise Unavailable("Claude not configured. Run 'make claude-setup' first")
@@ -4866,6 +4953,7 @@ async def claude_status(request: web.Request) -> web.Response:
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    require_running(app)
     require_configured(app)
     try:
         result = await app.runner.run(req, new_id("run"), SessionPlan.of(req.claude))
@@ -4891,6 +4979,7 @@ async def run_sync(request: web.Request) -> web.Response:
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
     req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    require_running(app)
     require_configured(app)
     if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
         raise BadRequest("Invalid request: webhook_url host is not in "
@@ -4968,6 +5057,7 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     if not query.get("prompt", "").strip():
         raise BadRequest("Missing required parameter: prompt")
     req = RunRequest.parse(stream_request_body(query), app.cfg)
+    require_running(app)
     require_configured(app)
     await app.runner.prepare(req)
     run_id = new_id("run")
@@ -6150,7 +6240,8 @@ async def serve(cfg: Config) -> None:
             notifier.watchdog_forever(app_state.status_line)))
         await stop.wait()
         log.info("shutting down")
-        notifier.notify("STOPPING=1", "STATUS=stopping: cancelling runs")
+        notifier.notify("STOPPING=1", "STATUS=stopping: letting runs finish")
+        await app_state.drain(cfg.server_shutdown_grace)
     finally:
         # Stop taking requests first (in-flight runs are cancelled, which removes their
         # containers), then stop jobs and close Podman and the store.
