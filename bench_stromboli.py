@@ -1,7 +1,7 @@
 """Benchmark stromboli: its overhead on top of a plain `podman run` of the Claude Code CLI
 (the default mode), what an agent's output flood costs the daemon (`flood`), the daemon
-under mixed traffic at a fixed rate (`load`), and the requests/s of its cheap routes next to
-a bare aiohttp handler (`rps`).
+under mixed traffic at a fixed rate (`load`), the requests/s of its cheap routes next to a
+bare aiohttp handler (`rps`), and the daemon under a slowloris attack (`slowloris`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -84,6 +84,21 @@ and the machine's CPU. Targets checked: /health ≥ 0.5× bare and a flooded run
 10), GET /jobs/{id} with a JWT ≥ 0.3× bare (issue 12). On 2 cores wrk competes with the
 server it measures, and under the flood with the run: the CPU figures show how much.
 
+`slowloris`: half-sent requests held open (issue 10, item 1). A daemon with default server
+settings (auth off; header_timeout 10 s, max_connections 512), started with a soft nofile
+limit of --daemon-nofile (1024, systemd's default; it raises its own when allowed), gets
+--connections (default 1,100) loopback connections from a separate attacker process (this
+process raises its soft RLIMIT_NOFILE to the hard limit first) that each send
+"GET /health HT" and hold for --hold (default 30) seconds, a connection the server closes
+being re-opened at once. Meanwhile, every 100 ms: GET /health from a fresh client (5 s
+timeout) and the daemon's RSS and open fds (/proc); and 3 sequential
+`POST /run {"prompt": "hello"}`, against 3 before the attack. Reported: /health probes ok /
+failed / over 1 s and p50/p99/max latency (before, during, after the hold); the runs' wall
+times before vs during; peak RSS and fds; stromboli_connections_rejected_total,
+stromboli_connections_timed_out_total and stromboli_open_connections from the metrics
+listener (before, at the end of the hold, after); the daemon log's lines and "Traceback"
+count; how many attack connections were held open (mean, min, max) and how many re-opened.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -95,6 +110,8 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py load --requests 10000 --rate 500 --json
     python bench_stromboli.py rps                  # wrk: req/s vs bare aiohttp; /health flood
     python bench_stromboli.py rps --rounds 3 --runs 5 --flood-rounds 2 --json
+    python bench_stromboli.py slowloris            # 1,100 half-sent requests held 30 s
+    python bench_stromboli.py slowloris --connections 1100 --hold 30 --json
 """
 
 from __future__ import annotations
@@ -1376,6 +1393,409 @@ def rps_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
+# -- slowloris: half-sent request lines held open (issue 10, item 1) -----------------------
+
+SLOW_LINE = b"GET /health HT"  # half a request line, never finished
+SLOW_SETTLE = 1.0  # seconds after the attack stops before the "after" figures
+SLOW_RUNS = 3  # sequential POST /run before the attack, and during it
+# The attacker, in its own process (its socket churn must not take this process's GIL from
+# the /health prober): argv host port connections hold. Non-blocking sockets under one
+# selector; each connects, sends SLOW_LINE once it is connected, and waits; one the server
+# closes (EOF, RST, a failed connect) is re-opened at once. Every 100 ms it notes how many
+# are connected and not closed; at the end it closes them all and prints its figures as JSON.
+SLOWLORIS_ATTACK = r'''
+import errno, json, selectors, socket, sys, time
+
+host, port, connections, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+line = sys.argv[5].encode()
+sel = selectors.DefaultSelector()
+stats = {"opened": 0, "connected": 0, "closed_eof": 0, "closed_reset": 0, "connect_failed": 0,
+         "open_failed": 0, "samples": [], "first_all_open": None}
+state = {}  # socket -> "connecting" | "held"
+
+
+def open_one():
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        stats["open_failed"] += 1
+        return False
+    sock.setblocking(False)
+    err = sock.connect_ex((host, port))
+    if err not in (0, errno.EINPROGRESS):
+        stats["connect_failed"] += 1
+        sock.close()
+        return False
+    stats["opened"] += 1
+    state[sock] = "connecting"
+    sel.register(sock, selectors.EVENT_WRITE)
+    return True
+
+
+def drop(sock, kind):
+    stats[kind] += 1
+    sel.unregister(sock)
+    del state[sock]
+    sock.close()
+
+
+start = time.monotonic()
+deadline, next_sample = start + hold, start
+print(json.dumps({"start": start}), flush=True)
+while True:
+    now = time.monotonic()
+    if now >= deadline:
+        break
+    missing = connections - len(state)
+    for _ in range(missing):
+        if not open_one():
+            break
+    held = sum(1 for s in state.values() if s == "held")
+    if stats["first_all_open"] is None and held == connections:
+        stats["first_all_open"] = now - start
+    if now >= next_sample:
+        stats["samples"].append([now, held, len(state)])
+        next_sample += 0.1
+    timeout = max(0.0, min(next_sample, deadline) - time.monotonic())
+    for key, events in sel.select(timeout if len(state) == connections else 0.005):
+        sock = key.fileobj
+        if state.get(sock) == "connecting":
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                drop(sock, "connect_failed")
+                continue
+            try:
+                sock.send(line)
+            except OSError:
+                drop(sock, "closed_reset")
+                continue
+            stats["connected"] += 1
+            state[sock] = "held"
+            sel.modify(sock, selectors.EVENT_READ)
+        else:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                drop(sock, "closed_reset")
+                continue
+            if not data:
+                drop(sock, "closed_eof")
+stats["end"] = time.monotonic()
+for sock in list(state):
+    sel.unregister(sock)
+    sock.close()
+print(json.dumps(stats), flush=True)
+'''
+
+
+def raise_own_nofile() -> tuple[int, int]:
+    """This process's soft RLIMIT_NOFILE up to the hard limit → (soft, hard) now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def proc_nofile(pid: int) -> int | None:
+    """A process's soft "Max open files", from /proc/<pid>/limits."""
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                value = line.split()[3]
+                return int(value) if value.isdigit() else None
+    return None
+
+
+def read_metrics(port: int, names: tuple[str, ...]) -> dict:
+    """Some samples of the daemon's /metrics (its metrics listener) → {name: value}."""
+    start = time.monotonic()
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=HEALTH_TIMEOUT)
+        found: dict = {"status": response.status_code}
+        for line in response.text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in names:
+                found[name] = float(value)
+    except httpx.HTTPError as exc:
+        found = {"status": type(exc).__name__}
+    found["seconds"] = time.monotonic() - start
+    return found
+
+
+class FreshHealthProber:
+    """One thread: GET /health every 100 ms, each from a fresh client (a new connection,
+    as a monitoring probe makes, so it meets the daemon's connection limit), one at a time."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.probes: list[tuple[float, float, bool, str]] = []  # (start, seconds, ok, error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "FreshHealthProber":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(HEALTH_TIMEOUT + 5)
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            start, error = time.monotonic(), ""
+            try:
+                with httpx.Client(timeout=HEALTH_TIMEOUT) as client:
+                    response = client.get(self.url + "/health")
+                ok = response.status_code == 200
+                error = "" if ok else f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                ok, error = False, type(exc).__name__
+            self.probes.append((start, time.monotonic() - start, ok, error))
+            due = max(due + SAMPLE_INTERVAL, time.monotonic())
+            self._stop.wait(max(0.0, due - time.monotonic()))
+
+    def window(self, start: float, end: float, by: str = "overlap") -> dict:
+        """Probes that started ("start"), ended ("end") or were in flight ("overlap") in
+        [start, end]."""
+        probes = [p for p in self.probes
+                  if (by == "start" and start <= p[0] <= end)
+                  or (by == "end" and start <= p[0] + p[1] <= end)
+                  or (by == "overlap" and p[0] <= end and p[0] + p[1] >= start)]
+        latencies = [d for _, d, ok, _ in probes if ok]
+        errors: dict[str, int] = {}
+        for _, _, ok, error in probes:
+            if not ok:
+                errors[error] = errors.get(error, 0) + 1
+        return {"probes": len(probes), "ok": len(latencies), "failed": len(probes) - len(latencies),
+                "slow": sum(1 for d in latencies if d > HEALTH_SLOW), "errors": errors,
+                "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+                "max": max(latencies, default=None)}
+
+
+def timed_run(url: str) -> dict:
+    """One `POST /run {"prompt": "hello"}` from a fresh client → wall time, ok, error."""
+    start = time.monotonic()
+    try:
+        with httpx.Client(base_url=url, timeout=RUN_TIMEOUT) as client:
+            post_run(client)
+        return {"seconds": time.monotonic() - start, "ok": True}
+    except (httpx.HTTPError, RuntimeError) as exc:
+        return {"seconds": time.monotonic() - start, "ok": False,
+                "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def log_figures(path: pathlib.Path, offset: int = 0) -> dict:
+    """Lines, bytes and "Traceback" occurrences of the daemon log from byte offset on."""
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(offset)
+            text = log_file.read()
+    except OSError:
+        text = b""
+    messages: dict[str, int] = {}
+    for line in text.splitlines():
+        try:
+            message = str(json.loads(line).get("msg"))[:80]
+        except (ValueError, AttributeError):
+            message = "(not JSON)"
+        messages[message] = messages.get(message, 0) + 1
+    top = sorted(messages.items(), key=lambda item: -item[1])[:5]
+    return {"bytes": len(text), "lines": text.count(b"\n"),
+            "tracebacks": text.count(b"Traceback"), "top_messages": dict(top)}
+
+
+def slowloris(args) -> int:
+    """`slowloris`: half-sent request lines held on many connections, against a daemon with
+    default server settings; /health, runs, RSS, fds, metrics and log during the hold."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-slowloris-"))
+    daemon = Daemon(workdir / "state", daemon_env(model, args.image, 0))
+    report: dict = {"command": shlex.join(sys.orig_argv), "machine": machine_info(args.image),
+                    "connections": args.connections, "hold": args.hold,
+                    "line": SLOW_LINE.decode(), "runs": SLOW_RUNS}
+    names = ("stromboli_connections_rejected_total", "stromboli_connections_timed_out_total",
+             "stromboli_open_connections")
+    attacker = None
+    try:
+        # The daemon starts with --daemon-nofile as its soft limit (systemd's default 1024,
+        # as in the issue; it raises its own at start when allowed), this process then raises
+        # its own to the hard limit, and the attacker (its child) inherits that.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if args.daemon_nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.daemon_nofile, hard), hard))
+        try:
+            daemon.start()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        pid = daemon.proc.pid
+        report["nofile"] = {"daemon_started_with": args.daemon_nofile or soft,
+                            "daemon": proc_nofile(pid), "bench": raise_own_nofile()[0]}
+        report["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
+        print("slowloris: runs before the attack…", file=sys.stderr, flush=True)
+        timed_run(daemon.url)  # warm-up, discarded
+        report["runs_before"] = [timed_run(daemon.url) for _ in range(SLOW_RUNS)]
+        time.sleep(1)
+        report["before"] = read_proc(pid)
+        report["metrics_before"] = read_metrics(daemon.metrics_port, names)
+        log_offset = daemon.log_path.stat().st_size
+        report["log_before"] = log_figures(daemon.log_path)
+        with ProcSampler(pid) as sampler, FreshHealthProber(daemon.url) as prober:
+            time.sleep(1)  # a second of /health probes without the attack
+            print(f"slowloris: {args.connections} connections for {args.hold:g} s…",
+                  file=sys.stderr, flush=True)
+            attacker = subprocess.Popen(
+                [sys.executable, "-c", SLOWLORIS_ATTACK, "127.0.0.1", str(daemon.port),
+                 str(args.connections), str(args.hold), SLOW_LINE.decode()],
+                stdout=subprocess.PIPE, text=True)
+            attack_start = json.loads(attacker.stdout.readline())["start"]
+            time.sleep(min(2.0, args.hold / 4))  # let the connections pile up
+            report["runs_during"] = []
+            for _ in range(SLOW_RUNS):
+                if time.monotonic() - attack_start >= args.hold:
+                    break
+                report["runs_during"].append(timed_run(daemon.url))
+                report["runs_during"][-1]["at"] = time.monotonic() - attack_start
+            # The metrics at the end of the hold, the attack still on.
+            time.sleep(max(0.0, attack_start + args.hold - 0.5 - time.monotonic()))
+            report["metrics_end_of_hold"] = read_metrics(daemon.metrics_port, names)
+            out, _ = attacker.communicate(timeout=args.hold + 60)
+            attack = json.loads(out.strip().splitlines()[-1])
+            attack_end = attack["end"]
+            time.sleep(SLOW_SETTLE)
+            # Before: ended before the attack; during: in flight at any time during it.
+            report["health_before_attack"] = prober.window(attack_start - 1.5, attack_start,
+                                                           "end")
+            report["health"] = prober.window(attack_start, attack_end, "overlap")
+            report["health_after_attack"] = prober.window(attack_end, time.monotonic(),
+                                                          "start")
+            report["peak"] = sampler.peaks(attack_start, attack_end + SLOW_SETTLE)
+        report["after"] = read_proc(pid)
+        report["metrics_after"] = read_metrics(daemon.metrics_port, names)
+        report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+        samples = [s for s in attack.pop("samples") if s[0] <= attack_end]
+        held = [h for _, h, _ in samples]
+        attack["held_mean"] = statistics.mean(held) if held else None
+        attack["held_min_after_ramp"] = min((h for t, h, _ in samples if t >= attack_start + 2),
+                                            default=None)
+        attack["held_max"] = max(held, default=None)
+        attack["seconds"] = attack_end - attack_start
+        attack["reopened"] = attack["opened"] - args.connections
+        report["attack"] = attack
+        report["log_during_and_after"] = log_figures(daemon.log_path, log_offset)
+        report["log_total"] = log_figures(daemon.log_path)
+        report["daemon_alive"] = daemon.proc.poll() is None
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        raise
+    finally:
+        if attacker is not None and attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(10)
+        stop_daemon(daemon)
+        leftover = our_containers(workdir)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=2) if args.json else slowloris_markdown(report))
+    return 0
+
+
+def slowloris_markdown(report: dict) -> str:
+    def ms(value) -> str:
+        return "–" if value is None else f"{value * 1000:.1f} ms" if value < 1 \
+            else f"{value:.2f} s"
+
+    def mb(value) -> str:
+        return "–" if value is None else f"{value / MiB:.0f} MiB"
+
+    def runs(series: list[dict]) -> str:
+        return ", ".join(ms(r["seconds"]) + ("" if r["ok"] else f" ✗ ({r['error'][:80]})")
+                         for r in series) or "–"
+
+    def median_run(series: list[dict]) -> float | None:
+        ok = [r["seconds"] for r in series if r["ok"]]
+        return statistics.median(ok) if ok else None
+
+    def health(h: dict) -> str:
+        errors = ", ".join(f"{k} {n}" for k, n in h["errors"].items())
+        return (f"{h['ok']} / {h['failed']}{f' ({errors})' if errors else ''} / {h['slow']} "
+                f"| {ms(h['p50'])} | {ms(h['p99'])} | {ms(h['max'])} |")
+
+    def metric(m: dict, name: str) -> str:
+        value = m.get(name)
+        return "–" if value is None else f"{value:.0f}"
+
+    attack, before, peak, after = report["attack"], report["before"], report["peak"], \
+        report["after"]
+    b, d = median_run(report["runs_before"]), median_run(report["runs_during"])
+    ratio = f" ({d / b:.2f}×)" if b and d else ""
+    lines = ["| `GET /health`, fresh client, every 100 ms | probes ok / failed / > 1 s "
+             "| p50 | p99 | max |", "|---|---|---|---|---|",
+             f"| 1 s before the attack | {health(report['health_before_attack'])}",
+             f"| during the hold ({attack['seconds']:.1f} s) | {health(report['health'])}",
+             f"| {SLOW_SETTLE:g} s after | {health(report['health_after_attack'])}"]
+    metric_rows = [f"| `{name}` before / end of hold / {SLOW_SETTLE:g} s after "
+                   f"| {metric(report['metrics_before'], name)} / "
+                   f"{metric(report['metrics_end_of_hold'], name)} / "
+                   f"{metric(report['metrics_after'], name)} |"
+                   for name in ("stromboli_connections_rejected_total",
+                                "stromboli_connections_timed_out_total",
+                                "stromboli_open_connections")]
+    log, total = report["log_during_and_after"], report["log_total"]
+    nofile = report["nofile"]
+    lines += [
+        "", "| measurement | value |", "|---|---|",
+        f"| `POST /run` wall, before the attack | {runs(report['runs_before'])} |",
+        f"| `POST /run` wall, during the attack | {runs(report['runs_during'])} "
+        f"(median {ms(d)} vs {ms(b)}{ratio}) |",
+        f"| attack connections held open: mean / min after 2 s / max "
+        f"| {attack['held_mean']:.0f} / {attack['held_min_after_ramp']} / "
+        f"{attack['held_max']} of {report['connections']} |",
+        f"| attack: all {report['connections']} held at once after "
+        f"| {'never' if attack['first_all_open'] is None else ms(attack['first_all_open'])} |",
+        f"| attack: opened (re-opened) / closed by server: EOF, reset / connect failed "
+        f"| {attack['opened']} ({attack['reopened']}) / {attack['closed_eof']}, "
+        f"{attack['closed_reset']} / {attack['connect_failed']} |",
+        f"| daemon RSS before / peak / after | {mb(before['rss'])} / {mb(peak['rss'])} / "
+        f"{mb(after['rss'])} |",
+        f"| daemon open fds before / peak / after | {before['fds']} / {peak['fds']} / "
+        f"{after['fds']} |",
+        *metric_rows,
+        f"| `/metrics` read at the end of the hold, in "
+        f"| {ms(report['metrics_end_of_hold']['seconds'])} "
+        f"(status {report['metrics_end_of_hold']['status']}) |",
+        f"| daemon log during the attack and after: lines / bytes / tracebacks "
+        f"| {log['lines']} / {log['bytes']} / {log['tracebacks']} (whole log: "
+        f"{total['lines']} lines, {total['tracebacks']} tracebacks) |",
+        f"| daemon log during the attack and after: most frequent messages "
+        f"| {'; '.join(f'{m} ×{n}' for m, n in log['top_messages'].items()) or '–'} |",
+        f"| daemon alive at the end | {'yes' if report['daemon_alive'] else 'no'} |",
+        f"| nofile soft limit: daemon started with / daemon's own / bench "
+        f"| {nofile['daemon_started_with']} / {nofile['daemon']} / {nofile['bench']} |",
+    ]
+    info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
+    return "\n".join([
+        *lines, "",
+        f"A daemon with default server settings (auth off) gets {report['connections']} "
+        f"loopback connections that each send `{report['line']}` and hold, for "
+        f"{report['hold']:g} s; a connection the server closes is re-opened at once (attacker "
+        "in its own process, non-blocking sockets). Meanwhile: `GET /health` every "
+        f"{SAMPLE_INTERVAL * 1000:.0f} ms from a fresh client ({HEALTH_TIMEOUT:g} s timeout; "
+        f"ok = 200; > 1 s counts the ok ones), the daemon's RSS and fds (/proc, every "
+        f"{SAMPLE_INTERVAL * 1000:.0f} ms) and {report['runs']} sequential "
+        "`POST /run {\"prompt\": \"hello\"}` (fresh client each, from 2 s into the hold), "
+        f"against {report['runs']} before the attack (after one discarded). Connections held: "
+        "the attacker's sockets connected, half line sent and not closed, every 100 ms (the "
+        "kernel's accept queue included: the daemon's own count is "
+        "`stromboli_open_connections`).",
+        f"Load average before → after: {' '.join(report['loadavg_before'])} → "
+        f"{' '.join(report['loadavg_after'])}.",
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -1443,7 +1863,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps}",
+    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris}",
                                   help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
@@ -1519,7 +1939,31 @@ def main() -> int:
                             help="agent image (default: %s)" % IMAGE)
     rps_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                             help="print JSON instead of markdown")
+    slow_parser = modes.add_parser(
+        "slowloris", help="half-sent request lines held on many connections: /health, runs, "
+                          "RSS, fds, connection metrics and the daemon log",
+        description="A daemon with default server settings gets --connections loopback "
+                    "connections that send half a request line and hold for --hold seconds "
+                    "(re-opened when closed), while GET /health is probed every 100 ms from a "
+                    "fresh client, RSS and fds are sampled and 3 POST /run are timed (and 3 "
+                    "before the attack).")
+    slow_parser.add_argument("--connections", type=int, default=1100,
+                             help="attack connections (default: %(default)s)")
+    slow_parser.add_argument("--hold", type=float, default=30,
+                             help="seconds the attack lasts (default: %(default)s)")
+    slow_parser.add_argument("--daemon-nofile", type=int, default=1024,
+                             help="soft RLIMIT_NOFILE the daemon is started with (systemd's "
+                                  "default; it raises its own when allowed); 0: this "
+                                  "process's (default: %(default)s)")
+    slow_parser.add_argument("--image", default=argparse.SUPPRESS,
+                             help="agent image (default: %s)" % IMAGE)
+    slow_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print JSON instead of markdown")
     args = parser.parse_args()
+    if args.mode == "slowloris":
+        if args.connections < 1 or args.hold < 4 or args.daemon_nofile < 0:
+            parser.error("slowloris: --connections ≥ 1, --hold ≥ 4, --daemon-nofile ≥ 0")
+        return slowloris(args)
     if args.mode == "rps":
         if args.duration < 1 or args.threads < 1 or args.connections < args.threads \
                 or args.warmup < 0 or args.rounds < 1 or args.rps_runs < 0 \
