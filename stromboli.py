@@ -898,7 +898,7 @@ class Store:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
 
     @staticmethod
-    def _job(row: sqlite3.Row) -> dict:
+    def _job(row: sqlite3.Row | dict) -> dict:
         job = dict(row)
         for key in JOB_JSON_COLUMNS:
             if job.get(key) is not None:
@@ -953,6 +953,22 @@ class Store:
         self._db.execute("INSERT INTO webhook_deliveries (job_id,url,attempt,status_code,error,at)"
                          " VALUES (?,?,?,?,?,?)", (job_id, url, attempt, status_code, error,
                                                    time.time()))
+
+    def undelivered(self, max_attempts: int) -> list[tuple[dict, int]]:
+        """Finished jobs whose webhook has not been delivered and has attempts left (a
+        shutdown came between): → (job, attempts made)."""
+        rows = self._db.execute(
+            "SELECT j.*, (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.job_id=j.id) AS n "
+            "FROM jobs j WHERE j.status IN ('completed','failed','crashed','cancelled') "
+            "AND COALESCE(json_extract(j.request, '$.webhook_url'), '') != '' "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id=j.id "
+            "AND d.error IS NULL)").fetchall()
+        found = []
+        for row in rows:
+            attempts = row["n"]
+            if attempts < max_attempts:
+                found.append((self._job({k: row[k] for k in row.keys() if k != "n"}), attempts))
+        return found
 
     def deliveries(self, job_id: str) -> list[dict]:
         return [dict(r) for r in self._db.execute(
@@ -3136,12 +3152,13 @@ class WebhookSender:
         self.tasks: set[asyncio.Task] = set()
         self.first_delay = 0.5
 
-    def notify(self, url: str, job: dict) -> None:
-        task = asyncio.ensure_future(self._deliver(url, job))
+    def notify(self, url: str, job: dict, made: int = 0) -> None:
+        """Deliver in the background; `made` attempts were made before (a restart came)."""
+        task = asyncio.ensure_future(self._deliver(url, job, made))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _deliver(self, url: str, job: dict) -> None:
+    async def _deliver(self, url: str, job: dict, made: int = 0) -> None:
         payload = drop_none({"job_id": job["id"], "status": job["status"],
                              "output": job.get("output") or None, "error": job.get("error"),
                              "session_id": job.get("session_id"), "usage": job.get("usage")})
@@ -3156,7 +3173,7 @@ class WebhookSender:
         connector = aiohttp.TCPConnector(resolver=WebhookResolver(self.hosts))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
                                          connector=connector) as session:
-            for attempt in range(1, max(1, self.cfg.webhook_max_attempts) + 1):
+            for attempt in range(made + 1, max(1, self.cfg.webhook_max_attempts) + 1):
                 status, error = await self._attempt(session, url, body, headers)
                 await self.store.call(self.store.record_delivery, job["id"], url, attempt,
                                       status, error)
@@ -3343,6 +3360,9 @@ class JobManager:
             log.info("removing leftover agent container", extra=fields(
                 container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
             await self.runner.destroy(container["id"])
+        for job, made in await self.store.call(self.store.undelivered,
+                                               self.cfg.webhook_max_attempts):
+            self.webhooks.notify(job["request"]["webhook_url"], job, made)
 
     async def cleanup_forever(self) -> None:
         while True:

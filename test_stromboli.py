@@ -3572,6 +3572,33 @@ def deliveries(d: Daemon, job_id: str) -> list[dict]:
     return d.http.get(f"/jobs/{job_id}").json().get("webhook_deliveries", [])
 
 
+def test_webhook_deliveries_cut_by_a_restart_go_on_after_it(make_daemon, model, tmp_path):
+    """A job finished, its webhook failing and retried with backoff, the daemon killed
+    meanwhile: the next start goes on with the attempts that are left (issue 13)."""
+    state = tmp_path / "state"
+    env = {"STROMBOLI_WEBHOOK_MAX_ATTEMPTS": "10"}
+    d = make_daemon(state_dir=state, **env)
+    with hook_receiver(model, {"/hook": (503, "")}) as (url, seen):
+        job_id = d.http.post("/run/async", json={"prompt": "hello", "webhook_url": url + "/hook"}
+                             ).json()["job_id"]
+        wait_until(lambda: len(deliveries(d, job_id)) >= 1, 30, what="a failed first attempt")
+        d.stop(signal.SIGKILL)
+    assert seen
+    with hook_receiver(model, {}) as (url2, seen2):
+        # The receiver came back (on another port: point the job at it, as a DNS change would).
+        with sqlite3.connect(state / "stromboli.db") as db:
+            db.execute("UPDATE jobs SET request=json_set(request, '$.webhook_url', ?) WHERE id=?",
+                       (url2 + "/hook", job_id))
+        again = make_daemon(state_dir=state, **env)
+        wait_until(lambda: seen2, 30, what="the delivery after the restart")
+        attempts = deliveries(again, job_id)
+        assert attempts[-1]["status_code"] == 200 and "error" not in attempts[-1]
+        # went on where it stopped (numbering goes on), and delivered once
+        assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+        assert all(a["status_code"] == 503 for a in attempts[:-1]) and len(attempts) >= 2
+        assert len(seen2) == 1
+
+
 def test_webhooks_follow_no_redirect_and_log_only_a_reason(make_daemon, model):
     d = make_daemon(STROMBOLI_WEBHOOK_MAX_ATTEMPTS="2")
     replies = {"/temporary": (307, "/target"), "/found": (302, "/target"), "/broken": (503, "")}
