@@ -337,6 +337,12 @@ class Daemon:
             self.proc.send_signal(sig)
             self.proc.wait(30)
 
+    def remove_containers(self) -> None:
+        """After the test: a stopped daemon leaves its jobs' containers running for its next
+        start, which will not come."""
+        for container in agent_containers(f"stromboli.instance={self.instance}"):
+            container.remove(force=True)
+
     def wait_job(self, job_id: str, states=("completed", "failed", "crashed", "cancelled"),
                  timeout: float = 60) -> dict:
         def done():
@@ -376,6 +382,7 @@ def make_daemon(tmp_path_factory, agent_image, model):
     yield make
     for daemon in daemons:
         daemon.stop()
+        daemon.remove_containers()
 
 
 @pytest.fixture(scope="session")
@@ -384,6 +391,7 @@ def daemon(tmp_path_factory, agent_image, model):
     d = Daemon(tmp_path_factory.mktemp("shared-state"), agent_env(model)).start()
     yield d
     d.stop()
+    d.remove_containers()
 
 
 def stromboli_cli(*args: str, env: dict | None = None, timeout: float = 30):
