@@ -1304,13 +1304,16 @@ class Podman:
         finally:
             response.close()
 
-    def is_running(self, cid: str) -> bool:
-        return self.client.containers.get(cid).attrs["State"]["Status"] == "running"
+    def state(self, cid: str) -> str:
+        return self.client.containers.get(cid).attrs["State"]["Status"]
 
-    def logs(self, cid: str, attached: Callable[[], None], sink: Callable[[bytes], None]) -> None:
-        """An exited container's whole output into `sink` (as attach does for a live one)."""
+    def follow_logs(self, cid: str, attached: Callable[[], None],
+                    sink: Callable[[bytes], None]) -> None:
+        """A container's whole output into `sink` until it exits (as attach does for a new
+        one); for one found after a restart, running or exited."""
         attached()
-        for chunk in self.client.containers.get(cid).logs(stdout=True, stderr=True):
+        for chunk in self.client.containers.get(cid).logs(stdout=True, stderr=True, stream=True,
+                                                          follow=True):
             sink(chunk if isinstance(chunk, bytes) else str(chunk).encode())
 
     def kill(self, cid: str) -> None:
@@ -2182,6 +2185,7 @@ SECRETS_DIR = "/run/secrets"
 MANAGED_LABEL = {"managed-by": "stromboli"}
 USERNS_SIZE = 65536
 QUOTA_CHECK_INTERVAL = 2.0
+NOT_STARTED = ("created", "configured", "initialized")  # Podman states before a start
 MAX_RUN_TIMEOUT = 7 * 86400
 WORKDIR_RE = re.compile(r"^[A-Za-z0-9/_.-]+$")
 IMAGE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$")
@@ -2479,6 +2483,7 @@ class RunFeed:
         self._partial = bytearray()
         self._cut = 0  # bytes dropped from the line being assembled
         self._last_dropped: str | None = None
+        self.leftover = ""  # a finished job's container, removed once its row is written
 
     @property
     def truncated(self) -> bool:
@@ -2837,7 +2842,8 @@ class ContainerRunner:
                 # so that no run waits for a lock while holding a slot.
                 for sid in sorted({plan.session_id, plan.source} - {""}):
                     await held.enter_async_context(self.sessions.lock(sid))
-                await held.enter_async_context(self.slots.slot())
+                if resume is None:  # a taken-over container runs already: it takes no slot
+                    await held.enter_async_context(self.slots.slot())
                 if on_start:
                     await on_start()
                 try:
@@ -2846,8 +2852,12 @@ class ContainerRunner:
                     if on_end:
                         await asyncio.shield(on_end(None, exc))
                     raise
-                if on_end:
-                    await asyncio.shield(on_end(result, None))
+                else:
+                    if on_end:
+                        await asyncio.shield(on_end(result, None))
+                finally:
+                    if feed.leftover:  # a job's: kept until its row says how it ended, so
+                        await asyncio.shield(self.destroy(feed.leftover))  # a crash loses none
             feed.push("done", json.dumps({"id": run_id, "session_id": result.session_id,
                                           "status": result.status}, separators=(",", ":")))
             return result
@@ -2991,14 +3001,15 @@ class ContainerRunner:
         (a shutdown: the next start takes it over).
         → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
         self.metrics.active_containers += 1
-        detached = False
+        detached = cancelled = False
         try:
-            if created or await self.podman.call(self.podman.is_running, cid):
-                stream = await self._attach(cid, feed, self.podman.attach)
-            else:
-                stream = await self._attach(cid, feed, self.podman.logs)
+            # A restart may come between create and start: such a container starts now.
+            created = created or await self.podman.call(self.podman.state, cid) in NOT_STARTED
             if created:
+                stream = await self._attach(cid, feed, self.podman.attach)
                 await self.podman.call(self.podman.start, cid)
+            else:  # the log replays from the start and ends with the container, whenever
+                stream = await self._attach(cid, feed, self.podman.follow_logs)
             watch = asyncio.ensure_future(self._watch_quota(session_id))
             timer = asyncio.ensure_future(asyncio.sleep(max(timeout, 0)))
             try:
@@ -3018,13 +3029,15 @@ class ContainerRunner:
             feed.flush()
             return exit_code, killed_for
         except asyncio.CancelledError:
-            detached = keep and self.detaching
+            cancelled, detached = True, keep and self.detaching
             raise
         except podman.errors.APIError as exc:
             raise RunFailed(f"container failed: {short_error(exc)}") from None
         finally:
             self.metrics.active_containers -= 1
-            if not detached:
+            if keep and not cancelled:
+                feed.leftover = cid  # run() removes it once the job's row is written
+            elif not detached:
                 await asyncio.shield(self.destroy(cid))
 
     async def _attach(self, cid: str, feed: RunFeed, method: Callable) -> asyncio.Future:

@@ -2095,7 +2095,11 @@ def test_a_job_whose_container_vanished_meanwhile_fails_clearly(make_daemon, tmp
                             what="job container")
     d.stop(signal.SIGKILL)
     with podman_client() as client:  # an admin cleans up while the daemon is down
-        client.containers.get(containers[0].id).remove(force=True)
+        container = client.containers.get(containers[0].id)
+        container.kill()
+        wait_until(lambda: client.containers.get(container.id).status != "running", 10,
+                   what="the container stopped")
+        container.remove(force=True)
     again = make_daemon(state_dir=state)
     job = again.wait_job(long_id, timeout=30)
     assert job["status"] == "failed"
