@@ -99,6 +99,19 @@ stromboli_connections_timed_out_total and stromboli_open_connections from the me
 listener (before, at the end of the hold, after); the daemon log's lines and "Traceback"
 count; how many attack connections were held open (mean, min, max) and how many re-opened.
 
+`soak`: kill -9 during a stream of async jobs (issue 13). One state dir; --kills (default 20)
+times: start the daemon (auth off, max_concurrent_runs 2), submit --jobs-per-round (3) async
+jobs (prompts among "hello", "sleep 1", "sleep 3", a quarter with output_format stream-json),
+wait a random 0.5–4 s (--seed) and SIGKILL it. Then start it a last time, wait (at most
+--final-timeout, 180 s) until no job is pending or running, read every submitted job back and
+stop it gracefully (SIGTERM). Reported: jobs submitted, by final status, the non-completed
+ones' errors (grouped; per job, its daemon log lines), jobs lost (acknowledged but unknown to
+the daemon: must be 0), completed jobs without the model's answer, orphan containers (the
+daemon's `stromboli.instance` label, still there after the graceful stop: must be 0), the
+start times and the total wall time. Containers of the instance still there at the very end
+are counted, then removed; the daemon logs are kept (path in the report) when anything is off.
+Exits 1 when a job is lost or a container is orphaned.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -112,6 +125,8 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py rps --rounds 3 --runs 5 --flood-rounds 2 --json
     python bench_stromboli.py slowloris            # 1,100 half-sent requests held 30 s
     python bench_stromboli.py slowloris --connections 1100 --hold 30 --json
+    python bench_stromboli.py soak                 # 20 kill -9 during async jobs
+    python bench_stromboli.py soak --kills 20 --jobs-per-round 3 --seed 13 --json
 """
 
 from __future__ import annotations
@@ -135,6 +150,7 @@ import sys
 import tempfile
 import threading
 import time
+import random
 import uuid
 
 import httpx
@@ -1796,6 +1812,313 @@ def slowloris_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
+# -- soak: kill -9 during a stream of async jobs (issue 13) ----------------------------
+
+SOAK_FINAL = ("completed", "failed", "crashed", "cancelled")
+SOAK_PROMPTS = ("hello", "sleep 1", "sleep 3")
+
+
+def instance_containers(instance: str) -> list[str]:
+    """Ids of the Podman containers (any state) labelled with this daemon instance."""
+    proc = subprocess.run(["podman", "ps", "-a", "-q", "--no-trunc", "--filter",
+                           f"label=stromboli.instance={instance}"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout.split()
+
+
+def instance_container_states(instance: str) -> list[dict]:
+    """This instance's containers: short id, Podman state and job label."""
+    proc = subprocess.run(["podman", "ps", "-a", "--format", "json", "--filter",
+                           f"label=stromboli.instance={instance}"],
+                          capture_output=True, text=True, timeout=60)
+    try:
+        found = json.loads(proc.stdout or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [{"id": c.get("Id", "")[:12], "state": c.get("State"),
+             "job": (c.get("Labels") or {}).get("stromboli.job")} for c in found]
+
+
+def soak_error_key(error: str) -> str:
+    """An error text with its ids and numbers blanked, to group alike errors."""
+    text = re.sub(r"\b(job|run|sess)-[0-9a-f]+\b", r"\1-…", error or "(no error text)")
+    return re.sub(r"\b[0-9a-f]{12,}\b", "…", text)[:400]
+
+
+class Soak:
+    def __init__(self, args, model: ScriptedModel, workdir: pathlib.Path):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.env = {**daemon_env(model, args.image, 0), "STROMBOLI_AUTH_ENABLED": "false",
+                    "STROMBOLI_MAX_CONCURRENT_RUNS": "2"}
+        self.workdir = workdir
+        self.state = workdir / "state"
+        self.jobs: dict[str, dict] = {}  # job id → {"round", "prompt", "stream"}
+        self.rounds: list[dict] = []
+        self.logs: list[pathlib.Path] = []
+
+    def daemon(self, label: str) -> Daemon:
+        daemon = Daemon(self.state, self.env)
+        daemon.log_path = self.workdir / f"daemon-{label}.log"  # "podman connected" per start
+        self.logs.append(daemon.log_path)
+        return daemon
+
+    def start(self, daemon: Daemon) -> float | str:
+        """Start it; → seconds to up and podman connected, or the error text."""
+        started = time.monotonic()
+        try:
+            daemon.start()
+            return time.monotonic() - started
+        except Exception as exc:  # noqa: BLE001 - reported, the soak goes on
+            if daemon.proc and daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait(10)
+            return f"{type(exc).__name__}: {str(exc)[-600:]}"
+
+    def submit(self, client: httpx.Client, round_no: int) -> dict:
+        prompt = f"{self.rng.choice(SOAK_PROMPTS)} {uuid.uuid4().hex[:8]}"
+        stream = self.rng.random() < 0.25
+        body: dict = {"prompt": prompt}
+        if stream:
+            body["claude"] = {"output_format": "stream-json"}
+        try:
+            response = client.post("/run/async", json=body)
+            job_id = response.json().get("job_id") if response.status_code in (200, 201, 202) \
+                else None
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"prompt": prompt, "error": f"{type(exc).__name__}: {exc}"}
+        if not job_id:
+            return {"prompt": prompt, "error": f"HTTP {response.status_code}: "
+                                               f"{response.text[:200]}"}
+        self.jobs[job_id] = {"round": round_no, "prompt": prompt, "stream": stream}
+        return {"prompt": prompt, "job_id": job_id}
+
+    @staticmethod
+    def counts(client: httpx.Client) -> dict[str, int] | str:
+        out = {}
+        try:
+            for status in ("pending", "running"):
+                out[status] = client.get("/jobs", params={"status": status, "limit": 1}
+                                         ).json()["total"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return out
+
+    def round(self, round_no: int) -> dict:
+        daemon = self.daemon(f"{round_no:02d}")
+        row: dict = {"round": round_no, "delay": round(self.rng.uniform(0.5, 4.0), 2)}
+        up = self.start(daemon)
+        if isinstance(up, str):
+            row["start_error"] = up
+            return row
+        row["start_seconds"] = round(up, 3)
+        with httpx.Client(base_url=daemon.url, timeout=10) as client:
+            row["submitted"] = [self.submit(client, round_no)
+                                for _ in range(self.args.jobs_per_round)]
+            time.sleep(row["delay"])
+            row["at_kill"] = self.counts(client)
+        try:
+            daemon.stop(signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            row["kill_error"] = "daemon still alive 30 s after SIGKILL"
+        row["containers_after_kill"] = len(instance_containers(daemon.instance))
+        return row
+
+    def final(self) -> dict:
+        daemon = self.daemon("final")
+        out: dict = {}
+        up = self.start(daemon)
+        if isinstance(up, str):
+            out["start_error"] = up
+            return out
+        out["start_seconds"] = round(up, 3)
+        with httpx.Client(base_url=daemon.url, timeout=10) as client:
+            began = time.monotonic()
+            while True:
+                counts = self.counts(client)
+                if isinstance(counts, dict) and not any(counts.values()):
+                    break
+                if time.monotonic() - began > self.args.final_timeout:
+                    out["still_busy"] = counts
+                    break
+                time.sleep(0.5)
+            out["drain_seconds"] = round(time.monotonic() - began, 3)
+            out["containers_idle"] = instance_container_states(daemon.instance)
+            out["jobs"] = {}
+            for job_id in self.jobs:
+                try:
+                    response = client.get(f"/jobs/{job_id}")
+                    out["jobs"][job_id] = response.json() if response.status_code == 200 \
+                        else {"status": "lost", "error": f"HTTP {response.status_code}"}
+                except (httpx.HTTPError, ValueError) as exc:
+                    out["jobs"][job_id] = {"status": "unreadable",
+                                           "error": f"{type(exc).__name__}: {exc}"}
+            try:
+                out["daemon_total"] = client.get("/jobs", params={"limit": 1}).json()["total"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                out["daemon_total"] = None
+        stop_daemon(daemon)
+        out["orphans"] = instance_container_states(daemon.instance)
+        out["instance"] = daemon.instance
+        return out
+
+    def log_lines(self, job_id: str, keep: int = 8) -> list[str]:
+        lines = []
+        for path in self.logs:
+            if path.exists():
+                lines += [f"{path.stem}: {line[:400]}" for line in path.read_text().splitlines()
+                          if job_id in line]
+        return lines[-keep:]
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        for round_no in range(1, self.args.kills + 1):
+            row = self.round(round_no)
+            self.rounds.append(row)
+            print(f"soak: kill {round_no}/{self.args.kills} after {row['delay']} s "
+                  f"({row.get('at_kill') or row.get('start_error')})", file=sys.stderr, flush=True)
+        final = self.final()
+        instance = final.get("instance") or Daemon(self.state, self.env).instance
+        leftover = instance_containers(instance)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover], capture_output=True,
+                           timeout=120)
+        jobs = final.get("jobs", {})
+        by_status: dict[str, int] = {}
+        errors: dict[str, dict] = {}
+        wrong_output = []
+        problems = {}
+        for job_id, meta in self.jobs.items():
+            job = jobs.get(job_id, {"status": "not checked", "error": "final start failed"})
+            status = job.get("status", "?")
+            if status not in SOAK_FINAL and status not in ("lost", "unreadable", "not checked"):
+                status = f"still {status}"
+            by_status[status] = by_status.get(status, 0) + 1
+            if status == "completed":
+                want = REPLY if meta["prompt"].startswith("hello") else f"echo: {meta['prompt']}"
+                if want not in (job.get("output") or ""):
+                    wrong_output.append({"job_id": job_id, **meta,
+                                         "output": (job.get("output") or "")[-300:]})
+                continue
+            key = f"{status}: {soak_error_key(job.get('error') or '')}"
+            group = errors.setdefault(key, {"count": 0, "jobs": []})
+            group["count"] += 1
+            group["jobs"].append(job_id)
+            problems[job_id] = {**meta, "status": status, "error": job.get("error"),
+                                "crash_info": job.get("crash_info"),
+                                "log": self.log_lines(job_id)}
+        for item in wrong_output:
+            problems[item["job_id"]] = {**item, "log": self.log_lines(item["job_id"])}
+        tracebacks = sum(p.read_text().count("Traceback") for p in self.logs if p.exists())
+        refused = [{"round": r["round"], **s} for r in self.rounds for s in r.get("submitted", [])
+                   if "error" in s]
+        return {
+            "command": shlex.join(sys.orig_argv), "machine": machine_info(self.args.image),
+            "kills": self.args.kills, "jobs_per_round": self.args.jobs_per_round,
+            "seed": self.args.seed, "max_concurrent_runs": 2,
+            "final_timeout": self.args.final_timeout,
+            "submitted": len(self.jobs), "submissions_refused": refused,
+            "daemon_total": final.get("daemon_total"),
+            "by_status": by_status,
+            "lost": [j for j, job in jobs.items() if job.get("status") == "lost"],
+            "errors": errors, "wrong_output": wrong_output, "problems": problems,
+            "start_errors": [{"round": r["round"], "error": r["start_error"]}
+                             for r in self.rounds if "start_error" in r]
+                            + ([{"round": "final", "error": final["start_error"]}]
+                               if "start_error" in final else []),
+            "final_start_seconds": final.get("start_seconds"),
+            "drain_seconds": final.get("drain_seconds"), "still_busy": final.get("still_busy"),
+            "containers_idle": final.get("containers_idle"),
+            "orphans": final.get("orphans", []),
+            "leftover_cleaned": len(leftover),
+            "tracebacks": tracebacks,
+            "rounds": [{k: v for k, v in r.items() if k != "submitted"}
+                       | {"jobs": [s.get("job_id") for s in r.get("submitted", [])]}
+                       for r in self.rounds],
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "workdir": str(self.workdir),
+        }
+
+
+def soak(args) -> int:
+    """`soak`: SIGKILL the daemon --kills times during a stream of async jobs."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-soak-"))
+    report = Soak(args, model, workdir).run()
+    clean = not (report["lost"] or report["orphans"] or report["problems"]
+                 or report["start_errors"] or report["still_busy"] or report["tracebacks"])
+    if clean:
+        shutil.rmtree(workdir, ignore_errors=True)
+        report["workdir"] = None
+    print(json.dumps(report, indent=2) if args.json else soak_markdown(report))
+    return 0 if not (report["lost"] or report["orphans"]) else 1
+
+
+def soak_markdown(report: dict) -> str:
+    stats = report["by_status"]
+    starts = [r["start_seconds"] for r in report["rounds"] if "start_seconds" in r]
+    delays = [r["delay"] for r in report["rounds"]]
+    running = [r["at_kill"].get("running", 0) for r in report["rounds"]
+               if isinstance(r.get("at_kill"), dict)]
+    pending = [r["at_kill"].get("pending", 0) for r in report["rounds"]
+               if isinstance(r.get("at_kill"), dict)]
+    orphans = " (" + ", ".join(f"{c['id']} {c['state']} {c['job']}" for c in report["orphans"]) \
+        + ")" if report["orphans"] else ""
+    lines = [
+        "| soak | value |", "|---|---:|",
+        f"| kill -9 | {report['kills']} (delay after submitting: "
+        f"{min(delays, default=0):.2f}–{max(delays, default=0):.2f} s) |",
+        f"| jobs submitted (acknowledged) | {report['submitted']} |",
+        f"| submissions refused / unanswered | {len(report['submissions_refused'])} |",
+        f"| jobs known to the daemon at the end | {report['daemon_total']} |",
+        *(f"| jobs {status} | {n} |" for status, n in sorted(stats.items())),
+        f"| **jobs lost** (acknowledged, unknown at the end) | **{len(report['lost'])}** |",
+        f"| completed with an unexpected output | {len(report['wrong_output'])} |",
+        f"| jobs running / pending at a kill (median; max) | "
+        f"{statistics.median(running) if running else '–'} / "
+        f"{statistics.median(pending) if pending else '–'}; "
+        f"{max(running, default='–')} / {max(pending, default='–')} |",
+        f"| daemon start to ready (podman connected; median, max) | "
+        f"{statistics.median(starts):.2f} s, {max(starts):.2f} s |" if starts else
+        "| daemon start to ready | – |",
+        f"| daemon start failures | {len(report['start_errors'])} |",
+        f"| final daemon: until no job pending/running | {report['drain_seconds']} s"
+        f"{' (gave up: ' + str(report['still_busy']) + ')' if report['still_busy'] else ''} |",
+        f"| containers of the instance, all jobs final, daemon up | "
+        f"{len(report['containers_idle'] or [])} |",
+        f"| **orphan containers after the final graceful stop** | "
+        f"**{len(report['orphans'])}**{orphans} |",
+        f"| containers of the instance removed by the bench at the end | "
+        f"{report['leftover_cleaned']} |",
+        f"| tracebacks in the daemon logs | {report['tracebacks']} |",
+        f"| total wall time | {report['wall_seconds']} s |",
+    ]
+    if report["errors"]:
+        lines += ["", "| non-completed jobs: status and error | jobs |", "|---|---:|"]
+        lines += [f"| {key.replace('|', '/')} | {g['count']} |"
+                  for key, g in sorted(report["errors"].items(), key=lambda kv: -kv[1]["count"])]
+    for item in report["start_errors"]:
+        lines.append(f"\nStart failure (round {item['round']}): `{item['error'][-300:]}`")
+    for item in report["submissions_refused"]:
+        lines.append(f"\nSubmission refused (round {item['round']}): {item['error']}")
+    info = ", ".join(f"{key} {value}" for key, value in report["machine"].items())
+    return "\n".join([
+        *lines, "",
+        f"One state dir; {report['kills']} times: start the daemon (auth off, "
+        f"max_concurrent_runs {report['max_concurrent_runs']}), submit "
+        f"{report['jobs_per_round']} async jobs (prompts among "
+        f"{', '.join(repr(p) for p in SOAK_PROMPTS)} — the scripted model waits N s on "
+        "\"sleep N\" —, a quarter with output_format stream-json), wait a random 0.5–4 s "
+        f"(seed {report['seed']}), SIGKILL. Then a last start, waiting (≤ "
+        f"{report['final_timeout']:g} s) until no job is pending or running, each submitted "
+        "job read back (GET /jobs/{id}; a completed one must carry the model's answer), and "
+        "a graceful stop (SIGTERM): orphans are the containers with the daemon's "
+        "`stromboli.instance` label still there after it."
+        + (f" Daemon logs kept in {report['workdir']}." if report["workdir"] else ""),
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -1863,7 +2186,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris}",
+    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris,soak}",
                                   help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
@@ -1959,7 +2282,31 @@ def main() -> int:
                              help="agent image (default: %s)" % IMAGE)
     slow_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON instead of markdown")
+    soak_parser = modes.add_parser(
+        "soak", help="kill -9 the daemon at random points during a stream of async jobs: "
+                     "jobs lost, final statuses, orphan containers",
+        description="--kills times: start the daemon on one state dir, submit "
+                    "--jobs-per-round async jobs, SIGKILL it after a random 0.5-4 s; then "
+                    "start it a last time, wait for every job to end, stop it gracefully and "
+                    "count the jobs lost and the containers left behind.")
+    soak_parser.add_argument("--kills", type=int, default=20,
+                             help="daemon SIGKILLs (default: %(default)s)")
+    soak_parser.add_argument("--jobs-per-round", type=int, default=3,
+                             help="async jobs submitted after each start (default: %(default)s)")
+    soak_parser.add_argument("--seed", type=int, default=13,
+                             help="seed of the delays and prompts (default: %(default)s)")
+    soak_parser.add_argument("--final-timeout", type=float, default=180,
+                             help="seconds the last daemon gets to end every job "
+                                  "(default: %(default)s)")
+    soak_parser.add_argument("--image", default=argparse.SUPPRESS,
+                             help="agent image (default: %s)" % IMAGE)
+    soak_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print JSON instead of markdown")
     args = parser.parse_args()
+    if args.mode == "soak":
+        if args.kills < 1 or args.jobs_per_round < 1 or args.final_timeout <= 0:
+            parser.error("soak: --kills, --jobs-per-round ≥ 1; --final-timeout > 0")
+        return soak(args)
     if args.mode == "slowloris":
         if args.connections < 1 or args.hold < 4 or args.daemon_nofile < 0:
             parser.error("slowloris: --connections ≥ 1, --hold ≥ 4, --daemon-nofile ≥ 0")
