@@ -2179,6 +2179,15 @@ def flood(args) -> int:
     return 0
 
 
+def common_options(mode_parser: argparse.ArgumentParser) -> None:
+    """--image and --json, also accepted after the mode (SUPPRESS: given before it, they are
+    not reset)."""
+    mode_parser.add_argument("--image", default=argparse.SUPPRESS,
+                             help="agent image (default: %s)" % IMAGE)
+    mode_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print JSON instead of markdown")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="measured runs per side (≥ 2)")
@@ -2204,11 +2213,7 @@ def main() -> int:
                                    "(default: %(default)s)")
     flood_parser.add_argument("--variants", default=",".join(FLOOD_VARIANTS),
                               help="comma list of %(default)s")
-    # Also accepted after `flood` (SUPPRESS: given before it, they are not reset).
-    flood_parser.add_argument("--image", default=argparse.SUPPRESS,
-                              help="agent image (default: %s)" % IMAGE)
-    flood_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                              help="print JSON instead of markdown")
+    common_options(flood_parser)
     load_parser = modes.add_parser(
         "load", help="mixed requests at a fixed rate: errors, latency, daemon RSS and fds",
         description="Open-loop load from loopback against a real daemon with auth on: "
@@ -2228,10 +2233,7 @@ def main() -> int:
                                   "(default: %(default)s)")
     load_parser.add_argument("--max-seconds", type=float, default=120,
                              help="hard cap on the load phase (default: %(default)s)")
-    load_parser.add_argument("--image", default=argparse.SUPPRESS,
-                             help="agent image (default: %s)" % IMAGE)
-    load_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                             help="print JSON instead of markdown")
+    common_options(load_parser)
     rps_parser = modes.add_parser(
         "rps", help="requests/s (wrk) of the daemon's cheap routes next to bare aiohttp, and "
                     "POST /run under a /health flood",
@@ -2258,10 +2260,7 @@ def main() -> int:
     rps_parser.add_argument("--flood-rounds", type=int, default=1,
                             help="(alone, flooded) series pairs, in ABBA order "
                                  "(default: %(default)s)")
-    rps_parser.add_argument("--image", default=argparse.SUPPRESS,
-                            help="agent image (default: %s)" % IMAGE)
-    rps_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                            help="print JSON instead of markdown")
+    common_options(rps_parser)
     slow_parser = modes.add_parser(
         "slowloris", help="half-sent request lines held on many connections: /health, runs, "
                           "RSS, fds, connection metrics and the daemon log",
@@ -2278,10 +2277,7 @@ def main() -> int:
                              help="soft RLIMIT_NOFILE the daemon is started with (systemd's "
                                   "default; it raises its own when allowed); 0: this "
                                   "process's (default: %(default)s)")
-    slow_parser.add_argument("--image", default=argparse.SUPPRESS,
-                             help="agent image (default: %s)" % IMAGE)
-    slow_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                             help="print JSON instead of markdown")
+    common_options(slow_parser)
     soak_parser = modes.add_parser(
         "soak", help="kill -9 the daemon at random points during a stream of async jobs: "
                      "jobs lost, final statuses, orphan containers",
@@ -2298,10 +2294,7 @@ def main() -> int:
     soak_parser.add_argument("--final-timeout", type=float, default=180,
                              help="seconds the last daemon gets to end every job "
                                   "(default: %(default)s)")
-    soak_parser.add_argument("--image", default=argparse.SUPPRESS,
-                             help="agent image (default: %s)" % IMAGE)
-    soak_parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                             help="print JSON instead of markdown")
+    common_options(soak_parser)
     args = parser.parse_args()
     if args.mode == "soak":
         if args.kills < 1 or args.jobs_per_round < 1 or args.final_timeout <= 0:
