@@ -4684,6 +4684,7 @@ class Stromboli:
         self.jobs: JobManager | None = None
         self.background: list[asyncio.Task] = []
         self.draining = False  # a shutdown began: no new runs
+        self._client_runs: set[asyncio.Task] = set()
         self._request_prefix = pysecrets.token_hex(4)
         self._request_numbers = itertools.count(1)
         self.metrics.gauges.update({
@@ -4730,14 +4731,28 @@ class Stromboli:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30)
 
+    def client_run(self, run: Awaitable[RunResult]) -> asyncio.Task:
+        """A sync or stream run, as a task a shutdown can end with a last word to its client."""
+        task = asyncio.ensure_future(run)
+        self._client_runs.add(task)
+        task.add_done_callback(self._client_runs.discard)
+        return task
+
     async def drain(self, grace: float) -> None:
-        """Refuse new runs and let the running ones finish, for at most `grace` seconds."""
+        """Refuse new runs and let the running ones finish, for at most `grace` seconds;
+        then end the clients' runs, whose handlers tell them the daemon is restarting (a
+        stream's last event, a 503 for /run). Jobs are let go later (JobManager.shutdown)."""
         self.draining = True
         if self.runner:
             self.runner.detaching = True  # what is still running at the end is let go
         deadline = time.monotonic() + grace
         while self.runner and self.runner.slots.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        for task in list(self._client_runs):
+            task.cancel()
+        if self._client_runs:
+            await asyncio.wait(set(self._client_runs), timeout=20)
+            await asyncio.sleep(0.2)  # their handlers write the last word
 
     def next_request_id(self) -> str:
         """Unique per request (a per-start random prefix and a counter: no syscall)."""
@@ -4989,7 +5004,13 @@ async def run_sync(request: web.Request) -> web.Response:
     require_running(app)
     require_configured(app)
     try:
-        result = await app.runner.run(req, new_id("run"), SessionPlan.of(req.claude))
+        result = await app.client_run(app.runner.run(req, new_id("run"),
+                                                     SessionPlan.of(req.claude)))
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # the client went away
+            raise
+        raise ApiError(503, "the daemon is restarting: run it again shortly",
+                       {"Retry-After": "5"}) from None
     except RunFailed as exc:
         app.metrics.run_status("failed")
         raise ApiError(500, str(exc)) from None
@@ -5096,11 +5117,15 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     run_id = new_id("run")
     feed = app.runner.open_feed(run_id)
     response = await sse_response(request, run_id)
-    task = asyncio.ensure_future(app.runner.run(req, run_id, SessionPlan.of(req.claude)))
+    task = app.client_run(app.runner.run(req, run_id, SessionPlan.of(req.claude)))
     try:
         await write_feed(request, response, feed.follow())
         result = await task
         app.metrics.run_status(result.status)
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        # A shutdown ended the run: the stream's last event said so.
     except ConnectionResetError:
         pass  # the client went away; `finally` stops its container
     except Exception as exc:  # already reported to the client as `event: error`

@@ -2123,19 +2123,36 @@ def test_sigterm_lets_runs_finish_then_leaves_jobs_to_the_next_start(make_daemon
     assert job["status"] == "completed" and f"echo: sleep 6 {tag}" in job["output"], job
 
 
-def test_no_new_runs_while_draining(make_daemon):
-    d = make_daemon(STROMBOLI_SHUTDOWN_GRACE="5s")
-    runner = threading.Thread(target=lambda: d.http.post("/run", json={"prompt": "sleep 4"}))
-    runner.start()
-    wait_until(lambda: agent_containers(f"stromboli.instance={d.instance}"), 15,
-               what="the sync run's container")
+def test_draining_refuses_new_runs_and_tells_cut_clients_why(make_daemon):
+    d = make_daemon(STROMBOLI_SHUTDOWN_GRACE="2s")
+    answers: dict[str, object] = {}
+
+    def sync_run() -> None:
+        answers["sync"] = httpx.post(d.url + "/run", json={"prompt": "sleep 20"}, timeout=60)
+
+    def stream_run() -> None:
+        with httpx.Client(base_url=d.url, timeout=60) as client:
+            with connect_sse(client, "GET", "/run/stream",
+                             params={"prompt": "sleep 20 streamed"}) as source:
+                answers["stream"] = list(source.iter_sse())
+    clients = [threading.Thread(target=sync_run), threading.Thread(target=stream_run)]
+    for client in clients:
+        client.start()
+    wait_until(lambda: len(agent_containers(f"stromboli.instance={d.instance}")) == 2, 20,
+               what="both runs' containers")
     d.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "shutting down" in d.log(), 10, what="the shutdown")
-    r = d.http.post("/run", json={"prompt": "hello"})
+    r = d.http.post("/run", json={"prompt": "hello"})  # within the grace: refused
     assert r.status_code == 503 and r.headers["Retry-After"] == "5"
     assert "restarting" in run_error(r)
-    runner.join(30)
+    for client in clients:
+        client.join(40)
     d.proc.wait(30)
+    cut = answers["sync"]
+    assert cut.status_code == 503 and "restarting" in run_error(cut), cut.text
+    last = answers["stream"][-1]
+    assert last.event == "error" and "restarting" in json.loads(last.data)["error"]
+    assert not agent_containers(f"stromboli.instance={d.instance}")  # clients' runs: removed
 
 
 def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
