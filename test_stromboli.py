@@ -2530,6 +2530,374 @@ def test_jobs_paginate_with_total(daemon):
 
 
 # ---------------------------------------------------------------------------
+# Agents — persistent processes: /agents/* (issue 14)
+# ---------------------------------------------------------------------------
+# One agent = one long-lived container running the real CLI in stream-json mode; each turn
+# is a line on its stdin, each stdout line an `output` event on /agents/{id}/stream. The
+# streams are read line by line here (not with iter_sse) so that keep-alive comments count
+# against each read's deadline: no test waits on a silent stream for ever.
+
+UUID4_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+RFC3339_FRACTION_RE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d)$"
+AGENT_NOT_FOUND = {"error": "agent: not found"}
+AGENT_EXITED = {"error": "agent: process has exited"}
+IDLE_TIMEOUT_REACHED = "agent: idle timeout reached"
+
+
+class AgentEvent:
+    """One SSE event of an agent stream: its `id:` (None when absent), `event:` and `data:`."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.id = fields.get("id")
+        self.event = fields.get("event", "message")
+        self.data = fields.get("data", "")
+
+    @property
+    def body(self) -> dict:
+        return json.loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"AgentEvent(id={self.id!r}, event={self.event!r}, data={self.data[:200]!r})"
+
+
+class AgentStream:
+    """GET /agents/{id}/stream, kept open across reads: `read(until)` collects events until
+    `until(events)` holds or the stream ends, within `timeout` seconds."""
+
+    def __init__(self, d: Daemon, agent_id: str, headers: dict | None = None,
+                 params: dict | None = None):
+        self.stack = contextlib.ExitStack()
+        client = self.stack.enter_context(
+            httpx.Client(base_url=d.url, timeout=httpx.Timeout(10, read=20)))
+        self.response = self.stack.enter_context(client.stream(
+            "GET", f"/agents/{agent_id}/stream", headers=headers or {}, params=params or {}))
+        self.events: list[AgentEvent] = []
+        self.ended = False
+        self._lines = self.response.iter_lines()
+
+    def __enter__(self) -> AgentStream:
+        assert self.response.status_code == 200, (self.response.status_code,
+                                                  self.response.read())
+        assert self.response.headers["content-type"].startswith("text/event-stream")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def read(self, until=lambda events: False, timeout: float = 90) -> list[AgentEvent]:
+        deadline = time.monotonic() + timeout
+        fields: dict[str, str] = {}
+        while not self.ended and not until(self.events):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stream: nothing conclusive after {timeout}s: {self.events}")
+            try:
+                line = next(self._lines)
+            except StopIteration:
+                self.ended = True
+                break
+            if line.startswith(":"):  # a comment (keep-alive)
+                continue
+            if line == "":
+                if fields:
+                    self.events.append(AgentEvent(fields))
+                fields = {}
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields \
+                else value
+        return self.events
+
+
+def turn_ended(turn_id: str | None = None):
+    """`until` for AgentStream.read: a turn_end (of that turn, when given) has arrived."""
+    return lambda events: any(e.event == "turn_end" and (turn_id is None
+                                                         or e.body.get("turn_id") == turn_id)
+                              for e in events)
+
+
+def stream_closed(events: list[AgentEvent]) -> bool:
+    return any(e.event == "closed" for e in events)
+
+
+def assert_event_ids_increase(events: list[AgentEvent]) -> list[int]:
+    ids = [e.id for e in events if e.event != "closed"]
+    assert all(i is not None and re.fullmatch(r"\d+", i) for i in ids), events
+    numbers = [int(i) for i in ids]
+    assert numbers == sorted(set(numbers)), numbers  # strictly increasing
+    return numbers
+
+
+@pytest.fixture
+def new_agent():
+    """POST /agents on a daemon, expecting 201; every agent made is deleted after the test
+    (each live agent holds a run slot of its daemon)."""
+    made: list[tuple[Daemon, str]] = []
+
+    def make(d: Daemon, **body) -> dict:
+        r = d.http.post("/agents", json=body)
+        assert r.status_code == 201, r.text
+        made.append((d, r.json()["id"]))
+        return r.json()
+    yield make
+    for d, agent_id in made:
+        with contextlib.suppress(httpx.HTTPError):
+            d.http.delete(f"/agents/{agent_id}", timeout=30)
+
+
+def agent_snapshot(d: Daemon, agent_id: str) -> dict:
+    r = d.http.get(f"/agents/{agent_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_agent(d: Daemon, agent_id: str, status: str, timeout: float = 15) -> dict:
+    def reached():
+        snapshot = agent_snapshot(d, agent_id)
+        return snapshot if snapshot["status"] == status else None
+    return wait_until(reached, timeout, 0.1, f"agent {agent_id} {status}")
+
+
+def message_texts(page: dict, kind: str) -> list[str]:
+    return [b.get("text", "") for m in page["messages"] if m["type"] == kind
+            for b in m["content"]["content"] if isinstance(b, dict) and b.get("type") == "text"]
+
+
+def test_agent_api_create_with_a_prompt_streams_one_turn(daemon, new_agent):
+    tag = marker()
+    created = new_agent(daemon, prompt=f"hello {tag}")
+    assert re.fullmatch(f"agent-{UUID4_RE}", created["id"]), created
+    assert re.fullmatch(UUID4_RE, created["session_id"]), created
+    assert created["status"] in ("starting", "generating"), created
+    assert created["idle_timeout_seconds"] == 1800 and created["turns_completed"] == 0
+    assert "idle_timeout_disabled" not in created and "exit_error" not in created
+    assert re.match(RFC3339_FRACTION_RE, created["created_at"]), created
+    assert re.match(RFC3339_FRACTION_RE, created["last_activity_at"]), created
+    with AgentStream(daemon, created["id"]) as stream:
+        events = stream.read(turn_ended())
+    assert_event_ids_increase(events)
+    assert events[0].event == "turn_start", events
+    turn_id = events[0].body["turn_id"]
+    assert re.fullmatch(f"turn-{UUID4_RE}", turn_id)
+    for event in events:
+        assert event.body["type"] == event.event and event.body["at"], event
+    outputs = [json.loads(e.body["content"]) for e in events if e.event == "output"]
+    assert outputs and all(isinstance(o, dict) and "type" in o for o in outputs), outputs
+    results = [o for o in outputs if o["type"] == "result"]
+    assert [r.get("result") for r in results] == ["Hello from the scripted model"], results
+    end = events[-1]
+    assert end.event == "turn_end" and end.body["turn_id"] == turn_id
+    usage = end.body["usage"]
+    assert isinstance(usage["input_tokens"], int) and usage["input_tokens"] > 0, usage
+    assert isinstance(usage["output_tokens"], int) and usage["output_tokens"] > 0, usage
+    assert usage["total_tokens"] == sum(usage[k] for k in (
+        "input_tokens", "output_tokens", "cache_creation_input_tokens",
+        "cache_read_input_tokens")), usage
+    assert [e.event for e in events].count("turn_start") == 1, events
+    snapshot = wait_agent(daemon, created["id"], "idle")
+    assert snapshot["turns_completed"] == 1
+    assert snapshot["session_id"] == created["session_id"]
+    assert parse_time(snapshot["last_activity_at"]) >= parse_time(created["created_at"])
+    listed = daemon.http.get("/agents")
+    assert listed.status_code == 200
+    assert [a["id"] for a in listed.json()].count(created["id"]) == 1
+
+
+def test_agent_api_two_turns_share_one_warm_container_and_conversation(daemon, model, new_agent):
+    tag = marker()
+    created = new_agent(daemon, prompt=f"first {tag}")
+    agent_id = created["id"]
+    label = f"stromboli.agent={agent_id}"
+    with AgentStream(daemon, agent_id) as stream:
+        stream.read(turn_ended())
+        first = agent_containers(label)
+        assert len(first) == 1, first
+        labels = first[0].labels
+        assert labels["managed-by"] == "stromboli"
+        assert labels["stromboli.session"] == created["session_id"]
+        assert labels["stromboli.instance"] == daemon.instance
+        wait_agent(daemon, agent_id, "idle")
+        r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": f"second {tag}"})
+        assert r.status_code == 202, r.text
+        assert list(r.json()) == ["turn_id"]
+        turn_id = r.json()["turn_id"]
+        assert re.fullmatch(f"turn-{UUID4_RE}", turn_id)
+        events = stream.read(turn_ended(turn_id))
+    assert_event_ids_increase(events)
+    assert [e.body.get("turn_id") for e in events if e.event == "turn_start"][-1] == turn_id
+    second = agent_containers(label)
+    assert [c.id for c in second] == [first[0].id]  # the same process, still there
+    with podman_client() as client:
+        assert client.containers.get(first[0].id).status == "running"
+    snapshot = wait_agent(daemon, agent_id, "idle")
+    assert snapshot["turns_completed"] == 2 and snapshot["session_id"] == created["session_id"]
+    conversations = [user_prompts(r["messages"]) for r in model.requests_with(f"second {tag}")]
+    assert any(any(f"first {tag}" in p for p in prompts) for prompts in conversations), \
+        conversations  # one conversation: the second turn's request carries the first
+
+
+def test_agent_api_refusals(daemon, new_agent):
+    tag = marker()
+    agent_id = new_agent(daemon)["id"]
+    r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": f"sleep 3 {tag}"})
+    assert r.status_code == 202, r.text
+    again = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "one more"})
+    assert again.status_code == 409, again.text
+    assert again.json() == {"error": "agent: a turn is already in progress"}
+    with AgentStream(daemon, agent_id) as stream:
+        stream.read(turn_ended(r.json()["turn_id"]))
+    wait_agent(daemon, agent_id, "idle")
+    for blank in ({"prompt": ""}, {"prompt": "  \n "}, {}):
+        r = daemon.http.post(f"/agents/{agent_id}/send", json=blank)
+        assert r.status_code == 400, (blank, r.text)
+        assert r.json() == {"error": "agent: invalid request: prompt is required"}, blank
+    assert agent_snapshot(daemon, agent_id)["turns_completed"] == 1  # nothing sent
+    unknown = f"agent-{uuid.uuid4()}"
+    for method, path, body in (("GET", f"/agents/{unknown}", None),
+                               ("POST", f"/agents/{unknown}/send", {"prompt": "hello"}),
+                               ("GET", f"/agents/{unknown}/stream", None),
+                               ("DELETE", f"/agents/{unknown}", None)):
+        r = daemon.http.request(method, path, json=body)
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json() == AGENT_NOT_FOUND, (method, path)
+    before = {a["id"] for a in daemon.http.get("/agents").json()}
+    r = daemon.http.post("/agents", json={"prompt": "hello", "idle_timeout_seconds": -1})
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "error": "agent: invalid request: idle_timeout_seconds must be non-negative"}
+    assert {a["id"] for a in daemon.http.get("/agents").json()} == before  # none made
+
+
+def test_agent_api_idle_timeout_ends_the_agent(daemon, new_agent):
+    kept = new_agent(daemon, idle_timeout_seconds=2, disable_idle_timeout=True)
+    assert kept["idle_timeout_disabled"] is True
+    created = new_agent(daemon, prompt="hello", idle_timeout_seconds=2)
+    assert created["idle_timeout_seconds"] == 2 and "idle_timeout_disabled" not in created
+    agent_id = created["id"]
+    with AgentStream(daemon, agent_id) as stream:
+        stream.read(turn_ended())
+        turn_over = time.monotonic()
+        wait_until(lambda: agent_containers(f"stromboli.agent={agent_id}"), 10,
+                   what="the agent's container")
+        events = stream.read(lambda events: False, timeout=30)  # to its end
+        assert stream.ended
+    assert time.monotonic() - turn_over < 12, "the idle watchdog took too long"
+    assert_event_ids_increase(events)
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
+    assert events[-2].body["error"] == IDLE_TIMEOUT_REACHED
+    assert events[-1].data == "{}"
+    snapshot = agent_snapshot(daemon, agent_id)
+    assert snapshot["status"] == "exited" and snapshot["exit_error"] == IDLE_TIMEOUT_REACHED
+    wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 10,
+               what="the idle agent's container removed")
+    r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "are you there?"})
+    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
+    with AgentStream(daemon, agent_id) as again:  # an exited agent: exited, closed, the end
+        late = again.read(timeout=20)
+        assert again.ended
+    assert [e.event for e in late[-2:]] == ["exited", "closed"], late
+    assert late[-2].body["error"] == IDLE_TIMEOUT_REACHED
+    time.sleep(3)  # the kept agent has been idle for more than twice its timeout by now
+    spared = agent_snapshot(daemon, kept["id"])
+    assert spared["status"] != "exited" and "exit_error" not in spared, spared
+    assert agent_containers(f"stromboli.agent={kept['id']}")
+
+
+def test_agent_api_delete_removes_the_container_and_closes_streams(daemon, new_agent):
+    created = new_agent(daemon, prompt="hello")
+    agent_id = created["id"]
+    label = f"stromboli.agent={agent_id}"
+    with AgentStream(daemon, agent_id) as stream:
+        stream.read(turn_ended())
+        assert len(agent_containers(label)) == 1
+        r = daemon.http.delete(f"/agents/{agent_id}", timeout=60)
+        assert r.status_code == 204 and r.content == b"", r.text
+        assert agent_containers(label) == []  # 204 once the container is gone, in any state
+        events = stream.read(timeout=30)
+        assert stream.ended
+    assert events[-1].event == "closed" and events[-1].data == "{}", events
+    r = daemon.http.get(f"/agents/{agent_id}")
+    assert r.status_code == 404 and r.json() == AGENT_NOT_FOUND
+    assert agent_id not in [a["id"] for a in daemon.http.get("/agents").json()]
+    r = daemon.http.delete(f"/agents/{agent_id}")
+    assert r.status_code == 404 and r.json() == AGENT_NOT_FOUND
+
+
+def test_agent_api_stream_replays_after_last_event_id(daemon, new_agent):
+    agent_id = new_agent(daemon, prompt="hello")["id"]
+    with AgentStream(daemon, agent_id) as stream:
+        live = stream.read(turn_ended())
+    ids = assert_event_ids_increase(live)
+    assert len(ids) > 3, live
+    after = ids[1]
+    for headers, params in (({"Last-Event-ID": str(after)}, {}),
+                            ({}, {"last_event_id": str(after)})):
+        with AgentStream(daemon, agent_id, headers=headers, params=params) as stream:
+            replay = stream.read(turn_ended())
+        got = assert_event_ids_increase(replay)
+        assert got[0] == after + 1, (headers, params, got)
+        assert got == ids[2:], (headers, params)
+        assert [(e.event, e.data) for e in replay] == [(e.event, e.data) for e in live[2:]]
+
+
+def test_agent_api_conversation_is_in_the_session_history(daemon, new_agent):
+    tag = marker()
+    created = new_agent(daemon, prompt=f"hello {tag}")
+    with AgentStream(daemon, created["id"]) as stream:
+        stream.read(turn_ended())
+
+    def page():
+        r = daemon.http.get(f"/sessions/{created['session_id']}/messages")
+        return r.json() if r.status_code == 200 and message_texts(r.json(), "assistant") \
+            else None
+    messages = wait_until(page, 10, 0.2, "the agent's transcript")
+    assert any(f"hello {tag}" in t for t in message_texts(messages, "user")), messages
+    assert "Hello from the scripted model" in message_texts(messages, "assistant"), messages
+
+
+def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    first = new_agent(d)
+    r = d.http.post("/agents", json={"prompt": "hello"})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"].startswith("agent: all 1 run slots are in use"), r.text
+    assert int(r.headers["Retry-After"]) > 0
+    assert len(d.http.get("/agents").json()) == 1
+    assert d.http.delete(f"/agents/{first['id']}", timeout=60).status_code == 204
+    second = new_agent(d, prompt="hello")
+    with AgentStream(d, second["id"]) as stream:
+        stream.read(turn_ended())
+
+
+def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp_path):
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    tag = marker()
+    created = new_agent(d, prompt=f"hello {tag}")
+    agent_id = created["id"]
+    with AgentStream(d, agent_id) as stream:
+        stream.read(turn_ended())
+    assert agent_containers(f"stromboli.agent={agent_id}")
+    d.stop()
+    again = make_daemon(state_dir=state)
+    snapshot = agent_snapshot(again, agent_id)
+    assert snapshot["status"] == "exited", snapshot
+    assert re.search(r"daemon.*(restart|shut)", snapshot.get("exit_error", "")), snapshot
+    assert snapshot["session_id"] == created["session_id"]
+    assert snapshot["turns_completed"] == 1
+    wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 15,
+               what="no container of the agent left")
+    r = again.http.post(f"/agents/{agent_id}/send", json={"prompt": "still there?"})
+    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
+    with AgentStream(again, agent_id) as stream:
+        events = stream.read(timeout=20)
+        assert stream.ended
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
+    page = again.http.get(f"/sessions/{created['session_id']}/messages").json()
+    assert any(f"hello {tag}" in t for t in message_texts(page, "user")), page
+
+
+# ---------------------------------------------------------------------------
 # Agent boundary: the agent is hostile (issue 9)
 # ---------------------------------------------------------------------------
 # Each test plays the agent through "bash: …" prompts (the real CLI runs the command in
