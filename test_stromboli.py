@@ -2669,7 +2669,7 @@ def test_agent_api_create_with_a_prompt_streams_one_turn(daemon, new_agent):
     assert "idle_timeout_disabled" not in created and "exit_error" not in created
     assert re.match(RFC3339_FRACTION_RE, created["created_at"]), created
     assert re.match(RFC3339_FRACTION_RE, created["last_activity_at"]), created
-    with AgentStream(daemon, created["id"]) as stream:
+    with AgentStream(daemon, created["id"]) as stream:  # no Last-Event-ID: from the start
         events = stream.read(turn_ended())
     assert_event_ids_increase(events)
     assert events[0].event == "turn_start", events
@@ -2811,7 +2811,8 @@ def test_agent_api_delete_removes_the_container_and_closes_streams(daemon, new_a
         assert agent_containers(label) == []  # 204 once the container is gone, in any state
         events = stream.read(timeout=30)
         assert stream.ended
-    assert events[-1].event == "closed" and events[-1].data == "{}", events
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
+    assert events[-2].body.get("error") == "" and events[-1].data == "{}", events
     r = daemon.http.get(f"/agents/{agent_id}")
     assert r.status_code == 404 and r.json() == AGENT_NOT_FOUND
     assert agent_id not in [a["id"] for a in daemon.http.get("/agents").json()]
@@ -2865,7 +2866,11 @@ def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
         stream.read(turn_ended())
 
 
-def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp_path):
+@pytest.mark.parametrize("sig, why", [
+    (signal.SIGTERM, r"the daemon (restarted|shut down)"),  # the daemon stops its agents
+    (signal.SIGKILL, r"the daemon restarted"),  # the next start finds them gone
+], ids=["sigterm", "sigkill"])
+def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp_path, sig, why):
     state = tmp_path / "state"
     d = make_daemon(state_dir=state)
     tag = marker()
@@ -2874,11 +2879,11 @@ def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp
     with AgentStream(d, agent_id) as stream:
         stream.read(turn_ended())
     assert agent_containers(f"stromboli.agent={agent_id}")
-    d.stop()
+    d.stop(sig)
     again = make_daemon(state_dir=state)
     snapshot = agent_snapshot(again, agent_id)
     assert snapshot["status"] == "exited", snapshot
-    assert re.search(r"daemon.*(restart|shut)", snapshot.get("exit_error", "")), snapshot
+    assert re.search(why, snapshot.get("exit_error", "")), snapshot
     assert snapshot["session_id"] == created["session_id"]
     assert snapshot["turns_completed"] == 1
     wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 15,
