@@ -2701,13 +2701,19 @@ def test_agent_api_create_with_a_prompt_streams_one_turn(daemon, new_agent):
 
 def test_agent_api_two_turns_share_one_warm_container_and_conversation(daemon, model, new_agent):
     tag = marker()
-    created = new_agent(daemon, prompt=f"first {tag}")
+    created = new_agent(daemon, prompt=f"first {tag}", podman={"memory": "300m"})
     agent_id = created["id"]
     label = f"stromboli.agent={agent_id}"
     with AgentStream(daemon, agent_id) as stream:
         stream.read(turn_ended())
         first = agent_containers(label)
         assert len(first) == 1, first
+        with podman_client() as client:
+            info = client.containers.get(first[0].id).inspect()
+        assert info["HostConfig"]["Memory"] == 300 * 1024 * 1024  # podman options apply
+        assert info["HostConfig"]["PidsLimit"] == 512  # hardened as runs are
+        assert info["Config"]["User"] == "1000:1000"
+        assert f"first {tag}" not in json.dumps(info["Config"]["Cmd"])  # turns go on stdin
         labels = first[0].labels
         assert labels["managed-by"] == "stromboli"
         assert labels["stromboli.session"] == created["session_id"]
@@ -2734,7 +2740,13 @@ def test_agent_api_two_turns_share_one_warm_container_and_conversation(daemon, m
 
 def test_agent_api_refusals(daemon, new_agent):
     tag = marker()
-    agent_id = new_agent(daemon)["id"]
+    asked = str(uuid.uuid4())
+    created = new_agent(daemon, claude={"session_id": asked, "resume": True})
+    assert created["status"] == "starting", created  # no prompt: nothing to say yet
+    assert created["session_id"] != asked  # an agent's session is always a new one
+    agent_id = created["id"]
+    time.sleep(2)
+    assert agent_snapshot(daemon, agent_id)["status"] == "starting"  # the CLI waits for input
     r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": f"sleep 3 {tag}"})
     assert r.status_code == 202, r.text
     again = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "one more"})
@@ -2797,6 +2809,43 @@ def test_agent_api_idle_timeout_ends_the_agent(daemon, new_agent):
     spared = agent_snapshot(daemon, kept["id"])
     assert spared["status"] != "exited" and "exit_error" not in spared, spared
     assert agent_containers(f"stromboli.agent={kept['id']}")
+
+
+def test_agent_api_a_failed_turn_leaves_the_agent_usable(daemon, new_agent):
+    agent_id = new_agent(daemon, prompt="please fail 500")["id"]
+    with AgentStream(daemon, agent_id) as stream:
+        failed = stream.read(turn_ended())
+        results = [json.loads(e.body["content"]) for e in failed if e.event == "output"
+                   and json.loads(e.body["content"]).get("type") == "result"]
+        assert len(results) == 1 and results[0].get("is_error") is True, results
+        assert "scripted failure 500" in json.dumps(results[0]), results
+        wait_agent(daemon, agent_id, "idle")
+        r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "hello again"})
+        assert r.status_code == 202, r.text
+        events = stream.read(turn_ended(r.json()["turn_id"]))
+    replies = [json.loads(e.body["content"]).get("result") for e in events
+               if e.event == "output" and json.loads(e.body["content"]).get("type") == "result"]
+    assert replies[-1] == "Hello from the scripted model", replies
+    assert wait_agent(daemon, agent_id, "idle")["turns_completed"] == 2
+
+
+def test_agent_api_podman_timeout_bounds_its_lifetime(daemon, new_agent):
+    born = time.monotonic()
+    created = new_agent(daemon, disable_idle_timeout=True, podman={"timeout": "3s"})
+    agent_id = created["id"]
+    wait_until(lambda: agent_containers(f"stromboli.agent={agent_id}"), 10,
+               what="the agent's container")
+    with AgentStream(daemon, agent_id) as stream:
+        events = stream.read(timeout=25)  # to its end: the lifetime is up after 3 s
+        assert stream.ended
+    assert 3 <= time.monotonic() - born < 20  # not before its lifetime, nor long after
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
+    snapshot = agent_snapshot(daemon, agent_id)
+    assert snapshot["status"] == "exited" and snapshot["exit_error"], snapshot
+    assert snapshot["exit_error"] != IDLE_TIMEOUT_REACHED
+    assert events[-2].body["error"] == snapshot["exit_error"]
+    wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 10,
+               what="the agent's container removed")
 
 
 def test_agent_api_delete_removes_the_container_and_closes_streams(daemon, new_agent):
