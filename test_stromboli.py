@@ -2568,6 +2568,7 @@ class AgentStream:
         self.response = self.stack.enter_context(client.stream(
             "GET", f"/agents/{agent_id}/stream", headers=headers or {}, params=params or {}))
         self.events: list[AgentEvent] = []
+        self.comments: list[str] = []
         self.ended = False
         self._lines = self.response.iter_lines()
 
@@ -2580,10 +2581,13 @@ class AgentStream:
     def __exit__(self, *exc) -> None:
         self.stack.close()
 
-    def read(self, until=lambda events: False, timeout: float = 90) -> list[AgentEvent]:
+    def read(self, until=lambda events: False, timeout: float = 90,
+             comments: int | None = None) -> list[AgentEvent]:
+        """… or, with `comments`, until that many comment lines have come."""
         deadline = time.monotonic() + timeout
         fields: dict[str, str] = {}
-        while not self.ended and not until(self.events):
+        while not self.ended and not until(self.events) and (
+                comments is None or len(self.comments) < comments):
             if time.monotonic() > deadline:
                 raise AssertionError(f"stream: nothing conclusive after {timeout}s: {self.events}")
             try:
@@ -2592,6 +2596,7 @@ class AgentStream:
                 self.ended = True
                 break
             if line.startswith(":"):  # a comment (keep-alive)
+                self.comments.append(line)
                 continue
             if line == "":
                 if fields:
@@ -2867,6 +2872,21 @@ def test_agent_api_delete_removes_the_container_and_closes_streams(daemon, new_a
     assert agent_id not in [a["id"] for a in daemon.http.get("/agents").json()]
     r = daemon.http.delete(f"/agents/{agent_id}")
     assert r.status_code == 404 and r.json() == AGENT_NOT_FOUND
+
+
+def test_agent_api_every_follower_gets_the_events_and_silence_is_kept_alive(daemon, new_agent):
+    agent_id = new_agent(daemon)["id"]
+    with AgentStream(daemon, agent_id) as one, AgentStream(daemon, agent_id) as two:
+        r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "hello"})
+        assert r.status_code == 202, r.text
+        first = one.read(turn_ended(r.json()["turn_id"]))
+        second = two.read(turn_ended(r.json()["turn_id"]))
+        assert [(e.id, e.event, e.data) for e in first] == [(e.id, e.event, e.data)
+                                                            for e in second]
+        seen = len(one.comments)
+        one.read(timeout=20, comments=seen + 1)  # silence: a keep-alive comment every 15 s
+        assert set(one.comments) == {": keepalive"} and not one.ended
+        assert len(one.events) == len(first)  # and no event meanwhile
 
 
 def test_agent_api_stream_replays_after_last_event_id(daemon, new_agent):
