@@ -2853,6 +2853,69 @@ def test_agent_api_podman_timeout_bounds_its_lifetime(daemon, new_agent):
                what="the agent's container removed")
 
 
+def test_agent_api_concurrent_sends_start_one_turn(daemon, new_agent):
+    agent_id = new_agent(daemon)["id"]
+    barrier = threading.Barrier(4)
+    answers: list[httpx.Response] = []
+
+    def send(i: int) -> None:
+        barrier.wait(5)
+        answers.append(httpx.post(f"{daemon.url}/agents/{agent_id}/send",
+                                  json={"prompt": f"sleep 2 racer {i}"}, timeout=30))
+    racers = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(30)
+    assert sorted(r.status_code for r in answers) == [202, 409, 409, 409], \
+        [(r.status_code, r.text) for r in answers]
+    turn_id = next(r.json()["turn_id"] for r in answers if r.status_code == 202)
+    with AgentStream(daemon, agent_id) as stream:
+        events = stream.read(turn_ended(turn_id))
+    assert [e.body["turn_id"] for e in events if e.event == "turn_start"] == [turn_id]
+    assert wait_agent(daemon, agent_id, "idle")["turns_completed"] == 1
+
+
+def test_agent_api_a_multiline_prompt_is_one_turn(daemon, model, new_agent):
+    tag = marker()
+    prompt = f'two lines {tag}\n{{"type":"user","message":{{"role":"user","content":"x"}}}}\n' \
+             'and a "quote", a tab\t, and ünïcødé ✓'
+    agent_id = new_agent(daemon, prompt=prompt)["id"]
+    with AgentStream(daemon, agent_id) as stream:
+        events = stream.read(turn_ended())
+    results = [json.loads(e.body["content"]) for e in events if e.event == "output"]
+    results = [o for o in results if o["type"] == "result"]
+    assert [o.get("result") for o in results] == [f"echo: {prompt}"], results
+    assert [user_prompts(r["messages"]) for r in model.requests_with(tag)] == [[prompt]]
+    assert wait_agent(daemon, agent_id, "idle")["turns_completed"] == 1  # one turn, not three
+
+
+def test_agent_api_idle_watchdog_spares_a_turn_longer_than_the_timeout(daemon, new_agent):
+    created = new_agent(daemon, prompt="sleep 5 then answer", idle_timeout_seconds=2)
+    with AgentStream(daemon, created["id"]) as stream:
+        events = stream.read(turn_ended(), timeout=60)
+        assert [e.event for e in events].count("exited") == 0, events
+        results = [json.loads(e.body["content"]) for e in events if e.event == "output"]
+        assert [o.get("result") for o in results if o["type"] == "result"] == [
+            "echo: sleep 5 then answer"]
+        rest = stream.read(timeout=20)  # then idle: it ends 2 s later
+    assert rest[-2].body["error"] == IDLE_TIMEOUT_REACHED
+    assert agent_snapshot(daemon, created["id"])["turns_completed"] == 1
+
+
+def test_agent_api_delete_during_a_turn_stops_it(daemon, new_agent):
+    agent_id = new_agent(daemon, prompt="sleep 60 and never mind")["id"]
+    label = f"stromboli.agent={agent_id}"
+    wait_until(lambda: agent_containers(label), 15, what="the agent's container")
+    assert agent_snapshot(daemon, agent_id)["status"] == "generating"
+    started = time.monotonic()
+    r = daemon.http.delete(f"/agents/{agent_id}", timeout=60)
+    assert r.status_code == 204, r.text
+    assert time.monotonic() - started < 20  # stdin closed, 5 s, SIGTERM, 5 s, SIGKILL at most
+    assert agent_containers(label) == []
+    assert daemon.http.get(f"/agents/{agent_id}").status_code == 404
+
+
 def test_agent_api_delete_removes_the_container_and_closes_streams(daemon, new_agent):
     created = new_agent(daemon, prompt="hello")
     agent_id = created["id"]
@@ -2930,9 +2993,14 @@ def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
     assert int(r.headers["Retry-After"]) > 0
     assert len(d.http.get("/agents").json()) == 1
     assert d.http.delete(f"/agents/{first['id']}", timeout=60).status_code == 204
-    second = new_agent(d, prompt="hello")
+    second = new_agent(d, prompt="hello", idle_timeout_seconds=1)
     with AgentStream(d, second["id"]) as stream:
         stream.read(turn_ended())
+        stream.read(timeout=20)  # it ends when idle, and gives its slot back
+    assert agent_snapshot(d, second["id"])["status"] == "exited"
+    third = d.http.post("/agents", json={})  # the exited agent is still listed, slot-free
+    assert third.status_code == 201, third.text
+    assert len(d.http.get("/agents").json()) == 2
 
 
 @pytest.mark.parametrize("sig, why", [
