@@ -3003,6 +3003,56 @@ def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
     assert len(d.http.get("/agents").json()) == 2
 
 
+def test_agent_api_bad_options_are_400_and_a_failed_spawn_frees_its_slot(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_AGENT_ALLOW_ALL_VOLUMES="true")
+    bodies = {
+        "not JSON": b"{",
+        "not an object": b"[]",
+        "a prompt that is no string": b'{"prompt": 5}',
+        "idle_timeout_seconds a string": b'{"idle_timeout_seconds": "ten"}',
+        "NUL in a volume host path": json.dumps({"podman": {"volumes": ["/tmp/a\0b:/data"]}}),
+        "cpu_shares -5": json.dumps({"podman": {"cpu_shares": -5}}),
+        "memory over 1 TiB": json.dumps({"podman": {"memory": "2000g"}}),
+        "max_turns over 10000": json.dumps({"claude": {"max_turns": 10 ** 6}}),
+        "max_budget_usd NaN": b'{"claude": {"max_budget_usd": NaN}}',
+        "workdir out of bounds": json.dumps({"workdir": "../etc"}),
+    }
+    wrong = {}
+    for name, body in bodies.items():
+        r = d.http.post("/agents", content=body, headers={"Content-Type": "application/json"})
+        error = r.json().get("error") if r.headers.get("content-type", "").startswith(
+            "application/json") and isinstance(r.json(), dict) else None
+        if r.status_code != 400 or not isinstance(error, str) or not error:
+            wrong[name] = (r.status_code, r.text[:160])
+    assert not wrong, "\n".join(f"{name} → {outcome}" for name, outcome in wrong.items())
+    assert d.http.get("/agents").json() == []
+    assert "Traceback" not in d.log()
+    assert agent_containers(f"stromboli.instance={d.instance}") == []  # none left behind
+    fine = new_agent(d, prompt="hello")  # the only slot is still free
+    with AgentStream(d, fine["id"]) as stream:
+        stream.read(turn_ended())
+
+
+def test_agent_api_a_process_that_dies_is_exited_and_frees_its_slot(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1")
+    doomed = new_agent(d, prompt="hello", podman={"memory": "8m"})  # too small for the CLI
+    with AgentStream(d, doomed["id"]) as stream:
+        events = stream.read(timeout=60)  # to its end
+        assert stream.ended
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
+    assert "turn_end" not in [e.event for e in events]
+    snapshot = agent_snapshot(d, doomed["id"])
+    assert snapshot["status"] == "exited" and snapshot["exit_error"], snapshot
+    assert events[-2].body["error"] == snapshot["exit_error"]
+    r = d.http.post(f"/agents/{doomed['id']}/send", json={"prompt": "hello?"})
+    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
+    wait_until(lambda: not agent_containers(f"stromboli.agent={doomed['id']}"), 10,
+               what="the dead agent's container removed")
+    fine = new_agent(d, prompt="hello")  # its slot was given back
+    with AgentStream(d, fine["id"]) as stream:
+        stream.read(turn_ended())
+
+
 @pytest.mark.parametrize("sig, why", [
     (signal.SIGTERM, r"the daemon (restarted|shut down)"),  # the daemon stops its agents
     (signal.SIGKILL, r"the daemon restarted"),  # the next start finds them gone
