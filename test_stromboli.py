@@ -2967,6 +2967,12 @@ def test_agent_api_stream_replays_after_last_event_id(daemon, new_agent):
         assert got[0] == after + 1, (headers, params, got)
         assert got == ids[2:], (headers, params)
         assert [(e.event, e.data) for e in replay] == [(e.event, e.data) for e in live[2:]]
+    with AgentStream(daemon, agent_id, headers={"Last-Event-ID": str(ids[-1])}) as stream:
+        r = daemon.http.post(f"/agents/{agent_id}/send", json={"prompt": "hello again"})
+        assert r.status_code == 202, r.text
+        fresh = stream.read(turn_ended(r.json()["turn_id"]))  # nothing old: the new turn
+    assert fresh[0].event == "turn_start" and fresh[0].body["turn_id"] == r.json()["turn_id"]
+    assert assert_event_ids_increase(fresh)[0] == ids[-1] + 1
 
 
 def test_agent_api_conversation_is_in_the_session_history(daemon, new_agent):
@@ -2982,6 +2988,11 @@ def test_agent_api_conversation_is_in_the_session_history(daemon, new_agent):
     messages = wait_until(page, 10, 0.2, "the agent's transcript")
     assert any(f"hello {tag}" in t for t in message_texts(messages, "user")), messages
     assert "Hello from the scripted model" in message_texts(messages, "assistant"), messages
+    r = daemon.http.delete(f"/sessions/{created['session_id']}")
+    assert r.status_code == 409, r.text  # not the home of a live agent
+    assert daemon.http.delete(f"/agents/{created['id']}", timeout=60).status_code == 204
+    kept = daemon.http.get(f"/sessions/{created['session_id']}/messages")
+    assert kept.status_code == 200 and kept.json()["messages"] == messages["messages"]
 
 
 def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
@@ -3003,7 +3014,7 @@ def test_agent_api_live_agents_hold_run_slots(make_daemon, new_agent):
     assert len(d.http.get("/agents").json()) == 2
 
 
-def test_agent_api_bad_options_are_400_and_a_failed_spawn_frees_its_slot(make_daemon, new_agent):
+def test_agent_api_bad_create_options_are_400s(make_daemon, new_agent):
     d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_AGENT_ALLOW_ALL_VOLUMES="true")
     bodies = {
         "not JSON": b"{",
@@ -3071,6 +3082,7 @@ def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp
     snapshot = agent_snapshot(again, agent_id)
     assert snapshot["status"] == "exited", snapshot
     assert re.search(why, snapshot.get("exit_error", "")), snapshot
+    assert [a["id"] for a in again.http.get("/agents").json()] == [agent_id]
     assert snapshot["session_id"] == created["session_id"]
     assert snapshot["turns_completed"] == 1
     wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 15,
