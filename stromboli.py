@@ -3511,6 +3511,7 @@ def job_response(job: dict) -> dict:
 AGENT_IDLE_TIMEOUT = 1800  # seconds (upstream's default)
 AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (U§5.17)
 AGENT_EVENTS_KEPT = 1000  # per agent, for Last-Event-ID (and at most agent.max_output bytes)
+AGENT_EVENTS_KEPT_EXITED = 100
 AGENT_SEND_TIMEOUT = 10.0
 AGENT_FORCED_OPTIONS = {"input_format": "stream-json", "output_format": "stream-json",
                         "include_partial_messages": True, "verbose": True}
@@ -3637,11 +3638,13 @@ class Agent:
                           separators=(",", ":"))
         self.events.append((self.seq, kind, data))
         self._bytes += len(data)
-        while len(self.events) > 1 and (len(self.events) > AGENT_EVENTS_KEPT
-                                        or self._bytes > self._max_bytes):
-            self._bytes -= len(self.events.popleft()[2])
+        self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _trim(self, count: int, size: int) -> None:
+        while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
+            self._bytes -= len(self.events.popleft()[2])
 
     async def follow(self, after: int):
         """Yield (id, type, data) of the kept events after `after` (a follower too slow
@@ -3709,6 +3712,7 @@ class Agent:
         self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
         self.stdin = None
         self.emit("exited", turn_id=self.turn_id or None, error=exit_error)
+        self._trim(AGENT_EVENTS_KEPT_EXITED, 1024 ** 2)  # exited agents stay listed: keep less
         self._on_change(self)
 
 
@@ -3905,6 +3909,16 @@ class AgentManager:
             await asyncio.shield(agent.task)
         self.agents.pop(agent_id, None)
         await self.store.call(self.store.delete_agent, agent_id)
+
+    async def cleanup_forever(self) -> None:
+        """Exited agents stay listed (upstream: until deleted) for jobs.cleanup_ttl."""
+        while True:
+            await asyncio.sleep(self.cfg.jobs_cleanup_interval)
+            cutoff = time.time() - self.cfg.jobs_cleanup_ttl
+            for agent in [a for a in self.agents.values()
+                          if a.status == "exited" and (a.exited_at or 0) < cutoff]:
+                self.agents.pop(agent.id, None)
+                await self.store.call(self.store.delete_agent, agent.id)
 
     async def shutdown(self) -> None:
         """Stop every live agent, as upstream does (its followers get `closed`)."""
@@ -5273,6 +5287,7 @@ class Stromboli:
         await self.auth.load()
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
+        self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
 
     async def _connect(self) -> None:

@@ -1275,6 +1275,120 @@ def test_run_slot_handed_to_a_cancelled_waiter_goes_to_the_next():
     assert asyncio.run(scenario()) == ["A", "C"]
 
 
+# -- agents -----------------------------------------------------------------------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("body, message", [
+    ([], "agent: invalid request: body must be a JSON object"),
+    ({"idle_timeout_seconds": -1},
+     "agent: invalid request: idle_timeout_seconds must be non-negative"),
+    ({"idle_timeout_seconds": "60"}, "agent: invalid request: idle_timeout_seconds must be an "
+                                     "integer"),
+    ({"idle_timeout_seconds": True}, "agent: invalid request: idle_timeout_seconds must be an "
+                                     "integer"),
+    ({"prompt": 5}, "agent: invalid request: prompt must be a string"),
+    ({"disable_idle_timeout": "yes"}, "agent: invalid request: disable_idle_timeout must be a "
+                                      "boolean"),
+    ({"workdir": "relative"}, "workdir validation failed: workdir must be an absolute path "
+                              "starting with /"),
+    ({"podman": {"privileged": True}}, 'Invalid request: unknown podman option "privileged"'),
+])
+def test_agent_request_is_refused_with_its_message(body, message):
+    cfg = stromboli.Config()
+    with pytest.raises(stromboli.ApiError) as caught:
+        stromboli.AgentRequest.parse(body, cfg)
+    assert caught.value.status == 400 and caught.value.message == message
+
+
+@pytest.mark.fast
+def test_agent_request_forces_stream_json_and_a_new_session():
+    req = stromboli.AgentRequest.parse({
+        "prompt": "hi", "claude": {"model": "sonnet", "session_id": str(uuid.uuid4()),
+                                   "resume": True, "output_format": "text"}}, stromboli.Config())
+    assert (req.prompt, req.idle_timeout, req.idle_timeout_disabled) == ("hi", 1800, False)
+    plan = stromboli.SessionPlan("11111111-1111-4111-8111-111111111111", "new")
+    argv = stromboli.container_command(stromboli.Config(), req.run, plan, True, [], stdin="")[-1]
+    assert "'--input-format' 'stream-json'" in argv and "'--output-format' 'stream-json'" in argv
+    assert "'--include-partial-messages'" in argv and argv.count("'--verbose'") == 1
+    assert "'--resume'" not in argv and "'--session-id' '11111111-" in argv
+    assert "'--model' 'sonnet'" in argv and not argv.rstrip().endswith("/prompt")
+
+
+def fast_agent(max_bytes: int = 1 << 20) -> tuple["stromboli.Agent", list]:
+    saved = []
+    req = stromboli.AgentRequest.parse({}, stromboli.Config())
+    return stromboli.Agent.new(req, max_bytes, lambda a: saved.append(a.status)), saved
+
+
+@pytest.mark.fast
+def test_agent_lines_become_events_and_a_result_ends_the_turn():
+    async def scenario():
+        agent, saved = fast_agent()
+        agent.on_line(1, '{"type":"system","subtype":"init"}')
+        assert agent.status == "idle" and saved == ["idle"]
+        agent.status, agent.turn_id = "generating", "turn-1"
+        agent.on_line(2, "warning: something")
+        agent.on_line(1, json.dumps({"type": "result", "usage": {
+            "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 1},
+            "modelUsage": {"claude-sonnet-4[1m]": {}}}))
+        events = [(i, k, json.loads(d)) for i, k, d in agent.events]
+        assert [i for i, _, _ in events] == [1, 2, 3, 4]
+        assert [k for _, k, _ in events] == ["output", "error", "output", "turn_end"]
+        assert events[1][2]["error"] == "[stderr] warning: something"
+        end = events[-1][2]
+        assert end["turn_id"] == "turn-1" and end["usage"]["model"] == "claude-sonnet-4"
+        assert end["usage"]["total_tokens"] == 16 and end["usage"]["estimated_cost_usd"] > 0
+        assert (agent.status, agent.turns_completed, agent.turn_id) == ("idle", 1, "")
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_result_with_hostile_usage_still_ends_the_turn():
+    async def scenario():
+        agent, _ = fast_agent()
+        agent.status, agent.turn_id = "generating", "turn-1"
+        agent.on_line(1, '{"type":"result","usage":{"input_tokens":"lots"},"modelUsage":[1]}')
+        end = json.loads(agent.events[-1][2])
+        assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_follow_replays_after_an_id_then_ends_with_closed():
+    async def scenario():
+        agent, _ = fast_agent()
+        for n in range(5):
+            agent.on_line(1, f"line {n}")
+        seen = []
+
+        async def follow():
+            async for event_id, kind, _ in agent.follow(3):
+                seen.append((event_id, kind))
+        follower = asyncio.ensure_future(follow())
+        await asyncio.sleep(0.01)
+        assert seen == [(4, "output"), (5, "output")] and not follower.done()
+        agent.finish("agent: idle timeout reached")
+        await asyncio.wait_for(follower, 2)
+        assert seen[2:] == [(6, "exited"), (6, "closed")]
+        assert json.loads(agent.events[-1][2])["error"] == "agent: idle timeout reached"
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=10_000)
+        for n in range(3000):
+            agent.on_line(1, f"{n:0100d}")
+        kept = list(agent.events)
+        assert sum(len(d) for _, _, d in kept) <= 10_000 and kept[-1][0] == 3000
+        ids = [i for i, _, _ in kept]
+        assert ids == list(range(ids[0], 3001))
+        first = await agent.follow(0).__anext__()
+        assert first[0] == ids[0]  # the oldest kept, not a hole
+    asyncio.run(scenario())
+
+
 # -- JWT ------------------------------------------------------------------------------
 
 @pytest.fixture
