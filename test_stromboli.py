@@ -2995,6 +2995,64 @@ def test_unknown_podman_options_are_refused_by_name(daemon, key, value):
     assert f'unknown podman option "{key}"' in run_error(r)
 
 
+def agent_events(d: Daemon, agent_id: str, until: str, after: int | None = None,
+                 timeout: float = 60) -> list:
+    """A persistent agent's SSE events (from `after`), up to the first of type `until`."""
+    headers = {} if after is None else {"Last-Event-ID": str(after)}
+    found = []
+    with httpx.Client(base_url=d.url, timeout=timeout) as client:
+        with connect_sse(client, "GET", f"/agents/{agent_id}/stream", headers=headers) as source:
+            for event in source.iter_sse():
+                found.append(event)
+                if event.event == until:
+                    return found
+    raise AssertionError(f"the stream ended without {until}: {[e.event for e in found]}")
+
+
+def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsive(make_daemon):
+    """100,000 lines and one 20 MB line on an agent's stdout (a hook's, since the agent
+    itself cannot open the container's stdout): the daemon keeps at most its window of
+    events, cuts the long line, stays responsive, and the agent still takes turns."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
+    flood = ("yes flood-line | head -n 100000; head -c 20000000 /dev/zero | tr '\\0' a; "
+             "echo; echo flood-done")
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                httpx.get(d.url + "/health", timeout=120)
+            except httpx.HTTPError:
+                started = -float("inf")
+            latencies.append(time.monotonic() - started)
+            stop.wait(0.2)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        r = d.http.post("/agents", json={"podman": {"lifecycle": {"post_start": [flood]}}})
+        assert r.status_code == 201, r.text
+        agent = r.json()["id"]
+        turn = d.http.post(f"/agents/{agent}/send", json={"prompt": "hello"}).json()["turn_id"]
+        agent_events(d, agent, "turn_end", timeout=120)  # live, through the flood
+    finally:
+        stop.set()
+        prober.join()
+    assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
+    events = agent_events(d, agent, "turn_end", after=0)  # the window kept for replays
+    kept = [e for e in events if e.event in ("output", "error")]
+    assert len(events) <= 1000 and sum(len(e.data) for e in events) < 1024 * 1024 + 70000
+    assert [int(e.id) for e in events] == list(range(int(events[0].id), int(events[-1].id) + 1))
+    assert int(events[0].id) > 1000  # the window moved: early lines were let go
+    cut = [e for e in kept if "[stromboli: line truncated, 19934464 bytes dropped]" in e.data]
+    assert len(cut) == 1 and len(json.loads(cut[0].data)["content"]) < 65536 + 100
+    assert json.loads(events[-1].data)["turn_id"] == turn
+    assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+
+
 # ---------------------------------------------------------------------------
 # Perimeter — auth, revocation, rate limiting, logs, validation allowlists
 # ---------------------------------------------------------------------------
