@@ -3801,7 +3801,11 @@ class AgentManager:
                         await agent.send(req.prompt)
                 self.save(agent)
                 started.set_result(None)
-                exit_error = await self._supervise(agent, cid, reader, req.run)
+                try:
+                    exit_error = await self._supervise(agent, cid, reader, req.run)
+                except Exception as exc:  # e.g. a home the size check cannot walk
+                    log.exception("agent supervision failed", extra=fields(agent_id=agent.id))
+                    exit_error = f"agent: supervision failed: {short_error(exc)}"
         finally:
             if not started.done():
                 started.cancel()
@@ -5934,6 +5938,8 @@ async def send_to_agent(request: web.Request) -> web.Response:
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("agent: invalid request: prompt is required")
+    if "\0" in prompt:
+        raise BadRequest("agent: invalid request: prompt must not contain NUL characters")
     return json_response({"turn_id": await agent.send(prompt)}, 202)
 
 
