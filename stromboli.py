@@ -5956,7 +5956,7 @@ async def send_to_agent(request: web.Request) -> web.Response:
                    "this id"),
              param("last_event_id", "query", "integer", "(extension) Same as the "
                    "Last-Event-ID header")),
-     produces=("text/event-stream",),
+     produces=("text/event-stream", "application/json"),
      ok=(200, "SSE stream of agent.Event objects (stromboli_internal_agent.Event)", None),
      errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found")),
      error_schema="internal_api.errorBody")
