@@ -2670,6 +2670,31 @@ def assert_untouched(folder: pathlib.Path) -> None:
     assert os.listdir(folder) == []
 
 
+@contextlib.contextmanager
+def health_latencies(d: Daemon):
+    """The latencies of /health, probed every 0.2 s while the block runs (a failed probe
+    counts as an endless wait)."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                httpx.get(d.url + "/health", timeout=120)
+            except httpx.HTTPError:
+                started = -float("inf")
+            latencies.append(time.monotonic() - started)
+            stop.wait(0.2)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        prober.join()
+
+
 def memory_kib(pid: int, field: str) -> int:
     status = pathlib.Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1))
@@ -2765,25 +2790,8 @@ def flood_through_a_hook(d: Daemon, script: str, route: str = "/run") -> httpx.R
 
 def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
     d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                httpx.get(d.url + "/health", timeout=120)
-            except httpx.HTTPError:
-                started = -float("inf")  # recorded as an endless wait
-            latencies.append(time.monotonic() - started)
-            stop.wait(0.2)
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with health_latencies(d) as latencies:
         r = flood_through_a_hook(d, "head -c 20000000 /dev/zero | tr '\\0' a; echo")
-    finally:
-        stop.set()
-        prober.join()
     assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
     assert r.status_code == 200, r.text[:500]
     body = r.json()
@@ -3017,29 +3025,12 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
     flood = ("yes flood-line | head -n 100000; head -c 20000000 /dev/zero | tr '\\0' a; "
              "echo; echo flood-done")
     baseline = memory_kib(d.proc.pid, "VmRSS")
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                httpx.get(d.url + "/health", timeout=120)
-            except httpx.HTTPError:
-                started = -float("inf")
-            latencies.append(time.monotonic() - started)
-            stop.wait(0.2)
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with health_latencies(d) as latencies:
         r = d.http.post("/agents", json={"podman": {"lifecycle": {"post_start": [flood]}}})
         assert r.status_code == 201, r.text
         agent = r.json()["id"]
         turn = d.http.post(f"/agents/{agent}/send", json={"prompt": "hello"}).json()["turn_id"]
         agent_events(d, agent, "turn_end", timeout=120)  # live, through the flood
-    finally:
-        stop.set()
-        prober.join()
     assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
     events = agent_events(d, agent, "turn_end", after=0)  # the window kept for replays
     kept = [e for e in events if e.event in ("output", "error")]
