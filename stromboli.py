@@ -772,7 +772,8 @@ CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL,
     created_at REAL NOT NULL, last_activity_at REAL NOT NULL, idle_timeout INTEGER NOT NULL,
     idle_timeout_disabled INTEGER NOT NULL, turns_completed INTEGER NOT NULL,
-    exit_error TEXT, last_event INTEGER NOT NULL, exited_at REAL
+    exit_error TEXT, last_event INTEGER NOT NULL, exited_at REAL, turn_id TEXT NOT NULL,
+    request TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, url TEXT NOT NULL,
@@ -3516,10 +3517,11 @@ AGENT_SEND_TIMEOUT = 10.0
 AGENT_FORCED_OPTIONS = {"input_format": "stream-json", "output_format": "stream-json",
                         "include_partial_messages": True, "verbose": True}
 AGENT_SESSION_OPTIONS = ("session_id", "resume", "continue", "fork_session")
-AGENT_RESTART_ERROR = ("agent: the daemon restarted: Podman closes an agent's input with the "
-                       "connection that fed it, so its process ended (its conversation is kept "
-                       "in its session)")
-AGENT_SHUTDOWN_ERROR = "agent: the daemon shut down"
+AGENT_PAUSED = ("agent: the daemon is restarting; the agent will be back with its "
+                "conversation (follow it again with Last-Event-ID)")
+AGENT_LOST_TURN = "agent: the daemon restarted during this turn; its output ends here"
+AGENT_REVIVE_ERROR = "agent: could not be started again after the daemon restarted: "
+AGENT_STOPPED = "agent: stopped"
 AGENT_IDLE_ERROR = "agent: idle timeout reached"
 
 
@@ -3593,7 +3595,9 @@ class Agent:
         self.idle_timeout_disabled = bool(row["idle_timeout_disabled"])
         self.turns_completed, self.seq = row["turns_completed"], row["last_event"]
         self.exit_error, self.exited_at = row["exit_error"] or "", row["exited_at"]
-        self.turn_id = ""
+        self.turn_id = row["turn_id"]
+        self.run = RunRequest(**json.loads(row["request"]))  # its container, again after a restart
+        self.paused = False  # the daemon stopped; the next start brings it back
         self.stdin: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None  # its life, from spawn to cleanup
         self.stop_reason = ""
@@ -3611,7 +3615,8 @@ class Agent:
                     "status": "starting", "created_at": now, "last_activity_at": now,
                     "idle_timeout": req.idle_timeout,
                     "idle_timeout_disabled": req.idle_timeout_disabled, "turns_completed": 0,
-                    "last_event": 0, "exit_error": None, "exited_at": None},
+                    "last_event": 0, "exit_error": None, "exited_at": None, "turn_id": "",
+                    "request": json.dumps(req.run.to_json())},
                    max_bytes, on_change)
 
     def row(self) -> dict:
@@ -3620,7 +3625,8 @@ class Agent:
                 "idle_timeout": self.idle_timeout,
                 "idle_timeout_disabled": int(self.idle_timeout_disabled),
                 "turns_completed": self.turns_completed, "exit_error": self.exit_error or None,
-                "last_event": self.seq, "exited_at": self.exited_at}
+                "last_event": self.seq, "exited_at": self.exited_at, "turn_id": self.turn_id,
+                "request": json.dumps(self.run.to_json())}
 
     def snapshot(self) -> dict:
         return drop_none({
@@ -3648,7 +3654,8 @@ class Agent:
 
     async def follow(self, after: int):
         """Yield (id, type, data) of the kept events after `after` (a follower too slow
-        for the kept window skips to its start), live, then `closed` once exited."""
+        for the kept window skips to its start), live, then `closed` once exited; the
+        stream ends without it when the daemon stops (the agent comes back after)."""
         cursor = after
         while True:
             waiter = self._changed
@@ -3658,6 +3665,8 @@ class Agent:
                 yield cursor, kind, data
             if self.status == "exited":
                 yield self.seq, "closed", "{}"
+                return
+            if self.paused:
                 return
             await waiter.wait()
 
@@ -3681,8 +3690,11 @@ class Agent:
 
     async def send(self, prompt: str) -> str:
         """Write one turn to the process's stdin (U§5.17's statuses) → its turn id."""
-        if self.status == "exited" or self.stdin is None:
+        if self.status == "exited":
             raise ApiError(410, "agent: process has exited")
+        if self.stdin is None:
+            raise ApiError(503, "agent: starting again after a daemon restart; retry shortly",
+                           {"Retry-After": "2"})
         if self.status == "generating":
             raise Conflict("agent: a turn is already in progress")
         turn_id = f"turn-{uuid.uuid4()}"
@@ -3707,6 +3719,22 @@ class Agent:
             self.stop_reason = reason
             self.stop_requested.set()
 
+    def pause(self) -> None:
+        """The daemon stops: its followers are told, and its row keeps it live."""
+        self.stdin, self.paused = None, True
+        self.emit("error", turn_id=self.turn_id or None, error=AGENT_PAUSED)
+        self._on_change(self)
+
+    def resume_after_restart(self) -> None:
+        """At the next start, before its new process: ids go on past any event the old
+        daemon sent but had not saved, and a turn the restart cut is ended."""
+        self.seq += AGENT_EVENTS_KEPT
+        self.last_activity = time.time()  # the downtime does not count as idleness
+        if self.status == "generating":
+            self.emit("error", turn_id=self.turn_id or None, error=AGENT_LOST_TURN)
+            self.status, self.turn_id = "idle", ""
+        self._on_change(self)
+
     def finish(self, exit_error: str) -> None:
         """Exited: the last event; followers get `closed` after it."""
         self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
@@ -3719,8 +3747,10 @@ class Agent:
 class AgentManager:
     """The agents: each spawned into a hardened container as a run is (holding a run slot
     for its whole life), fed and followed over one attach connection, stopped on request,
-    idleness, its home's quota or its lifetime, and kept as an SQLite row so that none is
-    forgotten across restarts."""
+    idleness, its home's quota or its lifetime, and kept as an SQLite row. A daemon restart
+    cannot keep an agent's process (Podman closes a container's stdin with the attach
+    connection that fed it), so the next start runs a new one that resumes the agent's
+    conversation: same id, same session, same options."""
 
     def __init__(self, cfg: Config, store: Store, runner: ContainerRunner):
         self.cfg, self.store, self.runner = cfg, store, runner
@@ -3729,7 +3759,11 @@ class AgentManager:
 
     @property
     def live(self) -> int:
-        return sum(1 for a in self.agents.values() if a.status != "exited")
+        return sum(1 for a in self.agents.values() if a.task)
+
+    @property
+    def generating(self) -> int:
+        return sum(1 for a in self.agents.values() if a.task and a.status == "generating")
 
     def get(self, agent_id: str) -> Agent:
         if (agent := self.agents.get(agent_id)) is None:
@@ -3748,9 +3782,8 @@ class AgentManager:
                 saving.exception())))
 
     async def load(self) -> None:
-        """At startup: every agent in the store is listed again. One that was live when the
-        daemon stopped has ended (Podman closed its input with the old daemon's connection;
-        the orphan sweep removes its container): it is shown exited, with why."""
+        """At startup: every agent in the store is listed again; the ones that were live
+        start again once Podman answers (revive)."""
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
@@ -3758,32 +3791,48 @@ class AgentManager:
                     "type": "exited", "error": agent.exit_error,
                     "at": rfc3339(agent.exited_at, "microseconds")}), separators=(",", ":"))))
             else:
-                log.warning("an agent ended with the daemon's restart", extra=fields(
+                agent.resume_after_restart()
+
+    async def revive(self) -> None:
+        """After the orphan sweep (the old processes are gone with their containers): each
+        agent that was live starts again, resuming its conversation; one that cannot is
+        shown exited, with why."""
+        for agent in [a for a in self.agents.values() if a.status != "exited" and not a.task]:
+            try:
+                await self.start(agent)
+                log.info("agent started again after a restart", extra=fields(
                     agent_id=agent.id, session_id=agent.session_id))
-                agent.finish(AGENT_RESTART_ERROR)
+            except Exception as exc:
+                reason = getattr(exc, "message", None) or short_error(exc)
+                log.warning("agent could not start again", extra=fields(agent_id=agent.id,
+                                                                        error=reason))
+                agent.finish(AGENT_REVIVE_ERROR + reason)
 
     async def spawn(self, req: AgentRequest) -> Agent:
-        """Create, attach and start the agent's container (errors are the caller's), send
-        the first prompt if any; → the agent, live."""
-        image = await self.runner.prepare(req.run)
+        """A new agent, live (errors are the caller's), its first prompt sent if any."""
+        agent = Agent.new(req, self.cfg.agent_max_output, self.save)
+        await self.start(agent, req.prompt)
+        return agent
+
+    async def start(self, agent: Agent, prompt: str = "") -> None:
+        """Create, attach and start the agent's container, holding a run slot."""
+        image = await self.runner.prepare(agent.run)
         if not self.runner.slots.try_acquire():
             raise ApiError(429, f"agent: all {self.runner.slots.size} run slots are in use "
                                 "(each live agent holds one); retry later",
                            {"Retry-After": "5"})
-        agent = Agent.new(req, self.cfg.agent_max_output, self.save)
         started = asyncio.get_running_loop().create_future()
-        agent.task = asyncio.ensure_future(self._live(agent, req, image, started))
+        agent.task = asyncio.ensure_future(self._live(agent, prompt, image, started))
         await asyncio.shield(started)
-        return agent
 
-    async def _live(self, agent: Agent, req: AgentRequest, image: str,
+    async def _live(self, agent: Agent, prompt: str, image: str,
                     started: asyncio.Future) -> None:
         """The agent's whole life: spawn, supervise, clean up (its container, its slot)."""
-        cid, exit_error = "", AGENT_SHUTDOWN_ERROR
+        cid, exit_error, running = "", AGENT_STOPPED, False
         try:
             async with self.sessions.lock(agent.session_id):
                 try:
-                    cid = await self._create(agent, req.run, image)
+                    cid = await self._create(agent, agent.run, image)
                     reader, agent.stdin = await self.podman.attach_stdio(cid)
                     await self.podman.call(self.podman.start, cid)
                 except Exception as exc:
@@ -3796,13 +3845,14 @@ class AgentManager:
                     log.warning("agent created with idle timeout DISABLED — caller owns "
                                 "lifecycle, agent will not auto-stop on inactivity",
                                 extra=fields(agent_id=agent.id))
-                if req.prompt.strip():
+                if prompt.strip():
                     with contextlib.suppress(ApiError):  # shown as its `error` event
-                        await agent.send(req.prompt)
+                        await agent.send(prompt)
                 self.save(agent)
                 started.set_result(None)
+                running = True
                 try:
-                    exit_error = await self._supervise(agent, cid, reader, req.run)
+                    exit_error = await self._supervise(agent, cid, reader, agent.run)
                 except Exception as exc:  # e.g. a home the size check cannot walk
                     log.exception("agent supervision failed", extra=fields(agent_id=agent.id))
                     exit_error = f"agent: supervision failed: {short_error(exc)}"
@@ -3812,14 +3862,20 @@ class AgentManager:
             if cid:
                 await asyncio.shield(self.runner.destroy(cid))
             self.runner.slots.release()
-            if agent.id in self.agents:
+            agent.task = None
+            if running and exit_error == AGENT_PAUSED:
+                agent.pause()
+            elif running:
                 agent.finish(exit_error)
                 log.info("agent exited", extra=fields(agent_id=agent.id, error=exit_error))
             with contextlib.suppress(OSError, HomeError):  # refreshes the size /sessions shows
                 await asyncio.to_thread(self.sessions.over_quota, agent.session_id)
 
     async def _create(self, agent: Agent, req: RunRequest, image: str) -> str:
-        plan = SessionPlan(agent.session_id, "new")
+        """The container; an agent that has a conversation already (started again after a
+        restart) resumes it."""
+        had = await asyncio.to_thread(self.sessions.transcript, agent.session_id)
+        plan = SessionPlan(agent.session_id, "resume" if had else "new")
         await asyncio.to_thread(make_volume_dirs, self.cfg, req)
         await self.runner.open_session(req, plan, image)
         credentials = self.runner.credentials
@@ -3831,7 +3887,8 @@ class AgentManager:
             user=agent_user(self.cfg, self.runner.rootless),
             labels={**MANAGED_LABEL, "stromboli.instance": self.runner.instance,
                     "stromboli.agent": agent.id, "stromboli.session": agent.session_id})
-        command = container_command(self.cfg, req, plan, True, secret_env, stdin="")
+        command = container_command(self.cfg, req, plan, plan.mode == "new", secret_env,
+                                    stdin="")
         try:
             return await self.podman.call(self.podman.create, image, command, stdin_open=True,
                                           **spec)
@@ -3909,7 +3966,7 @@ class AgentManager:
         """Stop the agent (if live) and forget it, once its container is gone."""
         agent = self.get(agent_id)
         agent.request_stop("")
-        if agent.task is not None and not agent.task.done():
+        if agent.task is not None:
             await asyncio.shield(agent.task)
         self.agents.pop(agent_id, None)
         await self.store.call(self.store.delete_agent, agent_id)
@@ -3925,10 +3982,12 @@ class AgentManager:
                 await self.store.call(self.store.delete_agent, agent.id)
 
     async def shutdown(self) -> None:
-        """Stop every live agent, as upstream does (its followers get `closed`)."""
-        tasks = [a.task for a in self.agents.values() if a.task and not a.task.done()]
+        """Stop every live agent's process (upstream stops its agents too); their rows stay
+        live, and the next start brings them back. Followers get an `error` event saying so,
+        and their streams end."""
+        tasks = [a.task for a in self.agents.values() if a.task]
         for agent in self.agents.values():
-            agent.request_stop(AGENT_SHUTDOWN_ERROR)
+            agent.request_stop(AGENT_PAUSED)
         if tasks:
             await asyncio.wait(tasks, timeout=3 * AGENT_STOP_GRACE + 5)
 
@@ -5303,6 +5362,7 @@ class Stromboli:
                 await self.jobs.recover()
                 await self.monitor.check()  # /health is right from the first answer
                 self.runner.connected.set()
+                self.background.append(asyncio.ensure_future(self.agents.revive()))
                 log.info("podman connected", extra=fields(url=self.podman.url,
                                                           rootless=self.runner.rootless))
                 return
@@ -5326,8 +5386,9 @@ class Stromboli:
         if self.runner:
             self.runner.detaching = True  # what is still running at the end is let go
         deadline = time.monotonic() + grace
-        while self.runner and self.runner.slots.active > self.agents.live \
-                and time.monotonic() < deadline:  # agents hold slots but are no runs
+        while self.runner and time.monotonic() < deadline and (
+                self.runner.slots.active > self.agents.live  # agents hold slots: not runs
+                or self.agents.generating):
             await asyncio.sleep(0.1)
         if self.agents:
             await self.agents.shutdown()  # while their followers can still be told
