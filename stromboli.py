@@ -5991,7 +5991,8 @@ async def delete_agent(request: web.Request) -> web.Response:
      ok=(202, "Accepted", "internal_api.SendAgentResponse"),
      errors=((400, "Bad Request"), (404, "Not Found"), (409, "Turn already in progress"),
              (410, "Agent has exited"),
-             (503, "The agent does not read its input (extension)")),
+             (503, "The agent does not read its input, or is starting again after a daemon "
+                   "restart (extension), with Retry-After")),
      error_schema="internal_api.errorBody")
 async def send_to_agent(request: web.Request) -> web.Response:
     agent = state(request).agents.get(request.match_info["id"])
