@@ -1297,14 +1297,16 @@ class Podman:
 
     def exit_code(self, cid: str) -> int:
         """The exit code of a container whose output stream has ended. Inspecting is far
-        quicker than the wait endpoint here (which polls every ~250 ms)."""
+        quicker than the wait endpoint here (which polls every ~250 ms). One still running
+        10 s after its output ended closed its output on purpose: RunFailed (the caller
+        removes it)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             state = self.client.containers.get(cid).attrs["State"]
             if state["Status"] in ("exited", "stopped"):
                 return int(state["ExitCode"])
             time.sleep(0.01)
-        return int(self.client.containers.get(cid).wait(condition="exited"))
+        raise RunFailed("the container closed its output but did not exit")
 
     def attach(self, cid: str, attached: Callable[[], None], sink: Callable[[bytes], None]) -> None:
         """Stream a container's stdout and stderr frames into `sink` until it exits.
@@ -1316,7 +1318,7 @@ class Podman:
         try:
             while len(header := response.raw.read(8)) == 8:
                 size = int.from_bytes(header[4:], "big")
-                while size > 0 and (data := response.raw.read(min(size, 1024 * 1024))):
+                while size > 0 and (data := response.raw.read(min(size, 65536))):
                     sink(data)
                     size -= len(data)
         finally:
@@ -1332,6 +1334,7 @@ class Podman:
         hijacks the HTTP connection, so this speaks HTTP/1.1 on a socket of our own (on the
         event loop, which never blocks on it)."""
         scheme, _, where = self.url.partition("://")
+        writer = None
         try:
             if scheme in ("unix", "http+unix"):
                 reader, writer = await asyncio.open_unix_connection(urllib.parse.unquote(where))
@@ -1347,12 +1350,14 @@ class Podman:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
+            if writer is not None:
+                writer.close()
             raise PodmanUnavailable(f"podman unavailable: attach failed: {short_error(exc)}") \
                 from None
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if " 101 " not in status and " 200 " not in status:
             writer.close()
-            raise RunFailed(f"attach failed: {status}")
+            raise ApiError(500, f"agent: spawn: attach failed: {status[:200]}")
         return reader, writer
 
     @staticmethod
@@ -1593,7 +1598,7 @@ def parse_json_lines(lines: Iterable[str | bytes]) -> Iterable[dict]:
         if line[:1] in ("{", b"{"):
             try:
                 value = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting is the agent's choice too
                 continue
             if isinstance(value, dict):
                 yield value
@@ -1606,7 +1611,7 @@ def result_event(output: str) -> dict | None:
         whole = json.loads(text)
         if isinstance(whole, dict):
             return whole
-    except ValueError:
+    except (ValueError, RecursionError):  # the agent's output: any text at all
         pass
     found = None
     for event in parse_json_lines(text.splitlines()):
@@ -3540,7 +3545,7 @@ def turn_usage(result: dict) -> dict | None:
         return None
     try:
         return usage_summary({"turn": usage}, re.sub(r"\[\w+\]$", "", model))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):  # 1e999, a 400-digit count...
         return None
 
 
@@ -3606,6 +3611,7 @@ class Agent:
         self._bytes, self._max_bytes = 0, max_bytes
         self._changed = asyncio.Event()
         self._on_change = on_change
+        self._saved_seq = self.seq
 
     @classmethod
     def new(cls, req: AgentRequest, max_bytes: int,
@@ -3620,6 +3626,7 @@ class Agent:
                    max_bytes, on_change)
 
     def row(self) -> dict:
+        self._saved_seq = self.seq
         return {"id": self.id, "session_id": self.session_id, "status": self.status,
                 "created_at": self.created_at, "last_activity_at": self.last_activity,
                 "idle_timeout": self.idle_timeout,
@@ -3647,6 +3654,8 @@ class Agent:
         self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
+        if self.seq - self._saved_seq >= AGENT_EVENTS_KEPT // 2:  # so ids outlive a crash
+            self._on_change(self)
 
     def _trim(self, count: int, size: int) -> None:
         while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
@@ -3681,7 +3690,8 @@ class Agent:
             self.status = "idle"
             self._on_change(self)
         self.emit("output", turn_id=turn_id, content=line)
-        if '"result"' in line and (event := next(parse_json_lines([line]), None)) \
+        if self.status == "generating" and '"result"' in line \
+                and (event := next(parse_json_lines([line]), None)) \
                 and event.get("type") == "result":
             self.turns_completed += 1
             self.status, self.turn_id = "idle", ""
@@ -3697,6 +3707,8 @@ class Agent:
                            {"Retry-After": "2"})
         if self.status == "generating":
             raise Conflict("agent: a turn is already in progress")
+        if self.stdin.transport.get_write_buffer_size():  # a send before was never read
+            raise Unavailable("agent: send: its input is not being read")
         turn_id = f"turn-{uuid.uuid4()}"
         self.turn_id, self.status, self.last_activity = turn_id, "generating", time.time()
         self.emit("turn_start", turn_id=turn_id)
@@ -3708,9 +3720,10 @@ class Agent:
         except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
             why = "its input is not being read" if isinstance(exc, asyncio.TimeoutError) \
                 else short_error(exc)
-            self.status, self.turn_id = "idle", ""
+            if self.status == "generating" and self.turn_id == turn_id:  # not if it ended
+                self.status, self.turn_id = "idle", ""
+                self._on_change(self)
             self.emit("error", turn_id=turn_id, error=f"agent: send: {why}")
-            self._on_change(self)
             raise Unavailable(f"agent: send: {why}") from None
         return turn_id
 
@@ -3740,7 +3753,7 @@ class Agent:
         self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
         self.stdin = None
         self.emit("exited", turn_id=self.turn_id or None, error=exit_error)
-        self._trim(AGENT_EVENTS_KEPT_EXITED, 1024 ** 2)  # exited agents stay listed: keep less
+        self._trim(AGENT_EVENTS_KEPT_EXITED, 64 * 1024)  # exited agents stay listed: keep less
         self._on_change(self)
 
 
@@ -3756,6 +3769,8 @@ class AgentManager:
         self.cfg, self.store, self.runner = cfg, store, runner
         self.podman, self.sessions = runner.podman, runner.sessions
         self.agents: dict[str, Agent] = {}
+        self._saving: dict[str, bool] = {}  # agent id → written again when done
+        self._reserved: set[str] = set()  # agents to revive, holding their slot
 
     @property
     def live(self) -> int:
@@ -3771,19 +3786,29 @@ class AgentManager:
         return agent
 
     def save(self, agent: Agent) -> None:
-        """Write the agent's row (the store's one thread keeps the writes in order)."""
+        """Write the agent's row: at most one write per agent in flight, the latest state
+        written after it (an agent printing fake results cannot flood the store's thread,
+        which keeps the writes in order). A deleted agent is written no more."""
+        if agent.id not in self.agents:
+            return
+        if agent.id in self._saving:
+            self._saving[agent.id] = True  # written again once the one in flight is done
+            return
+        self._saving[agent.id] = False
         saving = asyncio.ensure_future(self.store.call(self.store.save_agent, agent.row()))
-        saving.add_done_callback(self._saved)
+        saving.add_done_callback(functools.partial(self._saved, agent))
 
-    @staticmethod
-    def _saved(saving: asyncio.Future) -> None:
+    def _saved(self, agent: Agent, saving: asyncio.Future) -> None:
         if not saving.cancelled() and saving.exception() is not None:
-            log.error("could not save an agent", extra=fields(error=short_error(
-                saving.exception())))
+            log.error("could not save an agent", extra=fields(
+                agent_id=agent.id, error=short_error(saving.exception())))
+        if self._saving.pop(agent.id, False):
+            self.save(agent)
 
     async def load(self) -> None:
         """At startup: every agent in the store is listed again; the ones that were live
-        start again once Podman answers (revive)."""
+        keep a run slot (before any job can take it) and start again once Podman answers
+        (revive)."""
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
@@ -3792,21 +3817,43 @@ class AgentManager:
                     "at": rfc3339(agent.exited_at, "microseconds")}), separators=(",", ":"))))
             else:
                 agent.resume_after_restart()
+                if self.runner.slots.try_acquire():
+                    self._reserved.add(agent.id)
 
     async def revive(self) -> None:
         """After the orphan sweep (the old processes are gone with their containers): each
-        agent that was live starts again, resuming its conversation; one that cannot is
-        shown exited, with why."""
+        agent that was live starts again, resuming its conversation (Podman gets three
+        tries); one that cannot is shown exited, with why."""
         for agent in [a for a in self.agents.values() if a.status != "exited" and not a.task]:
-            try:
-                await self.start(agent)
-                log.info("agent started again after a restart", extra=fields(
-                    agent_id=agent.id, session_id=agent.session_id))
-            except Exception as exc:
-                reason = getattr(exc, "message", None) or short_error(exc)
-                log.warning("agent could not start again", extra=fields(agent_id=agent.id,
-                                                                        error=reason))
-                agent.finish(AGENT_REVIVE_ERROR + reason)
+            for attempt in range(3):
+                if agent.id not in self.agents or agent.stop_requested.is_set():
+                    break  # deleted meanwhile
+                try:
+                    await self.start(agent)
+                    log.info("agent started again after a restart", extra=fields(
+                        agent_id=agent.id, session_id=agent.session_id))
+                    break
+                except (PodmanUnavailable, Unavailable) as exc:
+                    if attempt < 2:
+                        await asyncio.sleep(2)
+                        continue
+                    self._give_up(agent, exc)
+                except Exception as exc:
+                    if agent.id in self.agents:
+                        self._give_up(agent, exc)
+                    break
+
+    def _give_up(self, agent: Agent, exc: Exception) -> None:
+        reason = getattr(exc, "message", None) or short_error(exc)
+        log.warning("agent could not start again", extra=fields(agent_id=agent.id,
+                                                                error=reason))
+        self._release_reserved(agent)
+        agent.finish(AGENT_REVIVE_ERROR + reason)
+
+    def _release_reserved(self, agent: Agent) -> None:
+        if agent.id in self._reserved:
+            self._reserved.discard(agent.id)
+            self.runner.slots.release()
 
     async def spawn(self, req: AgentRequest) -> Agent:
         """A new agent, live (errors are the caller's), its first prompt sent if any."""
@@ -3817,7 +3864,11 @@ class AgentManager:
     async def start(self, agent: Agent, prompt: str = "") -> None:
         """Create, attach and start the agent's container, holding a run slot."""
         image = await self.runner.prepare(agent.run)
-        if not self.runner.slots.try_acquire():
+        if agent.stop_requested.is_set():  # deleted while Podman was asked
+            raise NotFound("agent: not found")
+        if agent.id in self._reserved:
+            self._reserved.discard(agent.id)  # the slot kept for it across the restart
+        elif not self.runner.slots.try_acquire():
             raise ApiError(429, f"agent: all {self.runner.slots.size} run slots are in use "
                                 "(each live agent holds one); retry later",
                            {"Retry-After": "5"})
@@ -3828,12 +3879,13 @@ class AgentManager:
     async def _live(self, agent: Agent, prompt: str, image: str,
                     started: asyncio.Future) -> None:
         """The agent's whole life: spawn, supervise, clean up (its container, its slot)."""
-        cid, exit_error, running = "", AGENT_STOPPED, False
+        cid, exit_error, running, writer = "", AGENT_STOPPED, False, None
         try:
             async with self.sessions.lock(agent.session_id):
                 try:
                     cid = await self._create(agent, agent.run, image)
-                    reader, agent.stdin = await self.podman.attach_stdio(cid)
+                    reader, writer = await self.podman.attach_stdio(cid)
+                    agent.stdin = writer
                     await self.podman.call(self.podman.start, cid)
                 except Exception as exc:
                     started.set_exception(exc)
@@ -3859,6 +3911,8 @@ class AgentManager:
         finally:
             if not started.done():
                 started.cancel()
+            if writer is not None:
+                writer.close()
             if cid:
                 await asyncio.shield(self.runner.destroy(cid))
             self.runner.slots.release()
@@ -3908,25 +3962,39 @@ class AgentManager:
             watchers.append(asyncio.ensure_future(self._lifetime(req.podman["timeout"])))
         try:
             await asyncio.wait({pump, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
             for watcher in watchers:
                 watcher.cancel()
-        if pump.done():
-            try:
-                code = await self.podman.call(self.podman.exit_code, cid)
-            except Exception as exc:  # Podman went away: the process is gone all the same
-                return f"agent: process ended; its exit status is unknown ({short_error(exc)})"
-            return "" if code == 0 else f"agent: process exited with status {code}"
-        reason = next(w.result() for w in watchers if w.done() and not w.cancelled())
-        await self._stop(agent, cid, pump)
-        return reason
+            if pump.done() and pump.exception() is None:
+                try:
+                    code = await self.podman.call(self.podman.exit_code, cid)
+                except Exception as exc:  # gone, or closed its output and lingers
+                    return f"agent: process ended; its exit status is unknown " \
+                           f"({short_error(exc)})"
+                return "" if code == 0 else f"agent: process exited with status {code}"
+            if pump.done():
+                log.error("agent output handling failed", exc_info=pump.exception(),
+                          extra=fields(agent_id=agent.id))
+                reason = f"agent: output handling failed: {short_error(pump.exception())}"
+            else:
+                reason = next(w.result() for w in watchers if w.done() and not w.cancelled())
+            await self._stop(agent, cid, pump)
+            return reason
+        finally:
+            for task in (pump, *watchers):
+                task.cancel()
 
     async def _pump(self, agent: Agent, reader: asyncio.StreamReader) -> None:
+        """Output frames → lines → events. Every 256 lines it lets the loop run: a flood
+        of tiny lines must not starve the other clients."""
         lines = {1: LineBuffer(self.cfg.agent_max_line), 2: LineBuffer(self.cfg.agent_max_line)}
+        count = 0
         async for stream, data in Podman.read_frames(reader):
             stream = 2 if stream == 2 else 1
             for line in lines[stream].feed(data):
                 agent.on_line(stream, line)
+                count += 1
+                if count % 256 == 0:
+                    await asyncio.sleep(0)
         for stream, buffer in lines.items():
             for line in buffer.flush():
                 agent.on_line(stream, line)
@@ -3966,6 +4034,7 @@ class AgentManager:
         """Stop the agent (if live) and forget it, once its container is gone."""
         agent = self.get(agent_id)
         agent.request_stop("")
+        self._release_reserved(agent)  # one not started again yet
         if agent.task is not None:
             await asyncio.shield(agent.task)
         self.agents.pop(agent_id, None)

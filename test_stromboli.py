@@ -1343,13 +1343,29 @@ def test_agent_lines_become_events_and_a_result_ends_the_turn():
 
 
 @pytest.mark.fast
-def test_agent_result_with_hostile_usage_still_ends_the_turn():
+@pytest.mark.parametrize("line", [
+    '{"type":"result","usage":{"input_tokens":"lots"},"modelUsage":[1]}',
+    '{"type":"result","usage":{"input_tokens":1e999},"modelUsage":{"m":{}}}',
+    '{"type":"result","usage":{"input_tokens":' + "9" * 400 + '},"modelUsage":{"opus":{}}}',
+])
+def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
     async def scenario():
         agent, _ = fast_agent()
         agent.status, agent.turn_id = "generating", "turn-1"
-        agent.on_line(1, '{"type":"result","usage":{"input_tokens":"lots"},"modelUsage":[1]}')
+        agent.on_line(1, line)
         end = json.loads(agent.events[-1][2])
         assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_output_cannot_break_the_parser_or_fake_a_turn():
+    async def scenario():
+        agent, saved = fast_agent()
+        agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
+        agent.on_line(1, '{"type":"result"}')  # no turn running: only output
+        assert [k for _, k, _ in agent.events] == ["output", "output"]
+        assert (agent.status, agent.turns_completed) == ("idle", 0)
     asyncio.run(scenario())
 
 
