@@ -747,7 +747,7 @@ def drop_none(body: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Store — SQLite (jobs, run events, revoked tokens, webhook deliveries)
+# Store — SQLite (jobs, run events, agents, revoked tokens, webhook deliveries)
 # ---------------------------------------------------------------------------
 
 SCHEMA = """
@@ -767,6 +767,12 @@ CREATE TABLE IF NOT EXISTS run_events (
 CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key TEXT PRIMARY KEY, request_hash TEXT NOT NULL, job_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at REAL NOT NULL, last_activity_at REAL NOT NULL, idle_timeout INTEGER NOT NULL,
+    idle_timeout_disabled INTEGER NOT NULL, turns_completed INTEGER NOT NULL,
+    exit_error TEXT, last_event INTEGER NOT NULL, exited_at REAL
 );
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, url TEXT NOT NULL,
@@ -921,6 +927,17 @@ class Store:
     def delete_run_events_before(self, older_than: float) -> None:
         self._db.execute("DELETE FROM run_events WHERE at < ? AND run_id NOT IN "
                          "(SELECT run_id FROM jobs)", (older_than,))
+
+    # -- agents --------------------------------------------------------------------
+    def save_agent(self, row: dict) -> None:
+        self._db.execute(f"INSERT OR REPLACE INTO agents ({','.join(row)}) VALUES "
+                         f"({','.join('?' * len(row))})", tuple(row.values()))
+
+    def agents(self) -> list[dict]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM agents ORDER BY created_at")]
+
+    def delete_agent(self, agent_id: str) -> None:
+        self._db.execute("DELETE FROM agents WHERE id=?", (agent_id,))
 
     # -- revoked tokens ----------------------------------------------------------
     def revoke(self, jti: str, expires_at: float) -> None:
@@ -1307,6 +1324,55 @@ class Podman:
     def state(self, cid: str) -> str:
         return self.client.containers.get(cid).attrs["State"]["Status"]
 
+    async def attach_stdio(self, cid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Attach to a container's stdin, stdout and stderr (before its start): → a reader
+        of multiplexed frames (see read_frames) and a writer whose bytes reach its stdin;
+        closing the writer's side (write_eof) closes its stdin. podman-py cannot: Podman
+        hijacks the HTTP connection, so this speaks HTTP/1.1 on a socket of our own (on the
+        event loop, which never blocks on it)."""
+        scheme, _, where = self.url.partition("://")
+        try:
+            if scheme in ("unix", "http+unix"):
+                reader, writer = await asyncio.open_unix_connection(urllib.parse.unquote(where))
+            elif scheme in ("tcp", "http"):
+                host, _, port = where.partition("/")[0].rpartition(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+            else:
+                raise PodmanUnavailable(f"agents need a unix:// or tcp:// Podman URL, not {scheme}")
+            writer.write(f"POST /v4.0.0/libpod/containers/{cid}/attach?stream=true&stdin=true"
+                         "&stdout=true&stderr=true HTTP/1.1\r\nHost: podman\r\n"
+                         "Connection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n"
+                         .encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError) as exc:
+            raise PodmanUnavailable(f"podman unavailable: attach failed: {short_error(exc)}") \
+                from None
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if " 101 " not in status and " 200 " not in status:
+            writer.close()
+            raise RunFailed(f"attach failed: {status}")
+        return reader, writer
+
+    @staticmethod
+    async def read_frames(reader: asyncio.StreamReader):
+        """(stream, bytes) of an attached container's output until it ends: stream 1 is
+        stdout, 2 stderr. A frame's bytes arrive in pieces of at most 64 KiB (its size is
+        the agent's choice)."""
+        while True:
+            try:
+                header = await reader.readexactly(8)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            size = int.from_bytes(header[4:], "big")
+            while size > 0:
+                try:
+                    data = await reader.readexactly(min(size, 65536))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                size -= len(data)
+                yield header[0], data
+
     def follow_logs(self, cid: str, attached: Callable[[], None],
                     sink: Callable[[bytes], None]) -> None:
         """A container's whole output into `sink` until it exits (as attach does for a new
@@ -1316,9 +1382,9 @@ class Podman:
                                                           follow=True):
             sink(chunk if isinstance(chunk, bytes) else str(chunk).encode())
 
-    def kill(self, cid: str) -> None:
+    def kill(self, cid: str, sig: str = "SIGKILL") -> None:
         try:
-            self.client.containers.get(cid).kill("SIGKILL")
+            self.client.containers.get(cid).kill(sig)
         except podman.errors.NotFound:
             pass
         except podman.errors.APIError as exc:
@@ -2395,7 +2461,7 @@ class RunRequest:
         req = cls(prompt=prompt, workdir=body.get("workdir") or "",
                   webhook_url=body.get("webhook_url") or "",
                   claude=validate_claude_options(body.get("claude")),
-                  podman=cls._podman_options(body.get("podman"), cfg))
+                  podman=cls.parse_podman_options(body.get("podman"), cfg))
         if req.workdir:
             check_workdir(req.workdir)
         if req.webhook_url and not re.match(r"^https?://[^\s/]+", req.webhook_url):
@@ -2406,7 +2472,7 @@ class RunRequest:
         return req
 
     @staticmethod
-    def _podman_options(options: Any, cfg: Config) -> dict:
+    def parse_podman_options(options: Any, cfg: Config) -> dict:
         if options is None:
             return {}
         if not isinstance(options, dict):
@@ -2463,54 +2529,74 @@ class RunResult:
                           "crash_info": self.crash_info, "truncated": self.truncated or None})
 
 
-class RunFeed:
-    """The output of one run as numbered events, for live followers and replay.
+class LineBuffer:
+    """Raw output frames → lines (a line may span frames), in linear time. The agent
+    controls its output: a line is cut at `max_line` bytes, with a marker saying so."""
 
-    Events are (seq, kind, data): kind "line" for each output line, then one final
-    "done" (data = JSON {id, session_id, status}) or "error" (data = message).
-    The agent controls its output, so memory is bounded: a line is cut at `max_line`
-    bytes, and past `max_output` bytes (or as many lines) further lines are counted and
-    dropped — only the last one is kept, since the CLI's result comes last."""
-
-    def __init__(self, run_id: str, max_line: int = 1024 ** 2, max_output: int = 16 * 1024 ** 2):
-        self.run_id, self.max_line, self.max_output = run_id, max_line, max_output
-        self.max_lines = max(10000, max_output // 64)
-        self.events: list[tuple[int, str, str]] = []
-        self.finished = False
-        self.kept = 0
-        self.dropped_bytes = self.dropped_lines = self.cut_lines = 0
-        self._changed = asyncio.Event()
+    def __init__(self, max_line: int):
+        self.max_line = max_line
+        self.cut_lines = 0
         self._partial = bytearray()
         self._cut = 0  # bytes dropped from the line being assembled
-        self._last_dropped: str | None = None
-        self.leftover = ""  # a finished job's container, removed once its row is written
 
-    @property
-    def truncated(self) -> bool:
-        return bool(self.cut_lines or self.dropped_lines)
-
-    def feed(self, chunk: bytes) -> None:
-        """Split raw output frames into lines (a line may span frames), in linear time."""
-        start = 0
+    def feed(self, chunk: bytes) -> list[str]:
+        lines, start = [], 0
         while (end := chunk.find(b"\n", start)) >= 0:
             self._gather(chunk, start, end)
-            self._end_line()
+            lines.append(self._end_line())
             start = end + 1
         self._gather(chunk, start, len(chunk))
-        self._notify()
+        return lines
+
+    def flush(self) -> list[str]:
+        """The last line, if the output did not end with a newline."""
+        return [self._end_line()] if self._partial or self._cut else []
 
     def _gather(self, chunk: bytes, start: int, end: int) -> None:
-        room = self.max_line - len(self._partial)
-        take = min(room, end - start)
+        take = min(self.max_line - len(self._partial), end - start)
         self._partial += chunk[start:start + take]
         self._cut += end - start - take
 
-    def _end_line(self) -> None:
+    def _end_line(self) -> str:
         line = self._partial.rstrip(b"\r").decode("utf-8", "replace")
         if self._cut:
             line += f" [stromboli: line truncated, {self._cut} bytes dropped]"
             self.cut_lines += 1
         self._partial, self._cut = bytearray(), 0
+        return line
+
+
+class RunFeed:
+    """The output of one run as numbered events, for live followers and replay.
+
+    Events are (seq, kind, data): kind "line" for each output line, then one final
+    "done" (data = JSON {id, session_id, status}) or "error" (data = message).
+    The agent controls its output, so memory is bounded: lines are cut (LineBuffer), and
+    past `max_output` bytes (or as many lines) further lines are counted and dropped —
+    only the last one is kept, since the CLI's result comes last."""
+
+    def __init__(self, run_id: str, max_line: int = 1024 ** 2, max_output: int = 16 * 1024 ** 2):
+        self.run_id, self.max_output = run_id, max_output
+        self.max_lines = max(10000, max_output // 64)
+        self.events: list[tuple[int, str, str]] = []
+        self.finished = False
+        self.kept = 0
+        self.dropped_bytes = self.dropped_lines = 0
+        self._changed = asyncio.Event()
+        self._lines = LineBuffer(max_line)
+        self._last_dropped: str | None = None
+        self.leftover = ""  # a finished job's container, removed once its row is written
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self._lines.cut_lines or self.dropped_lines)
+
+    def feed(self, chunk: bytes) -> None:
+        for line in self._lines.feed(chunk):
+            self._keep(line)
+        self._notify()
+
+    def _keep(self, line: str) -> None:
         size = len(line) + 1
         if self.dropped_lines or self.kept + size > self.max_output \
                 or len(self.events) >= self.max_lines:  # once dropping, keep order: drop all
@@ -2522,8 +2608,8 @@ class RunFeed:
         self.events.append((len(self.events), "line", line))
 
     def flush(self) -> None:
-        if self._partial or self._cut:
-            self._end_line()
+        for line in self._lines.flush():
+            self._keep(line)
         if self._last_dropped is not None:
             marker = (f"[stromboli: output truncated: {self.dropped_bytes} bytes in "
                       f"{self.dropped_lines} lines dropped]")
@@ -2576,6 +2662,13 @@ class RunSlots:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def try_acquire(self) -> bool:
+        """A slot at once, or False (an agent holds one for its whole life; see release)."""
+        if self.active >= self.size or self._waiters:
+            return False
+        self.active += 1
+        return True
+
     @contextlib.asynccontextmanager
     async def slot(self):
         if self.active >= self.size or self._waiters:
@@ -2587,16 +2680,16 @@ class RunSlots:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 elif waiter.done() and not waiter.cancelled():
-                    self._release()  # the slot was handed to us as we were cancelled
+                    self.release()  # the slot was handed to us as we were cancelled
                 raise
         else:
             self.active += 1
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    def _release(self) -> None:
+    def release(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -2675,12 +2768,13 @@ class Credentials:
 
 
 def container_command(cfg: Config, req: RunRequest, plan: SessionPlan, needs_init: bool,
-                      secret_env: Iterable[str]) -> list[str]:
+                      secret_env: Iterable[str], stdin: str = PROMPT_FILE) -> list[str]:
     """The container's command: a fail-fast shell chain that exports the secrets from
     their files (so their values are in no `podman inspect`), makes and enters the
     workdir, runs the lifecycle hooks (each in its own subshell on its own lines, so a
     comment, `;`, `||` or `cd` inside one cannot change the chain), then execs claude
-    with the prompt on stdin (so it is in no argv)."""
+    with the prompt on stdin (so it is in no argv) — read from the `stdin` file, or the
+    container's own stdin when that is empty (an agent's turns)."""
     argv = claude_argv(req.claude, plan.argv())
     hooks = check_hooks(req.podman.get("lifecycle") or {})
     steps = [f'export {env}="$(cat {SECRETS_DIR}/{env})"' for env in secret_env]
@@ -2691,7 +2785,7 @@ def container_command(cfg: Config, req: RunRequest, plan: SessionPlan, needs_ini
         if key != "post_start" and not needs_init:
             continue
         steps += [f"(\n{hook}\n)" for hook in hooks.get(key, [])]
-    claude = "exec " + " ".join(map(shell_quote, argv)) + f" < {PROMPT_FILE}"
+    claude = "exec " + " ".join(map(shell_quote, argv)) + (f" < {stdin}" if stdin else "")
     return ["sh", "-c", " && ".join(steps + [claude])]
 
 
@@ -2716,8 +2810,9 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(cfg.agent_env),
            **claude_env(req.claude)}
     # `z`: on SELinux hosts the session home must be relabelled (ignored elsewhere).
-    volumes = {home: {"bind": CONTAINER_HOME, "mode": "rw", "extended_mode": ["z"]},
-               prompt_file: {"bind": PROMPT_FILE, "mode": "ro"}}
+    volumes = {home: {"bind": CONTAINER_HOME, "mode": "rw", "extended_mode": ["z"]}}
+    if prompt_file:  # an agent has none: its turns come on stdin
+        volumes[prompt_file] = {"bind": PROMPT_FILE, "mode": "ro"}
     for volume in opts.get("volumes", []):
         host, target, options = check_volume(cfg, volume)
         volumes[host] = {"bind": target, "extended_mode": options}
@@ -2882,7 +2977,7 @@ class ContainerRunner:
         rows = [(feed.run_id, seq, kind, data, now) for seq, kind, data in feed.events]
         await self.store.call(self.store.add_run_events, rows)
 
-    async def _open_session(self, req: RunRequest, plan: SessionPlan, image: str) -> None:
+    async def open_session(self, req: RunRequest, plan: SessionPlan, image: str) -> None:
         cwd = "" if plan.mode == "new" else req.workdir or await self.image_workdir(image)
         try:
             await asyncio.to_thread(self.sessions.open_for_run, plan, cwd)
@@ -2905,7 +3000,7 @@ class ContainerRunner:
         if resume is None:
             image = await self.prepare(req)
             await asyncio.to_thread(make_volume_dirs, self.cfg, req)
-            await self._open_session(req, plan, image)
+            await self.open_session(req, plan, image)
             needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
             before = await asyncio.to_thread(self.sessions.transcript, session_id)
             prompt_file = await asyncio.to_thread(self.write_prompt, run_id, req.prompt)
@@ -3010,7 +3105,7 @@ class ContainerRunner:
                 await self.podman.call(self.podman.start, cid)
             else:  # the log replays from the start and ends with the container, whenever
                 stream = await self._attach(cid, feed, self.podman.follow_logs)
-            watch = asyncio.ensure_future(self._watch_quota(session_id))
+            watch = asyncio.ensure_future(self.watch_quota(session_id))
             timer = asyncio.ensure_future(asyncio.sleep(max(timeout, 0)))
             try:
                 await asyncio.wait({stream, watch, timer}, return_when=asyncio.FIRST_COMPLETED)
@@ -3066,7 +3161,7 @@ class ContainerRunner:
             stream.result()  # attaching failed: raise why
         return stream
 
-    async def _watch_quota(self, session_id: str) -> str:
+    async def watch_quota(self, session_id: str) -> str:
         """Return (ending the run) once the session home grows past its quota."""
         while True:
             await asyncio.sleep(QUOTA_CHECK_INTERVAL)
@@ -3407,6 +3502,417 @@ def job_response(job: dict) -> dict:
         "started_at": rfc3339(job.get("started_at"), "milliseconds"),
         "finished_at": rfc3339(job.get("finished_at"), "milliseconds"),
     })
+
+
+# ---------------------------------------------------------------------------
+# Agents — persistent Claude processes: turns on stdin, an event feed, SQLite rows
+# ---------------------------------------------------------------------------
+
+AGENT_IDLE_TIMEOUT = 1800  # seconds (upstream's default)
+AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (U§5.17)
+AGENT_EVENTS_KEPT = 1000  # per agent, for Last-Event-ID (and at most agent.max_output bytes)
+AGENT_SEND_TIMEOUT = 10.0
+AGENT_FORCED_OPTIONS = {"input_format": "stream-json", "output_format": "stream-json",
+                        "include_partial_messages": True, "verbose": True}
+AGENT_SESSION_OPTIONS = ("session_id", "resume", "continue", "fork_session")
+AGENT_RESTART_ERROR = ("agent: the daemon restarted: Podman closes an agent's input with the "
+                       "connection that fed it, so its process ended (its conversation is kept "
+                       "in its session)")
+AGENT_SHUTDOWN_ERROR = "agent: the daemon shut down"
+AGENT_IDLE_ERROR = "agent: idle timeout reached"
+
+
+def now_rfc3339() -> str:
+    """Now, as Go's time.Time marshals (RFC 3339 with fractional seconds)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds") \
+        .replace("+00:00", "Z")
+
+
+def turn_usage(result: dict) -> dict | None:
+    """A turn's Usage, from the CLI's `result` line (the agent wrote it: nothing in it is
+    trusted to have the right type)."""
+    usage, models = result.get("usage"), result.get("modelUsage")
+    model = next(iter(models), "") if isinstance(models, dict) else ""
+    if not isinstance(usage, dict) or not isinstance(model, str):
+        return None
+    try:
+        return usage_summary({"turn": usage}, re.sub(r"\[\w+\]$", "", model))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class AgentRequest:
+    """A validated CreateRequest (U§5.17); `podman` options are an extension."""
+
+    run: RunRequest  # what the container needs; the prompt is the first turn
+    prompt: str = ""
+    idle_timeout: int = AGENT_IDLE_TIMEOUT
+    idle_timeout_disabled: bool = False
+
+    @classmethod
+    def parse(cls, body: Any, cfg: Config) -> "AgentRequest":
+        prefix = "agent: invalid request: "
+        if not isinstance(body, dict):
+            raise BadRequest(prefix + "body must be a JSON object")
+        for name, kind, text in (("prompt", str, "a string"), ("workdir", str, "a string"),
+                                 ("disable_idle_timeout", bool, "a boolean")):
+            if body.get(name) is not None and not isinstance(body[name], kind):
+                raise BadRequest(f"{prefix}{name} must be {text}")
+        timeout = body.get("idle_timeout_seconds")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)):
+            raise BadRequest(prefix + "idle_timeout_seconds must be an integer")
+        if (timeout or 0) < 0:
+            raise BadRequest(prefix + "idle_timeout_seconds must be non-negative")
+        if (timeout or 0) > MAX_RUN_TIMEOUT:
+            raise BadRequest(f"{prefix}idle_timeout_seconds must be at most {MAX_RUN_TIMEOUT}")
+        prompt = body.get("prompt") or ""
+        if "\0" in prompt:
+            raise BadRequest(prefix + "prompt must not contain NUL characters")
+        claude = {k: v for k, v in validate_claude_options(body.get("claude")).items()
+                  if k not in AGENT_SESSION_OPTIONS}  # an agent's session is always new
+        run = RunRequest(prompt="", workdir=body.get("workdir") or "",
+                         claude={**claude, **AGENT_FORCED_OPTIONS},
+                         podman=RunRequest.parse_podman_options(body.get("podman"), cfg))
+        if run.workdir:
+            check_workdir(run.workdir)
+        return cls(run, prompt, timeout or AGENT_IDLE_TIMEOUT,
+                   bool(body.get("disable_idle_timeout")))
+
+
+class Agent:
+    """One persistent agent: what its snapshot shows, its input, and its events —
+    numbered, kept for Last-Event-ID (the last AGENT_EVENTS_KEPT, within `max_bytes`), and
+    followed live. `on_change` is called whenever its row must be saved."""
+
+    def __init__(self, row: dict, max_bytes: int, on_change: Callable[["Agent"], None]):
+        self.id, self.session_id, self.status = row["id"], row["session_id"], row["status"]
+        self.created_at, self.last_activity = row["created_at"], row["last_activity_at"]
+        self.idle_timeout = row["idle_timeout"]
+        self.idle_timeout_disabled = bool(row["idle_timeout_disabled"])
+        self.turns_completed, self.seq = row["turns_completed"], row["last_event"]
+        self.exit_error, self.exited_at = row["exit_error"] or "", row["exited_at"]
+        self.turn_id = ""
+        self.stdin: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None  # its life, from spawn to cleanup
+        self.stop_reason = ""
+        self.stop_requested = asyncio.Event()
+        self.events: collections.deque[tuple[int, str, str]] = collections.deque()
+        self._bytes, self._max_bytes = 0, max_bytes
+        self._changed = asyncio.Event()
+        self._on_change = on_change
+
+    @classmethod
+    def new(cls, req: AgentRequest, max_bytes: int,
+            on_change: Callable[["Agent"], None]) -> "Agent":
+        now = time.time()
+        return cls({"id": f"agent-{uuid.uuid4()}", "session_id": str(uuid.uuid4()),
+                    "status": "starting", "created_at": now, "last_activity_at": now,
+                    "idle_timeout": req.idle_timeout,
+                    "idle_timeout_disabled": req.idle_timeout_disabled, "turns_completed": 0,
+                    "last_event": 0, "exit_error": None, "exited_at": None},
+                   max_bytes, on_change)
+
+    def row(self) -> dict:
+        return {"id": self.id, "session_id": self.session_id, "status": self.status,
+                "created_at": self.created_at, "last_activity_at": self.last_activity,
+                "idle_timeout": self.idle_timeout,
+                "idle_timeout_disabled": int(self.idle_timeout_disabled),
+                "turns_completed": self.turns_completed, "exit_error": self.exit_error or None,
+                "last_event": self.seq, "exited_at": self.exited_at}
+
+    def snapshot(self) -> dict:
+        return drop_none({
+            "id": self.id, "session_id": self.session_id, "status": self.status,
+            "created_at": rfc3339(self.created_at, "microseconds"),
+            "last_activity_at": rfc3339(self.last_activity, "microseconds"),
+            "idle_timeout_seconds": self.idle_timeout,
+            "idle_timeout_disabled": True if self.idle_timeout_disabled else None,
+            "turns_completed": self.turns_completed, "exit_error": self.exit_error or None})
+
+    # -- events --------------------------------------------------------------------
+    def emit(self, kind: str, **details: Any) -> None:
+        self.seq += 1
+        data = json.dumps(drop_none({"type": kind, **details, "at": now_rfc3339()}),
+                          separators=(",", ":"))
+        self.events.append((self.seq, kind, data))
+        self._bytes += len(data)
+        while len(self.events) > 1 and (len(self.events) > AGENT_EVENTS_KEPT
+                                        or self._bytes > self._max_bytes):
+            self._bytes -= len(self.events.popleft()[2])
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int):
+        """Yield (id, type, data) of the kept events after `after` (a follower too slow
+        for the kept window skips to its start), live, then `closed` once exited."""
+        cursor = after
+        while True:
+            waiter = self._changed
+            while self.events and cursor < self.seq:
+                index = max(0, cursor + 1 - self.events[0][0])
+                cursor, kind, data = self.events[index]
+                yield cursor, kind, data
+            if self.status == "exited":
+                yield self.seq, "closed", "{}"
+                return
+            await waiter.wait()
+
+    # -- what the process says -------------------------------------------------------
+    def on_line(self, stream: int, line: str) -> None:
+        self.last_activity = time.time()
+        turn_id = self.turn_id or None
+        if stream == 2:
+            self.emit("error", turn_id=turn_id, error=f"[stderr] {line}")
+            return
+        if self.status == "starting":
+            self.status = "idle"
+            self._on_change(self)
+        self.emit("output", turn_id=turn_id, content=line)
+        if '"result"' in line and (event := next(parse_json_lines([line]), None)) \
+                and event.get("type") == "result":
+            self.turns_completed += 1
+            self.status, self.turn_id = "idle", ""
+            self.emit("turn_end", turn_id=turn_id, usage=turn_usage(event))
+            self._on_change(self)
+
+    async def send(self, prompt: str) -> str:
+        """Write one turn to the process's stdin (U§5.17's statuses) → its turn id."""
+        if self.status == "exited" or self.stdin is None:
+            raise ApiError(410, "agent: process has exited")
+        if self.status == "generating":
+            raise Conflict("agent: a turn is already in progress")
+        turn_id = f"turn-{uuid.uuid4()}"
+        self.turn_id, self.status, self.last_activity = turn_id, "generating", time.time()
+        self.emit("turn_start", turn_id=turn_id)
+        self._on_change(self)
+        message = {"type": "user", "message": {"role": "user", "content": prompt}}
+        try:
+            self.stdin.write(json.dumps(message).encode() + b"\n")  # control bytes escaped
+            await asyncio.wait_for(self.stdin.drain(), AGENT_SEND_TIMEOUT)
+        except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
+            why = "its input is not being read" if isinstance(exc, asyncio.TimeoutError) \
+                else short_error(exc)
+            self.status, self.turn_id = "idle", ""
+            self.emit("error", turn_id=turn_id, error=f"agent: send: {why}")
+            self._on_change(self)
+            raise Unavailable(f"agent: send: {why}") from None
+        return turn_id
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+    def finish(self, exit_error: str) -> None:
+        """Exited: the last event; followers get `closed` after it."""
+        self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
+        self.stdin = None
+        self.emit("exited", turn_id=self.turn_id or None, error=exit_error)
+        self._on_change(self)
+
+
+class AgentManager:
+    """The agents: each spawned into a hardened container as a run is (holding a run slot
+    for its whole life), fed and followed over one attach connection, stopped on request,
+    idleness, its home's quota or its lifetime, and kept as an SQLite row so that none is
+    forgotten across restarts."""
+
+    def __init__(self, cfg: Config, store: Store, runner: ContainerRunner):
+        self.cfg, self.store, self.runner = cfg, store, runner
+        self.podman, self.sessions = runner.podman, runner.sessions
+        self.agents: dict[str, Agent] = {}
+
+    @property
+    def live(self) -> int:
+        return sum(1 for a in self.agents.values() if a.status != "exited")
+
+    def get(self, agent_id: str) -> Agent:
+        if (agent := self.agents.get(agent_id)) is None:
+            raise NotFound("agent: not found")
+        return agent
+
+    def save(self, agent: Agent) -> None:
+        """Write the agent's row (the store's one thread keeps the writes in order)."""
+        saving = asyncio.ensure_future(self.store.call(self.store.save_agent, agent.row()))
+        saving.add_done_callback(self._saved)
+
+    @staticmethod
+    def _saved(saving: asyncio.Future) -> None:
+        if not saving.cancelled() and saving.exception() is not None:
+            log.error("could not save an agent", extra=fields(error=short_error(
+                saving.exception())))
+
+    async def load(self) -> None:
+        """At startup: every agent in the store is listed again. One that was live when the
+        daemon stopped has ended (Podman closed its input with the old daemon's connection;
+        the orphan sweep removes its container): it is shown exited, with why."""
+        for row in await self.store.call(self.store.agents):
+            agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
+            if agent.status == "exited":
+                agent.events.append((agent.seq, "exited", json.dumps(drop_none({
+                    "type": "exited", "error": agent.exit_error,
+                    "at": rfc3339(agent.exited_at, "microseconds")}), separators=(",", ":"))))
+            else:
+                log.warning("an agent ended with the daemon's restart", extra=fields(
+                    agent_id=agent.id, session_id=agent.session_id))
+                agent.finish(AGENT_RESTART_ERROR)
+
+    async def spawn(self, req: AgentRequest) -> Agent:
+        """Create, attach and start the agent's container (errors are the caller's), send
+        the first prompt if any; → the agent, live."""
+        image = await self.runner.prepare(req.run)
+        if not self.runner.slots.try_acquire():
+            raise ApiError(429, f"agent: all {self.runner.slots.size} run slots are in use "
+                                "(each live agent holds one); retry later",
+                           {"Retry-After": "5"})
+        agent = Agent.new(req, self.cfg.agent_max_output, self.save)
+        started = asyncio.get_running_loop().create_future()
+        agent.task = asyncio.ensure_future(self._live(agent, req, image, started))
+        await asyncio.shield(started)
+        return agent
+
+    async def _live(self, agent: Agent, req: AgentRequest, image: str,
+                    started: asyncio.Future) -> None:
+        """The agent's whole life: spawn, supervise, clean up (its container, its slot)."""
+        cid, exit_error = "", AGENT_SHUTDOWN_ERROR
+        try:
+            async with self.sessions.lock(agent.session_id):
+                try:
+                    cid = await self._create(agent, req.run, image)
+                    reader, agent.stdin = await self.podman.attach_stdio(cid)
+                    await self.podman.call(self.podman.start, cid)
+                except Exception as exc:
+                    started.set_exception(exc)
+                    return
+                self.agents[agent.id] = agent
+                log.info("agent started", extra=fields(agent_id=agent.id, container=cid[:12],
+                                                       session_id=agent.session_id))
+                if agent.idle_timeout_disabled:
+                    log.warning("agent created with idle timeout DISABLED — caller owns "
+                                "lifecycle, agent will not auto-stop on inactivity",
+                                extra=fields(agent_id=agent.id))
+                if req.prompt.strip():
+                    with contextlib.suppress(ApiError):  # shown as its `error` event
+                        await agent.send(req.prompt)
+                self.save(agent)
+                started.set_result(None)
+                exit_error = await self._supervise(agent, cid, reader, req.run)
+        finally:
+            if not started.done():
+                started.cancel()
+            if cid:
+                await asyncio.shield(self.runner.destroy(cid))
+            self.runner.slots.release()
+            if agent.id in self.agents:
+                agent.finish(exit_error)
+                log.info("agent exited", extra=fields(agent_id=agent.id, error=exit_error))
+            with contextlib.suppress(OSError, HomeError):  # refreshes the size /sessions shows
+                await asyncio.to_thread(self.sessions.over_quota, agent.session_id)
+
+    async def _create(self, agent: Agent, req: RunRequest, image: str) -> str:
+        plan = SessionPlan(agent.session_id, "new")
+        await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+        await self.runner.open_session(req, plan, image)
+        credentials = self.runner.credentials
+        secret_env = credentials.secret_env(req.podman.get("secrets_env", {}))
+        spec = container_spec(
+            self.cfg, req, name=f"stromboli-{agent.id}", prompt_file="",
+            home=self.sessions.host_home(agent.session_id),
+            secrets=credentials.mounts(secret_env),
+            user=agent_user(self.cfg, self.runner.rootless),
+            labels={**MANAGED_LABEL, "stromboli.instance": self.runner.instance,
+                    "stromboli.agent": agent.id, "stromboli.session": agent.session_id})
+        command = container_command(self.cfg, req, plan, True, secret_env, stdin="")
+        try:
+            return await self.podman.call(self.podman.create, image, command, stdin_open=True,
+                                          **spec)
+        except podman.errors.APIError as exc:
+            raise ApiError(500, f"agent: spawn: {short_error(exc)}") from None
+
+    async def _supervise(self, agent: Agent, cid: str, reader: asyncio.StreamReader,
+                         req: RunRequest) -> str:
+        """Turn the process's output into events until it exits, or until it must stop
+        (DELETE, shutdown, idleness, quota, lifetime) → the exit error ("" if none)."""
+        pump = asyncio.ensure_future(self._pump(agent, reader))
+        watchers = [asyncio.ensure_future(self._stop_requested(agent)),
+                    asyncio.ensure_future(self.runner.watch_quota(agent.session_id))]
+        if not agent.idle_timeout_disabled:
+            watchers.append(asyncio.ensure_future(self._idle(agent)))
+        if "timeout" in req.podman:
+            watchers.append(asyncio.ensure_future(self._lifetime(req.podman["timeout"])))
+        try:
+            await asyncio.wait({pump, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+        if pump.done():
+            try:
+                code = await self.podman.call(self.podman.exit_code, cid)
+            except Exception as exc:  # Podman went away: the process is gone all the same
+                return f"agent: process ended; its exit status is unknown ({short_error(exc)})"
+            return "" if code == 0 else f"agent: process exited with status {code}"
+        reason = next(w.result() for w in watchers if w.done() and not w.cancelled())
+        await self._stop(agent, cid, pump)
+        return reason
+
+    async def _pump(self, agent: Agent, reader: asyncio.StreamReader) -> None:
+        lines = {1: LineBuffer(self.cfg.agent_max_line), 2: LineBuffer(self.cfg.agent_max_line)}
+        async for stream, data in Podman.read_frames(reader):
+            stream = 2 if stream == 2 else 1
+            for line in lines[stream].feed(data):
+                agent.on_line(stream, line)
+        for stream, buffer in lines.items():
+            for line in buffer.flush():
+                agent.on_line(stream, line)
+
+    async def _stop(self, agent: Agent, cid: str, pump: asyncio.Future) -> None:
+        """Close its stdin, then SIGTERM, then SIGKILL, a grace period apart (U§5.17)."""
+        with contextlib.suppress(OSError, RuntimeError, AttributeError):
+            agent.stdin.write_eof()
+        for sig in ("SIGTERM", "SIGKILL"):
+            if (await asyncio.wait({pump}, timeout=AGENT_STOP_GRACE))[0]:
+                return
+            with contextlib.suppress(Exception):  # destroy() kills it at the end anyway
+                await self.podman.call(self.podman.kill, cid, sig)
+        await asyncio.wait({pump}, timeout=AGENT_STOP_GRACE)
+        pump.cancel()
+
+    @staticmethod
+    async def _stop_requested(agent: Agent) -> str:
+        await agent.stop_requested.wait()
+        return agent.stop_reason
+
+    @staticmethod
+    async def _idle(agent: Agent) -> str:
+        while True:
+            left = agent.last_activity + agent.idle_timeout - time.time()
+            if left <= 0 and agent.status != "generating":
+                return AGENT_IDLE_ERROR
+            await asyncio.sleep(left if left > 0 else 1.0)
+
+    @staticmethod
+    async def _lifetime(timeout: str) -> str:
+        seconds = parse_duration(timeout)
+        await asyncio.sleep(seconds)
+        return f"agent: lived past its podman.timeout of {format_duration(seconds)}"
+
+    async def delete(self, agent_id: str) -> None:
+        """Stop the agent (if live) and forget it, once its container is gone."""
+        agent = self.get(agent_id)
+        agent.request_stop("")
+        if agent.task is not None and not agent.task.done():
+            await asyncio.shield(agent.task)
+        self.agents.pop(agent_id, None)
+        await self.store.call(self.store.delete_agent, agent_id)
+
+    async def shutdown(self) -> None:
+        """Stop every live agent, as upstream does (its followers get `closed`)."""
+        tasks = [a.task for a in self.agents.values() if a.task and not a.task.done()]
+        for agent in self.agents.values():
+            agent.request_stop(AGENT_SHUTDOWN_ERROR)
+        if tasks:
+            await asyncio.wait(tasks, timeout=3 * AGENT_STOP_GRACE + 5)
 
 
 # ---------------------------------------------------------------------------
@@ -4143,6 +4649,8 @@ def response(description: str, definition: str | None) -> dict:
     """A response whose body is a definition, a bare JSON type ("object") or text (None)."""
     if not definition:
         schema = {"type": "string"}
+    elif definition.startswith("["):
+        schema = prop(definition)
     else:
         schema = {"type": definition} if definition.islower() else prop("#" + definition)
     return {"description": description, "schema": schema}
@@ -4195,7 +4703,7 @@ def build_openapi(routes: Iterable[Route]) -> dict:
             "podman", "Podman container mount configuration")}}
 
 
-# Swagger 2.0, upstream's v0.5.6 document without /agents; definition names are upstream's
+# Swagger 2.0, upstream's v0.5.6 document; definition names are upstream's
 # so generated clients match. What this server adds is marked "(extension)".
 OPENAPI_HEAD: dict = {
     "swagger": "2.0",
@@ -4204,8 +4712,8 @@ OPENAPI_HEAD: dict = {
         "version": VERSION,
         "description": (
             "Claude Code container orchestration API: secure, isolated AI execution. This is "
-            "the Python re-implementation, wire-compatible with upstream Stromboli v0.5.6 "
-            "(without /agents). Every response carries X-Request-ID; rate-limited routes carry "
+            "the Python re-implementation, wire-compatible with upstream Stromboli v0.5.6. "
+            "Every response carries X-Request-ID; rate-limited routes carry "
             "X-RateLimit-Limit/Remaining/Reset when rate limiting is enabled. The Prometheus "
             "/metrics endpoint is on a separate listener."),
         "license": {"name": "MIT", "url": "https://opensource.org/licenses/MIT"},
@@ -4226,6 +4734,8 @@ OPENAPI_HEAD: dict = {
         {"name": "sessions", "description": "Conversations and their transcripts"},
         {"name": "secrets", "description": "Podman secrets for secrets_env"},
         {"name": "images", "description": "Container images"},
+        {"name": "agents", "description": "Persistent agents: one long-lived Claude process "
+                                          "each, fed turn by turn"},
         {"name": "docs", "description": "This document (extension)"},
     ],
     "responses": {
@@ -4258,6 +4768,17 @@ IMAGE_INFO = {
 }
 SECRET_RESULT = {"error": prop("string"), "name": prop("string", example="github-token"),
                  "success": prop("boolean", example=True)}
+AGENT_SNAPSHOT = {
+    "created_at": prop("string"),
+    "exit_error": prop("string"),
+    "id": prop("string"),
+    "idle_timeout_disabled": prop("boolean"),
+    "idle_timeout_seconds": prop("integer"),
+    "last_activity_at": prop("string"),
+    "session_id": prop("string"),
+    "status": prop("#stromboli_internal_agent.Status"),
+    "turns_completed": prop("integer"),
+}
 DEFINITIONS: dict = {
     "internal_api.AsyncRunResponse": obj("Response from starting an async Claude execution", properties={
         "job_id": prop("string", example="job-abc123def456"),
@@ -4567,7 +5088,42 @@ DEFINITIONS: dict = {
         "post_start": prop("[string]", "Shell commands run on every run, including continues",
                            example=["redis-server --daemonize yes"]),
     }),
-
+    "internal_api.CreateAgentResponse": obj("Created agent metadata", AGENT_SNAPSHOT),
+    "internal_api.SendAgentRequest": obj("Append a prompt to a running agent's stream-json stdin", required=["prompt"], properties={
+        "prompt": prop("string", example="Tell me about that alert"),
+    }),
+    "internal_api.SendAgentResponse": obj("Acknowledgement that a turn has started; output streams via /stream", properties={
+        "turn_id": prop("string", example="turn-abc123"),
+    }),
+    "internal_api.errorBody": obj("", properties={"error": prop("string")}),
+    "stromboli_internal_agent.CreateRequest": obj("Configuration for spawning a long-lived Claude agent", properties={
+        "claude": prop("#stromboli_internal_types.ClaudeOptions",
+                       "Claude CLI options, as for runs (session_id, resume, continue and "
+                       "fork_session are ignored: an agent's session is new; input and output "
+                       "are stream-json)"),
+        "disable_idle_timeout": prop("boolean", "No auto-stop on inactivity: the agent runs "
+                                     "until DELETE or shutdown", example=False),
+        "idle_timeout_seconds": prop("integer", "Idle timeout in seconds; 0 means the default "
+                                     "(1800); negative values are refused", example=1800),
+        "podman": prop("#stromboli_internal_types.PodmanOptions",
+                       "(extension) Container options, as for runs; timeout is the agent's "
+                       "lifetime"),
+        "prompt": prop("string", "Initial prompt sent as the first turn (optional)",
+                       example="You are an on-call assistant."),
+        "workdir": prop("string", "Working directory inside the container",
+                        example="/workspace"),
+    }),
+    "stromboli_internal_agent.Event": obj("(extension) One event of GET /agents/{id}/stream", properties={
+        "at": prop("string", "When (RFC 3339, fractional seconds)"),
+        "content": prop("string", "output: one stdout line of the CLI (a stream-json object)"),
+        "error": prop("string", "error: a stderr line (\"[stderr] …\") or a failed send; "
+                      "exited: why, or empty"),
+        "turn_id": prop("string", example="turn-abc123"),
+        "type": prop("string", enum=["turn_start", "output", "turn_end", "error", "exited"]),
+        "usage": prop("#stromboli_internal_job.Usage", "turn_end: the turn's usage (extension)"),
+    }),
+    "stromboli_internal_agent.Snapshot": obj("", AGENT_SNAPSHOT),
+    "stromboli_internal_agent.Status": {"type": "string", "enum": ["starting", "idle", "generating", "exited"], "x-enum-varnames": ["StatusStarting", "StatusIdle", "StatusGenerating", "StatusExited"]},
 }
 
 
@@ -4682,6 +5238,7 @@ class Stromboli:
         self.webhooks = WebhookSender(cfg, self.store)
         self.runner: ContainerRunner | None = None
         self.jobs: JobManager | None = None
+        self.agents: AgentManager | None = None
         self.background: list[asyncio.Task] = []
         self.draining = False  # a shutdown began: no new runs
         self._client_runs: set[asyncio.Task] = set()
@@ -4692,6 +5249,8 @@ class Stromboli:
             "process_open_fds": ("Open file descriptors.", process_open_fds),
             "stromboli_queued_runs": ("Runs waiting for a slot.",
                                       lambda: self.runner.slots.queued if self.runner else 0),
+            "stromboli_live_agents": ("Persistent agents alive (each holds a run slot).",
+                                      lambda: self.agents.live if self.agents else 0),
             "stromboli_rate_limit_clients": ("Client IPs with a rate-limit bucket.",
                                              lambda: len(self.limiter.requests)),
         })
@@ -4704,6 +5263,8 @@ class Stromboli:
                                       self.metrics)
         self.catalog = PodmanCatalog(self.podman, self.runner.instance, self.cfg.secrets_allowed)
         self.jobs = JobManager(self.cfg, self.store, self.runner, self.webhooks, self.metrics)
+        self.agents = AgentManager(self.cfg, self.store, self.runner)
+        await self.agents.load()
         self.monitor = HealthMonitor(self.cfg, self.runner)
         self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
@@ -4740,14 +5301,17 @@ class Stromboli:
 
     async def drain(self, grace: float) -> None:
         """Refuse new runs and let the running ones finish, for at most `grace` seconds;
-        then end the clients' runs, whose handlers tell them the daemon is restarting (a
+        then stop the agents and end the clients' runs, whose handlers tell them the daemon is restarting (a
         stream's last event, a 503 for /run). Jobs are let go later (JobManager.shutdown)."""
         self.draining = True
         if self.runner:
             self.runner.detaching = True  # what is still running at the end is let go
         deadline = time.monotonic() + grace
-        while self.runner and self.runner.slots.active and time.monotonic() < deadline:
+        while self.runner and self.runner.slots.active > self.agents.live \
+                and time.monotonic() < deadline:  # agents hold slots but are no runs
             await asyncio.sleep(0.1)
+        if self.agents:
+            await self.agents.shutdown()  # while their followers can still be told
         for task in list(self._client_runs):
             task.cancel()
         if self._client_runs:
@@ -4759,10 +5323,11 @@ class Stromboli:
         return f"{self._request_prefix}{next(self._request_numbers):x}"
 
     def status_line(self) -> str:
-        slots = self.runner.slots
+        slots, agents = self.runner.slots, self.agents.live
         podman_state = "podman connected" if self.runner.connected.is_set() \
             else "waiting for podman"
-        return f"{slots.active} running, {slots.queued} queued; {podman_state}"
+        return f"{slots.active - agents} running, {slots.queued} queued, {agents} agents; " \
+               f"{podman_state}"
 
     async def _reap_tokens_forever(self) -> None:
         while True:
@@ -4775,6 +5340,8 @@ class Stromboli:
             task.cancel()
         if self.jobs:
             await self.jobs.shutdown()
+        if self.agents:
+            await self.agents.shutdown()
         if self.webhooks.tasks:
             await asyncio.wait(self.webhooks.tasks, timeout=5)
         if self.runner:
@@ -5186,11 +5753,7 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     """Resume a run's stream after Last-Event-ID (extension): live while it runs, from the
     store once it has finished."""
     app = state(request)
-    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
-    try:
-        after = max(-1, int(last))
-    except ValueError:
-        raise BadRequest("Last-Event-ID must be an integer") from None
+    after = last_event_id(request)
     feed = app.runner.feeds.get(run_id)
     if feed is not None:
         events: Any = feed.follow(after)
@@ -5201,6 +5764,15 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     response = await sse_response(request, run_id)
     await write_feed(request, response, events)
     return response
+
+
+def last_event_id(request: web.Request) -> int:
+    """The Last-Event-ID header (or last_event_id query parameter) of a resumed stream."""
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
+    try:
+        return max(-1, int(last))
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an integer") from None
 
 
 async def stored_events(store: Store, run_id: str, after: int):
@@ -5279,6 +5851,101 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_stream(request: web.Request) -> web.StreamResponse:
     job = await state(request).jobs.get(request.match_info["id"])
     return await replay_stream(request, job["run_id"])
+
+
+# -- agents -----------------------------------------------------------------------
+
+AGENT_ID_PARAM = param("id", "path", "string", "Agent ID")
+
+
+@api("GET", "/agents", "protected", "error", "agents", "List persistent agents",
+     description="Every agent, live or exited (until deleted), oldest first",
+     ok=(200, "OK", "[#stromboli_internal_agent.Snapshot]"))
+async def list_agents(request: web.Request) -> web.Response:
+    return json_response([a.snapshot() for a in state(request).agents.agents.values()])
+
+
+@api("POST", "/agents", "protected", "error", "agents", "Spawn a persistent agent",
+     description="Launches a long-lived Claude container with stream-json I/O; a non-blank "
+                 "prompt is its first turn. Extensions: `podman` options as for runs (the "
+                 "image allowlist, volumes, secrets_env, limits; `timeout` is its lifetime); "
+                 "each live agent holds one of the run slots (STROMBOLI_MAX_CONCURRENT_RUNS)",
+     body="stromboli_internal_agent.CreateRequest",
+     ok=(201, "Created", "internal_api.CreateAgentResponse"),
+     errors=((400, "Invalid request"),
+             (429, "All run slots are in use (extension), with Retry-After"),
+             (500, "Spawn failed"),
+             (503, "Claude not configured, or Podman unavailable (extension)")),
+     error_schema="internal_api.errorBody")
+async def create_agent(request: web.Request) -> web.Response:
+    app = state(request)
+    req = AgentRequest.parse(await read_json(request, "agent: invalid request: "), app.cfg)
+    require_running(app)
+    require_configured(app)
+    agent = await app.agents.spawn(req)
+    return json_response(agent.snapshot(), 201)
+
+
+@api("GET", "/agents/{id}", "protected", "error", "agents", "Get persistent agent",
+     params=(AGENT_ID_PARAM,), ok=(200, "OK", "stromboli_internal_agent.Snapshot"),
+     errors=((404, "Not Found"),), error_schema="internal_api.errorBody")
+async def get_agent(request: web.Request) -> web.Response:
+    return json_response(state(request).agents.get(request.match_info["id"]).snapshot())
+
+
+@api("DELETE", "/agents/{id}", "protected", "error", "agents", "Stop a persistent agent",
+     description="Closes its stdin, then SIGTERM, then SIGKILL, 5 s apart; answers once its "
+                 "container is gone, and the agent is forgotten",
+     params=(AGENT_ID_PARAM,), ok=(204, "No Content", None), errors=((404, "Not Found"),),
+     error_schema="internal_api.errorBody")
+async def delete_agent(request: web.Request) -> web.Response:
+    await state(request).agents.delete(request.match_info["id"])
+    return web.Response(status=204)
+
+
+@api("POST", "/agents/{id}/send", "protected", "error", "agents",
+     "Send a turn to a persistent agent",
+     description="Writes the prompt to the agent's stdin as a stream-json user message; its "
+                 "output follows on /agents/{id}/stream",
+     params=(AGENT_ID_PARAM,), body="internal_api.SendAgentRequest",
+     ok=(202, "Accepted", "internal_api.SendAgentResponse"),
+     errors=((400, "Bad Request"), (404, "Not Found"), (409, "Turn already in progress"),
+             (410, "Agent has exited"),
+             (503, "The agent does not read its input (extension)")),
+     error_schema="internal_api.errorBody")
+async def send_to_agent(request: web.Request) -> web.Response:
+    agent = state(request).agents.get(request.match_info["id"])
+    body = await read_json(request, "agent: invalid request: ")
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest("agent: invalid request: prompt is required")
+    return json_response({"turn_id": await agent.send(prompt)}, 202)
+
+
+@api("GET", "/agents/{id}/stream", "protected", "error", "agents",
+     "Stream a persistent agent's events (SSE)",
+     description="Each event is `event: <type>` + `data: <JSON Event>`: turn_start, output "
+                 "(content: one stdout line of the CLI), turn_end (with the turn's usage; "
+                 "extension), error, exited; then `event: closed` with `{}` once the agent has "
+                 "exited. Extensions: `id:` on each event and Last-Event-ID (header or "
+                 "last_event_id) replays the kept events after it; keep-alive comments "
+                 "every 15 s",
+     params=(AGENT_ID_PARAM,
+             param("Last-Event-ID", "header", "integer", "(extension) Send only events after "
+                   "this id"),
+             param("last_event_id", "query", "integer", "(extension) Same as the "
+                   "Last-Event-ID header")),
+     produces=("text/event-stream",),
+     ok=(200, "SSE stream of agent.Event objects (stromboli_internal_agent.Event)", None),
+     errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found")),
+     error_schema="internal_api.errorBody")
+async def agent_stream(request: web.Request) -> web.StreamResponse:
+    agent = state(request).agents.get(request.match_info["id"])
+    after = last_event_id(request)
+    response = await sse_response(request, "")
+    with contextlib.suppress(ConnectionResetError):  # the client went away
+        await write_feed(request, response, agent.follow(after))
+    return response
 
 
 # -- sessions ---------------------------------------------------------------------
