@@ -2303,9 +2303,10 @@ def agent_containers(instance: str, agent_id: str) -> list[str]:
 
 
 def container_processes(container: str) -> list[str]:
-    """`podman top <container> pid args` → one "pid args" line per process (or the error)."""
-    proc = subprocess.run(["podman", "top", container, "pid", "args"], capture_output=True,
-                          text=True, timeout=60)
+    """`podman top <container> hpid pid args` → one "host-pid pid args" line per process (or
+    the error): the host pid tells a restarted CLI from the same one (both are pid 1)."""
+    proc = subprocess.run(["podman", "top", container, "hpid", "pid", "args"],
+                          capture_output=True, text=True, timeout=60)
     if proc.returncode:
         return [f"(podman top failed: {proc.stderr.strip()[:200]})"]
     return [" ".join(line.split()) for line in proc.stdout.splitlines()[1:] if line.strip()]
@@ -2503,9 +2504,10 @@ def agent_checks(facts: dict, runs: int) -> list[str]:
                  f"({', '.join(c[:12] for c in a['containers_before'])} → "
                  f"{', '.join(c[:12] for c in a['containers_after'])})")
     before, after = cli_pids(a["processes_before"]), cli_pids(a["processes_after"])
-    lines.append(f"- its CLI process: pid {', '.join(before) or '?'} before the measured turns, "
+    lines.append(f"- its CLI process: host pid {', '.join(before) or '?'} before the rounds, "
                  f"{', '.join(after) or '?'} after: "
-                 f"{'unchanged' if before and before == after else 'CHANGED or unknown'}")
+                 f"{'unchanged' if before and before == after else 'CHANGED or unknown'}; "
+                 f"processes in its container after: {len(a['processes_after'])}")
     snap = a.get("snapshot_after") or {}
     expected = runs + 2  # its first turn, the warm-up turn, the measured turns
     lines.append(f"- snapshot after the turns: status `{snap.get('status')}`, turns_completed "
