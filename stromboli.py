@@ -3511,6 +3511,7 @@ def job_response(job: dict) -> dict:
 AGENT_IDLE_TIMEOUT = 1800  # seconds (upstream's default)
 AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (U§5.17)
 AGENT_EVENTS_KEPT = 1000  # per agent, for Last-Event-ID (and at most agent.max_output bytes)
+AGENT_EVENTS_KEPT_EXITED = 100
 AGENT_SEND_TIMEOUT = 10.0
 AGENT_FORCED_OPTIONS = {"input_format": "stream-json", "output_format": "stream-json",
                         "include_partial_messages": True, "verbose": True}
@@ -3637,11 +3638,13 @@ class Agent:
                           separators=(",", ":"))
         self.events.append((self.seq, kind, data))
         self._bytes += len(data)
-        while len(self.events) > 1 and (len(self.events) > AGENT_EVENTS_KEPT
-                                        or self._bytes > self._max_bytes):
-            self._bytes -= len(self.events.popleft()[2])
+        self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _trim(self, count: int, size: int) -> None:
+        while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
+            self._bytes -= len(self.events.popleft()[2])
 
     async def follow(self, after: int):
         """Yield (id, type, data) of the kept events after `after` (a follower too slow
@@ -3709,6 +3712,7 @@ class Agent:
         self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
         self.stdin = None
         self.emit("exited", turn_id=self.turn_id or None, error=exit_error)
+        self._trim(AGENT_EVENTS_KEPT_EXITED, 1024 ** 2)  # exited agents stay listed: keep less
         self._on_change(self)
 
 
@@ -3797,7 +3801,11 @@ class AgentManager:
                         await agent.send(req.prompt)
                 self.save(agent)
                 started.set_result(None)
-                exit_error = await self._supervise(agent, cid, reader, req.run)
+                try:
+                    exit_error = await self._supervise(agent, cid, reader, req.run)
+                except Exception as exc:  # e.g. a home the size check cannot walk
+                    log.exception("agent supervision failed", extra=fields(agent_id=agent.id))
+                    exit_error = f"agent: supervision failed: {short_error(exc)}"
         finally:
             if not started.done():
                 started.cancel()
@@ -3905,6 +3913,16 @@ class AgentManager:
             await asyncio.shield(agent.task)
         self.agents.pop(agent_id, None)
         await self.store.call(self.store.delete_agent, agent_id)
+
+    async def cleanup_forever(self) -> None:
+        """Exited agents stay listed (upstream: until deleted) for jobs.cleanup_ttl."""
+        while True:
+            await asyncio.sleep(self.cfg.jobs_cleanup_interval)
+            cutoff = time.time() - self.cfg.jobs_cleanup_ttl
+            for agent in [a for a in self.agents.values()
+                          if a.status == "exited" and (a.exited_at or 0) < cutoff]:
+                self.agents.pop(agent.id, None)
+                await self.store.call(self.store.delete_agent, agent.id)
 
     async def shutdown(self) -> None:
         """Stop every live agent, as upstream does (its followers get `closed`)."""
@@ -5273,6 +5291,7 @@ class Stromboli:
         await self.auth.load()
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
+        self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
 
     async def _connect(self) -> None:
@@ -5919,6 +5938,8 @@ async def send_to_agent(request: web.Request) -> web.Response:
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("agent: invalid request: prompt is required")
+    if "\0" in prompt:
+        raise BadRequest("agent: invalid request: prompt must not contain NUL characters")
     return json_response({"turn_id": await agent.send(prompt)}, 202)
 
 
@@ -5935,7 +5956,7 @@ async def send_to_agent(request: web.Request) -> web.Response:
                    "this id"),
              param("last_event_id", "query", "integer", "(extension) Same as the "
                    "Last-Event-ID header")),
-     produces=("text/event-stream",),
+     produces=("text/event-stream", "application/json"),
      ok=(200, "SSE stream of agent.Event objects (stromboli_internal_agent.Event)", None),
      errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found")),
      error_schema="internal_api.errorBody")
