@@ -2373,8 +2373,14 @@ class AgentBench:
         return turn
 
     def delete(self, agent_id: str, stream: AgentStream | None) -> dict:
+        """DELETE /agents/{id}, timed, and what follows; never raises for a daemon gone
+        (it is called from `finally` blocks: the first error is the one to see)."""
         start = time.monotonic()
-        response = self.client.delete(f"/agents/{agent_id}")
+        try:
+            response = self.client.delete(f"/agents/{agent_id}")
+        except httpx.HTTPError as exc:
+            return {"status": None, "seconds": time.monotonic() - start,
+                    "error": f"{type(exc).__name__}: {exc}"}
         wall = time.monotonic() - start
         result = {"status": response.status_code, "seconds": wall}
         if response.status_code == 204 and agent_id in self.stray_agents:
@@ -2382,7 +2388,10 @@ class AgentBench:
         if stream is not None:
             result["stream_after_delete"] = stream.until_closed(AGENT_CLOSE_WAIT)
             result["stream_ended"] = stream.ended.is_set()
-        result["after"] = self.client.get(f"/agents/{agent_id}").status_code
+        try:
+            result["after"] = self.client.get(f"/agents/{agent_id}").status_code
+        except httpx.HTTPError as exc:
+            result["after"] = f"{type(exc).__name__}: {exc}"
         result["containers_left"] = len(agent_containers(self.daemon.instance, agent_id))
         return result
 
@@ -2629,6 +2638,9 @@ def agent(args) -> int:
         report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     except Exception:
         sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            sys.stderr.write(f"the daemon (pid {daemon.proc.pid}) exited with "
+                             f"{daemon.proc.returncode} before the bench stopped it\n")
         raise
     finally:
         if bench is not None:
