@@ -1,7 +1,8 @@
 """Benchmark stromboli: its overhead on top of a plain `podman run` of the Claude Code CLI
 (the default mode), what an agent's output flood costs the daemon (`flood`), the daemon
 under mixed traffic at a fixed rate (`load`), the requests/s of its cheap routes next to a
-bare aiohttp handler (`rps`), and the daemon under a slowloris attack (`slowloris`).
+bare aiohttp handler (`rps`), the daemon under a slowloris attack (`slowloris`), kill -9
+during async jobs (`soak`), and a persistent agent's warm turn next to a cold run (`agent`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -112,6 +113,25 @@ start times and the total wall time. Containers of the instance still there at t
 are counted, then removed; the daemon logs are kept (path in the report) when anything is off.
 Exits 1 when a job is lost or a container is orphaned.
 
+`agent`: persistent agents (issue 14): what a turn on a live agent costs next to a cold run.
+One daemon (auth off), the scripted model; one long-lived agent created with a prompt (its
+first turn not counted), whose SSE stream (GET /agents/{id}/stream, `Last-Event-ID: 0`) stays
+open across turns. Then --runs (default 10) rounds, after one discarded warm-up round, each:
+
+  `podman run --rm <image> true` (a container start and removal, nothing else);
+  overhead's baseline, the hardened `podman run … claude -p hello` (container + CLI);
+  cold: `POST /run {"prompt": "hello <n>"}` (sync: a container and a CLI per run);
+  warm: `POST /agents/{id}/send {"prompt": "hello <n>"}` on the long-lived agent → its
+     `turn_end` event (and → its first `output` event, → the first one carrying the reply
+     text, → the 202), timed at the SSE event's receipt;
+  agent cold start: `POST /agents {"prompt": "hello <n>"}` → the new agent's first
+     `turn_end` (its own stream), then `DELETE /agents/{id}` → 204 (timed).
+
+Reported: median and p90 of each, the ratio warm turn / cold run (medians), and checks: the
+long-lived agent kept one container and one CLI process (`podman top`), its turns_completed,
+model calls per turn, the stream-json type of a turn's first output, stderr `error` events,
+and after each DELETE a 404, no container left and the stream ended by `closed`.
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -127,6 +147,8 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py slowloris --connections 1100 --hold 30 --json
     python bench_stromboli.py soak                 # 20 kill -9 during async jobs
     python bench_stromboli.py soak --kills 20 --jobs-per-round 3 --seed 13 --json
+    python bench_stromboli.py agent                # warm agent turn vs cold POST /run
+    python bench_stromboli.py agent --runs 10 --json
 """
 
 from __future__ import annotations
@@ -134,10 +156,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import datetime
 import json
 import os
 import pathlib
 import platform
+import queue
 import re
 import resource
 import shlex
@@ -2119,6 +2143,520 @@ def soak_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", f"Machine: {info}"])
 
 
+# -- agent: a persistent agent's warm turn vs a cold run (issue 14) ------------------
+
+AGENT_TIMEOUT = 120.0  # seconds for one turn, one run, one agent's first turn
+AGENT_READ_TIMEOUT = 60.0  # SSE read timeout (the daemon sends `: keepalive` every 15 s)
+AGENT_CLOSE_WAIT = 30.0  # seconds for the stream to end after DELETE
+
+
+class AgentStream:
+    """GET /agents/{id}/stream, kept open and read by a thread. Each event, once its blank
+    line has arrived, is queued as {"t": monotonic at receipt, "id", "event", "data"}."""
+
+    def __init__(self, url: str, agent_id: str, last_event_id: int | None = None):
+        self.url, self.agent_id, self.last_event_id = url, agent_id, last_event_id
+        self.queue: "queue.Queue[dict | None]" = queue.Queue()
+        self.status: int | None = None
+        self.error: str | None = None
+        self.ended = threading.Event()
+        self.events_seen = 0
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> "AgentStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.join(0)  # a daemon thread; it ends with the stream (DELETE ends it)
+
+    def _read(self) -> None:
+        headers = {} if self.last_event_id is None else {"Last-Event-ID": str(self.last_event_id)}
+        timeout = httpx.Timeout(10.0, read=AGENT_READ_TIMEOUT)
+        try:
+            with httpx.Client(base_url=self.url, timeout=timeout) as client, \
+                    client.stream("GET", f"/agents/{self.agent_id}/stream",
+                                  headers=headers) as response:
+                self.status = response.status_code
+                if response.status_code != 200:
+                    response.read()
+                    self.error = f"GET stream → {response.status_code}: {response.text[:500]}"
+                    return
+                block: dict = {}
+                for line in response.iter_lines():
+                    if line == "":
+                        if block:
+                            self._emit(block)
+                        block = {}
+                    elif not line.startswith(":"):  # `: keepalive` comments are skipped
+                        field, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if field == "data" and "data" in block:
+                            block["data"] += "\n" + value
+                        else:
+                            block[field] = value
+        except httpx.HTTPError as exc:
+            self.error = f"stream: {type(exc).__name__}: {exc}"
+        finally:
+            self.ended.set()
+            self.queue.put(None)
+
+    def _emit(self, block: dict) -> None:
+        t = time.monotonic()
+        try:
+            data = json.loads(block.get("data") or "null")
+        except json.JSONDecodeError:
+            data = {"_raw": block.get("data")}
+        try:
+            event_id = int(block["id"]) if "id" in block else None
+        except ValueError:
+            event_id = block["id"]
+        self.events_seen += 1
+        self.queue.put({"t": t, "id": event_id, "event": block.get("event", "message"),
+                        "data": data if isinstance(data, dict) else {"_value": data}})
+
+    def next(self, deadline: float) -> dict:
+        """The next event; RuntimeError when the stream has ended or nothing came in time."""
+        try:
+            event = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"agent {self.agent_id}: no event within the deadline") from None
+        if event is None:
+            self.queue.put(None)  # stays ended for later callers
+            raise RuntimeError(f"agent {self.agent_id}: stream ended"
+                               + (f" ({self.error})" if self.error else ""))
+        return event
+
+    def until_closed(self, timeout: float) -> list[str]:
+        """After DELETE: the types of the events left, up to the stream's end."""
+        deadline, kinds = time.monotonic() + timeout, []
+        while True:
+            try:
+                kinds.append(self.next(deadline)["event"])
+            except RuntimeError:
+                return kinds
+
+
+def read_turn(stream: AgentStream, start: float, turn_id: str | None) -> dict:
+    """Events up to the turn's `turn_end` (turn_id None: the first turn_end) → its times,
+    relative to `start`: first `output`, first output with the model's reply text, turn_end."""
+    deadline = start + AGENT_TIMEOUT
+    turn = {"first_output": None, "first_reply_text": None, "turn_end": None,
+            "first_output_type": None, "outputs": 0, "errors": [], "stray": 0,
+            "reply_seen": False, "turn_id": turn_id, "events": []}
+    while True:
+        event = stream.next(deadline)
+        kind, data = event["event"], event["data"]
+        turn["events"].append(kind)
+        other = turn_id is not None and data.get("turn_id") not in (None, turn_id)
+        if other:
+            turn["stray"] += 1
+            continue
+        if kind == "output":
+            content = data.get("content") or ""
+            turn["outputs"] += 1
+            if turn["first_output"] is None:
+                turn["first_output"] = event["t"] - start
+                try:
+                    turn["first_output_type"] = json.loads(content).get("type")
+                except (ValueError, AttributeError):
+                    turn["first_output_type"] = "(not JSON)"
+            if REPLY in content:
+                turn["reply_seen"] = True
+                if turn["first_reply_text"] is None:
+                    turn["first_reply_text"] = event["t"] - start
+        elif kind == "error":
+            turn["errors"].append(str(data.get("error"))[:300])
+        elif kind == "turn_end":
+            turn["turn_end"] = event["t"] - start
+            turn["turn_end_at"] = data.get("at")
+            turn["turn_id"] = data.get("turn_id", turn_id)
+            turn["usage"] = data.get("usage")
+            turn["end_monotonic"] = event["t"]
+            turn["events"] = turn["events"][-12:]
+            return turn
+        elif kind in ("exited", "closed"):
+            raise RuntimeError(f"agent {stream.agent_id}: `{kind}` during a turn: {data} "
+                               f"(errors: {turn['errors'][-5:]})")
+
+
+def rfc3339_epoch(value) -> float | None:
+    """An RFC 3339 timestamp (fractional seconds, any precision) → epoch seconds."""
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"(.+?T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", value.strip())
+    if not m:
+        return None
+    try:
+        base = datetime.datetime.fromisoformat(m.group(1) + m.group(3).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return base.timestamp() + (float("0." + m.group(2)) if m.group(2) else 0.0)
+
+
+def agent_containers(instance: str, agent_id: str) -> list[str]:
+    proc = subprocess.run(["podman", "ps", "-a", "-q", "--no-trunc", "--filter",
+                           f"label=stromboli.instance={instance}", "--filter",
+                           f"label=stromboli.agent={agent_id}"],
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout.split()
+
+
+def container_processes(container: str) -> list[str]:
+    """`podman top <container> hpid pid args` → one "host-pid pid args" line per process (or
+    the error): the host pid tells a restarted CLI from the same one (both are pid 1)."""
+    proc = subprocess.run(["podman", "top", container, "hpid", "pid", "args"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        return [f"(podman top failed: {proc.stderr.strip()[:200]})"]
+    return [" ".join(line.split()) for line in proc.stdout.splitlines()[1:] if line.strip()]
+
+
+def cli_pids(processes: list[str]) -> list[str]:
+    return [line.split()[0] for line in processes if "claude" in line and line[:1].isdigit()]
+
+
+class AgentBench:
+    def __init__(self, args, model: TimedModel, daemon: Daemon, workdir: pathlib.Path):
+        self.args, self.model, self.daemon, self.workdir = args, model, daemon, workdir
+        self.client = httpx.Client(base_url=daemon.url, timeout=AGENT_TIMEOUT)
+        self.bench = Bench(model, daemon, args.image, workdir)  # overhead's baseline
+        self.notes: list[str] = []
+        self.stray_agents: list[str] = []
+
+    def podman_true(self) -> float:
+        """Raw `podman run --rm <image> true`: a container start and removal, nothing else."""
+        start = time.monotonic()
+        proc = subprocess.run(["podman", "run", "--rm", self.args.image, "true"],
+                              capture_output=True, text=True, timeout=AGENT_TIMEOUT)
+        wall = time.monotonic() - start
+        if proc.returncode:
+            raise RuntimeError(f"podman run true failed ({proc.returncode}): {proc.stderr}")
+        return wall
+
+    def cold_run(self, prompt: str) -> dict:
+        """`POST /run {prompt}` (sync): a container and a CLI per run."""
+        start = time.monotonic()
+        response = self.client.post("/run", json={"prompt": prompt})
+        end = time.monotonic()
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if body.get("status") != "completed" or body.get("output") != REPLY:
+            raise RuntimeError(f"POST /run failed ({response.status_code}): "
+                               f"{response.text[:2000]}")
+        return {"wall": end - start, "reply_to_answer": end - self.model.reply_between(start, end)}
+
+    def create(self, prompt: str) -> tuple[str, dict, float, float]:
+        """POST /agents {prompt} → (id, snapshot, monotonic start, epoch start)."""
+        epoch, start = time.time(), time.monotonic()
+        response = self.client.post("/agents", json={"prompt": prompt})
+        if response.status_code != 201:
+            hint = " (no /agents route: is the feature in this stromboli.py?)" \
+                if response.status_code in (404, 405) else ""
+            raise RuntimeError(f"POST /agents → {response.status_code}{hint}: "
+                               f"{response.text[:1000]}")
+        snapshot = response.json()
+        self.stray_agents.append(snapshot["id"])
+        return snapshot["id"], snapshot, start, epoch
+
+    def first_turn(self, stream: AgentStream, start: float, epoch: float,
+                   models_before: int) -> dict:
+        turn = read_turn(stream, start, None)
+        if not turn["reply_seen"]:
+            raise RuntimeError(f"agent {stream.agent_id}: first turn ended without the reply: "
+                               f"{turn}")
+        at = rfc3339_epoch(turn.get("turn_end_at"))
+        turn["turn_end_by_at"] = at - epoch if at is not None else None
+        turn["model_calls"] = len(self.model.replies) - models_before
+        return turn
+
+    def delete(self, agent_id: str, stream: AgentStream | None) -> dict:
+        """DELETE /agents/{id}, timed, and what follows; never raises for a daemon gone
+        (it is called from `finally` blocks: the first error is the one to see)."""
+        start = time.monotonic()
+        try:
+            response = self.client.delete(f"/agents/{agent_id}")
+        except httpx.HTTPError as exc:
+            return {"status": None, "seconds": time.monotonic() - start,
+                    "error": f"{type(exc).__name__}: {exc}"}
+        wall = time.monotonic() - start
+        result = {"status": response.status_code, "seconds": wall}
+        if response.status_code == 204 and agent_id in self.stray_agents:
+            self.stray_agents.remove(agent_id)
+        if stream is not None:
+            result["stream_after_delete"] = stream.until_closed(AGENT_CLOSE_WAIT)
+            result["stream_ended"] = stream.ended.is_set()
+        try:
+            result["after"] = self.client.get(f"/agents/{agent_id}").status_code
+        except httpx.HTTPError as exc:
+            result["after"] = f"{type(exc).__name__}: {exc}"
+        result["containers_left"] = len(agent_containers(self.daemon.instance, agent_id))
+        return result
+
+    def cold_agent(self, prompt: str) -> dict:
+        """A new agent with a prompt → its first turn_end; then DELETE (timed)."""
+        models_before = len(self.model.replies)
+        agent_id, _, start, epoch = self.create(prompt)
+        with AgentStream(self.daemon.url, agent_id, last_event_id=0) as stream:
+            try:
+                turn = self.first_turn(stream, start, epoch, models_before)
+            finally:
+                deleted = self.delete(agent_id, stream)
+        return {"turn": turn, "delete": deleted}
+
+    def warm_turn(self, stream: AgentStream, agent_id: str, prompt: str) -> dict:
+        models_before = len(self.model.replies)
+        start = time.monotonic()
+        response = self.client.post(f"/agents/{agent_id}/send", json={"prompt": prompt})
+        accepted = time.monotonic() - start
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /agents/{agent_id}/send → {response.status_code}: "
+                               f"{response.text[:1000]}")
+        turn_id = response.json().get("turn_id")
+        turn = read_turn(stream, start, turn_id)
+        if not turn["reply_seen"]:
+            raise RuntimeError(f"agent {agent_id}: turn {turn_id} ended without the reply: {turn}")
+        turn["accepted"] = accepted
+        turn["model_calls"] = len(self.model.replies) - models_before
+        turn["reply_to_turn_end"] = turn["end_monotonic"] - self.model.reply_between(
+            start, turn["end_monotonic"])
+        return turn
+
+    def run(self) -> tuple[dict, dict]:
+        runs = self.args.runs
+        keys = ("podman_true", "podman_claude", "post_run", "post_run_reply_to_answer",
+                "agent_first_turn", "agent_first_output", "agent_delete",
+                "warm_turn", "warm_first_output", "warm_first_reply_text", "warm_accepted",
+                "warm_reply_to_turn_end")
+        samples: dict[str, list[float]] = {k: [] for k in keys}
+        facts: dict = {"first_output_types": {}, "stderr_errors": [], "stray_events": 0,
+                       "model_calls_per_warm_turn": [], "model_calls_per_first_turn": [],
+                       "deletes": []}
+        models_before = len(self.model.replies)
+        agent_id, snapshot, start, epoch = self.create("hello 0")
+        facts["agent"] = {"id": agent_id, "session_id": snapshot.get("session_id"),
+                          "created_status": snapshot.get("status")}
+        with AgentStream(self.daemon.url, agent_id, last_event_id=0) as stream:
+            try:
+                first = self.first_turn(stream, start, epoch, models_before)
+                facts["agent"]["first_turn"] = round(first["turn_end"], 4)
+                containers = agent_containers(self.daemon.instance, agent_id)
+                processes = container_processes(containers[0]) if containers else []
+                facts["agent"]["containers_before"] = containers
+                facts["agent"]["processes_before"] = processes
+                for i in range(runs + 1):  # round 0 is the warm-up
+                    print(f"agent: round {i}/{runs}…", file=sys.stderr, flush=True)
+                    prompt = f"hello {i + 1}"
+                    true_wall = self.podman_true()
+                    claude_wall, _ = self.bench.podman_run()
+                    cold = self.cold_run(prompt)
+                    warm = self.warm_turn(stream, agent_id, prompt)
+                    new = self.cold_agent(prompt)
+                    if not i:
+                        continue
+                    for key, value in (
+                            ("podman_true", true_wall), ("podman_claude", claude_wall),
+                            ("post_run", cold["wall"]),
+                            ("post_run_reply_to_answer", cold["reply_to_answer"]),
+                            ("agent_first_turn", new["turn"]["turn_end"]),
+                            ("agent_first_output", new["turn"]["first_output"]),
+                            ("agent_delete", new["delete"]["seconds"]),
+                            ("warm_turn", warm["turn_end"]),
+                            ("warm_first_output", warm["first_output"]),
+                            ("warm_first_reply_text", warm["first_reply_text"]),
+                            ("warm_accepted", warm["accepted"]),
+                            ("warm_reply_to_turn_end", warm["reply_to_turn_end"])):
+                        if value is not None:
+                            samples[key].append(value)
+                    for turn, kind in ((warm, "warm"), (new["turn"], "first")):
+                        name = f"{kind}: {turn['first_output_type']}"
+                        facts["first_output_types"][name] = \
+                            facts["first_output_types"].get(name, 0) + 1
+                        facts["stderr_errors"] += turn["errors"]
+                        facts["stray_events"] += turn["stray"]
+                    facts["model_calls_per_warm_turn"].append(warm["model_calls"])
+                    facts["model_calls_per_first_turn"].append(new["turn"]["model_calls"])
+                    facts["deletes"].append({k: v for k, v in new["delete"].items()
+                                             if k != "seconds"})
+                    facts.setdefault("first_turn_by_at", []).append(
+                        new["turn"].get("turn_end_by_at"))
+                    facts["warm_usage_last"] = warm.get("usage")
+                containers_after = agent_containers(self.daemon.instance, agent_id)
+                facts["agent"]["containers_after"] = containers_after
+                facts["agent"]["processes_after"] = \
+                    container_processes(containers_after[0]) if containers_after else []
+                facts["agent"]["snapshot_after"] = self.client.get(f"/agents/{agent_id}").json()
+            finally:
+                facts["agent"]["delete"] = self.delete(agent_id, stream)
+        return samples, facts
+
+    def close(self) -> None:
+        """Agents this bench created and did not delete (after an error)."""
+        for agent_id in list(self.stray_agents):
+            try:
+                self.client.delete(f"/agents/{agent_id}")
+            except httpx.HTTPError:
+                pass
+        self.client.close()
+
+
+def agent_checks(facts: dict, runs: int) -> list[str]:
+    """What the run says about the contract, as report lines (problems flagged)."""
+    a = facts["agent"]
+    lines = []
+    same_container = a["containers_before"] == a["containers_after"] and \
+        len(a["containers_before"]) == 1
+    lines.append(f"- long-lived agent: one container throughout: "
+                 f"{'yes' if same_container else 'NO'} "
+                 f"({', '.join(c[:12] for c in a['containers_before'])} → "
+                 f"{', '.join(c[:12] for c in a['containers_after'])})")
+    before, after = cli_pids(a["processes_before"]), cli_pids(a["processes_after"])
+    lines.append(f"- its CLI process: host pid {', '.join(before) or '?'} before the rounds, "
+                 f"{', '.join(after) or '?'} after: "
+                 f"{'unchanged' if before and before == after else 'CHANGED or unknown'}; "
+                 f"processes in its container after: {len(a['processes_after'])}")
+    snap = a.get("snapshot_after") or {}
+    expected = runs + 2  # its first turn, the warm-up turn, the measured turns
+    lines.append(f"- snapshot after the turns: status `{snap.get('status')}`, turns_completed "
+                 f"{snap.get('turns_completed')} (expected {expected})"
+                 + ("" if snap.get("turns_completed") == expected else " — MISMATCH"))
+    calls = facts["model_calls_per_warm_turn"] + facts["model_calls_per_first_turn"]
+    lines.append(f"- model calls per turn: {sorted(set(calls))}")
+    lines.append("- first `output` event of a turn, by stream-json type: " + ", ".join(
+        f"{k} ×{v}" for k, v in sorted(facts["first_output_types"].items())))
+    if facts["stderr_errors"]:
+        lines.append(f"- `error` events (stderr) during turns: {len(facts['stderr_errors'])}, "
+                     f"e.g. `{facts['stderr_errors'][0][:200]}`")
+    if facts["stray_events"]:
+        lines.append(f"- events of another turn seen during a turn: {facts['stray_events']}")
+    deletes = facts["deletes"] + [a["delete"]]
+    bad = [d for d in deletes if d.get("status") != 204 or d.get("after") != 404
+           or d.get("containers_left") or not d.get("stream_ended")
+           or (d.get("stream_after_delete") or [])[-1:] != ["closed"]]
+    tails = sorted({" → ".join(d.get("stream_after_delete") or ["(nothing)"]) for d in deletes})
+    lines.append(f"- DELETE: {len(deletes)} agents, {len(deletes) - len(bad)} with 204, then 404, "
+                 f"no container left and the stream ended by `closed`; stream after DELETE: "
+                 + "; ".join(f"`{t}`" for t in tails))
+    for d in bad[:3]:
+        lines.append(f"  - PROBLEM: {d}")
+    by_at = [v for v in facts.get("first_turn_by_at") or [] if v is not None]
+    if by_at:
+        lines.append(f"- agent cold start by the daemon's `at` stamp of `turn_end` (vs the "
+                     f"SSE receipt): median {statistics.median(by_at):.3f} s")
+    return lines
+
+
+def agent_markdown(report: dict) -> str:
+    s = report["stats"]
+
+    def fmt(value: float) -> str:
+        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+    def row(label: str, key: str, ratio: str = "") -> str:
+        stats = s.get(key)
+        if not stats:
+            return f"| {label} | – | – | {ratio} |"
+        return f"| {label} | {fmt(stats['median'])} | {fmt(stats['p90'])} | {ratio} |"
+
+    def ratio(a: str, b: str, of: str) -> str:
+        if not s.get(a) or not s.get(b):
+            return ""
+        return f"{s[a]['median'] / s[b]['median']:.2f}× {of}"
+
+    n = report["runs"]
+    warm_cold = report["ratios"]["warm_over_cold"]
+    lines = [
+        f"| measurement (n={n} each, interleaved, after a warm-up round) | median | p90 "
+        "| ratio of medians |",
+        "|---|---|---|---|",
+        row(f"`podman run --rm {report['image']} true` (baseline: container only)",
+            "podman_true"),
+        row("`podman run … claude -p hello` (overhead's baseline: container + CLI)",
+            "podman_claude", ratio("podman_claude", "podman_true", "podman true")),
+        row("**cold**: `POST /run` (sync), one run", "post_run",
+            ratio("post_run", "podman_true", "podman true")),
+        row("cold: model reply sent → `POST /run` answer", "post_run_reply_to_answer"),
+        row("agent cold start: `POST /agents {prompt}` → its `turn_end`", "agent_first_turn",
+            ratio("agent_first_turn", "post_run", "POST /run")),
+        row("agent cold start: `POST /agents` → first `output`", "agent_first_output"),
+        row("`DELETE /agents/{id}` → 204", "agent_delete"),
+        row("**warm**: one turn, `POST /agents/{id}/send` → `turn_end`", "warm_turn",
+            f"**{warm_cold:.3f}× POST /run**" if warm_cold is not None else ""),
+        row("warm: `send` → first `output` event", "warm_first_output"),
+        row("warm: `send` → first `output` with the reply text", "warm_first_reply_text"),
+        row("warm: `send` → 202", "warm_accepted"),
+        row("warm: model reply sent → `turn_end`", "warm_reply_to_turn_end"),
+    ]
+    if warm_cold is not None:
+        lines += ["", f"Warm turn / cold run (medians): **{warm_cold:.3f}** — a warm turn takes "
+                      f"{1 / warm_cold:.1f}× less time than a `POST /run`; "
+                      f"warm turn / `podman run … true`: "
+                      f"{report['ratios']['warm_over_podman_true']:.3f}."]
+    lines += ["", "Checks:", *agent_checks(report["facts"], n)]
+    info = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
+    return "\n".join([
+        *lines, "",
+        "One daemon (auth off, the scripted model), one long-lived agent created with a "
+        "prompt (its first turn not counted), its SSE stream (`Last-Event-ID: 0`) kept open "
+        "across turns. Each round, in this order: `podman run --rm <image> true`; overhead's "
+        "hardened `podman run … claude -p hello`; `POST /run {\"prompt\": \"hello <n>\"}`; a "
+        "turn `hello <n>` on the long-lived agent (send → its `turn_end`, times at the SSE "
+        "event's receipt); a new agent `POST /agents {\"prompt\": \"hello <n>\"}` → its "
+        "first `turn_end` (its own stream, `Last-Event-ID: 0`), then `DELETE` (timed: stdin "
+        "closed, up to 5 s, SIGTERM…). Round 0 is discarded. \"model reply sent\": when the "
+        "scripted model had sent its whole reply.",
+        f"Load average before: {' '.join(report['loadavg_before'])}, after: "
+        f"{' '.join(report['loadavg_after'])}.",
+        f"Command: `{report['command']}`", f"Machine: {info}"])
+
+
+def agent(args) -> int:
+    """`agent`: a persistent agent's warm turn vs a cold `POST /run` vs `podman run true`."""
+    model = TimedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-agent-"))
+    daemon = Daemon(workdir / "state", daemon_env(model, args.image, 0))
+    report: dict = {"command": shlex.join(sys.orig_argv), "machine": machine_info(args.image),
+                    "image": args.image, "runs": args.runs,
+                    "loadavg_before": open("/proc/loadavg").read().split()[:3]}
+    bench = None
+    try:
+        daemon.start()
+        bench = AgentBench(args, model, daemon, workdir)
+        samples, facts = bench.run()
+        report["stats"] = {k: summary(v) for k, v in samples.items() if v}
+        report["facts"] = facts
+        stats = report["stats"]
+        report["ratios"] = {
+            "warm_over_cold": stats["warm_turn"]["median"] / stats["post_run"]["median"],
+            "warm_over_podman_true":
+                stats["warm_turn"]["median"] / stats["podman_true"]["median"],
+            "agent_cold_start_over_cold":
+                stats["agent_first_turn"]["median"] / stats["post_run"]["median"]}
+        report["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            sys.stderr.write(f"the daemon (pid {daemon.proc.pid}) exited with "
+                             f"{daemon.proc.returncode} before the bench stopped it\n")
+        raise
+    finally:
+        if bench is not None:
+            bench.close()
+        stop_daemon(daemon)
+        leftover = instance_containers(daemon.instance) + our_containers(workdir)
+        if leftover:
+            report["containers_left_after_stop"] = len(set(leftover))
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *set(leftover)],
+                           capture_output=True, timeout=120)
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps({**report, "samples": samples}, indent=2) if args.json
+          else agent_markdown(report))
+    return 0
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -2195,7 +2733,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris,soak}",
+    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris,soak,agent}",
                                   help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
@@ -2295,7 +2833,22 @@ def main() -> int:
                              help="seconds the last daemon gets to end every job "
                                   "(default: %(default)s)")
     common_options(soak_parser)
+    agent_parser = modes.add_parser(
+        "agent", help="a persistent agent's warm turn vs a cold POST /run vs podman run true",
+        description="In one run, against one daemon and the scripted model: the latency of "
+                    "a turn on a live persistent agent (POST /agents/{id}/send → its turn_end "
+                    "on the SSE stream kept open; and to its first output event), of a sync "
+                    "POST /run (a container and a CLI per run), of a new agent's first turn "
+                    "(POST /agents with a prompt → turn_end) and of `podman run --rm <image> "
+                    "true`, --runs times each, interleaved, after a discarded warm-up round.")
+    agent_parser.add_argument("--runs", type=int, default=argparse.SUPPRESS,
+                              help="measured turns/runs per measurement, ≥ 2 (default: 10)")
+    common_options(agent_parser)
     args = parser.parse_args()
+    if args.mode == "agent":
+        if args.runs < 2:
+            parser.error("agent: --runs must be at least 2")
+        return agent(args)
     if args.mode == "soak":
         if args.kills < 1 or args.jobs_per_round < 1 or args.final_timeout <= 0:
             parser.error("soak: --kills, --jobs-per-round ≥ 1; --final-timeout > 0")

@@ -772,7 +772,8 @@ CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, status TEXT NOT NULL,
     created_at REAL NOT NULL, last_activity_at REAL NOT NULL, idle_timeout INTEGER NOT NULL,
     idle_timeout_disabled INTEGER NOT NULL, turns_completed INTEGER NOT NULL,
-    exit_error TEXT, last_event INTEGER NOT NULL, exited_at REAL
+    exit_error TEXT, last_event INTEGER NOT NULL, exited_at REAL, turn_id TEXT NOT NULL,
+    request TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, url TEXT NOT NULL,
@@ -1296,14 +1297,16 @@ class Podman:
 
     def exit_code(self, cid: str) -> int:
         """The exit code of a container whose output stream has ended. Inspecting is far
-        quicker than the wait endpoint here (which polls every ~250 ms)."""
+        quicker than the wait endpoint here (which polls every ~250 ms). One still running
+        10 s after its output ended closed its output on purpose: RunFailed (the caller
+        removes it)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             state = self.client.containers.get(cid).attrs["State"]
             if state["Status"] in ("exited", "stopped"):
                 return int(state["ExitCode"])
             time.sleep(0.01)
-        return int(self.client.containers.get(cid).wait(condition="exited"))
+        raise RunFailed("the container closed its output but did not exit")
 
     def attach(self, cid: str, attached: Callable[[], None], sink: Callable[[bytes], None]) -> None:
         """Stream a container's stdout and stderr frames into `sink` until it exits.
@@ -1315,7 +1318,7 @@ class Podman:
         try:
             while len(header := response.raw.read(8)) == 8:
                 size = int.from_bytes(header[4:], "big")
-                while size > 0 and (data := response.raw.read(min(size, 1024 * 1024))):
+                while size > 0 and (data := response.raw.read(min(size, 65536))):
                     sink(data)
                     size -= len(data)
         finally:
@@ -1331,6 +1334,7 @@ class Podman:
         hijacks the HTTP connection, so this speaks HTTP/1.1 on a socket of our own (on the
         event loop, which never blocks on it)."""
         scheme, _, where = self.url.partition("://")
+        writer = None
         try:
             if scheme in ("unix", "http+unix"):
                 reader, writer = await asyncio.open_unix_connection(urllib.parse.unquote(where))
@@ -1346,12 +1350,14 @@ class Podman:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
+            if writer is not None:
+                writer.close()
             raise PodmanUnavailable(f"podman unavailable: attach failed: {short_error(exc)}") \
                 from None
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if " 101 " not in status and " 200 " not in status:
             writer.close()
-            raise RunFailed(f"attach failed: {status}")
+            raise ApiError(500, f"agent: spawn: attach failed: {status[:200]}")
         return reader, writer
 
     @staticmethod
@@ -1592,7 +1598,7 @@ def parse_json_lines(lines: Iterable[str | bytes]) -> Iterable[dict]:
         if line[:1] in ("{", b"{"):
             try:
                 value = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting is the agent's choice too
                 continue
             if isinstance(value, dict):
                 yield value
@@ -1605,7 +1611,7 @@ def result_event(output: str) -> dict | None:
         whole = json.loads(text)
         if isinstance(whole, dict):
             return whole
-    except ValueError:
+    except (ValueError, RecursionError):  # the agent's output: any text at all
         pass
     found = None
     for event in parse_json_lines(text.splitlines()):
@@ -3511,14 +3517,16 @@ def job_response(job: dict) -> dict:
 AGENT_IDLE_TIMEOUT = 1800  # seconds (upstream's default)
 AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (U§5.17)
 AGENT_EVENTS_KEPT = 1000  # per agent, for Last-Event-ID (and at most agent.max_output bytes)
+AGENT_EVENTS_KEPT_EXITED = 100
 AGENT_SEND_TIMEOUT = 10.0
 AGENT_FORCED_OPTIONS = {"input_format": "stream-json", "output_format": "stream-json",
                         "include_partial_messages": True, "verbose": True}
 AGENT_SESSION_OPTIONS = ("session_id", "resume", "continue", "fork_session")
-AGENT_RESTART_ERROR = ("agent: the daemon restarted: Podman closes an agent's input with the "
-                       "connection that fed it, so its process ended (its conversation is kept "
-                       "in its session)")
-AGENT_SHUTDOWN_ERROR = "agent: the daemon shut down"
+AGENT_PAUSED = ("agent: the daemon is restarting; the agent will be back with its "
+                "conversation (follow it again with Last-Event-ID)")
+AGENT_LOST_TURN = "agent: the daemon restarted during this turn; its output ends here"
+AGENT_REVIVE_ERROR = "agent: could not be started again after the daemon restarted: "
+AGENT_STOPPED = "agent: stopped"
 AGENT_IDLE_ERROR = "agent: idle timeout reached"
 
 
@@ -3537,7 +3545,7 @@ def turn_usage(result: dict) -> dict | None:
         return None
     try:
         return usage_summary({"turn": usage}, re.sub(r"\[\w+\]$", "", model))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):  # 1e999, a 400-digit count...
         return None
 
 
@@ -3592,7 +3600,9 @@ class Agent:
         self.idle_timeout_disabled = bool(row["idle_timeout_disabled"])
         self.turns_completed, self.seq = row["turns_completed"], row["last_event"]
         self.exit_error, self.exited_at = row["exit_error"] or "", row["exited_at"]
-        self.turn_id = ""
+        self.turn_id = row["turn_id"]
+        self.run = RunRequest(**json.loads(row["request"]))  # its container, again after a restart
+        self.paused = False  # the daemon stopped; the next start brings it back
         self.stdin: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None  # its life, from spawn to cleanup
         self.stop_reason = ""
@@ -3601,6 +3611,7 @@ class Agent:
         self._bytes, self._max_bytes = 0, max_bytes
         self._changed = asyncio.Event()
         self._on_change = on_change
+        self._saved_seq = self.seq
 
     @classmethod
     def new(cls, req: AgentRequest, max_bytes: int,
@@ -3610,16 +3621,19 @@ class Agent:
                     "status": "starting", "created_at": now, "last_activity_at": now,
                     "idle_timeout": req.idle_timeout,
                     "idle_timeout_disabled": req.idle_timeout_disabled, "turns_completed": 0,
-                    "last_event": 0, "exit_error": None, "exited_at": None},
+                    "last_event": 0, "exit_error": None, "exited_at": None, "turn_id": "",
+                    "request": json.dumps(req.run.to_json())},
                    max_bytes, on_change)
 
     def row(self) -> dict:
+        self._saved_seq = self.seq
         return {"id": self.id, "session_id": self.session_id, "status": self.status,
                 "created_at": self.created_at, "last_activity_at": self.last_activity,
                 "idle_timeout": self.idle_timeout,
                 "idle_timeout_disabled": int(self.idle_timeout_disabled),
                 "turns_completed": self.turns_completed, "exit_error": self.exit_error or None,
-                "last_event": self.seq, "exited_at": self.exited_at}
+                "last_event": self.seq, "exited_at": self.exited_at, "turn_id": self.turn_id,
+                "request": json.dumps(self.run.to_json())}
 
     def snapshot(self) -> dict:
         return drop_none({
@@ -3637,15 +3651,20 @@ class Agent:
                           separators=(",", ":"))
         self.events.append((self.seq, kind, data))
         self._bytes += len(data)
-        while len(self.events) > 1 and (len(self.events) > AGENT_EVENTS_KEPT
-                                        or self._bytes > self._max_bytes):
-            self._bytes -= len(self.events.popleft()[2])
+        self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
+        if self.seq - self._saved_seq >= AGENT_EVENTS_KEPT // 2:  # so ids outlive a crash
+            self._on_change(self)
+
+    def _trim(self, count: int, size: int) -> None:
+        while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
+            self._bytes -= len(self.events.popleft()[2])
 
     async def follow(self, after: int):
         """Yield (id, type, data) of the kept events after `after` (a follower too slow
-        for the kept window skips to its start), live, then `closed` once exited."""
+        for the kept window skips to its start), live, then `closed` once exited; the
+        stream ends without it when the daemon stops (the agent comes back after)."""
         cursor = after
         while True:
             waiter = self._changed
@@ -3655,6 +3674,8 @@ class Agent:
                 yield cursor, kind, data
             if self.status == "exited":
                 yield self.seq, "closed", "{}"
+                return
+            if self.paused:
                 return
             await waiter.wait()
 
@@ -3669,7 +3690,8 @@ class Agent:
             self.status = "idle"
             self._on_change(self)
         self.emit("output", turn_id=turn_id, content=line)
-        if '"result"' in line and (event := next(parse_json_lines([line]), None)) \
+        if self.status == "generating" and '"result"' in line \
+                and (event := next(parse_json_lines([line]), None)) \
                 and event.get("type") == "result":
             self.turns_completed += 1
             self.status, self.turn_id = "idle", ""
@@ -3678,10 +3700,15 @@ class Agent:
 
     async def send(self, prompt: str) -> str:
         """Write one turn to the process's stdin (U§5.17's statuses) → its turn id."""
-        if self.status == "exited" or self.stdin is None:
+        if self.status == "exited":
             raise ApiError(410, "agent: process has exited")
+        if self.stdin is None:
+            raise ApiError(503, "agent: starting again after a daemon restart; retry shortly",
+                           {"Retry-After": "2"})
         if self.status == "generating":
             raise Conflict("agent: a turn is already in progress")
+        if self.stdin.transport.get_write_buffer_size():  # a send before was never read
+            raise Unavailable("agent: send: its input is not being read")
         turn_id = f"turn-{uuid.uuid4()}"
         self.turn_id, self.status, self.last_activity = turn_id, "generating", time.time()
         self.emit("turn_start", turn_id=turn_id)
@@ -3693,9 +3720,10 @@ class Agent:
         except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
             why = "its input is not being read" if isinstance(exc, asyncio.TimeoutError) \
                 else short_error(exc)
-            self.status, self.turn_id = "idle", ""
+            if self.status == "generating" and self.turn_id == turn_id:  # not if it ended
+                self.status, self.turn_id = "idle", ""
+                self._on_change(self)
             self.emit("error", turn_id=turn_id, error=f"agent: send: {why}")
-            self._on_change(self)
             raise Unavailable(f"agent: send: {why}") from None
         return turn_id
 
@@ -3704,28 +3732,53 @@ class Agent:
             self.stop_reason = reason
             self.stop_requested.set()
 
+    def pause(self) -> None:
+        """The daemon stops: its followers are told, and its row keeps it live."""
+        self.stdin, self.paused = None, True
+        self.emit("error", turn_id=self.turn_id or None, error=AGENT_PAUSED)
+        self._on_change(self)
+
+    def resume_after_restart(self) -> None:
+        """At the next start, before its new process: ids go on past any event the old
+        daemon sent but had not saved, and a turn the restart cut is ended."""
+        self.seq += AGENT_EVENTS_KEPT
+        self.last_activity = time.time()  # the downtime does not count as idleness
+        if self.status == "generating":
+            self.emit("error", turn_id=self.turn_id or None, error=AGENT_LOST_TURN)
+            self.status, self.turn_id = "idle", ""
+        self._on_change(self)
+
     def finish(self, exit_error: str) -> None:
         """Exited: the last event; followers get `closed` after it."""
         self.status, self.exit_error, self.exited_at = "exited", exit_error, time.time()
         self.stdin = None
         self.emit("exited", turn_id=self.turn_id or None, error=exit_error)
+        self._trim(AGENT_EVENTS_KEPT_EXITED, 64 * 1024)  # exited agents stay listed: keep less
         self._on_change(self)
 
 
 class AgentManager:
     """The agents: each spawned into a hardened container as a run is (holding a run slot
     for its whole life), fed and followed over one attach connection, stopped on request,
-    idleness, its home's quota or its lifetime, and kept as an SQLite row so that none is
-    forgotten across restarts."""
+    idleness, its home's quota or its lifetime, and kept as an SQLite row. A daemon restart
+    cannot keep an agent's process (Podman closes a container's stdin with the attach
+    connection that fed it), so the next start runs a new one that resumes the agent's
+    conversation: same id, same session, same options."""
 
     def __init__(self, cfg: Config, store: Store, runner: ContainerRunner):
         self.cfg, self.store, self.runner = cfg, store, runner
         self.podman, self.sessions = runner.podman, runner.sessions
         self.agents: dict[str, Agent] = {}
+        self._saving: dict[str, bool] = {}  # agent id → written again when done
+        self._reserved: set[str] = set()  # agents to revive, holding their slot
 
     @property
     def live(self) -> int:
-        return sum(1 for a in self.agents.values() if a.status != "exited")
+        return sum(1 for a in self.agents.values() if a.task)
+
+    @property
+    def generating(self) -> int:
+        return sum(1 for a in self.agents.values() if a.task and a.status == "generating")
 
     def get(self, agent_id: str) -> Agent:
         if (agent := self.agents.get(agent_id)) is None:
@@ -3733,20 +3786,29 @@ class AgentManager:
         return agent
 
     def save(self, agent: Agent) -> None:
-        """Write the agent's row (the store's one thread keeps the writes in order)."""
+        """Write the agent's row: at most one write per agent in flight, the latest state
+        written after it (an agent printing fake results cannot flood the store's thread,
+        which keeps the writes in order). A deleted agent is written no more."""
+        if agent.id not in self.agents:
+            return
+        if agent.id in self._saving:
+            self._saving[agent.id] = True  # written again once the one in flight is done
+            return
+        self._saving[agent.id] = False
         saving = asyncio.ensure_future(self.store.call(self.store.save_agent, agent.row()))
-        saving.add_done_callback(self._saved)
+        saving.add_done_callback(functools.partial(self._saved, agent))
 
-    @staticmethod
-    def _saved(saving: asyncio.Future) -> None:
+    def _saved(self, agent: Agent, saving: asyncio.Future) -> None:
         if not saving.cancelled() and saving.exception() is not None:
-            log.error("could not save an agent", extra=fields(error=short_error(
-                saving.exception())))
+            log.error("could not save an agent", extra=fields(
+                agent_id=agent.id, error=short_error(saving.exception())))
+        if self._saving.pop(agent.id, False):
+            self.save(agent)
 
     async def load(self) -> None:
-        """At startup: every agent in the store is listed again. One that was live when the
-        daemon stopped has ended (Podman closed its input with the old daemon's connection;
-        the orphan sweep removes its container): it is shown exited, with why."""
+        """At startup: every agent in the store is listed again; the ones that were live
+        keep a run slot (before any job can take it) and start again once Podman answers
+        (revive)."""
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
@@ -3754,33 +3816,76 @@ class AgentManager:
                     "type": "exited", "error": agent.exit_error,
                     "at": rfc3339(agent.exited_at, "microseconds")}), separators=(",", ":"))))
             else:
-                log.warning("an agent ended with the daemon's restart", extra=fields(
-                    agent_id=agent.id, session_id=agent.session_id))
-                agent.finish(AGENT_RESTART_ERROR)
+                agent.resume_after_restart()
+                if self.runner.slots.try_acquire():
+                    self._reserved.add(agent.id)
+
+    async def revive(self) -> None:
+        """After the orphan sweep (the old processes are gone with their containers): each
+        agent that was live starts again, resuming its conversation (Podman gets three
+        tries); one that cannot is shown exited, with why."""
+        for agent in [a for a in self.agents.values() if a.status != "exited" and not a.task]:
+            for attempt in range(3):
+                if agent.id not in self.agents or agent.stop_requested.is_set():
+                    break  # deleted meanwhile
+                try:
+                    await self.start(agent)
+                    log.info("agent started again after a restart", extra=fields(
+                        agent_id=agent.id, session_id=agent.session_id))
+                    break
+                except (PodmanUnavailable, Unavailable) as exc:
+                    if attempt < 2:
+                        await asyncio.sleep(2)
+                        continue
+                    self._give_up(agent, exc)
+                except Exception as exc:
+                    if agent.id in self.agents:
+                        self._give_up(agent, exc)
+                    break
+
+    def _give_up(self, agent: Agent, exc: Exception) -> None:
+        reason = getattr(exc, "message", None) or short_error(exc)
+        log.warning("agent could not start again", extra=fields(agent_id=agent.id,
+                                                                error=reason))
+        self._release_reserved(agent)
+        agent.finish(AGENT_REVIVE_ERROR + reason)
+
+    def _release_reserved(self, agent: Agent) -> None:
+        if agent.id in self._reserved:
+            self._reserved.discard(agent.id)
+            self.runner.slots.release()
 
     async def spawn(self, req: AgentRequest) -> Agent:
-        """Create, attach and start the agent's container (errors are the caller's), send
-        the first prompt if any; → the agent, live."""
-        image = await self.runner.prepare(req.run)
-        if not self.runner.slots.try_acquire():
+        """A new agent, live (errors are the caller's), its first prompt sent if any."""
+        agent = Agent.new(req, self.cfg.agent_max_output, self.save)
+        await self.start(agent, req.prompt)
+        return agent
+
+    async def start(self, agent: Agent, prompt: str = "") -> None:
+        """Create, attach and start the agent's container, holding a run slot."""
+        image = await self.runner.prepare(agent.run)
+        if agent.stop_requested.is_set():  # deleted while Podman was asked
+            raise NotFound("agent: not found")
+        if agent.id in self._reserved:
+            self._reserved.discard(agent.id)  # the slot kept for it across the restart
+        elif not self.runner.slots.try_acquire():
             raise ApiError(429, f"agent: all {self.runner.slots.size} run slots are in use "
                                 "(each live agent holds one); retry later",
                            {"Retry-After": "5"})
-        agent = Agent.new(req, self.cfg.agent_max_output, self.save)
         started = asyncio.get_running_loop().create_future()
-        agent.task = asyncio.ensure_future(self._live(agent, req, image, started))
+        agent.task = asyncio.ensure_future(self._live(agent, prompt, image, started))
         await asyncio.shield(started)
-        return agent
 
-    async def _live(self, agent: Agent, req: AgentRequest, image: str,
+    async def _live(self, agent: Agent, prompt: str, image: str,
                     started: asyncio.Future) -> None:
         """The agent's whole life: spawn, supervise, clean up (its container, its slot)."""
-        cid, exit_error = "", AGENT_SHUTDOWN_ERROR
+        cid, exit_error, running, writer = "", AGENT_STOPPED, False, None
         try:
             async with self.sessions.lock(agent.session_id):
                 try:
-                    cid = await self._create(agent, req.run, image)
-                    reader, agent.stdin = await self.podman.attach_stdio(cid)
+                    cid = await self._create(agent, agent.run, image)
+                    reader, writer = await self.podman.attach_stdio(cid)
+                    agent.stdin = writer
                     await self.podman.call(self.podman.start, cid)
                 except Exception as exc:
                     started.set_exception(exc)
@@ -3792,26 +3897,39 @@ class AgentManager:
                     log.warning("agent created with idle timeout DISABLED — caller owns "
                                 "lifecycle, agent will not auto-stop on inactivity",
                                 extra=fields(agent_id=agent.id))
-                if req.prompt.strip():
+                if prompt.strip():
                     with contextlib.suppress(ApiError):  # shown as its `error` event
-                        await agent.send(req.prompt)
+                        await agent.send(prompt)
                 self.save(agent)
                 started.set_result(None)
-                exit_error = await self._supervise(agent, cid, reader, req.run)
+                running = True
+                try:
+                    exit_error = await self._supervise(agent, cid, reader, agent.run)
+                except Exception as exc:  # e.g. a home the size check cannot walk
+                    log.exception("agent supervision failed", extra=fields(agent_id=agent.id))
+                    exit_error = f"agent: supervision failed: {short_error(exc)}"
         finally:
             if not started.done():
                 started.cancel()
+            if writer is not None:
+                writer.close()
             if cid:
                 await asyncio.shield(self.runner.destroy(cid))
             self.runner.slots.release()
-            if agent.id in self.agents:
+            agent.task = None
+            if running and exit_error == AGENT_PAUSED:
+                agent.pause()
+            elif running:
                 agent.finish(exit_error)
                 log.info("agent exited", extra=fields(agent_id=agent.id, error=exit_error))
             with contextlib.suppress(OSError, HomeError):  # refreshes the size /sessions shows
                 await asyncio.to_thread(self.sessions.over_quota, agent.session_id)
 
     async def _create(self, agent: Agent, req: RunRequest, image: str) -> str:
-        plan = SessionPlan(agent.session_id, "new")
+        """The container; an agent that has a conversation already (started again after a
+        restart) resumes it."""
+        had = await asyncio.to_thread(self.sessions.transcript, agent.session_id)
+        plan = SessionPlan(agent.session_id, "resume" if had else "new")
         await asyncio.to_thread(make_volume_dirs, self.cfg, req)
         await self.runner.open_session(req, plan, image)
         credentials = self.runner.credentials
@@ -3823,7 +3941,8 @@ class AgentManager:
             user=agent_user(self.cfg, self.runner.rootless),
             labels={**MANAGED_LABEL, "stromboli.instance": self.runner.instance,
                     "stromboli.agent": agent.id, "stromboli.session": agent.session_id})
-        command = container_command(self.cfg, req, plan, True, secret_env, stdin="")
+        command = container_command(self.cfg, req, plan, plan.mode == "new", secret_env,
+                                    stdin="")
         try:
             return await self.podman.call(self.podman.create, image, command, stdin_open=True,
                                           **spec)
@@ -3843,25 +3962,39 @@ class AgentManager:
             watchers.append(asyncio.ensure_future(self._lifetime(req.podman["timeout"])))
         try:
             await asyncio.wait({pump, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
             for watcher in watchers:
                 watcher.cancel()
-        if pump.done():
-            try:
-                code = await self.podman.call(self.podman.exit_code, cid)
-            except Exception as exc:  # Podman went away: the process is gone all the same
-                return f"agent: process ended; its exit status is unknown ({short_error(exc)})"
-            return "" if code == 0 else f"agent: process exited with status {code}"
-        reason = next(w.result() for w in watchers if w.done() and not w.cancelled())
-        await self._stop(agent, cid, pump)
-        return reason
+            if pump.done() and pump.exception() is None:
+                try:
+                    code = await self.podman.call(self.podman.exit_code, cid)
+                except Exception as exc:  # gone, or closed its output and lingers
+                    return f"agent: process ended; its exit status is unknown " \
+                           f"({short_error(exc)})"
+                return "" if code == 0 else f"agent: process exited with status {code}"
+            if pump.done():
+                log.error("agent output handling failed", exc_info=pump.exception(),
+                          extra=fields(agent_id=agent.id))
+                reason = f"agent: output handling failed: {short_error(pump.exception())}"
+            else:
+                reason = next(w.result() for w in watchers if w.done() and not w.cancelled())
+            await self._stop(agent, cid, pump)
+            return reason
+        finally:
+            for task in (pump, *watchers):
+                task.cancel()
 
     async def _pump(self, agent: Agent, reader: asyncio.StreamReader) -> None:
+        """Output frames → lines → events. Every 256 lines it lets the loop run: a flood
+        of tiny lines must not starve the other clients."""
         lines = {1: LineBuffer(self.cfg.agent_max_line), 2: LineBuffer(self.cfg.agent_max_line)}
+        count = 0
         async for stream, data in Podman.read_frames(reader):
             stream = 2 if stream == 2 else 1
             for line in lines[stream].feed(data):
                 agent.on_line(stream, line)
+                count += 1
+                if count % 256 == 0:
+                    await asyncio.sleep(0)
         for stream, buffer in lines.items():
             for line in buffer.flush():
                 agent.on_line(stream, line)
@@ -3901,16 +4034,29 @@ class AgentManager:
         """Stop the agent (if live) and forget it, once its container is gone."""
         agent = self.get(agent_id)
         agent.request_stop("")
-        if agent.task is not None and not agent.task.done():
+        self._release_reserved(agent)  # one not started again yet
+        if agent.task is not None:
             await asyncio.shield(agent.task)
         self.agents.pop(agent_id, None)
         await self.store.call(self.store.delete_agent, agent_id)
 
+    async def cleanup_forever(self) -> None:
+        """Exited agents stay listed (upstream: until deleted) for jobs.cleanup_ttl."""
+        while True:
+            await asyncio.sleep(self.cfg.jobs_cleanup_interval)
+            cutoff = time.time() - self.cfg.jobs_cleanup_ttl
+            for agent in [a for a in self.agents.values()
+                          if a.status == "exited" and (a.exited_at or 0) < cutoff]:
+                self.agents.pop(agent.id, None)
+                await self.store.call(self.store.delete_agent, agent.id)
+
     async def shutdown(self) -> None:
-        """Stop every live agent, as upstream does (its followers get `closed`)."""
-        tasks = [a.task for a in self.agents.values() if a.task and not a.task.done()]
+        """Stop every live agent's process (upstream stops its agents too); their rows stay
+        live, and the next start brings them back. Followers get an `error` event saying so,
+        and their streams end."""
+        tasks = [a.task for a in self.agents.values() if a.task]
         for agent in self.agents.values():
-            agent.request_stop(AGENT_SHUTDOWN_ERROR)
+            agent.request_stop(AGENT_PAUSED)
         if tasks:
             await asyncio.wait(tasks, timeout=3 * AGENT_STOP_GRACE + 5)
 
@@ -5273,6 +5419,7 @@ class Stromboli:
         await self.auth.load()
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
+        self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
 
     async def _connect(self) -> None:
@@ -5284,6 +5431,7 @@ class Stromboli:
                 await self.jobs.recover()
                 await self.monitor.check()  # /health is right from the first answer
                 self.runner.connected.set()
+                self.background.append(asyncio.ensure_future(self.agents.revive()))
                 log.info("podman connected", extra=fields(url=self.podman.url,
                                                           rootless=self.runner.rootless))
                 return
@@ -5307,8 +5455,9 @@ class Stromboli:
         if self.runner:
             self.runner.detaching = True  # what is still running at the end is let go
         deadline = time.monotonic() + grace
-        while self.runner and self.runner.slots.active > self.agents.live \
-                and time.monotonic() < deadline:  # agents hold slots but are no runs
+        while self.runner and time.monotonic() < deadline and (
+                self.runner.slots.active > self.agents.live  # agents hold slots: not runs
+                or self.agents.generating):
             await asyncio.sleep(0.1)
         if self.agents:
             await self.agents.shutdown()  # while their followers can still be told
@@ -5911,7 +6060,8 @@ async def delete_agent(request: web.Request) -> web.Response:
      ok=(202, "Accepted", "internal_api.SendAgentResponse"),
      errors=((400, "Bad Request"), (404, "Not Found"), (409, "Turn already in progress"),
              (410, "Agent has exited"),
-             (503, "The agent does not read its input (extension)")),
+             (503, "The agent does not read its input, or is starting again after a daemon "
+                   "restart (extension), with Retry-After")),
      error_schema="internal_api.errorBody")
 async def send_to_agent(request: web.Request) -> web.Response:
     agent = state(request).agents.get(request.match_info["id"])
@@ -5919,6 +6069,8 @@ async def send_to_agent(request: web.Request) -> web.Response:
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("agent: invalid request: prompt is required")
+    if "\0" in prompt:
+        raise BadRequest("agent: invalid request: prompt must not contain NUL characters")
     return json_response({"turn_id": await agent.send(prompt)}, 202)
 
 
@@ -5935,7 +6087,7 @@ async def send_to_agent(request: web.Request) -> web.Response:
                    "this id"),
              param("last_event_id", "query", "integer", "(extension) Same as the "
                    "Last-Event-ID header")),
-     produces=("text/event-stream",),
+     produces=("text/event-stream", "application/json"),
      ok=(200, "SSE stream of agent.Event objects (stromboli_internal_agent.Event)", None),
      errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found")),
      error_schema="internal_api.errorBody")

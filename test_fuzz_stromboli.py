@@ -17,9 +17,10 @@ STROMBOLI_FUZZ_REPORT=<file>, in a JSON file that also lists every 5xx with its 
 response.
 
 Left out, because they start containers or leave the machine: POST /run, POST /run/async,
-GET /run/stream (each valid request is a container run), POST /images/pull and GET /images/search
-(they reach remote registries: the first answers 500 and the second 502 by design when offline).
-test_fuzz_container_routes sends a handful of generated requests to the three run routes.
+GET /run/stream (each valid request is a container run), POST /agents (each valid request is a
+persistent agent, holding a run slot), POST /images/pull and GET /images/search (they reach remote
+registries: the first answers 500 and the second 502 by design when offline).
+test_fuzz_container_routes sends a handful of generated requests to the run and agent routes.
 
 Secrets: POST /secrets creates real Podman secrets (label managed-by=stromboli); the ones this test
 created are removed at the end, and DELETE /secrets/{name} is only sent for names that do not
@@ -64,7 +65,8 @@ MAX_EXAMPLES = int(os.environ.get("STROMBOLI_FUZZ_MAX_EXAMPLES", "25"))
 CONTAINER_EXAMPLES = int(os.environ.get("STROMBOLI_FUZZ_RUN_EXAMPLES", "5"))  # per run route
 REQUEST_TIMEOUT = 30.0  # seconds, per request
 STATIC_TOKEN = "fuzz-static-token-1"
-CONTAINER_ROUTES = (("POST", "/run"), ("POST", "/run/async"), ("GET", "/run/stream"))
+CONTAINER_ROUTES = (("POST", "/run"), ("POST", "/run/async"), ("GET", "/run/stream"),
+                    ("POST", "/agents"))
 OFF_MACHINE = (("POST", "/images/pull"), ("GET", "/images/search"))
 CONFORMANCE = (status_code_conformance, content_type_conformance, response_headers_conformance,
                response_schema_conformance)
@@ -197,11 +199,15 @@ class FuzzTarget:
     def tame(self, case) -> None:
         """Requests to the run routes: the prompt is pinned to "hello" (the scripted model answers
         it at once), so that fuzzed options get past the prompt check to container creation, and
-        a webhook goes to a loopback port where nothing listens, never off the machine."""
+        a webhook goes to a loopback port where nothing listens, never off the machine. An agent
+        lives 5 s idle at most, so that the ones created free their run slots."""
         if (case.method.upper(), case.operation.path) not in CONTAINER_ROUTES:
             return
         if isinstance(case.body, dict):
             case.body["prompt"] = "hello"
+            if case.operation.path == "/agents":
+                case.body["idle_timeout_seconds"] = 5
+                case.body.pop("disable_idle_timeout", None)
             if isinstance(case.body.get("webhook_url"), str):
                 case.body["webhook_url"] = f"http://127.0.0.1:{self.dead_port}/hook"
         if case.operation.path == "/run/stream":

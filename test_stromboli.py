@@ -1275,6 +1275,136 @@ def test_run_slot_handed_to_a_cancelled_waiter_goes_to_the_next():
     assert asyncio.run(scenario()) == ["A", "C"]
 
 
+# -- agents -----------------------------------------------------------------------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("body, message", [
+    ([], "agent: invalid request: body must be a JSON object"),
+    ({"idle_timeout_seconds": -1},
+     "agent: invalid request: idle_timeout_seconds must be non-negative"),
+    ({"idle_timeout_seconds": "60"}, "agent: invalid request: idle_timeout_seconds must be an "
+                                     "integer"),
+    ({"idle_timeout_seconds": True}, "agent: invalid request: idle_timeout_seconds must be an "
+                                     "integer"),
+    ({"prompt": 5}, "agent: invalid request: prompt must be a string"),
+    ({"disable_idle_timeout": "yes"}, "agent: invalid request: disable_idle_timeout must be a "
+                                      "boolean"),
+    ({"workdir": "relative"}, "workdir validation failed: workdir must be an absolute path "
+                              "starting with /"),
+    ({"podman": {"privileged": True}}, 'Invalid request: unknown podman option "privileged"'),
+])
+def test_agent_request_is_refused_with_its_message(body, message):
+    cfg = stromboli.Config()
+    with pytest.raises(stromboli.ApiError) as caught:
+        stromboli.AgentRequest.parse(body, cfg)
+    assert caught.value.status == 400 and caught.value.message == message
+
+
+@pytest.mark.fast
+def test_agent_request_forces_stream_json_and_a_new_session():
+    req = stromboli.AgentRequest.parse({
+        "prompt": "hi", "claude": {"model": "sonnet", "session_id": str(uuid.uuid4()),
+                                   "resume": True, "output_format": "text"}}, stromboli.Config())
+    assert (req.prompt, req.idle_timeout, req.idle_timeout_disabled) == ("hi", 1800, False)
+    plan = stromboli.SessionPlan("11111111-1111-4111-8111-111111111111", "new")
+    argv = stromboli.container_command(stromboli.Config(), req.run, plan, True, [], stdin="")[-1]
+    assert "'--input-format' 'stream-json'" in argv and "'--output-format' 'stream-json'" in argv
+    assert "'--include-partial-messages'" in argv and argv.count("'--verbose'") == 1
+    assert "'--resume'" not in argv and "'--session-id' '11111111-" in argv
+    assert "'--model' 'sonnet'" in argv and not argv.rstrip().endswith("/prompt")
+
+
+def fast_agent(max_bytes: int = 1 << 20) -> tuple["stromboli.Agent", list]:
+    saved = []
+    req = stromboli.AgentRequest.parse({}, stromboli.Config())
+    return stromboli.Agent.new(req, max_bytes, lambda a: saved.append(a.status)), saved
+
+
+@pytest.mark.fast
+def test_agent_lines_become_events_and_a_result_ends_the_turn():
+    async def scenario():
+        agent, saved = fast_agent()
+        agent.on_line(1, '{"type":"system","subtype":"init"}')
+        assert agent.status == "idle" and saved == ["idle"]
+        agent.status, agent.turn_id = "generating", "turn-1"
+        agent.on_line(2, "warning: something")
+        agent.on_line(1, json.dumps({"type": "result", "usage": {
+            "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 1},
+            "modelUsage": {"claude-sonnet-4[1m]": {}}}))
+        events = [(i, k, json.loads(d)) for i, k, d in agent.events]
+        assert [i for i, _, _ in events] == [1, 2, 3, 4]
+        assert [k for _, k, _ in events] == ["output", "error", "output", "turn_end"]
+        assert events[1][2]["error"] == "[stderr] warning: something"
+        end = events[-1][2]
+        assert end["turn_id"] == "turn-1" and end["usage"]["model"] == "claude-sonnet-4"
+        assert end["usage"]["total_tokens"] == 16 and end["usage"]["estimated_cost_usd"] > 0
+        assert (agent.status, agent.turns_completed, agent.turn_id) == ("idle", 1, "")
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("line", [
+    '{"type":"result","usage":{"input_tokens":"lots"},"modelUsage":[1]}',
+    '{"type":"result","usage":{"input_tokens":1e999},"modelUsage":{"m":{}}}',
+    '{"type":"result","usage":{"input_tokens":' + "9" * 400 + '},"modelUsage":{"opus":{}}}',
+])
+def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
+    async def scenario():
+        agent, _ = fast_agent()
+        agent.status, agent.turn_id = "generating", "turn-1"
+        agent.on_line(1, line)
+        end = json.loads(agent.events[-1][2])
+        assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_output_cannot_break_the_parser_or_fake_a_turn():
+    async def scenario():
+        agent, saved = fast_agent()
+        agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
+        agent.on_line(1, '{"type":"result"}')  # no turn running: only output
+        assert [k for _, k, _ in agent.events] == ["output", "output"]
+        assert (agent.status, agent.turns_completed) == ("idle", 0)
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_follow_replays_after_an_id_then_ends_with_closed():
+    async def scenario():
+        agent, _ = fast_agent()
+        for n in range(5):
+            agent.on_line(1, f"line {n}")
+        seen = []
+
+        async def follow():
+            async for event_id, kind, _ in agent.follow(3):
+                seen.append((event_id, kind))
+        follower = asyncio.ensure_future(follow())
+        await asyncio.sleep(0.01)
+        assert seen == [(4, "output"), (5, "output")] and not follower.done()
+        agent.finish("agent: idle timeout reached")
+        await asyncio.wait_for(follower, 2)
+        assert seen[2:] == [(6, "exited"), (6, "closed")]
+        assert json.loads(agent.events[-1][2])["error"] == "agent: idle timeout reached"
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=10_000)
+        for n in range(3000):
+            agent.on_line(1, f"{n:0100d}")
+        kept = list(agent.events)
+        assert sum(len(d) for _, _, d in kept) <= 10_000 and kept[-1][0] == 3000
+        ids = [i for i, _, _ in kept]
+        assert ids == list(range(ids[0], 3001))
+        first = await agent.follow(0).__anext__()
+        assert first[0] == ids[0]  # the oldest kept, not a hole
+    asyncio.run(scenario())
+
+
 # -- JWT ------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -3128,6 +3258,31 @@ def assert_untouched(folder: pathlib.Path) -> None:
     assert os.listdir(folder) == []
 
 
+@contextlib.contextmanager
+def health_latencies(d: Daemon):
+    """The latencies of /health, probed every 0.2 s while the block runs (a failed probe
+    counts as an endless wait)."""
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                httpx.get(d.url + "/health", timeout=120)
+            except httpx.HTTPError:
+                started = -float("inf")
+            latencies.append(time.monotonic() - started)
+            stop.wait(0.2)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield latencies
+    finally:
+        stop.set()
+        prober.join()
+
+
 def memory_kib(pid: int, field: str) -> int:
     status = pathlib.Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1))
@@ -3223,25 +3378,8 @@ def flood_through_a_hook(d: Daemon, script: str, route: str = "/run") -> httpx.R
 
 def test_a_huge_output_line_is_cut_and_the_daemon_stays_responsive(make_daemon):
     d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                httpx.get(d.url + "/health", timeout=120)
-            except httpx.HTTPError:
-                started = -float("inf")  # recorded as an endless wait
-            latencies.append(time.monotonic() - started)
-            stop.wait(0.2)
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with health_latencies(d) as latencies:
         r = flood_through_a_hook(d, "head -c 20000000 /dev/zero | tr '\\0' a; echo")
-    finally:
-        stop.set()
-        prober.join()
     assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
     assert r.status_code == 200, r.text[:500]
     body = r.json()
@@ -3451,6 +3589,47 @@ def test_unknown_podman_options_are_refused_by_name(daemon, key, value):
     r = daemon.http.post("/run", json={"prompt": "hello", "podman": {key: value}})
     assert r.status_code == 400, r.text
     assert f'unknown podman option "{key}"' in run_error(r)
+
+
+def agent_events(d: Daemon, agent_id: str, until: str, after: int | None = None,
+                 timeout: float = 60) -> list:
+    """A persistent agent's SSE events (from `after`), up to the first of type `until`."""
+    headers = {} if after is None else {"Last-Event-ID": str(after)}
+    found = []
+    with httpx.Client(base_url=d.url, timeout=timeout) as client:
+        with connect_sse(client, "GET", f"/agents/{agent_id}/stream", headers=headers) as source:
+            for event in source.iter_sse():
+                found.append(event)
+                if event.event == until:
+                    return found
+    raise AssertionError(f"the stream ended without {until}: {[e.event for e in found]}")
+
+
+def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsive(make_daemon):
+    """100,000 lines and one 20 MB line on an agent's stdout (a hook's, since the agent
+    itself cannot open the container's stdout): the daemon keeps at most its window of
+    events, cuts the long line, stays responsive, and the agent still takes turns."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m")
+    flood = ("yes flood-line | head -n 100000; head -c 20000000 /dev/zero | tr '\\0' a; "
+             "echo; echo flood-done")
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    with health_latencies(d) as latencies:
+        r = d.http.post("/agents", json={"podman": {"lifecycle": {"post_start": [flood]}}})
+        assert r.status_code == 201, r.text
+        agent = r.json()["id"]
+        turn = d.http.post(f"/agents/{agent}/send", json={"prompt": "hello"}).json()["turn_id"]
+        agent_events(d, agent, "turn_end", timeout=120)  # live, through the flood
+    assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
+    events = agent_events(d, agent, "turn_end", after=0)  # the window kept for replays
+    kept = [e for e in events if e.event in ("output", "error")]
+    assert len(events) <= 1000 and sum(len(e.data) for e in events) < 1024 * 1024 + 70000
+    assert [int(e.id) for e in events] == list(range(int(events[0].id), int(events[-1].id) + 1))
+    assert int(events[0].id) > 1000  # the window moved: early lines were let go
+    cut = [e for e in kept if "[stromboli: line truncated, 19934464 bytes dropped]" in e.data]
+    assert len(cut) == 1 and len(json.loads(cut[0].data)["content"]) < 65536 + 100
+    assert json.loads(events[-1].data)["turn_id"] == turn
+    assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
 
 
 # ---------------------------------------------------------------------------
