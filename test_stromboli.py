@@ -3225,6 +3225,48 @@ def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp
     assert [e.event for e in events[-2:]] == ["exited", "closed"], events
     page = again.http.get(f"/sessions/{created['session_id']}/messages").json()
     assert any(f"hello {tag}" in t for t in message_texts(page, "user")), page
+    assert again.http.delete(f"/agents/{agent_id}", timeout=60).status_code == 204
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_agent_api_readme_a_restart_brings_the_agent_back(make_daemon, model, new_agent, tmp_path,
+                                                          sig):
+    """README ("Agents come back", commit d874501) — not /work/notes/agents-api.md, which
+    says exited: a new container resumes the conversation, same id, session, turn count."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    tag = marker()
+    created = new_agent(d, prompt=f"first {tag}")
+    agent_id = created["id"]
+    with AgentStream(d, agent_id) as stream:
+        before = stream.read(turn_ended())
+    old = [c.id for c in agent_containers(f"stromboli.agent={agent_id}")]
+    assert len(old) == 1
+    d.stop(sig)
+    again = make_daemon(state_dir=state)
+    snapshot = wait_agent(again, agent_id, "idle", timeout=30)
+    assert snapshot["session_id"] == created["session_id"] and snapshot["turns_completed"] == 1
+    assert "exit_error" not in snapshot, snapshot
+    refused = []
+
+    def sent():  # "idle" may still answer 503 while its new container starts
+        r = again.http.post(f"/agents/{agent_id}/send", json={"prompt": f"second {tag}"})
+        if r.status_code == 503:
+            refused.append(r.json())
+            return None
+        return r
+    r = wait_until(sent, 30, 0.5, "a send accepted after the restart")
+    assert r.status_code == 202, r.text
+    with AgentStream(again, agent_id) as stream:
+        after = stream.read(turn_ended(r.json()["turn_id"]))
+    assert min(assert_event_ids_increase(after)) > max(assert_event_ids_increase(before))
+    now = [c.id for c in agent_containers(f"stromboli.agent={agent_id}")]
+    assert len(now) == 1 and now != old  # a new process
+    conversations = [user_prompts(q["messages"]) for q in model.requests_with(f"second {tag}")]
+    assert any(any(f"first {tag}" in p for p in prompts) for prompts in conversations), \
+        conversations
+    assert wait_agent(again, agent_id, "idle")["turns_completed"] == 2
+    assert again.http.delete(f"/agents/{agent_id}", timeout=60).status_code == 204
 
 
 # ---------------------------------------------------------------------------
