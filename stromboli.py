@@ -3739,13 +3739,14 @@ class Agent:
         self._on_change(self)
 
     def resume_after_restart(self) -> None:
-        """At the next start, before its new process: ids go on past any event the old
-        daemon sent but had not saved, and a turn the restart cut is ended."""
+        """At the next start, before its new process (`starting` until it runs): ids go on
+        past any event the old daemon sent but had not saved, and a turn the restart cut
+        is ended."""
         self.seq += AGENT_EVENTS_KEPT
         self.last_activity = time.time()  # the downtime does not count as idleness
         if self.status == "generating":
             self.emit("error", turn_id=self.turn_id or None, error=AGENT_LOST_TURN)
-            self.status, self.turn_id = "idle", ""
+        self.status, self.turn_id = "starting", ""
         self._on_change(self)
 
     def finish(self, exit_error: str) -> None:
@@ -3830,6 +3831,9 @@ class AgentManager:
                     break  # deleted meanwhile
                 try:
                     await self.start(agent)
+                    if agent.status == "starting":  # its new process takes input
+                        agent.status = "idle"
+                        self.save(agent)
                     log.info("agent started again after a restart", extra=fields(
                         agent_id=agent.id, session_id=agent.session_id))
                     break

@@ -3194,45 +3194,10 @@ def test_agent_api_a_process_that_dies_is_exited_and_frees_its_slot(make_daemon,
         stream.read(turn_ended())
 
 
-@pytest.mark.parametrize("sig, why", [
-    (signal.SIGTERM, r"the daemon (restarted|shut down)"),  # the daemon stops its agents
-    (signal.SIGKILL, r"the daemon restarted"),  # the next start finds them gone
-], ids=["sigterm", "sigkill"])
-def test_agent_api_a_daemon_restart_ends_live_agents(make_daemon, new_agent, tmp_path, sig, why):
-    state = tmp_path / "state"
-    d = make_daemon(state_dir=state)
-    tag = marker()
-    created = new_agent(d, prompt=f"hello {tag}")
-    agent_id = created["id"]
-    with AgentStream(d, agent_id) as stream:
-        stream.read(turn_ended())
-    assert agent_containers(f"stromboli.agent={agent_id}")
-    d.stop(sig)
-    again = make_daemon(state_dir=state)
-    snapshot = agent_snapshot(again, agent_id)
-    assert snapshot["status"] == "exited", snapshot
-    assert re.search(why, snapshot.get("exit_error", "")), snapshot
-    assert [a["id"] for a in again.http.get("/agents").json()] == [agent_id]
-    assert snapshot["session_id"] == created["session_id"]
-    assert snapshot["turns_completed"] == 1
-    wait_until(lambda: not agent_containers(f"stromboli.agent={agent_id}"), 15,
-               what="no container of the agent left")
-    r = again.http.post(f"/agents/{agent_id}/send", json={"prompt": "still there?"})
-    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
-    with AgentStream(again, agent_id) as stream:
-        events = stream.read(timeout=20)
-        assert stream.ended
-    assert [e.event for e in events[-2:]] == ["exited", "closed"], events
-    page = again.http.get(f"/sessions/{created['session_id']}/messages").json()
-    assert any(f"hello {tag}" in t for t in message_texts(page, "user")), page
-    assert again.http.delete(f"/agents/{agent_id}", timeout=60).status_code == 204
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_agent_api_readme_a_restart_brings_the_agent_back(make_daemon, model, new_agent, tmp_path,
-                                                          sig):
-    """README ("Agents come back", commit d874501) — not /work/notes/agents-api.md, which
-    says exited: a new container resumes the conversation, same id, session, turn count."""
+def test_agent_api_a_restart_brings_the_agent_back(make_daemon, model, new_agent, tmp_path, sig):
+    """After SIGTERM or kill -9 and a new start, a new container resumes the agent's
+    conversation: same id, session and turn count, ids going on."""
     state = tmp_path / "state"
     d = make_daemon(state_dir=state)
     tag = marker()
@@ -3266,6 +3231,32 @@ def test_agent_api_readme_a_restart_brings_the_agent_back(make_daemon, model, ne
     assert any(any(f"first {tag}" in p for p in prompts) for prompts in conversations), \
         conversations
     assert wait_agent(again, agent_id, "idle")["turns_completed"] == 2
+    assert again.http.delete(f"/agents/{agent_id}", timeout=60).status_code == 204
+
+
+def test_agent_api_a_turn_cut_by_a_crash_is_ended_and_the_agent_goes_on(make_daemon, new_agent,
+                                                                         tmp_path):
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    tag = marker()
+    agent_id = new_agent(d)["id"]
+    turn = d.http.post(f"/agents/{agent_id}/send", json={"prompt": f"sleep 5 {tag}"})
+    assert turn.status_code == 202, turn.text
+    wait_agent(d, agent_id, "generating")
+    d.stop(signal.SIGKILL)
+    again = make_daemon(state_dir=state)
+    with AgentStream(again, agent_id) as stream:
+        events = stream.read(lambda events: any(e.event == "error" for e in events), timeout=20)
+    cut = next(e.body for e in events if e.event == "error")
+    assert (cut["turn_id"], cut["error"]) == (
+        turn.json()["turn_id"], "agent: the daemon restarted during this turn; its output ends here")
+    snapshot = wait_agent(again, agent_id, "idle", timeout=30)
+    assert snapshot["turns_completed"] == 0 and "exit_error" not in snapshot, snapshot
+    r = wait_until(lambda: (r := again.http.post(f"/agents/{agent_id}/send", json={
+        "prompt": f"hello {tag}"})).status_code != 503 and r, 30, 0.5, "a send accepted")
+    assert r.status_code == 202, r.text
+    with AgentStream(again, agent_id) as stream:
+        stream.read(turn_ended(r.json()["turn_id"]))
     assert again.http.delete(f"/agents/{agent_id}", timeout=60).status_code == 204
 
 
