@@ -5452,8 +5452,9 @@ class Stromboli:
         return task
 
     async def drain(self, grace: float) -> None:
-        """Refuse new runs and let the running ones finish, for at most `grace` seconds;
-        then stop the agents and end the clients' runs, whose handlers tell them the daemon is restarting (a
+        """Refuse new runs and let the running ones (and agents' turns) finish, for at most
+        `grace` seconds; then stop the agents' processes (the next start brings them back)
+        and end the clients' runs, whose handlers tell them the daemon is restarting (a
         stream's last event, a 503 for /run). Jobs are let go later (JobManager.shutdown)."""
         self.draining = True
         if self.runner:
