@@ -6731,13 +6731,18 @@ def activated_sockets(environ: dict[str, str] | None = None) -> list[socket.sock
 
 EXIT_OK, EXIT_FAILED, EXIT_CRASHED, EXIT_UNREACHABLE = 0, 1, 3, 4  # 2: argparse usage
 EXIT_CODES_HELP = """exit codes: 0 done, 1 the run or request failed, 2 bad usage, 3 the run crashed
-(killed, timed out), 4 the daemon cannot be reached or refused the token"""
+(killed, timed out; an agent exited during the turn), 4 the daemon cannot be reached or refused
+the token"""
 
 
 class ClientError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED):
+    """`status` is the HTTP status of a refused request (None: no answer), with its
+    Retry-After header when it had one."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED, status: int | None = None,
+                 retry_after: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.status, self.retry_after = code, status, retry_after
 
 
 class ApiClient:
@@ -6767,7 +6772,8 @@ class ApiClient:
             except ValueError:
                 message = raw.strip() or exc.reason
             code = EXIT_UNREACHABLE if exc.code in (401, 403) else EXIT_FAILED
-            raise ClientError(f"{exc.code}: {message}", code) from None
+            raise ClientError(f"{exc.code}: {message}", code, exc.code,
+                              exc.headers.get("Retry-After")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ClientError(f"cannot reach stromboli at {self.url}: {reason}",
@@ -7038,15 +7044,208 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if health["status"] == "ok" else EXIT_FAILED
 
 
+AGENT_SEND_RETRIES = 5  # a 503 (the agent is starting again after a daemon restart)
+AGENT_STREAM_RECONNECTS = 5  # a stream cut before the turn ended (the daemon restarted)
+
+
+def retry_after_seconds(header: str | None, default: float = 2.0) -> float:
+    """A Retry-After header in seconds (1 to 30; `default` when absent or a date)."""
+    try:
+        seconds = float(header or "")
+    except ValueError:
+        return default
+    return min(max(seconds, 1.0), 30.0) if seconds == seconds else default  # not NaN
+
+
+def idle_timeout_arg(text: str) -> int:
+    """--idle-timeout: seconds, or a duration such as 10m."""
+    try:
+        seconds = int(text) if text.strip().isdigit() else int(parse_duration(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (seconds, or e.g. 10m, "
+                                         "1h)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be positive (--no-idle-timeout turns it off)")
+    return seconds
+
+
+def send_turn(api: ApiClient, agent_id: str, prompt: str, sleep: Callable = time.sleep) -> str:
+    """POST /agents/{id}/send → the turn id; a 503 (starting again after a daemon restart)
+    is retried after its Retry-After, a few times."""
+    for attempt in range(AGENT_SEND_RETRIES + 1):
+        try:
+            return api.call("POST", f"/agents/{agent_id}/send", {"prompt": prompt})["turn_id"]
+        except ClientError as exc:
+            if exc.status != 503 or attempt == AGENT_SEND_RETRIES:
+                raise
+            wait = retry_after_seconds(exc.retry_after)
+            print(f"· {exc}; retrying in {wait:g}s", file=sys.stderr, flush=True)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def follow_turn(api: ApiClient, agent_id: str, turn_id: str | None, as_json: bool,
+                quiet: bool = False, out=None, err=None, sleep: Callable = time.sleep) -> int:
+    """Print one turn from an agent's stream — `turn_id`, or (None) the first turn that
+    starts — until its turn_end; the exit code follows how it ended. The stream replays the
+    kept events first: those of other turns are skipped. A stream cut before the turn ended
+    (a daemon restart) is resumed with Last-Event-ID."""
+    out, err = out or sys.stdout, err or sys.stderr
+    renderer = EventRenderer(out, err)
+    spinner = Spinner(err.isatty() and out.isatty() and not as_json and not quiet)
+    started, last_id, cuts = time.monotonic(), None, 0
+    ending: tuple[str, str] | None = None  # (how, message)
+    spinner.wait()
+    try:
+        while ending is None:
+            try:
+                for event, data, event_id in api.events(f"/agents/{agent_id}/stream", {},
+                                                        last_id):
+                    spinner.pause()
+                    last_id, cuts = event_id or last_id, 0
+                    ending = agent_event(event, data, turn_id, renderer, as_json, quiet)
+                    if isinstance(ending, str):  # the first turn_start: the turn followed
+                        turn_id, ending = ending, None
+                    if ending:
+                        break
+                    spinner.wait()
+            except ClientError as exc:
+                if exc.status is not None:  # refused (404: the agent is gone): no retry
+                    raise
+                if not quiet:
+                    print(f"· {exc}", file=err, flush=True)
+            if ending is None:
+                cuts += 1
+                if cuts > AGENT_STREAM_RECONNECTS:
+                    raise ClientError("the agent's stream ended before the turn did",
+                                      EXIT_CRASHED)
+                sleep(cuts)
+    finally:
+        spinner.stop()
+    how, message = ending
+    failed = (renderer.result or {}).get("is_error")
+    if not as_json and not quiet:
+        status = {"end": "failed" if failed else "done"}.get(how, f"{how}: {message}")
+        print(f"· {status} · {renderer.summary(time.monotonic() - started)} · agent "
+              f"{agent_id}", file=err, flush=True)
+    if how != "end":
+        if as_json or quiet:
+            print(f"error: {message}", file=err, flush=True)
+        return EXIT_CRASHED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def agent_event(event: str, data: str, turn_id: str | None, renderer: EventRenderer,
+                as_json: bool, quiet: bool) -> tuple[str, str] | str | None:
+    """One event of an agent's stream for follow_turn: printed if it belongs to the turn;
+    → how the turn ended ("end", "exited", "lost"), the id of the first turn to start when
+    `turn_id` is None, or None to read on."""
+    if event == "closed":
+        return "exited", "the agent has exited"
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    if event == "exited":  # a turn in flight ends with it, whichever it was
+        return "exited", str(body.get("error") or "the agent has exited")
+    if turn_id is None:
+        if event != "turn_start" or not body.get("turn_id"):
+            return None
+        started = str(body["turn_id"])
+        agent_event(event, data, started, renderer, as_json, quiet)
+        return started
+    if body.get("turn_id") != turn_id:
+        return None
+    if as_json and not quiet:
+        print(data, file=renderer.out, flush=True)
+    if event == "output":
+        content = str(body.get("content") or "")
+        if as_json or quiet:
+            line = next(parse_json_lines([content]), None)
+            if line and line.get("type") == "result":
+                renderer.result = line
+        else:
+            renderer.line(content)
+    elif event == "error":
+        message = str(body.get("error") or "")
+        if not as_json and not quiet:
+            print(f"· {message}", file=renderer.err, flush=True)
+        if message == AGENT_LOST_TURN:
+            return "lost", message
+    elif event == "turn_end":
+        return "end", ""
+    return None
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    agents = client(args).call("GET", "/agents")
+    if args.json:
+        print(json.dumps(agents, indent=2))
+        return EXIT_OK
+    print(f"{'AGENT':<42} {'STATUS':<10} {'TURNS':>5}  {'IDLE TIMEOUT':<12} EXIT ERROR")
+    for agent in agents:
+        idle = "off" if agent.get("idle_timeout_disabled") else \
+            format_duration(agent.get("idle_timeout_seconds") or 0)
+        print(f"{agent['id']:<42} {agent['status']:<10} {agent.get('turns_completed', 0):>5}  "
+              f"{idle:<12} {agent.get('exit_error', '')}".rstrip())
+    return EXIT_OK
+
+
+def cmd_agent_new(args: argparse.Namespace) -> int:
+    api = client(args)
+    body: dict[str, Any] = {"prompt": args.prompt, "workdir": args.workdir,
+                            "idle_timeout_seconds": args.idle_timeout}
+    claude = {"model": args.model,
+              "dangerously_skip_permissions": args.dangerously_skip_permissions or None}
+    body["claude"] = {k: v for k, v in claude.items() if v} or None
+    if args.no_idle_timeout:
+        body["disable_idle_timeout"] = True
+    agent = api.call("POST", "/agents", {k: v for k, v in body.items() if v})
+    if args.json:
+        print(json.dumps(agent), flush=True)
+    elif not args.quiet and args.prompt:
+        print(f"· agent {agent['id']} · session {agent['session_id']}", file=sys.stderr,
+              flush=True)
+    code = follow_turn(api, agent["id"], None, args.json, args.quiet) if args.prompt \
+        else EXIT_OK
+    if not args.json and (args.quiet or not args.prompt):  # the id alone on stdout
+        print(agent["id"], flush=True)
+    return code
+
+
+def cmd_agent_send(args: argparse.Namespace) -> int:
+    api = client(args)
+    turn_id = send_turn(api, args.id, args.prompt)
+    return follow_turn(api, args.id, turn_id, args.json)
+
+
+def cmd_agent_show(args: argparse.Namespace) -> int:
+    agent = client(args).call("GET", f"/agents/{args.id}")
+    if args.json:
+        print(json.dumps(agent, indent=2))
+    else:
+        for key, value in agent.items():
+            print(f"{key + ':':<22} {value}")
+    return EXIT_OK
+
+
+def cmd_agent_stop(args: argparse.Namespace) -> int:
+    client(args).call("DELETE", f"/agents/{args.id}")
+    print(f"stopped {args.id}")
+    return EXIT_OK
+
+
 def add_client_commands(sub: Any) -> None:
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--url", help="daemon URL (default $STROMBOLI_URL or http://127.0.0.1:8080)")
     remote.add_argument("--token", help="bearer token (default $STROMBOLI_TOKEN)")
     remote.add_argument("--json", action="store_true", help="print raw JSON")
 
-    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[remote], help=help_text, description=help_text,
-                           epilog=EXIT_CODES_HELP)
+    def command(name: str, func: Callable, help_text: str, parent: Any = sub
+                ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[remote], help=help_text, description=help_text,
+                              epilog=EXIT_CODES_HELP)
         p.set_defaults(func=func)
         return p
     p = command("run", cmd_run, "run a prompt and stream the agent's output")
@@ -7075,6 +7274,36 @@ def add_client_commands(sub: Any) -> None:
     p = command("token", cmd_token, "mint an access token (needs a static token or JWT)")
     p.add_argument("client_id")
     command("health", cmd_health, "show the daemon's health")
+    command("agents", cmd_agents, "list persistent agents")
+    agent = sub.add_parser("agent", help="start a persistent agent, send it turns, show or "
+                                         "stop it", description="A persistent agent: one "
+                           "long-lived container whose turns reuse its warm CLI.")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True,
+                                     metavar="{new,send,show,stop}")
+    p = command("new", cmd_agent_new, "start an agent, with a prompt as its first turn "
+                "(rendered until it ends); prints the agent's id", agent_sub)
+    p.add_argument("prompt", nargs="?", default="")
+    p.add_argument("--workdir", help="working directory inside the container")
+    p.add_argument("--model", help="model alias or id (sonnet, opus, haiku, ...)")
+    idle = p.add_mutually_exclusive_group()
+    idle.add_argument("--idle-timeout", type=idle_timeout_arg, metavar="SECONDS",
+                      help="exit after this long without a turn (seconds or e.g. 10m; "
+                           "default 30m)")
+    idle.add_argument("--no-idle-timeout", action="store_true",
+                      help="never exit for idleness")
+    p.add_argument("--yes", dest="dangerously_skip_permissions", action="store_true",
+                   help="let the agent use every tool without asking (skip permissions)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print only the agent's id (after the first turn, if any, ended)")
+    p = command("send", cmd_agent_send, "send a turn to an agent and render it until it ends",
+                agent_sub)
+    p.add_argument("id")
+    p.add_argument("prompt")
+    p = command("show", cmd_agent_show, "show an agent's status", agent_sub)
+    p.add_argument("id")
+    p = command("stop", cmd_agent_stop, "stop an agent (removes its container) and forget it",
+                agent_sub)
+    p.add_argument("id")
 
 
 # ---------------------------------------------------------------------------

@@ -4837,10 +4837,240 @@ def test_cli_shows_a_spinner_on_a_terminal(daemon):
 def test_cli_help_reads_well():
     result = stromboli_cli("--help")
     for command in ("serve", "check-config", "image", "run", "jobs", "cancel", "sessions",
-                    "token", "health"):
+                    "token", "health", "agents", "agent"):
         assert command in result.stdout
     run_help = stromboli_cli("run", "--help").stdout
     assert "exit codes: 0 done" in run_help and "--resume" in run_help
+
+
+# `stromboli agents` / `stromboli agent new|send|show|stop`: the pure parts in-process (a
+# scripted stream stands in for the daemon), then against the real daemon.
+
+def agent_sse(seq: int, kind: str, turn_id: str | None = None, **details) -> tuple:
+    """One (event, data, id) of an agent stream, as ApiClient.events yields them."""
+    body = {"type": kind, "turn_id": turn_id, **details, "at": "2025-01-01T00:00:00.0Z"}
+    return kind, json.dumps({k: v for k, v in body.items() if v is not None}), str(seq)
+
+
+def claude_output(seq: int, turn_id: str, **line) -> tuple:
+    return agent_sse(seq, "output", turn_id, content=json.dumps(line))
+
+
+def assistant_says(seq: int, turn_id: str, text: str) -> tuple:
+    return claude_output(seq, turn_id, type="assistant",
+                         message={"content": [{"type": "text", "text": text}]})
+
+
+class ScriptedAgentApi:
+    """An ApiClient stand-in: each events() call plays the next scripted stream (or raises
+    it), each call() returns (or raises) the next scripted answer."""
+
+    def __init__(self, streams=(), answers=()):
+        self.streams, self.answers = list(streams), list(answers)
+        self.opened: list[str | None] = []  # the Last-Event-ID of each stream opened
+        self.calls: list[tuple] = []
+
+    def events(self, path, query, last_event_id=None):
+        self.opened.append(last_event_id)
+        stream = self.streams.pop(0)
+        if isinstance(stream, Exception):
+            raise stream
+        yield from stream
+
+    def call(self, method, path, body=None, query=None):
+        self.calls.append((method, path, body))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def follow_scripted(api: ScriptedAgentApi, turn_id: str | None, as_json: bool = False,
+                    quiet: bool = False) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = stromboli.follow_turn(api, "agent-x", turn_id, as_json, quiet, out=out, err=err,
+                                 sleep=lambda seconds: None)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.fast
+def test_cli_agent_send_renders_only_its_turn_from_the_replay():
+    replay = [agent_sse(1, "turn_start", "turn-1"), assistant_says(2, "turn-1", "old answer"),
+              claude_output(3, "turn-1", type="result", result="old answer"),
+              agent_sse(4, "turn_end", "turn-1"), agent_sse(5, "error", None, error="[stderr] x"),
+              agent_sse(6, "turn_start", "turn-2"),
+              claude_output(7, "turn-2", type="system", subtype="init", session_id="s-1",
+                            model="m"),
+              assistant_says(8, "turn-2", "new answer"),
+              claude_output(9, "turn-2", type="result", result="new answer",
+                            usage={"input_tokens": 1000, "output_tokens": 234},
+                            total_cost_usd=0.5),
+              agent_sse(10, "turn_end", "turn-2"),
+              assistant_says(11, "turn-3", "never read")]
+    code, out, err = follow_scripted(ScriptedAgentApi([replay]), "turn-2")
+    assert code == 0 and out == "new answer\n", (out, err)
+    assert "· session s-1 · model m" in err
+    assert re.search(r"· done · \d+\.\ds · 1,234 tokens · \$0\.5000 · agent agent-x$",
+                     err.strip()), err
+
+
+@pytest.mark.fast
+def test_cli_agent_new_follows_the_first_turn_and_json_prints_its_events():
+    stream = [agent_sse(1, "turn_start", "turn-a"), assistant_says(2, "turn-a", "hi"),
+              claude_output(3, "turn-a", type="result", is_error=True, result="boom"),
+              agent_sse(4, "turn_end", "turn-a")]
+    code, out, err = follow_scripted(ScriptedAgentApi([stream]), None, as_json=True)
+    assert code == 1 and err == ""  # the result said is_error
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in events] == ["turn_start", "output", "output", "turn_end"]
+    assert {e["turn_id"] for e in events} == {"turn-a"}
+    code, out, err = follow_scripted(ScriptedAgentApi([stream[:2] + stream[3:]]), None,
+                                     quiet=True)
+    assert (code, out, err) == (0, "", "")
+
+
+@pytest.mark.fast
+def test_cli_agent_turn_resumes_a_cut_stream_after_its_last_event():
+    first = [agent_sse(7, "turn_start", "turn-1"), assistant_says(8, "turn-1", "part one"),
+             agent_sse(9, "error", "turn-1", error=stromboli.AGENT_PAUSED)]
+    unreachable = stromboli.ClientError("cannot reach stromboli", stromboli.EXIT_UNREACHABLE)
+    after = [agent_sse(1010, "error", "turn-1", error=stromboli.AGENT_LOST_TURN)]
+    api = ScriptedAgentApi([first, unreachable, after])
+    code, out, err = follow_scripted(api, "turn-1")
+    assert api.opened == [None, "9", "9"]
+    assert code == 3 and out == "part one\n"
+    assert stromboli.AGENT_PAUSED in err and "cannot reach stromboli" in err
+    assert f"· lost: {stromboli.AGENT_LOST_TURN}" in err
+    gone = stromboli.ClientError("404: agent: not found", stromboli.EXIT_FAILED, 404)
+    with pytest.raises(stromboli.ClientError, match="404"):  # refused: not retried
+        follow_scripted(ScriptedAgentApi([first, gone]), "turn-1")
+    with pytest.raises(stromboli.ClientError, match="stream ended before the turn did"):
+        follow_scripted(ScriptedAgentApi([[]] * 10), "turn-1")
+
+
+@pytest.mark.fast
+def test_cli_agent_turn_ends_when_the_agent_exits():
+    stream = [agent_sse(1, "turn_start", "turn-1"), assistant_says(2, "turn-1", "wor"),
+              agent_sse(3, "exited", "turn-1", error="agent: lifetime reached"),
+              ("closed", "{}", "3")]
+    code, out, err = follow_scripted(ScriptedAgentApi([stream]), "turn-1")
+    assert code == 3 and out == "wor\n" and "· exited: agent: lifetime reached" in err
+    code, _, err = follow_scripted(ScriptedAgentApi([stream[2:]]), None, quiet=True)
+    assert code == 3 and err == "error: agent: lifetime reached\n"
+
+
+@pytest.mark.fast
+def test_cli_agent_send_retries_a_restarting_agent_but_not_a_busy_one(capsys):
+    def refused(status: int, retry_after: str | None = None):
+        return stromboli.ClientError(f"{status}: agent: no", stromboli.EXIT_FAILED, status,
+                                     retry_after)
+    waits: list[float] = []
+    api = ScriptedAgentApi(answers=[refused(503, "3"), refused(503), {"turn_id": "turn-9"}])
+    assert stromboli.send_turn(api, "agent-x", "hi", sleep=waits.append) == "turn-9"
+    assert waits == [3.0, 2.0]
+    assert api.calls[-1] == ("POST", "/agents/agent-x/send", {"prompt": "hi"})
+    assert "503: agent: no; retrying in 3s" in capsys.readouterr().err
+    for status in (409, 410, 404):
+        with pytest.raises(stromboli.ClientError, match=str(status)):
+            stromboli.send_turn(ScriptedAgentApi(answers=[refused(status)]), "agent-x", "hi",
+                                sleep=waits.append)
+    with pytest.raises(stromboli.ClientError, match="503"):
+        stromboli.send_turn(ScriptedAgentApi(answers=[refused(503)] * 10), "agent-x", "hi",
+                            sleep=waits.append)
+    assert stromboli.retry_after_seconds("600") == 30 and stromboli.retry_after_seconds(
+        "Wed, 21 Oct 2015 07:28:00 GMT") == 2 == stromboli.retry_after_seconds("nan")
+
+
+@pytest.mark.fast
+def test_cli_agent_arguments():
+    parse = stromboli.build_parser().parse_args
+    args = parse(["agent", "new", "hi", "--idle-timeout", "10m", "--model", "haiku", "-q"])
+    assert (args.func, args.prompt, args.idle_timeout, args.model, args.quiet) == (
+        stromboli.cmd_agent_new, "hi", 600, "haiku", True)
+    args = parse(["agent", "new", "--no-idle-timeout"])
+    assert (args.prompt, args.idle_timeout, args.no_idle_timeout) == ("", None, True)
+    assert parse(["agent", "new", "--idle-timeout", "90"]).idle_timeout == 90
+    args = parse(["agent", "send", "agent-1", "again", "--json"])
+    assert (args.func, args.id, args.prompt, args.json) == (
+        stromboli.cmd_agent_send, "agent-1", "again", True)
+    assert parse(["agents"]).func is stromboli.cmd_agents
+    assert parse(["agent", "stop", "agent-1"]).func is stromboli.cmd_agent_stop
+    for wrong in (["agent"], ["agent", "send", "agent-1"], ["agent", "new", "--idle-timeout",
+                  "soon"], ["agent", "new", "--idle-timeout", "0"],
+                  ["agent", "new", "--idle-timeout", "5", "--no-idle-timeout"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(wrong)
+        assert exit_.value.code == 2, wrong
+
+
+def test_cli_agent_new_send_list_show_stop(daemon):
+    tag = marker()
+    created = cli(daemon, "agent", "new", f"hello {tag}", "--idle-timeout", "5m", "--yes")
+    assert created.returncode == 0, created.stderr
+    assert "Hello from the scripted model" in created.stdout
+    agent_id = re.search(f"agent-{UUID4_RE}", created.stderr).group(0)
+    try:
+        assert "· done ·" in created.stderr and f"agent {agent_id}" in created.stderr
+        sent = cli(daemon, "agent", "send", agent_id, f"bash: echo second-{tag}")
+        assert sent.returncode == 0, sent.stderr
+        assert "Hello from the scripted model" not in sent.stdout  # the first turn is skipped
+        assert sent.stdout.splitlines()[:2] == [f"→ Bash: echo second-{tag}",
+                                                f"  ← second-{tag}"], sent.stdout
+        assert f"tool said: second-{tag}" in sent.stdout and "· done ·" in sent.stderr
+        as_json = cli(daemon, "agent", "send", agent_id, "hello", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        events = [json.loads(line) for line in as_json.stdout.splitlines()]
+        assert events[0]["type"] == "turn_start" and events[-1]["type"] == "turn_end"
+        assert len({e["turn_id"] for e in events}) == 1
+        listed = cli(daemon, "agents")
+        assert listed.returncode == 0, listed.stderr
+        row = next(line for line in listed.stdout.splitlines() if line.startswith(agent_id))
+        assert row.split()[1:4] == ["idle", "3", "5m"], row
+        assert agent_id in [a["id"] for a in json.loads(cli(daemon, "agents", "--json").stdout)]
+        shown = cli(daemon, "agent", "show", agent_id)
+        assert shown.returncode == 0 and re.search(r"^turns_completed:\s+3$", shown.stdout, re.M)
+        assert json.loads(cli(daemon, "agent", "show", agent_id, "--json").stdout)["id"] == \
+            agent_id
+    finally:
+        stopped = cli(daemon, "agent", "stop", agent_id)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"stopped {agent_id}"
+    assert daemon.http.get(f"/agents/{agent_id}").status_code == 404
+    late = cli(daemon, "agent", "send", agent_id, "are you there?")
+    assert late.returncode == 1 and "404: agent: not found" in late.stderr
+    assert cli(daemon, "agent", "show", agent_id).returncode == 1
+
+
+def test_cli_agent_quiet_new_busy_and_exited_agents(daemon):
+    quiet = cli(daemon, "agent", "new", "-q", "--idle-timeout", "3")
+    assert quiet.returncode == 0, quiet.stderr
+    agent_id = quiet.stdout.strip()
+    assert re.fullmatch(f"agent-{UUID4_RE}", agent_id) and quiet.stderr == ""
+    try:
+        busy = subprocess.Popen([sys.executable, str(STROMBOLI), "agent", "send", agent_id,
+                                 "sleep 3"], env={**os.environ, "STROMBOLI_URL": daemon.url},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_agent(daemon, agent_id, "generating")
+        refused = cli(daemon, "agent", "send", agent_id, "one more")
+        assert refused.returncode == 1
+        assert "409: agent: a turn is already in progress" in refused.stderr
+        assert busy.wait(60) == 0, busy.stderr.read()
+        wait_agent(daemon, agent_id, "exited", timeout=20)  # its idle timeout
+        exited = cli(daemon, "agent", "send", agent_id, "hello")
+        assert exited.returncode == 1 and "410: agent: process has exited" in exited.stderr
+        listed = cli(daemon, "agents").stdout
+        assert re.search(rf"^{agent_id}\s+exited\s+1\s+3s\s+agent: idle timeout reached$",
+                         listed, re.M), listed
+    finally:
+        cli(daemon, "agent", "stop", agent_id)
+    piped = cli(daemon, "agent", "new", "hello", "--quiet", "--no-idle-timeout")
+    assert piped.returncode == 0, piped.stderr
+    agent_id = piped.stdout.strip()  # the id alone, once the first turn has ended
+    try:
+        assert re.fullmatch(f"agent-{UUID4_RE}", agent_id), piped.stdout
+        snapshot = agent_snapshot(daemon, agent_id)
+        assert snapshot["turns_completed"] == 1 and snapshot["idle_timeout_disabled"] is True
+    finally:
+        assert cli(daemon, "agent", "stop", agent_id).returncode == 0
 
 
 # ---------------------------------------------------------------------------
