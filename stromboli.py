@@ -6069,8 +6069,8 @@ async def delete_agent(request: web.Request) -> web.Response:
                    "restart (extension), with Retry-After")),
      error_schema="internal_api.errorBody")
 async def send_to_agent(request: web.Request) -> web.Response:
+    body = await read_json(request, "agent: invalid request: ")  # bound first, as upstream
     agent = state(request).agents.get(request.match_info["id"])
-    body = await read_json(request, "agent: invalid request: ")
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRequest("agent: invalid request: prompt is required")
