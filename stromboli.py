@@ -3645,10 +3645,14 @@ class Agent:
             "turns_completed": self.turns_completed, "exit_error": self.exit_error or None})
 
     # -- events --------------------------------------------------------------------
+    @staticmethod
+    def event_data(kind: str, at: str, **details: Any) -> str:
+        """An Event's JSON (U§5.17): type, the details that are set, at."""
+        return json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
+
     def emit(self, kind: str, **details: Any) -> None:
         self.seq += 1
-        data = json.dumps(drop_none({"type": kind, **details, "at": now_rfc3339()}),
-                          separators=(",", ":"))
+        data = self.event_data(kind, now_rfc3339(), **details)
         self.events.append((self.seq, kind, data))
         self._bytes += len(data)
         self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
@@ -3813,9 +3817,9 @@ class AgentManager:
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
-                agent.events.append((agent.seq, "exited", json.dumps(drop_none({
-                    "type": "exited", "error": agent.exit_error,
-                    "at": rfc3339(agent.exited_at, "microseconds")}), separators=(",", ":"))))
+                agent.events.append((agent.seq, "exited", Agent.event_data(
+                    "exited", rfc3339(agent.exited_at, "microseconds"),
+                    error=agent.exit_error)))
             else:
                 agent.resume_after_restart()
                 if self.runner.slots.try_acquire():
