@@ -1320,18 +1320,32 @@ def fast_agent(max_bytes: int = 1 << 20) -> tuple["stromboli.Agent", list]:
     return stromboli.Agent.new(req, max_bytes, lambda a: saved.append(a.status)), saved
 
 
+def sse_events(stream: bytes) -> list[tuple[str | None, str, str]]:
+    """(id, event, data) of each frame of an SSE byte stream."""
+    found = []
+    for frame in stream.decode().split("\n\n")[:-1]:
+        fields = dict(line.split(": ", 1) for line in frame.split("\n"))
+        found.append((fields.get("id"), fields["event"], fields["data"]))
+    return found
+
+
+async def followed(follower: "stromboli.AgentFollower", chunks: list[bytes]) -> None:
+    async for chunk in follower.frames():
+        chunks.append(chunk)
+
+
 @pytest.mark.fast
 def test_agent_lines_become_events_and_a_result_ends_the_turn():
     async def scenario():
         agent, saved = fast_agent()
-        agent.on_line(1, '{"type":"system","subtype":"init"}')
+        await agent.on_line(1, '{"type":"system","subtype":"init"}')
         assert agent.status == "idle" and saved == ["idle"]
         agent.status, agent.turn_id = "generating", "turn-1"
-        agent.on_line(2, "warning: something")
-        agent.on_line(1, json.dumps({"type": "result", "usage": {
+        await agent.on_line(2, "warning: something")
+        await agent.on_line(1, json.dumps({"type": "result", "usage": {
             "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 1},
             "modelUsage": {"claude-sonnet-4[1m]": {}}}))
-        events = [(i, k, json.loads(d)) for i, k, d in agent.events]
+        events = [(e.seq, e.kind, json.loads(e.data)) for e in agent.events]
         assert [i for i, _, _ in events] == [1, 2, 3, 4]
         assert [k for _, k, _ in events] == ["output", "error", "output", "turn_end"]
         assert events[1][2]["error"] == "[stderr] warning: something"
@@ -1339,6 +1353,21 @@ def test_agent_lines_become_events_and_a_result_ends_the_turn():
         assert end["turn_id"] == "turn-1" and end["usage"]["model"] == "claude-sonnet-4"
         assert end["usage"]["total_tokens"] == 16 and end["usage"]["estimated_cost_usd"] > 0
         assert (agent.status, agent.turns_completed, agent.turn_id) == ("idle", 1, "")
+        assert sse_events(agent.events[0].frame) == [("1", "output", agent.events[0].data)]
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_output_is_no_activity_but_a_turn_is():
+    async def scenario():
+        agent, _ = fast_agent()
+        agent.last_activity = 1000.0
+        await agent.on_line(1, '{"type":"system","subtype":"init"}')
+        await agent.on_line(2, "tick")
+        assert agent.last_activity == 1000.0  # the agent's own output: not a client's turn
+        agent.status, agent.turn_id = "generating", "turn-1"
+        await agent.on_line(1, '{"type":"result"}')
+        assert agent.status == "idle" and agent.last_activity > time.time() - 5
     asyncio.run(scenario())
 
 
@@ -1352,8 +1381,8 @@ def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
     async def scenario():
         agent, _ = fast_agent()
         agent.status, agent.turn_id = "generating", "turn-1"
-        agent.on_line(1, line)
-        end = json.loads(agent.events[-1][2])
+        await agent.on_line(1, line)
+        end = json.loads(agent.events[-1].data)
         assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
     asyncio.run(scenario())
 
@@ -1362,9 +1391,9 @@ def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
 def test_agent_output_cannot_break_the_parser_or_fake_a_turn():
     async def scenario():
         agent, saved = fast_agent()
-        agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
-        agent.on_line(1, '{"type":"result"}')  # no turn running: only output
-        assert [k for _, k, _ in agent.events] == ["output", "output"]
+        await agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
+        await agent.on_line(1, '{"type":"result"}')  # no turn running: only output
+        assert [e.kind for e in agent.events] == ["output", "output"]
         assert (agent.status, agent.turns_completed) == ("idle", 0)
     asyncio.run(scenario())
 
@@ -1374,34 +1403,90 @@ def test_agent_follow_replays_after_an_id_then_ends_with_closed():
     async def scenario():
         agent, _ = fast_agent()
         for n in range(5):
-            agent.on_line(1, f"line {n}")
-        seen = []
-
-        async def follow():
-            async for event_id, kind, _ in agent.follow(3):
-                seen.append((event_id, kind))
-        follower = asyncio.ensure_future(follow())
-        await asyncio.sleep(0.01)
-        assert seen == [(4, "output"), (5, "output")] and not follower.done()
-        agent.finish("agent: idle timeout reached")
-        await asyncio.wait_for(follower, 2)
-        assert seen[2:] == [(6, "exited"), (6, "closed")]
-        assert json.loads(agent.events[-1][2])["error"] == "agent: idle timeout reached"
+            await agent.on_line(1, f"line {n}")
+        chunks: list[bytes] = []
+        with agent.follower(3, 10) as follower:
+            following = asyncio.ensure_future(followed(follower, chunks))
+            await asyncio.sleep(0.01)
+            assert [(i, k) for i, k, _ in sse_events(b"".join(chunks))] == [
+                ("4", "output"), ("5", "output")] and not following.done()
+            agent.finish("agent: idle timeout reached")
+            await asyncio.wait_for(following, 2)
+        events = sse_events(b"".join(chunks))
+        assert [(i, k) for i, k, _ in events[2:]] == [("6", "exited"), ("6", "closed")]
+        assert json.loads(events[2][2])["error"] == "agent: idle timeout reached"
+        assert events[3][2] == "{}" and not agent.followers
     asyncio.run(scenario())
 
 
 @pytest.mark.fast
-def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
+def test_agent_events_are_bounded_and_a_late_follower_starts_at_the_oldest_kept():
     async def scenario():
         agent, _ = fast_agent(max_bytes=10_000)
         for n in range(3000):
-            agent.on_line(1, f"{n:0100d}")
+            await agent.on_line(1, f"{n:0100d}")
         kept = list(agent.events)
-        assert sum(len(d) for _, _, d in kept) <= 10_000 and kept[-1][0] == 3000
-        ids = [i for i, _, _ in kept]
+        assert sum(len(e.frame) for e in kept) <= 10_000 and kept[-1].seq == 3000
+        ids = [e.seq for e in kept]
         assert ids == list(range(ids[0], 3001))
-        first = await agent.follow(0).__anext__()
-        assert first[0] == ids[0]  # the oldest kept, not a hole
+        with agent.follower(0, 10) as follower:
+            first = await follower.frames().__anext__()
+        assert sse_events(first)[0][0] == str(ids[0])  # the oldest kept, not a hole
+        assert [int(i) for i, _, _ in sse_events(first)] == ids  # small events: one write
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_a_large_event_is_written_in_chunks_and_held_by_no_follower():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=64 << 20)
+        await agent.on_line(1, "\x01" * (1 << 20))  # encoded in a thread: 6 MiB of JSON
+        frame = agent.events[-1].frame
+        assert len(frame) > 6 << 20 and json.loads(agent.events[-1].data)["content"] == \
+            "\x01" * (1 << 20)
+        with agent.follower(0, 10) as one, agent.follower(0, 10) as two:
+            chunks = [await one.frames().__anext__() for _ in range(3)]
+            assert all(len(c) == stromboli.AGENT_FOLLOWER_CHUNK for c in chunks)
+            assert b"".join(chunks) == frame[:3 * stromboli.AGENT_FOLLOWER_CHUNK]
+            assert (one.cursor, one.offset) == (0, 3 * stromboli.AGENT_FOLLOWER_CHUNK)
+            assert (two.cursor, two.offset) == (0, 0)  # followers share the frame, not copy it
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_a_follower_that_fell_behind_is_dropped():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=300_000)
+        await agent.on_line(1, "a" * 100_000)
+        with agent.follower(0, 10) as between, agent.follower(0, 10) as inside:
+            await inside.frames().__anext__()  # in the middle of event 1
+            for _ in range(5):
+                await agent.on_line(1, "b" * 100_000)
+            assert between.behind and inside.behind
+            last = [chunk async for chunk in between.frames()]
+            assert len(last) == 1 and sse_events(last[0]) == [
+                (None, "error", sse_events(last[0])[0][2])]  # no id: Last-Event-ID stays
+            assert json.loads(sse_events(last[0])[0][2])["error"] == \
+                stromboli.AGENT_FELL_BEHIND
+            with pytest.raises(stromboli.FellBehind):
+                await inside.frames().__anext__()
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_followers_are_capped():
+    async def scenario():
+        agent, _ = fast_agent()
+        with agent.follower(-1, 2), agent.follower(-1, 2):
+            with pytest.raises(stromboli.ApiError) as refused:
+                with agent.follower(-1, 2):
+                    pass
+            assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+            assert refused.value.message == ("agent: 2 clients follow this agent already "
+                                             "(agent.max_followers); retry later")
+        assert not agent.followers
+        with agent.follower(-1, 2):  # free again
+            pass
     asyncio.run(scenario())
 
 
