@@ -3816,19 +3816,20 @@ class Agent:
 class AgentFollower:
     """One client of an agent's stream. It keeps no event of its own: it reads the agent's
     shared frames by id, AGENT_FOLLOWER_CHUNK bytes at a time, so all it holds is what its
-    connection has not sent yet. It starts at the oldest kept event after `after`; once the
-    event it needs has left the kept window, it fell behind."""
+    connection has not sent yet. It starts at the oldest event after `after` still kept
+    when it sends its first; once the event it needs has left the kept window, it fell
+    behind."""
 
     def __init__(self, agent: Agent, after: int):
         self.agent = agent
-        first = agent.events[0].seq if agent.events else agent.seq + 1
-        self.cursor = max(after, first - 1)  # the last event sent whole
+        self.cursor = max(after, agent.seq if not agent.events else -1)  # last sent whole
         self.offset = 0  # bytes of the next one sent already
+        self.started = False
 
     @property
     def behind(self) -> bool:
         events = self.agent.events
-        return bool(events) and self.cursor + 1 < events[0].seq
+        return self.started and bool(events) and self.cursor + 1 < events[0].seq
 
     async def frames(self):
         """The stream's bytes, live, then `closed` once the agent has exited; it ends
@@ -3856,6 +3857,8 @@ class AgentFollower:
         """From where it is, up to AGENT_FOLLOWER_CHUNK bytes: the rest of its event and
         the whole events after it that fit (many small events make one write)."""
         events, parts, size = self.agent.events, [], 0
+        if not self.started:
+            self.cursor, self.started = max(self.cursor, events[0].seq - 1), True
         index = self.cursor + 1 - events[0].seq
         while index < len(events) and size < AGENT_FOLLOWER_CHUNK:
             event = events[index]

@@ -1456,20 +1456,28 @@ def test_agent_a_large_event_is_written_in_chunks_and_held_by_no_follower():
 @pytest.mark.fast
 def test_agent_a_follower_that_fell_behind_is_dropped():
     async def scenario():
-        agent, _ = fast_agent(max_bytes=300_000)
-        await agent.on_line(1, "a" * 100_000)
-        with agent.follower(0, 10) as between, agent.follower(0, 10) as inside:
-            await inside.frames().__anext__()  # in the middle of event 1
-            for _ in range(5):
-                await agent.on_line(1, "b" * 100_000)
-            assert between.behind and inside.behind
+        agent, _ = fast_agent(max_bytes=250_000)
+        await agent.on_line(1, "a" * 30_000)
+        with agent.follower(0, 10) as between, agent.follower(0, 10) as inside, \
+                agent.follower(0, 10) as late:
+            await between.frames().__anext__()  # event 1, whole
+            await agent.on_line(1, "b" * 100_000)
+            await inside.frames().__anext__()  # event 1 and the start of event 2
+            assert (between.cursor, between.offset) == (1, 0)
+            assert inside.cursor == 1 and inside.offset > 0
+            for _ in range(3):
+                await agent.on_line(1, "c" * 100_000)
+            assert agent.events[0].seq == 4  # events 1-3 are let go
+            assert between.behind and inside.behind and not late.behind
             last = [chunk async for chunk in between.frames()]
-            assert len(last) == 1 and sse_events(last[0]) == [
-                (None, "error", sse_events(last[0])[0][2])]  # no id: Last-Event-ID stays
+            assert len(last) == 1 and [(i, k) for i, k, _ in sse_events(last[0])] == [
+                (None, "error")]  # no id: its Last-Event-ID stays the last event it got
             assert json.loads(sse_events(last[0])[0][2])["error"] == \
                 stromboli.AGENT_FELL_BEHIND
             with pytest.raises(stromboli.FellBehind):
                 await inside.frames().__anext__()
+            first = await late.frames().__anext__()  # one that had not started: the oldest kept
+            assert first.startswith(b"id: 4\n")
     asyncio.run(scenario())
 
 
