@@ -3540,7 +3540,7 @@ AGENT_REFUSED_ERROR = (AGENT_REVIVE_ERROR + "the configuration now in force refu
 AGENT_STOPPED = "agent: stopped"
 AGENT_IDLE_ERROR = "agent: idle timeout reached"
 AGENT_FOLLOWER_CHUNK = 64 * 1024  # bytes handed to a follower's connection at a time
-AGENT_ENCODE_ON_LOOP = 64 * 1024  # longer lines are encoded in a thread (JSON: up to 6×)
+AGENT_ENCODE_PIECE = 64 * 1024  # characters of a line encoded between two turns of the loop
 AGENT_FELL_BEHIND = ("agent: stream: this client fell behind the agent's kept events and is "
                      "dropped; follow again with Last-Event-ID")
 
@@ -3697,18 +3697,28 @@ class Agent:
     def emit(self, kind: str, **details: Any) -> None:
         self.keep(kind, AgentEvent.body(kind, now_rfc3339(), **details))
 
-    async def emit_line(self, kind: str, size: int, **details: Any) -> None:
-        """emit, for a line of `size` characters: a long one is encoded in a thread (its
-        JSON can be 6× as long: a control character is `\\u0001`), off the event loop."""
-        at = now_rfc3339()
-        body = AgentEvent.body(kind, at, **details) if size <= AGENT_ENCODE_ON_LOOP \
-            else await asyncio.to_thread(AgentEvent.body, kind, at, **details)
-        self.keep(kind, body)
+    async def emit_line(self, kind: str, name: str, line: str) -> None:
+        """emit, for an output or stderr line (the `name` detail): a long one is encoded
+        AGENT_ENCODE_PIECE characters at a time, letting the loop run in between — its
+        JSON can be 6× as long (a control character is `\\u0001`). Not in a thread: one
+        holding the GIL through json.dumps would stall the loop at each of its syscalls."""
+        turn_id = self.turn_id or None
+        if len(line) <= AGENT_ENCODE_PIECE:
+            self.keep(kind, AgentEvent.body(kind, now_rfc3339(), turn_id=turn_id, **{name: line}))
+            return
+        body = AgentEvent.body(kind, now_rfc3339(), turn_id=turn_id, **{name: "\0"})
+        head, _, tail = body.partition(b'"\\u0000"')  # nothing else in it has a NUL
+        parts = [head, b'"']
+        for start in range(0, len(line), AGENT_ENCODE_PIECE):
+            parts.append(json.dumps(line[start:start + AGENT_ENCODE_PIECE])[1:-1].encode())
+            await asyncio.sleep(0)
+        self.keep(kind, *parts, b'"', tail)
 
-    def keep(self, kind: str, body: bytes) -> None:
-        """Number an event, keep it, and wake the followers."""
+    def keep(self, kind: str, *body: bytes) -> None:
+        """Number an event (its frame: the `id:` line, then the body's parts), keep it, and
+        wake the followers."""
         self.seq += 1
-        event = AgentEvent(self.seq, kind, b"id: %d\n" % self.seq + body)
+        event = AgentEvent(self.seq, kind, b"".join((b"id: %d\n" % self.seq, *body)))
         self.events.append(event)
         self._bytes += len(event.frame)
         self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
@@ -3739,12 +3749,12 @@ class Agent:
     async def on_line(self, stream: int, line: str) -> None:
         turn_id = self.turn_id or None
         if stream == 2:
-            await self.emit_line("error", len(line), turn_id=turn_id, error=f"[stderr] {line}")
+            await self.emit_line("error", "error", f"[stderr] {line}")
             return
         if self.status == "starting":
             self.status = "idle"
             self._on_change(self)
-        await self.emit_line("output", len(line), turn_id=turn_id, content=line)
+        await self.emit_line("output", "content", line)
         if self.status == "generating" and '"result"' in line \
                 and (event := next(parse_json_lines([line]), None)) \
                 and event.get("type") == "result":
@@ -6255,16 +6265,22 @@ async def agent_stream(request: web.Request) -> web.StreamResponse:
 
 
 AGENT_FOLLOWER_CHECK = 1.0  # seconds between checks of a follower's progress
+AGENT_FOLLOWER_SNDBUF = 256 * 1024  # its socket's send buffer (the kernel's: twice that)
 
 
 async def write_agent_feed(request: web.Request, response: web.StreamResponse,
                            follower: AgentFollower) -> None:
-    """An agent's stream: its shared frames, a chunk at a time, and keep-alive comments
-    while it is silent. A client that does not read holds its connection's buffer (about
-    two chunks) and is cut off once it fell behind the kept events, or after SSE_STALL
-    seconds without progress; it can follow again with Last-Event-ID. A client gone is
-    noticed within AGENT_FOLLOWER_CHECK seconds, even while the agent is silent."""
+    """An agent's stream: its shared frames, a chunk at a time (one per follower and turn
+    of the loop, so that many followers cannot hold the loop), and keep-alive comments
+    while it is silent. A client that does not read holds its connection's buffers (about
+    two chunks in the daemon, AGENT_FOLLOWER_SNDBUF in the kernel) and is cut off once it
+    fell behind the kept events, or after SSE_STALL seconds without progress; it can follow
+    again with Last-Event-ID. A client gone is noticed within AGENT_FOLLOWER_CHECK seconds,
+    even while the agent is silent."""
     writing_since, last_write = 0.0, time.monotonic()
+    if (sock := request.transport.get_extra_info("socket")) is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, AGENT_FOLLOWER_SNDBUF)
 
     async def feed() -> None:
         nonlocal writing_since, last_write
@@ -6273,6 +6289,7 @@ async def write_agent_feed(request: web.Request, response: web.StreamResponse,
                 writing_since = time.monotonic()
                 await response.write(chunk)
                 writing_since, last_write = 0.0, time.monotonic()
+                await asyncio.sleep(0)
         except FellBehind:
             if request.transport is not None:
                 request.transport.abort()

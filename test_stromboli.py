@@ -1440,16 +1440,21 @@ def test_agent_events_are_bounded_and_a_late_follower_starts_at_the_oldest_kept(
 def test_agent_a_large_event_is_written_in_chunks_and_held_by_no_follower():
     async def scenario():
         agent, _ = fast_agent(max_bytes=64 << 20)
-        await agent.on_line(1, "\x01" * (1 << 20))  # encoded in a thread: 6 MiB of JSON
+        mixed = ('\x01a"\\\n\U0001F600é' * 20_000)[:99_999]  # cut anywhere, in pieces
+        await agent.on_line(2, mixed)
+        assert json.loads(agent.events[-1].data) == json.loads(stromboli.AgentEvent.body(
+            "error", json.loads(agent.events[-1].data)["at"], error=f"[stderr] {mixed}"
+        ).partition(b"data: ")[2])
+        await agent.on_line(1, "\x01" * (1 << 20))  # 6 MiB of JSON, encoded in pieces
         frame = agent.events[-1].frame
         assert len(frame) > 6 << 20 and json.loads(agent.events[-1].data)["content"] == \
             "\x01" * (1 << 20)
-        with agent.follower(0, 10) as one, agent.follower(0, 10) as two:
+        with agent.follower(1, 10) as one, agent.follower(1, 10) as two:
             chunks = [await one.frames().__anext__() for _ in range(3)]
             assert all(len(c) == stromboli.AGENT_FOLLOWER_CHUNK for c in chunks)
             assert b"".join(chunks) == frame[:3 * stromboli.AGENT_FOLLOWER_CHUNK]
-            assert (one.cursor, one.offset) == (0, 3 * stromboli.AGENT_FOLLOWER_CHUNK)
-            assert (two.cursor, two.offset) == (0, 0)  # followers share the frame, not copy it
+            assert (one.cursor, one.offset) == (1, 3 * stromboli.AGENT_FOLLOWER_CHUNK)
+            assert (two.cursor, two.offset) == (1, 0)  # followers share the frame, not copy it
     asyncio.run(scenario())
 
 
@@ -3076,6 +3081,93 @@ def test_agent_api_podman_timeout_bounds_its_lifetime(daemon, new_agent):
                what="the agent's container removed")
 
 
+def test_agent_api_its_own_output_does_not_keep_an_idle_agent_alive(daemon, new_agent):
+    """A detached loop printing a line every second (started by a hook: its stdout is the
+    container's) is no client's turn: the agent still ends once idle (issue 18, item 6)."""
+    ticking = "(while true; do echo tick; sleep 1; done) &"
+    created = new_agent(daemon, idle_timeout_seconds=3,
+                        podman={"lifecycle": {"post_start": [ticking]}})
+    with AgentStream(daemon, created["id"]) as stream:
+        events = stream.read(timeout=40)  # to its end
+        assert stream.ended
+    ticks = [e for e in events if e.event == "output" and e.body["content"] == "tick"]
+    assert len(ticks) >= 2, events[-5:]  # it kept printing
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events[-5:]
+    assert events[-2].body["error"] == IDLE_TIMEOUT_REACHED
+    snapshot = agent_snapshot(daemon, created["id"])
+    assert snapshot["last_activity_at"] == created["last_activity_at"]  # no turn: no activity
+
+
+def test_agent_api_max_lifetime_ends_even_a_busy_agent(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_AGENT_MAX_LIFETIME="6s")
+    created = new_agent(d, prompt="sleep 60 then answer", disable_idle_timeout=True)
+    with AgentStream(d, created["id"]) as stream:
+        events = stream.read(timeout=45)  # to its end
+        assert stream.ended
+    lifetime = "agent: maximum lifetime reached (6s since its creation; agent.max_lifetime)"
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events[-5:]
+    assert events[-2].body["error"] == lifetime
+    assert "turn_start" in [e.event for e in events] and "turn_end" not in [
+        e.event for e in events]  # its turn was still running: nothing spares it
+    snapshot = agent_snapshot(d, created["id"])
+    assert snapshot["status"] == "exited" and snapshot["exit_error"] == lifetime
+    assert parse_time(events[-2].body["at"]) - parse_time(created["created_at"]) >= 6
+    wait_until(lambda: not agent_containers(f"stromboli.agent={created['id']}"), 10,
+               what="the agent's container removed")
+
+
+def stream_status(d: Daemon, agent_id: str) -> httpx.Response:
+    """GET /agents/{id}/stream, closed as soon as the answer's head is in."""
+    with httpx.Client(base_url=d.url, timeout=10) as client, \
+            client.stream("GET", f"/agents/{agent_id}/stream") as response:
+        if response.status_code != 200:
+            response.read()
+        return response
+
+
+def test_agent_api_followers_past_the_cap_get_429(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_AGENT_MAX_FOLLOWERS="2")
+    agent_id = new_agent(d)["id"]
+    with AgentStream(d, agent_id), AgentStream(d, agent_id):
+        r = stream_status(d, agent_id)
+        assert r.status_code == 429, r.status_code
+        assert r.json() == {"error": "agent: 2 clients follow this agent already "
+                                     "(agent.max_followers); retry later"}
+        assert int(r.headers["Retry-After"]) > 0
+    # once they went away, there is room again (the daemon notices within a second)
+    wait_until(lambda: stream_status(d, agent_id).status_code == 200, 10, 0.5,
+               "a follower admitted again")
+    assert d.http.get(f"/agents/{agent_id}").json()["status"] != "exited"
+
+
+def test_agent_api_a_revived_agent_is_checked_against_the_configuration_in_force(
+        make_daemon, new_agent, tmp_path):
+    """An agent created with an image the allowlist then allowed is not started again by
+    a daemon whose allowlist refuses it (issue 18, item 10): it is exited, saying why."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state, STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS=IMAGE)
+    created = new_agent(d, prompt="hello", podman={"image": IMAGE})
+    agent_id = created["id"]
+    with AgentStream(d, agent_id) as stream:
+        stream.read(turn_ended())
+    d.stop()
+    again = make_daemon(state_dir=state,
+                        STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS="localhost/another-image:*")
+    snapshot = wait_agent(again, agent_id, "exited", timeout=30)
+    refused = ("agent: could not be started again after the daemon restarted: the "
+               "configuration now in force refuses its request: image validation failed: "
+               f'image "{IMAGE}" not in allowed patterns')
+    assert snapshot["exit_error"] == refused
+    assert agent_containers(f"stromboli.agent={agent_id}") == []  # never started
+    with AgentStream(again, agent_id) as stream:
+        events = stream.read(timeout=20)
+        assert stream.ended
+    assert [e.event for e in events[-2:]] == ["exited", "closed"]
+    assert events[-2].body["error"] == refused
+    r = again.http.post(f"/agents/{agent_id}/send", json={"prompt": "hello"})
+    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
+
+
 def test_agent_api_concurrent_sends_start_one_turn(daemon, new_agent):
     agent_id = new_agent(daemon)["id"]
     barrier = threading.Barrier(4)
@@ -3731,6 +3823,30 @@ def agent_events(d: Daemon, agent_id: str, until: str, after: int | None = None,
     raise AssertionError(f"the stream ended without {until}: {[e.event for e in found]}")
 
 
+AGENT_FELL_BEHIND = ("agent: stream: this client fell behind the agent's kept events and is "
+                     "dropped; follow again with Last-Event-ID")
+
+
+def agent_events_through_drops(d: Daemon, agent_id: str, until: str,
+                              timeout: float = 120) -> list:
+    """agent_events from the start, following again with Last-Event-ID each time the daemon
+    drops the stream for falling behind the kept events (as clients are told to)."""
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        headers = {"Last-Event-ID": found[-1].id} if found and found[-1].id else {}
+        with httpx.Client(base_url=d.url, timeout=timeout) as client, connect_sse(
+                client, "GET", f"/agents/{agent_id}/stream", headers=headers) as source:
+            for event in source.iter_sse():
+                found.append(event)
+                if event.event == until:
+                    return found
+        dropped = found and found[-1].event == "error" and \
+            json.loads(found[-1].data)["error"] == AGENT_FELL_BEHIND
+        assert dropped, f"the stream ended without {until}: {[e.event for e in found[-5:]]}"
+    raise AssertionError(f"no {until} within {timeout}s")
+
+
 def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsive(make_daemon):
     """100,000 lines and one 20 MB line on an agent's stdout (a hook's, since the agent
     itself cannot open the container's stdout): the daemon keeps at most its window of
@@ -3744,7 +3860,7 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
         assert r.status_code == 201, r.text
         agent = r.json()["id"]
         turn = d.http.post(f"/agents/{agent}/send", json={"prompt": "hello"}).json()["turn_id"]
-        agent_events(d, agent, "turn_end", timeout=120)  # live, through the flood
+        agent_events_through_drops(d, agent, "turn_end")  # live, through the flood
     assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
     events = agent_events(d, agent, "turn_end", after=0)  # the window kept for replays
     kept = [e for e in events if e.event in ("output", "error")]
@@ -3754,6 +3870,72 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
     cut = [e for e in kept if "[stromboli: line truncated, 19934464 bytes dropped]" in e.data]
     assert len(cut) == 1 and len(json.loads(cut[0].data)["content"]) < 65536 + 100
     assert json.loads(events[-1].data)["turn_id"] == turn
+    assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+
+
+def served_connections(port: int) -> int:
+    """Established TCP connections whose local port is `port`: the daemon's side of them."""
+    count = 0
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
+@contextlib.contextmanager
+def peak_rss_kib(pid: int):
+    """The peak VmRSS of a process, sampled every 50 ms while the block runs (a list of
+    one value, filled at the end)."""
+    peak, stop = [memory_kib(pid, "VmRSS")], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], memory_kib(pid, "VmRSS"))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def test_stalled_followers_of_a_flooding_agent_are_dropped_and_cost_little(make_daemon):
+    """200 clients follow an agent that prints 1 MiB lines of control characters (6 MiB
+    events in JSON) and never read (issue 18, item 3): the daemon keeps one copy of each
+    event, not one per follower, encodes the big ones off the event loop, drops the
+    followers once they fell behind, and /health answers within a second throughout."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_FOLLOWERS="250")
+    lines = 30
+    flood = ("sleep 5; i=0; while [ $i -lt %d ]; do head -c 1048575 /dev/zero | tr '\\0' "
+             "'\\1'; echo; i=$((i+1)); done; echo flood-done" % lines)
+    r = d.http.post("/agents", json={"podman": {"lifecycle": {"post_start": [flood]}}})
+    assert r.status_code == 201, r.text
+    agent = r.json()["id"]
+    request = (f"GET /agents/{agent}/stream HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n"
+               "\r\n").encode()
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    stalled: list[socket.socket] = []
+    try:
+        with health_latencies(d) as latencies, peak_rss_kib(d.proc.pid) as peak:
+            for _ in range(200):
+                follower = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                stalled.append(follower)
+                follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                follower.connect(("127.0.0.1", d.port))
+                follower.sendall(request)  # and never a read
+            wait_until(lambda: served_connections(d.port) >= 200, 10, 0.2,
+                       "the 200 followers served")
+            wait_until(lambda: served_connections(d.port) < 5, 40, 0.5,
+                       "the stalled followers dropped")
+            last = agent_events(d, agent, "output", after=lines, timeout=120)[-1]
+            assert (last.id, json.loads(last.data)["content"]) == (str(lines + 1), "flood-done")
+    finally:
+        for follower in stalled:
+            follower.close()
+    assert max(latencies) < 1, f"/health took {max(latencies):.1f}s"
+    assert peak[0] - baseline < 150 * 1024, f"RSS {baseline} → {peak[0]} KiB"
     assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
     assert d.http.delete(f"/agents/{agent}").status_code == 204
 
