@@ -2662,7 +2662,6 @@ def agent(args) -> int:
 
 FOLLOWERS_RCVBUF = 4096  # receive buffer of a stalled follower (it never reads)
 FOLLOWERS_CLOSED = 5  # served connections left (probes, …) once the followers are dropped
-FELL_BEHIND = b"fell behind the agent's kept events"
 
 
 def served_connections(port: int) -> int:
@@ -2755,106 +2754,131 @@ def followers_bench(args, model: ScriptedModel, workdir: pathlib.Path) -> dict:
     return result
 
 
-def fanout_reader(port: int, request: bytes, count: int, timeout: float, pipe) -> None:
-    """In its own process (the bench's threads must not slow the readers): `count` clients
-    follow the stream and read all of it. Sends "connected", then per client: HTTP status,
-    bytes, when its `turn_end` came (time.monotonic: one clock for all processes), whether
-    it was dropped for falling behind."""
+FANOUT_RECONNECT = 1.0  # seconds a dropped follower waits before it follows again
+
+
+class FanoutClient:
+    """One follower of the fan-out: it reads all it gets and, when the daemon drops it
+    before the `turn_end` (it fell behind), follows again FANOUT_RECONNECT seconds later
+    from the oldest kept event, as the `stromboli` client does (after 1 s)."""
+
+    def __init__(self, port: int, request: bytes):
+        self.port, self.request = port, request
+        self.status: int | None = None
+        self.bytes = self.connections = self.refused = 0
+        self.first_output: float | None = None  # time.monotonic: one clock for all processes
+        self.turn_end: float | None = None
+        self.sock: socket.socket | None = None
+        self._tail = b""
+
+    def connect(self) -> socket.socket:
+        self.connections += 1
+        self.sock = socket.create_connection(("127.0.0.1", self.port))
+        self.sock.sendall(self.request)
+        self.sock.setblocking(False)
+        self.status, self._tail = None, b""
+        return self.sock
+
+    def received(self, data: bytes) -> bool:
+        """→ whether to read on (False: the connection is over)."""
+        if self.status is None and data.startswith(b"HTTP/1.1 "):
+            self.status = int(data[9:12])
+        seen = self._tail + data
+        self.bytes += len(data)
+        if self.first_output is None and b"event: output" in seen:
+            self.first_output = time.monotonic()
+        if self.turn_end is None and b"event: turn_end" in seen:
+            self.turn_end = time.monotonic()
+        self._tail = seen[-64:]
+        self.refused += self.status == 429
+        return bool(data) and self.turn_end is None and self.status == 200
+
+    def result(self) -> dict:
+        return {"bytes": self.bytes, "connections": self.connections, "refused": self.refused,
+                "first_output": self.first_output, "turn_end": self.turn_end}
+
+
+def fanout_reader(port: int, count: int, timeout: float, pipe) -> None:
+    """In its own process (the bench's threads must not slow the readers): once the request
+    comes through the pipe, `count` FanoutClients follow the stream. Sends "connected",
+    then each client's result."""
     import selectors
-    clients, results = {}, []
+    request = pipe.recv()
+    clients = [FanoutClient(port, request) for _ in range(count)]
     selector = selectors.DefaultSelector()
-    for n in range(count):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(request)
-        sock.setblocking(False)
-        clients[sock] = {"n": n, "status": None, "bytes": 0, "turn_end": None,
-                         "dropped": False, "closed": False, "tail": b""}
-        selector.register(sock, selectors.EVENT_READ)
+    for client in clients:
+        selector.register(client.connect(), selectors.EVENT_READ, client)
     pipe.send("connected")
-    deadline = time.monotonic() + timeout
-    while clients and time.monotonic() < deadline:
-        for key, _ in selector.select(1.0):
-            sock, state = key.fileobj, clients[key.fileobj]
+    deadline, open_ = time.monotonic() + timeout, count
+    waiting: list[tuple[float, FanoutClient]] = []  # (when, client): dropped ones
+    while open_ and time.monotonic() < deadline:
+        now = time.monotonic()
+        for due, client in [w for w in waiting if w[0] <= now]:
+            waiting.remove((due, client))
+            selector.register(client.connect(), selectors.EVENT_READ, client)
+        for key, _ in selector.select(0.1 if waiting else 1.0):
+            client = key.data
             try:
-                data = sock.recv(1 << 20)
+                data = key.fileobj.recv(1 << 20)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
                 data = b""
-            if state["status"] is None and data.startswith(b"HTTP/1.1 "):
-                state["status"] = int(data[9:12])
-            seen = state["tail"] + data
-            state["bytes"] += len(data)
-            if state["turn_end"] is None and b"event: turn_end" in seen:
-                state["turn_end"] = time.monotonic()
-            state["dropped"] |= FELL_BEHIND in seen
-            state["tail"] = seen[-64:]
-            if not data or state["turn_end"] is not None or state["status"] != 200:
-                state["closed"] = not data
-                selector.unregister(sock)
-                sock.close()
-                results.append({k: v for k, v in state.items() if k != "tail"})
-                del clients[sock]
-    for sock, state in clients.items():
-        sock.close()
-        results.append({k: v for k, v in state.items() if k != "tail"})
-    pipe.send(results)
+            if client.received(data):
+                continue
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+            if client.turn_end is None:  # dropped, or refused while its last one was let go
+                waiting.append((time.monotonic() + FANOUT_RECONNECT, client))
+            else:
+                open_ -= 1
+    pipe.send([client.result() for client in clients])
 
 
 def fanout_bench(args, model: ScriptedModel, workdir: pathlib.Path) -> dict:
-    """--followers clients read an agent's stream while one turn makes it print
-    --megabytes MB in --line-bytes lines: daemon CPU, the turn's time, /health."""
+    """--followers clients read an agent's stream while it prints --megabytes MB in
+    --line-bytes lines before its first turn: daemon CPU, the turn's time, /health."""
     import multiprocessing
     env = {**daemon_env(model, args.image, 0),
            "STROMBOLI_AGENT_MAX_FOLLOWERS": str(args.max_followers or args.followers)}
-    env["STROMBOLI_AGENT_ENV"] += f",BASH_DEFAULT_TIMEOUT_MS={int(args.timeout * 1000)}"
     daemon = Daemon(workdir / "fanout", env)
     nbytes = args.megabytes * 1_000_000
-    # The turn's Bash tool writes into a FIFO that a hook's loop copies to the container's
-    # stdout (the CLI's own output is the agent's; the tool's is not): the flood is the turn's.
-    relay = "mkfifo /tmp/flood; (while :; do cat /tmp/flood; done) &"
-    prompt = (f"bash: yes {'a' * (args.line_bytes - 1)} | head -c {nbytes} > /tmp/flood; "
-              "echo flooded")
+    # From a hook, before the CLI starts: the CLI makes the container's stdout non-blocking,
+    # which a relay of a turn's own output would have to survive.
+    flood = f"sleep 5; yes {'a' * (args.line_bytes - 1)} | head -c {nbytes}; echo flood-done"
     result: dict = {"followers": args.followers, "bytes": nbytes,
-                    "line_bytes": args.line_bytes, "prompt": prompt,
+                    "line_bytes": args.line_bytes, "hook": flood,
                     "max_followers": env["STROMBOLI_AGENT_MAX_FOLLOWERS"]}
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    reader = None
+    reader = context.Process(target=fanout_reader, daemon=True,
+                             args=(daemon.port, args.followers, args.timeout + 30, child))
+    reader.start()  # it imports this module while the daemon starts
     try:
         daemon.start()
-        agent_id = create_agent(daemon, {
-            "claude": {"dangerously_skip_permissions": True},
-            "podman": {"lifecycle": {"post_start": [relay]}, "timeout": f"{args.timeout}s"}})
-        reader = context.Process(target=fanout_reader, daemon=True, args=(
-            daemon.port, stream_request(daemon, agent_id), args.followers,
-            args.timeout + 30, child))
-        reader.start()
-        if not parent.poll(60):
-            raise RuntimeError("the reader process did not connect its clients")
-        parent.recv()
-        time.sleep(2)  # every follower's request served
         with Sampler(daemon.proc.pid, daemon.url) as sampler:
             time.sleep(1)
             cpu_before, start = process_cpu(daemon.proc.pid), time.monotonic()
-            response = httpx.post(f"{daemon.url}/agents/{agent_id}/send",
-                                  json={"prompt": prompt}, timeout=AGENT_TIMEOUT)
-            if response.status_code != 202:
-                raise RuntimeError(f"send → {response.status_code}: {response.text[:500]}")
+            agent_id = create_agent(daemon, {"prompt": "hello", "podman": {
+                "lifecycle": {"post_start": [flood]}, "timeout": f"{args.timeout}s"}})
+            parent.send(stream_request(daemon, agent_id))
+            if not parent.poll(5) or parent.recv() != "connected":
+                raise RuntimeError("the reader process did not connect its clients in 5 s")
             if not parent.poll(args.timeout + 60):
                 raise RuntimeError("the readers did not finish")
             readers = parent.recv()
             end = time.monotonic()
             result["daemon_cpu"] = process_cpu(daemon.proc.pid) - cpu_before
             result.update(sampler.window(start, end))
-        ends = sorted(r["turn_end"] - start for r in readers if r["turn_end"] is not None)
+        turns = sorted(r["turn_end"] - r["first_output"] for r in readers
+                       if r["turn_end"] is not None and r["first_output"] is not None)
         result.update(
-            admitted=sum(r["status"] == 200 for r in readers),
-            refused=sum(r["status"] == 429 for r in readers),
-            got_turn_end=len(ends), dropped=sum(r["dropped"] for r in readers),
-            turn_first=ends[0] if ends else None,
-            turn_median=statistics.median(ends) if ends else None,
-            turn_last=ends[-1] if ends else None,
+            got_turn_end=len(turns), refused=sum(r["refused"] for r in readers),
+            dropped=sum(r["connections"] - 1 - r["refused"] for r in readers),
+            dropped_followers=sum(r["connections"] > 1 + r["refused"] for r in readers),
+            turn_first=turns[0] if turns else None,
+            turn_median=statistics.median(turns) if turns else None,
+            turn_last=turns[-1] if turns else None,
             mb_read=sum(r["bytes"] for r in readers) / 1e6,
             snapshot=httpx.get(f"{daemon.url}/agents/{agent_id}").json())
         httpx.delete(f"{daemon.url}/agents/{agent_id}", timeout=AGENT_TIMEOUT)
@@ -2862,7 +2886,7 @@ def fanout_bench(args, model: ScriptedModel, workdir: pathlib.Path) -> dict:
         sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
         raise
     finally:
-        if reader is not None and reader.is_alive():
+        if reader.is_alive():
             reader.kill()
         stop_daemon(daemon)
         leftover = our_containers(workdir)
@@ -2902,15 +2926,17 @@ def followers_markdown(report: dict) -> str:
             f"({'ok' if s['flood_done'] is True else s['flood_done']}) |"]
     if (f := report.get("fanout")) is not None:
         lines += [
-            f"| fan-out: followers reading, turn output | {f['followers']} followers "
-            f"(max_followers {f['max_followers']}: {f['admitted']} admitted, {f['refused']} "
-            f"refused), {f['bytes'] / 1e6:.0f} MB in {f['line_bytes']}-byte lines |",
-            f"| daemon CPU during the turn | {f['daemon_cpu']:.1f} s |",
-            f"| the turn (send → `turn_end` at a follower): first / median / last | "
+            f"| fan-out: followers reading, output before the turn's answer | "
+            f"{f['followers']} followers (max_followers {f['max_followers']}), "
+            f"{f['bytes'] / 1e6:.0f} MB in {f['line_bytes']}-byte lines |",
+            f"| daemon CPU, agent created → every follower has the `turn_end` | "
+            f"{f['daemon_cpu']:.1f} s |",
+            f"| the turn (first output → `turn_end` at a follower): first / median / last | "
             f"{secs(f['turn_first'])} / {secs(f['turn_median'])} / {secs(f['turn_last'])} |",
-            f"| followers that got the `turn_end` / dropped for falling behind | "
-            f"{f['got_turn_end']} / {f['dropped']} |",
-            f"| /health p50 / max latency during the turn | {secs(f['health_median'])} / "
+            f"| followers that got the `turn_end`; dropped for falling behind (followed "
+            f"again); 429s | {f['got_turn_end']}; {f['dropped']} times "
+            f"({f['dropped_followers']} followers); {f['refused']} |",
+            f"| /health p50 / max latency meanwhile | {secs(f['health_median'])} / "
             f"{secs(f['health_max'])} ({f['health_bad']} of {f['health_probes']} failed or "
             "> 1 s) |",
             f"| read by all followers | {f['mb_read']:.0f} MB |"]
