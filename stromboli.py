@@ -3617,11 +3617,6 @@ class AgentEvent:
     kind: str
     frame: bytes
 
-    @property
-    def data(self) -> str:
-        """Its Event JSON: the frame's one `data:` line (JSON has no raw line break)."""
-        return self.frame.partition(b"\ndata: ")[2].rstrip(b"\n").decode()
-
     @staticmethod
     def body(kind: str, at: str, **details: Any) -> bytes:
         """An Event (U§5.17: type, the details that are set, at) as an SSE frame, but its
@@ -6278,7 +6273,8 @@ async def write_agent_feed(request: web.Request, response: web.StreamResponse,
     again with Last-Event-ID. A client gone is noticed within AGENT_FOLLOWER_CHECK seconds,
     even while the agent is silent."""
     writing_since, last_write = 0.0, time.monotonic()
-    if (sock := request.transport.get_extra_info("socket")) is not None:
+    if request.transport is not None \
+            and (sock := request.transport.get_extra_info("socket")) is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, AGENT_FOLLOWER_SNDBUF)
 

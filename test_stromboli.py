@@ -1320,6 +1320,11 @@ def fast_agent(max_bytes: int = 1 << 20) -> tuple["stromboli.Agent", list]:
     return stromboli.Agent.new(req, max_bytes, lambda a: saved.append(a.status)), saved
 
 
+def event_body(event: "stromboli.AgentEvent") -> dict:
+    """The Event JSON of a kept frame: its one `data:` line."""
+    return json.loads(event.frame.partition(b"\ndata: ")[2])
+
+
 def sse_events(stream: bytes) -> list[tuple[str | None, str, str]]:
     """(id, event, data) of each frame of an SSE byte stream."""
     found = []
@@ -1345,7 +1350,7 @@ def test_agent_lines_become_events_and_a_result_ends_the_turn():
         await agent.on_line(1, json.dumps({"type": "result", "usage": {
             "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 1},
             "modelUsage": {"claude-sonnet-4[1m]": {}}}))
-        events = [(e.seq, e.kind, json.loads(e.data)) for e in agent.events]
+        events = [(e.seq, e.kind, event_body(e)) for e in agent.events]
         assert [i for i, _, _ in events] == [1, 2, 3, 4]
         assert [k for _, k, _ in events] == ["output", "error", "output", "turn_end"]
         assert events[1][2]["error"] == "[stderr] warning: something"
@@ -1353,7 +1358,8 @@ def test_agent_lines_become_events_and_a_result_ends_the_turn():
         assert end["turn_id"] == "turn-1" and end["usage"]["model"] == "claude-sonnet-4"
         assert end["usage"]["total_tokens"] == 16 and end["usage"]["estimated_cost_usd"] > 0
         assert (agent.status, agent.turns_completed, agent.turn_id) == ("idle", 1, "")
-        assert sse_events(agent.events[0].frame) == [("1", "output", agent.events[0].data)]
+        assert sse_events(agent.events[0].frame) == [
+            ("1", "output", json.dumps(event_body(agent.events[0]), separators=(",", ":")))]
     asyncio.run(scenario())
 
 
@@ -1382,7 +1388,7 @@ def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
         agent, _ = fast_agent()
         agent.status, agent.turn_id = "generating", "turn-1"
         await agent.on_line(1, line)
-        end = json.loads(agent.events[-1].data)
+        end = event_body(agent.events[-1])
         assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
     asyncio.run(scenario())
 
@@ -1442,12 +1448,12 @@ def test_agent_a_large_event_is_written_in_chunks_and_held_by_no_follower():
         agent, _ = fast_agent(max_bytes=64 << 20)
         mixed = ('\x01a"\\\n\U0001F600é' * 20_000)[:99_999]  # cut anywhere, in pieces
         await agent.on_line(2, mixed)
-        assert json.loads(agent.events[-1].data) == json.loads(stromboli.AgentEvent.body(
-            "error", json.loads(agent.events[-1].data)["at"], error=f"[stderr] {mixed}"
+        assert event_body(agent.events[-1]) == json.loads(stromboli.AgentEvent.body(
+            "error", event_body(agent.events[-1])["at"], error=f"[stderr] {mixed}"
         ).partition(b"data: ")[2])
         await agent.on_line(1, "\x01" * (1 << 20))  # 6 MiB of JSON, encoded in pieces
         frame = agent.events[-1].frame
-        assert len(frame) > 6 << 20 and json.loads(agent.events[-1].data)["content"] == \
+        assert len(frame) > 6 << 20 and event_body(agent.events[-1])["content"] == \
             "\x01" * (1 << 20)
         with agent.follower(1, 10) as one, agent.follower(1, 10) as two:
             chunks = [await one.frames().__anext__() for _ in range(3)]
