@@ -3624,6 +3624,10 @@ class AgentEvent:
         data = json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
         return f"event: {kind}\ndata: {data}\n\n".encode()
 
+    @classmethod
+    def make(cls, seq: int, kind: str, at: str, **details: Any) -> "AgentEvent":
+        return cls(seq, kind, b"id: %d\n" % seq + cls.body(kind, at, **details))
+
 
 class FellBehind(Exception):
     """A follower lost the event it was in the middle of sending: it must be cut off."""
@@ -3725,6 +3729,11 @@ class Agent:
     def _trim(self, count: int, size: int) -> None:
         while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
             self._bytes -= len(self.events.popleft().frame)
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set when the next event comes."""
+        return self._changed
 
     @contextlib.contextmanager
     def follower(self, after: int, limit: int):
@@ -3843,7 +3852,7 @@ class AgentFollower:
         event it got whole), or FellBehind in the middle of an event."""
         agent = self.agent
         while True:
-            waiter = agent._changed
+            waiter = agent.changed
             while self.cursor < agent.seq:
                 if self.behind:
                     if self.offset:
@@ -3931,10 +3940,9 @@ class AgentManager:
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
-                agent.events.append(AgentEvent(agent.seq, "exited", b"id: %d\n" % agent.seq
-                                               + AgentEvent.body("exited", rfc3339(
-                                                   agent.exited_at, "microseconds"),
-                                                   error=agent.exit_error)))
+                agent.events.append(AgentEvent.make(
+                    agent.seq, "exited", rfc3339(agent.exited_at, "microseconds"),
+                    error=agent.exit_error))
             else:
                 agent.resume_after_restart()
                 if self.runner.slots.try_acquire():
