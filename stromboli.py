@@ -6269,13 +6269,15 @@ async def agent_stream(request: web.Request) -> web.StreamResponse:
 
 AGENT_FOLLOWER_CHECK = 1.0  # seconds between checks of a follower's progress
 AGENT_FOLLOWER_SNDBUF = 256 * 1024  # its socket's send buffer (the kernel's: twice that)
+AGENT_FOLLOWER_BURST = 512 * 1024  # bytes it may write in one turn of the loop (the agent's
+#                                    output of one turn is at most ~300 KiB of events)
 
 
 async def write_agent_feed(request: web.Request, response: web.StreamResponse,
                            follower: AgentFollower) -> None:
-    """An agent's stream: its shared frames, a chunk at a time (one per follower and turn
-    of the loop, so that many followers cannot hold the loop), and keep-alive comments
-    while it is silent. A client that does not read holds its connection's buffers (about
+    """An agent's stream: its shared frames, a chunk at a time (at most
+    AGENT_FOLLOWER_BURST bytes per turn of the loop, so that many followers cannot hold
+    it), and keep-alive comments while it is silent. A client that does not read holds its connection's buffers (about
     two chunks in the daemon, AGENT_FOLLOWER_SNDBUF in the kernel) and is cut off once it
     fell behind the kept events, or after SSE_STALL seconds without progress; it can follow
     again with Last-Event-ID. A client gone is noticed within AGENT_FOLLOWER_CHECK seconds,
@@ -6288,12 +6290,16 @@ async def write_agent_feed(request: web.Request, response: web.StreamResponse,
 
     async def feed() -> None:
         nonlocal writing_since, last_write
+        burst = 0
         try:
             async for chunk in follower.frames():
                 writing_since = time.monotonic()
                 await response.write(chunk)
                 writing_since, last_write = 0.0, time.monotonic()
-                await asyncio.sleep(0)
+                burst += len(chunk)
+                if burst >= AGENT_FOLLOWER_BURST:
+                    burst = 0
+                    await asyncio.sleep(0)
         except FellBehind:
             if request.transport is not None:
                 request.transport.abort()
