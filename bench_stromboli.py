@@ -2,7 +2,8 @@
 (the default mode), what an agent's output flood costs the daemon (`flood`), the daemon
 under mixed traffic at a fixed rate (`load`), the requests/s of its cheap routes next to a
 bare aiohttp handler (`rps`), the daemon under a slowloris attack (`slowloris`), kill -9
-during async jobs (`soak`), and a persistent agent's warm turn next to a cold run (`agent`).
+during async jobs (`soak`), a persistent agent's warm turn next to a cold run (`agent`), and
+the clients of a flooding agent's stream, stalled (`followers`) and reading (`fanout`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -132,6 +133,25 @@ long-lived agent kept one container and one CLI process (`podman top`), its turn
 model calls per turn, the stream-json type of a turn's first output, stderr `error` events,
 and after each DELETE a 404, no container left and the stream ended by `closed`.
 
+`followers`: clients of an agent's stream that never read (issue 18, item 3). A daemon with
+agent.max_followers above --followers; an agent whose post_start hook sleeps 5 s, then prints
+--lines (30) lines of 1 MiB of control characters (6 MiB events in JSON). --followers (200)
+raw sockets (receive buffer 4 KiB) send GET /agents/{id}/stream and never read. Reported: the
+daemon's RSS before, at peak and 3 s after the clients closed, /health (every 100 ms) p50, max,
+failed or over 1 s and the longest time without an answer, and when the daemon had dropped
+them (its established connections on the port, from /proc/net/tcp; --timeout, 90 s).
+
+`fanout`: clients reading an agent's stream during a flood (issue 18, item 5). --followers
+(100) clients, in a process of their own, read everything of GET /agents/{id}/stream while the
+agent prints --megabytes (50) MB in --line-bytes (1000) lines from a hook, before its first
+turn's answer. A client the daemon drops (it fell behind the kept events) follows again 1 s
+later, as the `stromboli` client does. Reported: the daemon's CPU time from the agent's
+creation until every client has the `turn_end`, the turn at each client (first output →
+`turn_end`: first, median, last), drops and 429s, /health p50 and max meanwhile, bytes read.
+--max-followers sets agent.max_followers (default: --followers).
+
+--stromboli PATH runs another stromboli.py (e.g. an older one, for before/after figures).
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -149,6 +169,9 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py soak --kills 20 --jobs-per-round 3 --seed 13 --json
     python bench_stromboli.py agent                # warm agent turn vs cold POST /run
     python bench_stromboli.py agent --runs 10 --json
+    python bench_stromboli.py followers            # 200 stalled clients of a flooding agent
+    python bench_stromboli.py fanout               # 100 readers of a 50 MB flood
+    python bench_stromboli.py --stromboli /tmp/old/stromboli.py fanout --followers 10
 """
 
 from __future__ import annotations
@@ -2922,7 +2945,8 @@ def followers_markdown(report: dict) -> str:
                 f"all, {secs(s['dropped_after'])} after they connected"
                 if s["dropped_after"] is not None else
                 f"no: {s['still_served']} still served after {report['timeout']} s") + " |",
-            f"| flood over (its last line replayed) | {secs(s['flood_seconds'])} "
+            f"| the flood's last line replayed, checked once they were dropped | "
+            f"{secs(s['flood_seconds'])} "
             f"({'ok' if s['flood_done'] is True else s['flood_done']}) |"]
     if (f := report.get("fanout")) is not None:
         lines += [
