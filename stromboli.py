@@ -6243,8 +6243,10 @@ async def send_to_agent(request: web.Request) -> web.Response:
                  "(content: one stdout line of the CLI), turn_end (with the turn's usage; "
                  "extension), error, exited; then `event: closed` with `{}` once the agent has "
                  "exited. Extensions: `id:` on each event and Last-Event-ID (header or "
-                 "last_event_id) replays the kept events after it; keep-alive comments "
-                 "every 15 s",
+                 "last_event_id) replays the kept events after it; a client that falls "
+                 "behind the kept events is dropped, with a last `error` event when it can "
+                 "take one; at most agent.max_followers clients (429 beyond); keep-alive "
+                 "comments every 15 s",
      params=(AGENT_ID_PARAM,
              param("Last-Event-ID", "header", "integer", "(extension) Send only events after "
                    "this id"),
@@ -6277,11 +6279,11 @@ async def write_agent_feed(request: web.Request, response: web.StreamResponse,
                            follower: AgentFollower) -> None:
     """An agent's stream: its shared frames, a chunk at a time (at most
     AGENT_FOLLOWER_BURST bytes per turn of the loop, so that many followers cannot hold
-    it), and keep-alive comments while it is silent. A client that does not read holds its connection's buffers (about
-    two chunks in the daemon, AGENT_FOLLOWER_SNDBUF in the kernel) and is cut off once it
-    fell behind the kept events, or after SSE_STALL seconds without progress; it can follow
-    again with Last-Event-ID. A client gone is noticed within AGENT_FOLLOWER_CHECK seconds,
-    even while the agent is silent."""
+    it), and keep-alive comments while it is silent. A client that does not read holds its
+    connection's buffers (about two chunks in the daemon, AGENT_FOLLOWER_SNDBUF in the
+    kernel) and is cut off once it fell behind the kept events, or after SSE_STALL seconds
+    without progress; it can follow again with Last-Event-ID. A client gone is noticed
+    within AGENT_FOLLOWER_CHECK seconds, even while the agent is silent."""
     writing_since, last_write = 0.0, time.monotonic()
     if request.transport is not None \
             and (sock := request.transport.get_extra_info("socket")) is not None:
