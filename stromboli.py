@@ -4799,8 +4799,11 @@ ENVELOPE_SCHEMAS = {"run": "internal_api.RunResponse", "error": "internal_api.Er
                     "success": "internal_api.ErrorResponse", "text": ""}
 
 
-def response(description: str, definition: str | None) -> dict:
-    """A response whose body is a definition, a bare JSON type ("object") or text (None)."""
+def response(description: str, definition: str | None, status: int = 200) -> dict:
+    """A response whose body is a definition, a bare JSON type ("object") or text (None);
+    a 204 has no body, so no schema."""
+    if status == 204:
+        return {"description": description}
     if not definition:
         schema = {"type": "string"}
     elif definition.startswith("["):
@@ -4815,7 +4818,7 @@ def operation(route: Route) -> dict:
     checked, 429 where rate limits or the failed-auth budget apply, 413/415/408 where
     there is a body, and 403/421 (browser checks) everywhere."""
     error_schema = route.error_schema or ENVELOPE_SCHEMAS[route.envelope]
-    responses = {str(status): response(text, definition)
+    responses = {str(status): response(text, definition, status)
                  for status, text, definition in (route.ok, *route.also_ok)}
     checks_auth = route.access != "public" or route.path.startswith("/auth/")
     if route.access != "public":

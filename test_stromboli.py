@@ -513,6 +513,18 @@ def test_route_records_derive_auth_and_body_responses():
         assert route.envelope in ("error", "run", "success", "text")
 
 
+@pytest.mark.fast
+def test_no_content_answers_declare_no_body():
+    """A 204 has no body: a schema there makes validating proxies (Prism) turn the real,
+    empty answer into an error."""
+    no_content = [(path, method, answer)
+                  for path, operations in stromboli.OPENAPI["paths"].items()
+                  for method, operation in operations.items()
+                  for status, answer in operation["responses"].items() if status == "204"]
+    assert ("/agents/{id}", "delete", {"description": "No Content"}) in no_content
+    assert all("schema" not in answer for _, _, answer in no_content), no_content
+
+
 def hostile_home(tmp_path: pathlib.Path):
     """A SessionStore with one session home and a root-only folder outside it."""
     store = stromboli.SessionStore(tmp_path / "sessions", tmp_path / "sessions", None, 0)
