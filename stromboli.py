@@ -5613,8 +5613,10 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Browser checks, rate limit, the failed-auth budget, then auth, as the route table
-    marks each route (U§3)."""
+    """Browser checks, rate limit, then auth, as the route table marks each route (U§3).
+    The credential is checked before the failed-auth budget: past the budget, an IP's
+    failed attempts get 429, but a valid credential is always served (whoever shares the
+    address cannot lock its owner out with wrong tokens)."""
     app = state(request)
     if request.match_info.http_exception is not None:
         return await handler(request)  # no such route: the router answers 404/405
@@ -5632,21 +5634,32 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
             return json_response({"error": "rate limit exceeded"}, 429, limit_headers)
     checks_auth = (access != "public" and app.cfg.auth_enabled) or \
         request.path.startswith("/auth/")
-    if checks_auth and (retry := app.limiter.failures.blocked(ip)):
-        app.metrics.rate_limited += 1
-        return json_response({"error": "too many failed authentications"}, 429,
-                             {"Retry-After": str(retry)})
+    retry = app.limiter.failures.blocked(ip) if checks_auth else 0
     if access in ("protected", "token") and app.cfg.auth_enabled:
         try:
             request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
         except ApiError as exc:  # upstream's auth middleware: {"error"} on every route
+            if retry and exc.status == 401:
+                return too_many_failures(app, retry)
             response = exc.response()
             response.headers.update(limit_headers)
             return response
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except AuthError as exc:  # the /auth/* routes check their credentials themselves
+        if retry and exc.status == 401:
+            return too_many_failures(app, retry)
+        raise
     if limit_headers and not response.prepared:
         response.headers.update(limit_headers)
     return response
+
+
+def too_many_failures(app: Stromboli, retry: int) -> web.Response:
+    """A failed authentication from an IP past its budget."""
+    app.metrics.rate_limited += 1
+    return json_response({"error": "too many failed authentications"}, 429,
+                         {"Retry-After": str(retry)})
 
 
 async def read_json(request: web.Request, prefix: str = "") -> Any:

@@ -4499,10 +4499,40 @@ def test_failed_authentications_are_budgeted_per_ip(make_daemon):
     assert statuses.count(401) <= 6, statuses
     retry_after = int(r.headers["Retry-After"])
     assert 1 <= retry_after <= 8
-    assert d.http.post("/auth/token", json={"client_id": "x"}, headers=STATIC).status_code == 429
-    assert d.http.get("/jobs", headers=STATIC).status_code == 429  # even the right token
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 429
+    assert d.http.post("/auth/token", json={"client_id": "x"},
+                       headers=bearer("guess-again")).status_code == 429
     time.sleep(retry_after + 0.2)
-    assert d.http.get("/jobs", headers=STATIC).status_code == 200  # refilled
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 401  # refilled
+
+
+def test_a_valid_credential_is_served_past_the_failure_budget(make_daemon):
+    """Whoever shares the owner's address (NAT, the reverse proxy, a process on the host)
+    spends its failed-auth budget with wrong tokens: the owner's own tokens still work,
+    only the wrong ones get 429."""
+    d = make_daemon(wait_podman=False, STROMBOLI_AUTH_ENABLED="true",
+                    STROMBOLI_JWT_SECRET=JWT_SECRET, STROMBOLI_API_TOKENS="static-token-1",
+                    STROMBOLI_AUTH_FAILURE_BURST="3", STROMBOLI_AUTH_FAILURE_RATE="0.01")
+    pair = d.http.post("/auth/token", json={"client_id": "owner"}, headers=STATIC).json()
+    access = bearer(pair["access_token"])
+    for i in range(3):  # the budget, spent by someone else from 127.0.0.1
+        assert d.http.get("/jobs", headers=bearer(f"wrong-{i}")).status_code == 401
+    wrong = bearer("wrong-again")
+    forged = bearer(forge(key="a-guessed-key-" + "x" * 32))
+    assert d.http.get("/jobs", headers=wrong).status_code == 429
+    assert d.http.get("/jobs", headers=forged).status_code == 429
+    assert d.http.get("/auth/validate", headers=forged).status_code == 429
+    assert d.http.post("/auth/refresh", json={"refresh_token": "x.y.z"}).status_code == 429
+    assert d.http.get("/jobs", headers=STATIC).status_code == 200
+    assert d.http.get("/jobs", headers=access).status_code == 200
+    assert d.http.get("/auth/validate", headers=access).json()["subject"] == "owner"
+    assert d.http.post("/auth/token", json={"client_id": "owner"},
+                       headers=STATIC).status_code == 200
+    refreshed = d.http.post("/auth/refresh", json={"refresh_token": pair["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    assert d.http.post("/auth/logout",
+                       headers=bearer(refreshed.json()["access_token"])).status_code == 200
+    assert d.http.get("/jobs", headers=wrong).status_code == 429  # still past the budget
 
 
 def test_a_forged_forwarded_chain_is_limited_like_the_real_client(make_daemon):
