@@ -233,6 +233,12 @@ def agent_containers(label: str) -> list:
         return client.containers.list(all=True, filters={"label": label})
 
 
+def running_containers(label: str) -> list:
+    """Containers with a label that Podman has running (not just created or `initialized`:
+    those cannot be killed yet, and a restart finds them in another state)."""
+    return [c for c in agent_containers(label) if c.attrs.get("State") == "running"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -2281,9 +2287,8 @@ def test_unknown_job_is_404(daemon):
 
 def test_killed_container_reports_crash_info(daemon):
     job_id = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
-    containers = wait_until(lambda: [c for c in agent_containers(f"stromboli.job={job_id}")
-                                     if c.attrs.get("State") == "running"], 20,
-                           what="running container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={job_id}"), 20,
+                            what="running container")
     containers[0].kill("SIGKILL")
     job = daemon.wait_job(job_id)
     assert job["status"] == "crashed", job
@@ -2361,7 +2366,8 @@ def test_a_job_survives_kill_9_with_its_real_output(make_daemon, tmp_path):
     long_id = d.http.post("/run/async", json={
         "prompt": f"sleep 6 {tag}", "claude": {"output_format": "stream-json"}}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     time.sleep(1)  # let the CLI print its first lines while the daemon is still there
     d.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
     assert agent_containers(f"stromboli.job={long_id}")
@@ -2388,8 +2394,8 @@ def test_a_job_whose_container_vanished_meanwhile_fails_clearly(make_daemon, tmp
     d = make_daemon(state_dir=state)
     long_id = d.http.post("/run/async", json={"prompt": "sleep 120"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    containers = wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15,
-                            what="job container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+                            what="job container running")  # not `initialized`: killable
     d.stop(signal.SIGKILL)
     with podman_client() as client:  # an admin cleans up while the daemon is down
         container = client.containers.get(containers[0].id)
@@ -2409,7 +2415,8 @@ def test_sigterm_lets_runs_finish_then_leaves_jobs_to_the_next_start(make_daemon
     tag = marker()
     long_id = d.http.post("/run/async", json={"prompt": f"sleep 6 {tag}"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     started = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(20)
@@ -2458,6 +2465,8 @@ def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
     first = d.http.post("/run/async", json={"prompt": "sleep 4"}).json()["job_id"]
     queued = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
     d.wait_job(first, ("running",))
+    wait_until(lambda: running_containers(f"stromboli.job={first}"), 15,
+               what="the first job's container running")
     assert d.http.get(f"/jobs/{queued}").json()["status"] == "pending"
     d.stop(signal.SIGKILL)
     again = make_daemon(state_dir=state, STROMBOLI_MAX_CONCURRENT_RUNS="1")
