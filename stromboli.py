@@ -5295,10 +5295,11 @@ class HealthMonitor:
     synced (or Podman comes back)."""
 
     INTERVAL = 5.0
+    NOT_CHECKED = "not checked yet"
 
     def __init__(self, cfg: Config, runner: ContainerRunner):
         self.cfg, self.runner, self.credentials = cfg, runner, runner.credentials
-        self.podman_error: str | None = "not checked yet"
+        self.podman_error: str | None = self.NOT_CHECKED
         self.podman_version: dict | None = None
         self.has_credentials_file = False
         self._reported: tuple[list | None, bytes] = (None, b"")
@@ -5368,7 +5369,7 @@ class HealthMonitor:
         return found
 
     def _secret_component(self, component: str, secret: str) -> dict:
-        error = self.podman_error or self.secret_errors.get(secret, "not checked yet")
+        error = self.podman_error or self.secret_errors.get(secret, self.NOT_CHECKED)
         return self._component(component, error)
 
     @staticmethod
@@ -5379,6 +5380,8 @@ class HealthMonitor:
 
 class Stromboli:
     """Everything the daemon holds, created once and shared by the handlers."""
+
+    FIRST_CHECK_TIMEOUT = 10.0  # seconds the start waits for Podman, at most
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -5423,15 +5426,31 @@ class Stromboli:
         self.agents = AgentManager(self.cfg, self.store, self.runner)
         await self.agents.load()
         self.monitor = HealthMonitor(self.cfg, self.runner)
-        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
             log.warning("two-image mode: agents run without a user namespace (Podman cannot "
                         "mount the CLI image inside one), so their uid 1000 is host uid 1000")
         await self.auth.load()
+        await self._first_check(self.FIRST_CHECK_TIMEOUT)
+        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
+
+    async def _first_check(self, timeout: float) -> None:
+        """Before the listener answers (and before READY=1): meet Podman once (its mode,
+        the daemon's secrets) and run the monitor's first check, so that /health is right
+        from its first answer. A Podman that does not answer delays the start by `timeout`
+        at most, and /health says so; _connect keeps trying."""
+        async def first_round() -> None:
+            with contextlib.suppress(Exception):  # _connect retries it, and logs why
+                await self.runner.connect()
+            await self.monitor.check()
+        try:
+            await asyncio.wait_for(first_round(), timeout)
+        except asyncio.TimeoutError:
+            if self.monitor.podman_error == HealthMonitor.NOT_CHECKED:
+                self.monitor.podman_error = f"no answer within {timeout:g}s of the start"
 
     async def _connect(self) -> None:
         """Once Podman answers: learn its mode, sync credentials, recover jobs."""

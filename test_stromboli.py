@@ -317,11 +317,16 @@ class Daemon:
         db = (self.state_dir / "stromboli.db").resolve()
         return hashlib.sha256(str(db).encode()).hexdigest()[:12]
 
-    def start(self, wait_podman: bool = True) -> "Daemon":
+    def launch(self) -> "Daemon":
+        """The process, without waiting for it to answer."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, wait_podman: bool = True) -> "Daemon":
+        self.launch()
         wait_until(self._up, 20, what=f"daemon on :{self.port} (log: {self.log_path})")
         if wait_podman:
             wait_until(lambda: "podman connected" in self.log(), 20, what="podman connected")
@@ -1881,6 +1886,29 @@ def test_health_reports_components(daemon):
     names = [c["name"] for c in body["components"]]
     assert names[0] == "podman" and "anthropic-api-key" in names
     assert r.headers["X-Request-ID"]
+
+
+def test_health_is_right_from_its_first_answer(tmp_path, agent_image, model):
+    """Asked from the moment the process starts, the first answer already knows Podman and
+    the daemon's secrets (it is not `not checked yet`, degraded, while all is well)."""
+    d = Daemon(tmp_path / "state", agent_env(model)).launch()
+
+    def first_answer() -> dict | None:
+        if d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {d.proc.returncode}:\n{d.log()}")
+        try:
+            r = httpx.get(d.url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+    try:
+        first = wait_until(first_answer, 30, 0.005, "the first /health answer")
+    finally:
+        d.stop()
+        d.remove_containers()
+    assert first["status"] == "ok", first
+    assert [c for c in first["components"] if c["status"] != "ok"] == [], first
+    assert {"podman", "anthropic-api-key"} <= {c["name"] for c in first["components"]}
 
 
 def test_request_id_is_echoed(daemon):
