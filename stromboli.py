@@ -1670,6 +1670,9 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 CONTAINER_UID = 1000  # the agent image's `user` (inside the container's user namespace)
 CONTAINER_HOME = "/home/user"
 MAX_TRANSCRIPT_LINE = 4 * 1024 * 1024
+MESSAGES_PAGE_BYTES = 4 * 1024 * 1024  # the JSON of a page of history messages, at most
+CUT_MARKER = " [stromboli: truncated, {} characters dropped]"
+CUT_MARKER_ROOM = 64  # bytes of JSON a marker takes, at most
 MAX_HOME_DEPTH = 128
 INIT_MARKER = ".stromboli-initialized"
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1794,6 +1797,86 @@ def transcript_message(line: dict) -> dict | None:
                                   "interrupted": result.get("interrupted"),
                                   "is_image": result.get("isImage")}) if result else None,
     })
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def json_size(message: dict) -> int:
+    """Bytes of a message's JSON; one nested too deeply to encode counts as a whole page
+    (message_json replaces it with a stub)."""
+    try:
+        return len(compact_json(message))
+    except RecursionError:
+        return MESSAGES_PAGE_BYTES
+
+
+def fair_shares(sizes: list[int], room: int) -> list[int]:
+    """Each size, or less where they do not all fit in `room`: the smallest are kept
+    whole and the others share what is left equally."""
+    shares = list(sizes)
+    for done, index in enumerate(sorted(range(len(sizes)), key=sizes.__getitem__)):
+        shares[index] = min(sizes[index], room // (len(sizes) - done))
+        room -= shares[index]
+    return shares
+
+
+def json_strings(value: Any) -> Iterable[str]:
+    """The strings in a JSON value (not its keys), in document order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from json_strings(item)
+
+
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a JSON value with each of its strings (not its keys) changed, in document
+    order (the order of json_strings)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    return value
+
+
+def cut_text(text: str, size: int, share: int) -> str:
+    """A string whose JSON takes `size` bytes, in at most `share`: whole, or its start and
+    a marker saying how much was dropped."""
+    if size <= share:
+        return text
+    room = max(0, share - CUT_MARKER_ROOM)
+    keep = len(text) * room // size  # as dense as the whole, checked below
+    while keep and len(compact_json(text[:keep])) > room:
+        keep = keep * 3 // 4
+    return text[:keep] + CUT_MARKER.format(len(text) - keep)
+
+
+def message_json(message: dict, room: int) -> str:
+    """A history message as JSON in at most `room` (>= 1 KiB) bytes. The agent writes its
+    transcript, so a message may be huge (a 4 MiB line of characters JSON escapes to 6
+    bytes each is 12 MiB): then its strings share the room — the short ones whole, the
+    long ones cut with a marker — and should its shape alone not fit (thousands of keys,
+    deep nesting), a stub says what was dropped."""
+    try:
+        text = compact_json(message)
+        if len(text) <= room:
+            return text
+        sizes = [len(compact_json(s)) for s in json_strings(message)]
+        shares = iter(zip(sizes, fair_shares(sizes, room - (len(text) - sum(sizes)))))
+        cut = compact_json(map_strings(message, lambda s: cut_text(s, *next(shares))))
+        if len(cut) <= room:
+            return cut
+    except RecursionError:  # nesting is the agent's choice too
+        pass
+    kept = {key: message[key] for key in ("uuid", "type", "session_id", "timestamp")
+            if isinstance(message.get(key), str) and len(message[key]) <= 100}
+    return compact_json({**kept, "content": {"role": kept.get("type", ""), "content": [
+        {"type": "text", "text": "[stromboli: message dropped: its JSON does not fit in "
+                                 f"{room} bytes]"}]}})
 
 
 def transcript_title(fh: BinaryIO) -> str:
@@ -2190,18 +2273,27 @@ class SessionStore:
         self._titles[session_id] = (key, title)
         return title
 
-    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
-        """One page of the history and the number of messages in all."""
-        page, total = [], 0
+    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """One page of the history as JSON texts that together take MESSAGES_PAGE_BYTES at
+        most (the large ones cut to share it), and the number of messages in all. The
+        transcript is read twice, so that no more than a page is ever held: once to
+        measure the page's messages, once to cut them."""
+        sizes, total = [], 0
         for message in self._messages(session_id):
             if offset <= total < offset + limit:
-                page.append(message)
+                sizes.append(json_size(message))
             total += 1
+        shares = fair_shares(sizes, MESSAGES_PAGE_BYTES - len(sizes))  # and the commas
+        with contextlib.closing(self._messages(session_id)) as messages:
+            page = [message_json(message, share) for share, message
+                    in zip(shares, itertools.islice(messages, offset, None))]
         return page, total
 
-    def message(self, session_id: str, message_id: str) -> dict | None:
+    def message(self, session_id: str, message_id: str) -> str | None:
+        """One message's JSON (within MESSAGES_PAGE_BYTES), found by its uuid."""
         with contextlib.closing(self._messages(session_id)) as messages:
-            return next((m for m in messages if m["uuid"] == message_id), None)
+            found = next((m for m in messages if m["uuid"] == message_id), None)
+        return None if found is None else message_json(found, MESSAGES_PAGE_BYTES)
 
     def _messages(self, session_id: str) -> Iterable[dict]:
         transcript = self.transcript(session_id)
@@ -6203,7 +6295,9 @@ async def delete_session(request: web.Request) -> web.Response:
 
 @api("GET", "/sessions/{id}/messages", "protected", "error", "sessions", "List session messages",
      description="Returns paginated conversation history for a session including all messages, "
-                 "tool calls, and results",
+                 "tool calls, and results. (extension) The messages of a page take at most "
+                 "4 MiB of JSON: when large ones do not fit, they share it, their long strings "
+                 "cut with a marker \" [stromboli: truncated, N characters dropped]\"",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("offset", "query", "integer", "Offset for pagination (default: 0)"),
              param("limit", "query", "integer",
@@ -6218,15 +6312,18 @@ async def session_messages(request: web.Request) -> web.Response:
     offset, limit = page_params(request, 50, 200)
     messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
     usage = await asyncio.to_thread(app.sessions.usage, session_id)
-    return json_response(drop_none({
-        "messages": messages, "total": total, "offset": offset,
-        "limit": limit, "has_more": offset + limit < total, "usage": usage}))
+    rest = compact_json(drop_none({"total": total, "offset": offset, "limit": limit,
+                                   "has_more": offset + limit < total, "usage": usage}))
+    # The messages were encoded (and bounded) in the store's thread: here they are joined.
+    return web.Response(text=f'{{"messages":[{",".join(messages)}],{rest[1:]}',
+                        content_type="application/json")
 
 
 @api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions",
      "Get session message",
      description="Returns a specific message from session history by UUID, including full "
-                 "content, tool calls, and results",
+                 "content, tool calls, and results. (extension) At most 4 MiB of JSON: the "
+                 "long strings of a larger one are cut with a marker",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("message_id", "path", "string", "Message UUID")),
      ok=(200, "OK", "internal_api.SessionMessageResponse"),
@@ -6239,7 +6336,7 @@ async def session_message(request: web.Request) -> web.Response:
     message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
     if message is None:
         raise NotFound(f"message not found: {message_id}")
-    return json_response({"message": message})
+    return web.Response(text=f'{{"message":{message}}}', content_type="application/json")
 
 
 # -- images and secrets -------------------------------------------------------------

@@ -1354,6 +1354,76 @@ def test_transcript_message_maps_lines_to_history_messages():
 
 
 @pytest.mark.fast
+def test_fair_shares_keep_the_small_whole_and_split_the_rest():
+    assert stromboli.fair_shares([10, 1000, 20, 5000], 1030) == [10, 500, 20, 500]
+    assert stromboli.fair_shares([10, 20], 1000) == [10, 20]
+    assert stromboli.fair_shares([], 1000) == []
+
+
+CUT = re.compile(r"(.*) \[stromboli: truncated, (\d+) characters dropped\]", re.S)
+
+
+@pytest.mark.fast
+def test_a_huge_history_message_is_cut_to_its_room_with_markers():
+    text = "ж" * 2_000_000  # 4 MB in UTF-8, 12 MB as JSON (\u0436 each)
+    message = stromboli.transcript_message({"type": "assistant", "uuid": "u-1", "message": {
+        "role": "assistant", "content": [{"type": "text", "text": text},
+                                         {"type": "text", "text": "short"}]}})
+    room = 64 * 1024
+    found = stromboli.message_json(message, room)
+    assert len(found) <= room
+    blocks = json.loads(found)["content"]["content"]
+    assert blocks[1] == {"type": "text", "text": "short"}  # the short strings stay whole
+    kept, dropped = CUT.fullmatch(blocks[0]["text"]).groups()
+    assert set(kept) == {"ж"} and len(kept) > room // 7
+    assert len(kept) + int(dropped) == len(text)
+    assert json.loads(found)["uuid"] == "u-1"
+    small = {"uuid": "u-2", "content": {"content": [{"type": "text", "text": "hi"}]}}
+    assert stromboli.message_json(small, 1024) == json.dumps(small, separators=(",", ":"))
+
+
+@pytest.mark.fast
+def test_a_history_message_too_wide_or_deep_to_cut_becomes_a_stub():
+    wide = stromboli.transcript_message({"type": "assistant", "uuid": "u-3", "message": {
+        "content": [{"type": "tool_use", "input": {f"k{i}": i for i in range(50_000)}}]}})
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"d": deep}
+    nested = {"type": "user", "uuid": "u-4", "content": {"content": [{"input": deep}]}}
+    for message in (wide, nested):
+        found = stromboli.message_json(message, 20 * 1024)
+        assert len(found) <= 20 * 1024
+        stub = json.loads(found)
+        assert stub["uuid"] == message["uuid"] and stub["type"] == message["type"]
+        assert stub["content"]["content"][0]["text"].startswith("[stromboli: message dropped")
+
+
+@pytest.mark.fast
+def test_a_page_of_history_holds_at_most_its_bytes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    (home / ".claude" / "projects" / "-workspace").mkdir(parents=True)
+    huge = "ж" * 500_000  # 3 MB of JSON each: ten of them do not fit in a page
+    lines = [{"type": "user", "uuid": f"u-{i}", "message": {"content": huge}}
+             if i % 3 == 0 else {"type": "assistant", "uuid": f"u-{i}",
+                                 "message": {"content": [{"type": "text", "text": f"answer {i}"}]}}
+             for i in range(30)]
+    (home / ".claude" / "projects" / "-workspace" / f"{sid}.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    page, total = store.messages(sid, 0, 50)
+    assert total == 30 and len(page) == 30
+    assert sum(map(len, page)) + len(page) - 1 <= stromboli.MESSAGES_PAGE_BYTES
+    messages = [json.loads(text) for text in page]
+    assert [m["uuid"] for m in messages] == [f"u-{i}" for i in range(30)]
+    assert messages[1]["content"]["content"][0]["text"] == "answer 1"  # small: whole
+    cut = [CUT.fullmatch(m["content"]["content"][0]["text"]) for m in messages[::3]]
+    assert all(cut) and len({len(c.group(1)) for c in cut}) == 1  # equal shares
+    page, total = store.messages(sid, 27, 2)
+    assert total == 30 and [json.loads(t)["uuid"] for t in page] == ["u-27", "u-28"]
+    assert json.loads(page[0])["content"]["content"][0]["text"] == huge  # room enough: whole
+    assert json.loads(store.message(sid, "u-3"))["content"]["content"][0]["text"] == huge
+
+
+@pytest.mark.fast
 def test_transcript_title_prefers_the_last_recorded_title():
     first = '{"type": "user", "message": {"content": "  fix   the\\n build  "}}'
     assert stromboli.transcript_title(transcript(first)) == "fix the build"
@@ -3678,6 +3748,49 @@ def test_a_huge_transcript_line_does_not_inflate_the_daemon(make_daemon):
     assert d.http.get("/sessions").status_code == 200
     grown = memory_kib(d.proc.pid, "VmHWM") - baseline
     assert grown < 100 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
+
+
+def test_huge_transcript_messages_give_a_bounded_page(make_daemon):
+    """The agent appends 24 lines of 4 MB of 2-byte characters to its own transcript: each
+    is a 12 MB message as JSON (a 6-byte escape for each character), 300 MB for a page of
+    them. A page is 4 MiB at most, its messages cut with a marker, and the daemon neither
+    swells nor stalls while it serves it."""
+    d = make_daemon()
+    session = str(uuid.uuid4())
+    chars = "$z$z$z$z"  # 32 × ж (0xd0 0xb6), 64 bytes; 65000 of them: 4,160,000 bytes
+    line = ("{ printf '{\"type\":\"user\",\"uuid\":\"huge-%s\",\"message\":{\"role\":"
+            f"\"user\",\"content\":\"' $i; yes \"{chars}\" | head -n 65000 | tr -d '\\n'; "
+            "printf '\"}}\\n'; }")
+    r = agent_does(d, "z=$(printf '\\320\\266\\320\\266\\320\\266\\320\\266'"
+                      "'\\320\\266\\320\\266\\320\\266\\320\\266'); "
+                      f"for i in $(seq 24); do {line}; done "
+                      f">> ~/.claude/projects/-workspace/{session}.jsonl; echo ok",
+                   {"session_id": session})
+    assert r.json()["status"] == "completed", r.text[:500]
+    transcript = session_home(d, session) / f".claude/projects/-workspace/{session}.jsonl"
+    assert transcript.stat().st_size > 24 * 4_000_000
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    with health_latencies(d) as latencies:
+        pages = [d.http.get(f"/sessions/{session}/messages", params=params)
+                 for params in ({}, {"limit": 200}, {"offset": 5, "limit": 3})]
+    grown = memory_kib(d.proc.pid, "VmHWM") - baseline
+    assert max(latencies) < 1, f"/health took {max(latencies):.1f}s during the pages"
+    for page in pages:
+        assert page.status_code == 200
+        assert len(page.content) < 4 * 1024 * 1024 + 64 * 1024, len(page.content)
+    body = pages[0].json()
+    huge = [m for m in body["messages"] if m["uuid"].startswith("huge-")]
+    assert len(huge) == 24 and body["total"] >= 24 and body["limit"] == 50
+    for message in huge:
+        text = message["content"]["content"][0]["text"]
+        kept, dropped = CUT.fullmatch(text).groups()
+        assert set(kept) == {"ж"} and len(kept) + int(dropped) == 65000 * 32
+    assert [m["uuid"] for m in pages[2].json()["messages"]] == \
+        [m["uuid"] for m in body["messages"][5:8]]
+    one = d.http.get(f"/sessions/{session}/messages/huge-3")
+    assert one.status_code == 200 and len(one.content) < 4 * 1024 * 1024 + 1024
+    assert CUT.fullmatch(one.json()["message"]["content"]["content"][0]["text"])
+    assert grown < 150 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
 
 
 def test_secrets_are_not_in_podman_inspect_but_the_agent_has_them(daemon):
