@@ -1857,10 +1857,10 @@ def cut_text(text: str, size: int, share: int) -> str:
 
 def message_json(message: dict, room: int) -> str:
     """A history message as JSON in at most `room` (>= 1 KiB) bytes. The agent writes its
-    transcript, so a message may be huge (a 4 MiB line of characters JSON escapes to 6
-    bytes each is 12 MiB): then its strings share the room — the short ones whole, the
-    long ones cut with a marker — and should its shape alone not fit (thousands of keys,
-    deep nesting), a stub says what was dropped."""
+    transcript, so a message may be huge (a 4 MiB line of 2-byte characters is 12 MiB of
+    JSON, a 6-byte escape each): then its strings share the room — the short ones whole,
+    the long ones cut with a marker — and should its shape alone not fit (thousands of
+    keys, deep nesting), a stub says what was dropped."""
     try:
         text = compact_json(message)
         if len(text) <= room:
