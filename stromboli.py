@@ -1670,6 +1670,9 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 CONTAINER_UID = 1000  # the agent image's `user` (inside the container's user namespace)
 CONTAINER_HOME = "/home/user"
 MAX_TRANSCRIPT_LINE = 4 * 1024 * 1024
+MESSAGES_PAGE_BYTES = 4 * 1024 * 1024  # the JSON of a page of history messages, at most
+CUT_MARKER = " [stromboli: truncated, {} characters dropped]"
+CUT_MARKER_ROOM = 64  # bytes of JSON a marker takes, at most
 MAX_HOME_DEPTH = 128
 INIT_MARKER = ".stromboli-initialized"
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1794,6 +1797,86 @@ def transcript_message(line: dict) -> dict | None:
                                   "interrupted": result.get("interrupted"),
                                   "is_image": result.get("isImage")}) if result else None,
     })
+
+
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def json_size(message: dict) -> int:
+    """Bytes of a message's JSON; one nested too deeply to encode counts as a whole page
+    (message_json replaces it with a stub)."""
+    try:
+        return len(compact_json(message))
+    except RecursionError:
+        return MESSAGES_PAGE_BYTES
+
+
+def fair_shares(sizes: list[int], room: int) -> list[int]:
+    """Each size, or less where they do not all fit in `room`: the smallest are kept
+    whole and the others share what is left equally."""
+    shares = list(sizes)
+    for done, index in enumerate(sorted(range(len(sizes)), key=sizes.__getitem__)):
+        shares[index] = min(sizes[index], room // (len(sizes) - done))
+        room -= shares[index]
+    return shares
+
+
+def json_strings(value: Any) -> Iterable[str]:
+    """The strings in a JSON value (not its keys), in document order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from json_strings(item)
+
+
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a JSON value with each of its strings (not its keys) changed, in document
+    order (the order of json_strings)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    return value
+
+
+def cut_text(text: str, size: int, share: int) -> str:
+    """A string whose JSON takes `size` bytes, in at most `share`: whole, or its start and
+    a marker saying how much was dropped."""
+    if size <= share:
+        return text
+    room = max(0, share - CUT_MARKER_ROOM)
+    keep = len(text) * room // size  # as dense as the whole, checked below
+    while keep and len(compact_json(text[:keep])) > room:
+        keep = keep * 3 // 4
+    return text[:keep] + CUT_MARKER.format(len(text) - keep)
+
+
+def message_json(message: dict, room: int) -> str:
+    """A history message as JSON in at most `room` (>= 1 KiB) bytes. The agent writes its
+    transcript, so a message may be huge (a 4 MiB line of 2-byte characters is 12 MiB of
+    JSON, a 6-byte escape each): then its strings share the room — the short ones whole,
+    the long ones cut with a marker — and should its shape alone not fit (thousands of
+    keys, deep nesting), a stub says what was dropped."""
+    try:
+        text = compact_json(message)
+        if len(text) <= room:
+            return text
+        sizes = [len(compact_json(s)) for s in json_strings(message)]
+        shares = iter(zip(sizes, fair_shares(sizes, room - (len(text) - sum(sizes)))))
+        cut = compact_json(map_strings(message, lambda s: cut_text(s, *next(shares))))
+        if len(cut) <= room:
+            return cut
+    except RecursionError:  # nesting is the agent's choice too
+        pass
+    kept = {key: message[key] for key in ("uuid", "type", "session_id", "timestamp")
+            if isinstance(message.get(key), str) and len(message[key]) <= 100}
+    return compact_json({**kept, "content": {"role": kept.get("type", ""), "content": [
+        {"type": "text", "text": "[stromboli: message dropped: its JSON does not fit in "
+                                 f"{room} bytes]"}]}})
 
 
 def transcript_title(fh: BinaryIO) -> str:
@@ -2190,18 +2273,27 @@ class SessionStore:
         self._titles[session_id] = (key, title)
         return title
 
-    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
-        """One page of the history and the number of messages in all."""
-        page, total = [], 0
+    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """One page of the history as JSON texts that together take MESSAGES_PAGE_BYTES at
+        most (the large ones cut to share it), and the number of messages in all. The
+        transcript is read twice, so that no more than a page is ever held: once to
+        measure the page's messages, once to cut them."""
+        sizes, total = [], 0
         for message in self._messages(session_id):
             if offset <= total < offset + limit:
-                page.append(message)
+                sizes.append(json_size(message))
             total += 1
+        shares = fair_shares(sizes, MESSAGES_PAGE_BYTES - len(sizes))  # and the commas
+        with contextlib.closing(self._messages(session_id)) as messages:
+            page = [message_json(message, share) for share, message
+                    in zip(shares, itertools.islice(messages, offset, None))]
         return page, total
 
-    def message(self, session_id: str, message_id: str) -> dict | None:
+    def message(self, session_id: str, message_id: str) -> str | None:
+        """One message's JSON (within MESSAGES_PAGE_BYTES), found by its uuid."""
         with contextlib.closing(self._messages(session_id)) as messages:
-            return next((m for m in messages if m["uuid"] == message_id), None)
+            found = next((m for m in messages if m["uuid"] == message_id), None)
+        return None if found is None else message_json(found, MESSAGES_PAGE_BYTES)
 
     def _messages(self, session_id: str) -> Iterable[dict]:
         transcript = self.transcript(session_id)
@@ -4799,8 +4891,11 @@ ENVELOPE_SCHEMAS = {"run": "internal_api.RunResponse", "error": "internal_api.Er
                     "success": "internal_api.ErrorResponse", "text": ""}
 
 
-def response(description: str, definition: str | None) -> dict:
-    """A response whose body is a definition, a bare JSON type ("object") or text (None)."""
+def response(description: str, definition: str | None, status: int = 200) -> dict:
+    """A response whose body is a definition, a bare JSON type ("object") or text (None);
+    a 204 has no body, so no schema."""
+    if status == 204:
+        return {"description": description}
     if not definition:
         schema = {"type": "string"}
     elif definition.startswith("["):
@@ -4815,7 +4910,7 @@ def operation(route: Route) -> dict:
     checked, 429 where rate limits or the failed-auth budget apply, 413/415/408 where
     there is a body, and 403/421 (browser checks) everywhere."""
     error_schema = route.error_schema or ENVELOPE_SCHEMAS[route.envelope]
-    responses = {str(status): response(text, definition)
+    responses = {str(status): response(text, definition, status)
                  for status, text, definition in (route.ok, *route.also_ok)}
     checks_auth = route.access != "public" or route.path.startswith("/auth/")
     if route.access != "public":
@@ -5292,10 +5387,11 @@ class HealthMonitor:
     synced (or Podman comes back)."""
 
     INTERVAL = 5.0
+    NOT_CHECKED = "not checked yet"
 
     def __init__(self, cfg: Config, runner: ContainerRunner):
         self.cfg, self.runner, self.credentials = cfg, runner, runner.credentials
-        self.podman_error: str | None = "not checked yet"
+        self.podman_error: str | None = self.NOT_CHECKED
         self.podman_version: dict | None = None
         self.has_credentials_file = False
         self._reported: tuple[list | None, bytes] = (None, b"")
@@ -5365,7 +5461,7 @@ class HealthMonitor:
         return found
 
     def _secret_component(self, component: str, secret: str) -> dict:
-        error = self.podman_error or self.secret_errors.get(secret, "not checked yet")
+        error = self.podman_error or self.secret_errors.get(secret, self.NOT_CHECKED)
         return self._component(component, error)
 
     @staticmethod
@@ -5376,6 +5472,8 @@ class HealthMonitor:
 
 class Stromboli:
     """Everything the daemon holds, created once and shared by the handlers."""
+
+    FIRST_CHECK_TIMEOUT = 10.0  # seconds the start waits for Podman, at most
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -5420,15 +5518,31 @@ class Stromboli:
         self.agents = AgentManager(self.cfg, self.store, self.runner)
         await self.agents.load()
         self.monitor = HealthMonitor(self.cfg, self.runner)
-        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
             log.warning("two-image mode: agents run without a user namespace (Podman cannot "
                         "mount the CLI image inside one), so their uid 1000 is host uid 1000")
         await self.auth.load()
+        await self._first_check(self.FIRST_CHECK_TIMEOUT)
+        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
+
+    async def _first_check(self, timeout: float) -> None:
+        """Before the listener answers (and before READY=1): meet Podman once (its mode,
+        the daemon's secrets) and run the monitor's first check, so that /health is right
+        from its first answer. A Podman that does not answer delays the start by `timeout`
+        at most, and /health says so; _connect keeps trying."""
+        async def first_round() -> None:
+            with contextlib.suppress(Exception):  # _connect retries it, and logs why
+                await self.runner.connect()
+            await self.monitor.check()
+        try:
+            await asyncio.wait_for(first_round(), timeout)
+        except asyncio.TimeoutError:
+            if self.monitor.podman_error == HealthMonitor.NOT_CHECKED:
+                self.monitor.podman_error = f"no answer within {timeout:g}s of the start"
 
     async def _connect(self) -> None:
         """Once Podman answers: learn its mode, sync credentials, recover jobs."""
@@ -5610,8 +5724,10 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Browser checks, rate limit, the failed-auth budget, then auth, as the route table
-    marks each route (U§3)."""
+    """Browser checks, rate limit, then auth, as the route table marks each route (U§3).
+    The credential is checked before the failed-auth budget: past the budget, an IP's
+    failed attempts get 429, but a valid credential is always served (whoever shares the
+    address cannot lock its owner out with wrong tokens)."""
     app = state(request)
     if request.match_info.http_exception is not None:
         return await handler(request)  # no such route: the router answers 404/405
@@ -5629,21 +5745,32 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
             return json_response({"error": "rate limit exceeded"}, 429, limit_headers)
     checks_auth = (access != "public" and app.cfg.auth_enabled) or \
         request.path.startswith("/auth/")
-    if checks_auth and (retry := app.limiter.failures.blocked(ip)):
-        app.metrics.rate_limited += 1
-        return json_response({"error": "too many failed authentications"}, 429,
-                             {"Retry-After": str(retry)})
+    retry = app.limiter.failures.blocked(ip) if checks_auth else 0
     if access in ("protected", "token") and app.cfg.auth_enabled:
         try:
             request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
         except ApiError as exc:  # upstream's auth middleware: {"error"} on every route
+            if retry and exc.status == 401:
+                return too_many_failures(app, retry)
             response = exc.response()
             response.headers.update(limit_headers)
             return response
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except AuthError as exc:  # the /auth/* routes check their credentials themselves
+        if retry and exc.status == 401:
+            return too_many_failures(app, retry)
+        raise
     if limit_headers and not response.prepared:
         response.headers.update(limit_headers)
     return response
+
+
+def too_many_failures(app: Stromboli, retry: int) -> web.Response:
+    """A failed authentication from an IP past its budget."""
+    app.metrics.rate_limited += 1
+    return json_response({"error": "too many failed authentications"}, 429,
+                         {"Retry-After": str(retry)})
 
 
 async def read_json(request: web.Request, prefix: str = "") -> Any:
@@ -6168,7 +6295,9 @@ async def delete_session(request: web.Request) -> web.Response:
 
 @api("GET", "/sessions/{id}/messages", "protected", "error", "sessions", "List session messages",
      description="Returns paginated conversation history for a session including all messages, "
-                 "tool calls, and results",
+                 "tool calls, and results. (extension) The messages of a page take at most "
+                 "4 MiB of JSON: when large ones do not fit, they share it, their long strings "
+                 "cut with a marker \" [stromboli: truncated, N characters dropped]\"",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("offset", "query", "integer", "Offset for pagination (default: 0)"),
              param("limit", "query", "integer",
@@ -6183,15 +6312,18 @@ async def session_messages(request: web.Request) -> web.Response:
     offset, limit = page_params(request, 50, 200)
     messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
     usage = await asyncio.to_thread(app.sessions.usage, session_id)
-    return json_response(drop_none({
-        "messages": messages, "total": total, "offset": offset,
-        "limit": limit, "has_more": offset + limit < total, "usage": usage}))
+    rest = compact_json(drop_none({"total": total, "offset": offset, "limit": limit,
+                                   "has_more": offset + limit < total, "usage": usage}))
+    # The messages were encoded (and bounded) in the store's thread: here they are joined.
+    return web.Response(text=f'{{"messages":[{",".join(messages)}],{rest[1:]}',
+                        content_type="application/json")
 
 
 @api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions",
      "Get session message",
      description="Returns a specific message from session history by UUID, including full "
-                 "content, tool calls, and results",
+                 "content, tool calls, and results. (extension) At most 4 MiB of JSON: the "
+                 "long strings of a larger one are cut with a marker",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("message_id", "path", "string", "Message UUID")),
      ok=(200, "OK", "internal_api.SessionMessageResponse"),
@@ -6204,7 +6336,7 @@ async def session_message(request: web.Request) -> web.Response:
     message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
     if message is None:
         raise NotFound(f"message not found: {message_id}")
-    return json_response({"message": message})
+    return web.Response(text=f'{{"message":{message}}}', content_type="application/json")
 
 
 # -- images and secrets -------------------------------------------------------------

@@ -233,6 +233,12 @@ def agent_containers(label: str) -> list:
         return client.containers.list(all=True, filters={"label": label})
 
 
+def running_containers(label: str) -> list:
+    """Containers with a label that Podman has running (not just created or `initialized`:
+    those cannot be killed yet, and a restart finds them in another state)."""
+    return [c for c in agent_containers(label) if c.attrs.get("State") == "running"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -311,11 +317,16 @@ class Daemon:
         db = (self.state_dir / "stromboli.db").resolve()
         return hashlib.sha256(str(db).encode()).hexdigest()[:12]
 
-    def start(self, wait_podman: bool = True) -> "Daemon":
+    def launch(self) -> "Daemon":
+        """The process, without waiting for it to answer."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, wait_podman: bool = True) -> "Daemon":
+        self.launch()
         wait_until(self._up, 20, what=f"daemon on :{self.port} (log: {self.log_path})")
         if wait_podman:
             wait_until(lambda: "podman connected" in self.log(), 20, what="podman connected")
@@ -483,24 +494,183 @@ class FakeQuery(dict):
         return [self[key]]
 
 
+# Upstream's own document (Stromboli v0.5.6), kept here as the facts the served document must
+# keep: each operation's parameters ("name:type", the body as "request:#Definition") and each
+# definition's properties ("name:type"; "#X" is a reference to X, "&X" an allOf of it).
+UPSTREAM_OPERATIONS = {
+    "GET /agents": "",
+    "POST /agents": "request:#stromboli_internal_agent.CreateRequest",
+    "GET /agents/{id}": "id:string",
+    "DELETE /agents/{id}": "id:string",
+    "POST /agents/{id}/send": "id:string request:#internal_api.SendAgentRequest",
+    "GET /agents/{id}/stream": "id:string",
+    "POST /auth/logout": "",
+    "POST /auth/refresh": "request:#internal_api.RefreshRequest",
+    "POST /auth/token": "request:#internal_api.TokenRequest",
+    "GET /auth/validate": "",
+    "GET /claude/status": "",
+    "GET /health": "",
+    "GET /images": "",
+    "POST /images/pull": "request:#internal_api.ImagePullRequest",
+    "GET /images/search": "q:string limit:integer no_trunc:boolean",
+    "GET /images/{name}": "name:string",
+    "GET /jobs": "",
+    "GET /jobs/{id}": "id:string",
+    "DELETE /jobs/{id}": "id:string",
+    "POST /run": "request:#internal_api.RunRequest",
+    "POST /run/async": "request:#internal_api.RunRequest",
+    "GET /run/stream": "prompt:string workdir:string session_id:string",
+    "GET /secrets": "",
+    "POST /secrets": "request:#internal_api.CreateSecretRequest",
+    "GET /secrets/{name}": "name:string",
+    "DELETE /secrets/{name}": "name:string",
+    "GET /sessions": "",
+    "DELETE /sessions/{id}": "id:string",
+    "GET /sessions/{id}/messages": "id:string offset:integer limit:integer",
+    "GET /sessions/{id}/messages/{message_id}": "id:string message_id:string",
+}
+UPSTREAM_DEFINITIONS = {
+    "internal_api.AsyncRunResponse": "job_id:string session_id:string",
+    "internal_api.ClaudeStatusResponse": "configured:boolean message:string",
+    "internal_api.ComponentHealth": "error:string name:string status:string",
+    "internal_api.CreateAgentResponse":
+        "created_at:string exit_error:string id:string idle_timeout_disabled:boolean "
+        "idle_timeout_seconds:integer last_activity_at:string session_id:string "
+        "status:#stromboli_internal_agent.Status turns_completed:integer",
+    "internal_api.CreateSecretRequest": "name:string value:string",
+    "internal_api.CreateSecretResponse": "error:string name:string success:boolean",
+    "internal_api.DeleteSecretResponse": "error:string name:string success:boolean",
+    "internal_api.ErrorResponse": "error:string",
+    "internal_api.HealthResponse": "components:array name:string status:string version:string",
+    "internal_api.ImageDetailResponse":
+        "compatibility_rank:integer compatible:boolean created:string description:string "
+        "has_claude_cli:boolean id:string labels:object rank_description:string repository:string "
+        "size:integer tag:string tools:array",
+    "internal_api.ImageInfoResponse":
+        "compatibility_rank:integer compatible:boolean created:string description:string "
+        "has_claude_cli:boolean id:string repository:string size:integer tag:string tools:array",
+    "internal_api.ImagePullRequest": "image:string platform:string quiet:boolean",
+    "internal_api.ImagePullResponse": "image:string image_id:string success:boolean",
+    "internal_api.ImageSearchResponse": "results:array",
+    "internal_api.ImagesListResponse": "images:array",
+    "internal_api.JobCancelResponse": "cancelled:boolean job_id:string",
+    "internal_api.JobListResponse": "jobs:array",
+    "internal_api.JobResponse":
+        "crash_info:#stromboli_internal_job.CrashInfo created_at:string error:string id:string "
+        "output:string session_id:string status:&stromboli_internal_job.Status "
+        "structured_output:object updated_at:string",
+    "internal_api.LogoutResponse": "message:string success:boolean",
+    "internal_api.RefreshRequest": "refresh_token:string",
+    "internal_api.RunRequest":
+        "claude:&stromboli_internal_types.ClaudeOptions "
+        "podman:&stromboli_internal_types.PodmanOptions prompt:string webhook_url:string "
+        "workdir:string",
+    "internal_api.RunResponse":
+        "crash_info:&stromboli_internal_job.CrashInfo error:string id:string output:string "
+        "session_id:string status:string structured_output:object "
+        "usage:&stromboli_internal_job.Usage",
+    "internal_api.SearchResultResponse":
+        "automated:boolean description:string index:string name:string official:boolean "
+        "stars:integer",
+    "internal_api.SecretInfoResponse": "created_at:string id:string name:string",
+    "internal_api.SecretsListResponse": "error:string secrets:array",
+    "internal_api.SendAgentRequest": "prompt:string",
+    "internal_api.SendAgentResponse": "turn_id:string",
+    "internal_api.SessionDestroyResponse": "error:string session_id:string success:boolean",
+    "internal_api.SessionInfo": "id:string title:string",
+    "internal_api.SessionListResponse": "error:string sessions:array",
+    "internal_api.SessionMessageResponse":
+        "error:string message:#stromboli_internal_history.Message",
+    "internal_api.SessionMessagesResponse":
+        "has_more:boolean limit:integer messages:array offset:integer total:integer",
+    "internal_api.TokenRequest": "client_id:string",
+    "internal_api.TokenResponse":
+        "access_token:string expires_in:integer refresh_token:string token_type:string",
+    "internal_api.ValidateResponse": "expires_at:integer subject:string valid:boolean",
+    "internal_api.errorBody": "error:string",
+    "stromboli_internal_agent.CreateRequest":
+        "claude:&stromboli_internal_types.ClaudeOptions disable_idle_timeout:boolean "
+        "idle_timeout_seconds:integer prompt:string workdir:string",
+    "stromboli_internal_agent.Snapshot":
+        "created_at:string exit_error:string id:string idle_timeout_disabled:boolean "
+        "idle_timeout_seconds:integer last_activity_at:string session_id:string "
+        "status:#stromboli_internal_agent.Status turns_completed:integer",
+    "stromboli_internal_agent.Status": "",
+    "stromboli_internal_history.ContentBlock":
+        "content:string id:string input:object is_error:boolean name:string text:string "
+        "tool_use_id:string type:string",
+    "stromboli_internal_history.Message":
+        "content:&stromboli_internal_history.MessageContent cwd:string git_branch:string "
+        "parent_uuid:string permission_mode:string session_id:string timestamp:string "
+        "tool_result:&stromboli_internal_history.ToolResult "
+        "type:&stromboli_internal_history.MessageType uuid:string version:string",
+    "stromboli_internal_history.MessageContent":
+        "content:array message_id:string model:string role:string stop_reason:string "
+        "usage:&stromboli_internal_history.Usage",
+    "stromboli_internal_history.MessageType": "",
+    "stromboli_internal_history.ToolResult":
+        "interrupted:boolean is_image:boolean stderr:string stdout:string",
+    "stromboli_internal_history.Usage":
+        "cache_creation_input_tokens:integer cache_read_input_tokens:integer input_tokens:integer "
+        "output_tokens:integer",
+    "stromboli_internal_job.CrashInfo":
+        "exit_code:integer partial_output:string reason:string signal:string "
+        "task_completed:boolean",
+    "stromboli_internal_job.Status": "",
+    "stromboli_internal_job.Usage":
+        "cache_creation_input_tokens:integer cache_read_input_tokens:integer "
+        "estimated_cost_usd:number input_tokens:integer model:string output_tokens:integer "
+        "total_tokens:integer",
+    "stromboli_internal_types.ClaudeOptions":
+        "add_dirs:array agent:string agents:object allow_dangerously_skip_permissions:boolean "
+        "allowed_tools:array append_system_prompt:string bedrock_service_tier:string betas:array "
+        "continue:boolean dangerously_skip_permissions:boolean debug:string "
+        "disable_slash_commands:boolean disallowed_tools:array effort:string "
+        "enable_powershell_tool:boolean fallback_model:string files:array fork_session:boolean "
+        "include_partial_messages:boolean input_format:string json_schema:string "
+        "max_budget_usd:number max_turns:integer mcp_configs:array model:string "
+        "no_persistence:boolean output_format:string permission_mode:string plugin_dirs:array "
+        "prompt_caching_ttl:string replay_user_messages:boolean resume:boolean session_id:string "
+        "setting_sources:array settings:string strict_mcp_config:boolean system_prompt:string "
+        "tools:array verbose:boolean",
+    "stromboli_internal_types.EnvironmentConfig":
+        "build_timeout:string path:string service:string type:string",
+    "stromboli_internal_types.LifecycleHooks":
+        "hooks_timeout:string on_create_command:array post_create:array post_start:array",
+    "stromboli_internal_types.PodmanOptions":
+        "cpu_shares:integer cpus:string environment:&stromboli_internal_types.EnvironmentConfig "
+        "image:string lifecycle:&stromboli_internal_types.LifecycleHooks memory:string "
+        "secrets_env:object timeout:string volumes:array",
+}
+
+
+def schema_kind(schema: dict) -> str:
+    """A parameter's or property's type in UPSTREAM_*'s notation."""
+    if "type" in schema:
+        return schema["type"]
+    if "$ref" in schema:
+        return "#" + schema["$ref"].removeprefix("#/definitions/")
+    return "&" + "&".join(s.get("$ref", "?").removeprefix("#/definitions/")
+                          for s in schema.get("allOf", []))
+
+
+def facts(text: str) -> dict[str, str]:
+    return dict(fact.split(":", 1) for fact in text.split())
+
+
 @pytest.mark.fast
 def test_served_document_keeps_every_upstream_operation_and_type():
-    upstream = json.loads((HERE.parent / "shared/reference/stromboli-openapi.json").read_text())
     ours = stromboli.OPENAPI
-    for path, operations in upstream["paths"].items():
-        for method, operation in operations.items():
-            mine = ours["paths"][path][method]
-            theirs = {p["name"]: p.get("type") or p["schema"]
-                      for p in operation.get("parameters", [])}
-            assert {p["name"]: p.get("type") or p["schema"] for p in mine.get("parameters", [])
-                    if p["name"] in theirs} == theirs, (method, path)
-    for name, definition in upstream["definitions"].items():
-        mine = ours["definitions"][name]
-        for prop_name, prop in (definition.get("properties") or {}).items():
-            kind = prop.get("type") or prop.get("$ref") or prop.get("allOf")
-            found = mine["properties"][prop_name]
-            assert (found.get("type") or found.get("$ref") or found.get("allOf")) == kind, \
-                (name, prop_name)
+    for operation, parameters in UPSTREAM_OPERATIONS.items():
+        method, path = operation.split(" ")
+        mine = ours["paths"][path][method.lower()]
+        theirs = facts(parameters)
+        assert {p["name"]: p.get("type") or schema_kind(p["schema"])
+                for p in mine.get("parameters", []) if p["name"] in theirs} == theirs, operation
+    for name, properties in UPSTREAM_DEFINITIONS.items():
+        mine = ours["definitions"][name].get("properties") or {}
+        for prop_name, kind in facts(properties).items():
+            assert schema_kind(mine[prop_name]) == kind, (name, prop_name)
 
 
 @pytest.mark.fast
@@ -511,6 +681,18 @@ def test_route_records_derive_auth_and_body_responses():
                                         route.path == "/auth/refresh"), route.path
         assert ("413" in responses) == ("415" in responses) == bool(route.body), route.path
         assert route.envelope in ("error", "run", "success", "text")
+
+
+@pytest.mark.fast
+def test_no_content_answers_declare_no_body():
+    """A 204 has no body: a schema there makes validating proxies (Prism) turn the real,
+    empty answer into an error."""
+    no_content = [(path, method, answer)
+                  for path, operations in stromboli.OPENAPI["paths"].items()
+                  for method, operation in operations.items()
+                  for status, answer in operation["responses"].items() if status == "204"]
+    assert ("/agents/{id}", "delete", {"description": "No Content"}) in no_content
+    assert all("schema" not in answer for _, _, answer in no_content), no_content
 
 
 def hostile_home(tmp_path: pathlib.Path):
@@ -1172,6 +1354,76 @@ def test_transcript_message_maps_lines_to_history_messages():
 
 
 @pytest.mark.fast
+def test_fair_shares_keep_the_small_whole_and_split_the_rest():
+    assert stromboli.fair_shares([10, 1000, 20, 5000], 1030) == [10, 500, 20, 500]
+    assert stromboli.fair_shares([10, 20], 1000) == [10, 20]
+    assert stromboli.fair_shares([], 1000) == []
+
+
+CUT = re.compile(r"(.*) \[stromboli: truncated, (\d+) characters dropped\]", re.S)
+
+
+@pytest.mark.fast
+def test_a_huge_history_message_is_cut_to_its_room_with_markers():
+    text = "ж" * 2_000_000  # 4 MB in UTF-8, 12 MB as JSON (\u0436 each)
+    message = stromboli.transcript_message({"type": "assistant", "uuid": "u-1", "message": {
+        "role": "assistant", "content": [{"type": "text", "text": text},
+                                         {"type": "text", "text": "short"}]}})
+    room = 64 * 1024
+    found = stromboli.message_json(message, room)
+    assert len(found) <= room
+    blocks = json.loads(found)["content"]["content"]
+    assert blocks[1] == {"type": "text", "text": "short"}  # the short strings stay whole
+    kept, dropped = CUT.fullmatch(blocks[0]["text"]).groups()
+    assert set(kept) == {"ж"} and len(kept) > room // 7
+    assert len(kept) + int(dropped) == len(text)
+    assert json.loads(found)["uuid"] == "u-1"
+    small = {"uuid": "u-2", "content": {"content": [{"type": "text", "text": "hi"}]}}
+    assert stromboli.message_json(small, 1024) == json.dumps(small, separators=(",", ":"))
+
+
+@pytest.mark.fast
+def test_a_history_message_too_wide_or_deep_to_cut_becomes_a_stub():
+    wide = stromboli.transcript_message({"type": "assistant", "uuid": "u-3", "message": {
+        "content": [{"type": "tool_use", "input": {f"k{i}": i for i in range(50_000)}}]}})
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"d": deep}
+    nested = {"type": "user", "uuid": "u-4", "content": {"content": [{"input": deep}]}}
+    for message in (wide, nested):
+        found = stromboli.message_json(message, 20 * 1024)
+        assert len(found) <= 20 * 1024
+        stub = json.loads(found)
+        assert stub["uuid"] == message["uuid"] and stub["type"] == message["type"]
+        assert stub["content"]["content"][0]["text"].startswith("[stromboli: message dropped")
+
+
+@pytest.mark.fast
+def test_a_page_of_history_holds_at_most_its_bytes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    (home / ".claude" / "projects" / "-workspace").mkdir(parents=True)
+    huge = "ж" * 500_000  # 3 MB of JSON each: ten of them do not fit in a page
+    lines = [{"type": "user", "uuid": f"u-{i}", "message": {"content": huge}}
+             if i % 3 == 0 else {"type": "assistant", "uuid": f"u-{i}",
+                                 "message": {"content": [{"type": "text", "text": f"answer {i}"}]}}
+             for i in range(30)]
+    (home / ".claude" / "projects" / "-workspace" / f"{sid}.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    page, total = store.messages(sid, 0, 50)
+    assert total == 30 and len(page) == 30
+    assert sum(map(len, page)) + len(page) - 1 <= stromboli.MESSAGES_PAGE_BYTES
+    messages = [json.loads(text) for text in page]
+    assert [m["uuid"] for m in messages] == [f"u-{i}" for i in range(30)]
+    assert messages[1]["content"]["content"][0]["text"] == "answer 1"  # small: whole
+    cut = [CUT.fullmatch(m["content"]["content"][0]["text"]) for m in messages[::3]]
+    assert all(cut) and len({len(c.group(1)) for c in cut}) == 1  # equal shares
+    page, total = store.messages(sid, 27, 2)
+    assert total == 30 and [json.loads(t)["uuid"] for t in page] == ["u-27", "u-28"]
+    assert json.loads(page[0])["content"]["content"][0]["text"] == huge  # room enough: whole
+    assert json.loads(store.message(sid, "u-3"))["content"]["content"][0]["text"] == huge
+
+
+@pytest.mark.fast
 def test_transcript_title_prefers_the_last_recorded_title():
     first = '{"type": "user", "message": {"content": "  fix   the\\n build  "}}'
     assert stromboli.transcript_title(transcript(first)) == "fix the build"
@@ -1706,6 +1958,29 @@ def test_health_reports_components(daemon):
     assert r.headers["X-Request-ID"]
 
 
+def test_health_is_right_from_its_first_answer(tmp_path, agent_image, model):
+    """Asked from the moment the process starts, the first answer already knows Podman and
+    the daemon's secrets (it is not `not checked yet`, degraded, while all is well)."""
+    d = Daemon(tmp_path / "state", agent_env(model)).launch()
+
+    def first_answer() -> dict | None:
+        if d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {d.proc.returncode}:\n{d.log()}")
+        try:
+            r = httpx.get(d.url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+    try:
+        first = wait_until(first_answer, 30, 0.005, "the first /health answer")
+    finally:
+        d.stop()
+        d.remove_containers()
+    assert first["status"] == "ok", first
+    assert [c for c in first["components"] if c["status"] != "ok"] == [], first
+    assert {"podman", "anthropic-api-key"} <= {c["name"] for c in first["components"]}
+
+
 def test_request_id_is_echoed(daemon):
     r = daemon.http.get("/health", headers={"X-Request-ID": "my-request-42"})
     assert r.headers["X-Request-ID"] == "my-request-42"
@@ -2110,9 +2385,8 @@ def test_unknown_job_is_404(daemon):
 
 def test_killed_container_reports_crash_info(daemon):
     job_id = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
-    containers = wait_until(lambda: [c for c in agent_containers(f"stromboli.job={job_id}")
-                                     if c.attrs.get("State") == "running"], 20,
-                           what="running container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={job_id}"), 20,
+                            what="running container")
     containers[0].kill("SIGKILL")
     job = daemon.wait_job(job_id)
     assert job["status"] == "crashed", job
@@ -2190,7 +2464,8 @@ def test_a_job_survives_kill_9_with_its_real_output(make_daemon, tmp_path):
     long_id = d.http.post("/run/async", json={
         "prompt": f"sleep 6 {tag}", "claude": {"output_format": "stream-json"}}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     time.sleep(1)  # let the CLI print its first lines while the daemon is still there
     d.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
     assert agent_containers(f"stromboli.job={long_id}")
@@ -2217,8 +2492,8 @@ def test_a_job_whose_container_vanished_meanwhile_fails_clearly(make_daemon, tmp
     d = make_daemon(state_dir=state)
     long_id = d.http.post("/run/async", json={"prompt": "sleep 120"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    containers = wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15,
-                            what="job container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+                            what="job container running")  # not `initialized`: killable
     d.stop(signal.SIGKILL)
     with podman_client() as client:  # an admin cleans up while the daemon is down
         container = client.containers.get(containers[0].id)
@@ -2238,7 +2513,8 @@ def test_sigterm_lets_runs_finish_then_leaves_jobs_to_the_next_start(make_daemon
     tag = marker()
     long_id = d.http.post("/run/async", json={"prompt": f"sleep 6 {tag}"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     started = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(20)
@@ -2287,6 +2563,8 @@ def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
     first = d.http.post("/run/async", json={"prompt": "sleep 4"}).json()["job_id"]
     queued = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
     d.wait_job(first, ("running",))
+    wait_until(lambda: running_containers(f"stromboli.job={first}"), 15,
+               what="the first job's container running")
     assert d.http.get(f"/jobs/{queued}").json()["status"] == "pending"
     d.stop(signal.SIGKILL)
     again = make_daemon(state_dir=state, STROMBOLI_MAX_CONCURRENT_RUNS="1")
@@ -3472,6 +3750,49 @@ def test_a_huge_transcript_line_does_not_inflate_the_daemon(make_daemon):
     assert grown < 100 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
 
 
+def test_huge_transcript_messages_give_a_bounded_page(make_daemon):
+    """The agent appends 24 lines of 4 MB of 2-byte characters to its own transcript: each
+    is a 12 MB message as JSON (a 6-byte escape for each character), 300 MB for a page of
+    them. A page is 4 MiB at most, its messages cut with a marker, and the daemon neither
+    swells nor stalls while it serves it."""
+    d = make_daemon()
+    session = str(uuid.uuid4())
+    chars = "$z$z$z$z"  # 32 × ж (0xd0 0xb6), 64 bytes; 65000 of them: 4,160,000 bytes
+    line = ("{ printf '{\"type\":\"user\",\"uuid\":\"huge-%s\",\"message\":{\"role\":"
+            f"\"user\",\"content\":\"' $i; yes \"{chars}\" | head -n 65000 | tr -d '\\n'; "
+            "printf '\"}}\\n'; }")
+    r = agent_does(d, "z=$(printf '\\320\\266\\320\\266\\320\\266\\320\\266'"
+                      "'\\320\\266\\320\\266\\320\\266\\320\\266'); "
+                      f"for i in $(seq 24); do {line}; done "
+                      f">> ~/.claude/projects/-workspace/{session}.jsonl; echo ok",
+                   {"session_id": session})
+    assert r.json()["status"] == "completed", r.text[:500]
+    transcript = session_home(d, session) / f".claude/projects/-workspace/{session}.jsonl"
+    assert transcript.stat().st_size > 24 * 4_000_000
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    with health_latencies(d) as latencies:
+        pages = [d.http.get(f"/sessions/{session}/messages", params=params)
+                 for params in ({}, {"limit": 200}, {"offset": 5, "limit": 3})]
+    grown = memory_kib(d.proc.pid, "VmHWM") - baseline
+    assert max(latencies) < 1, f"/health took {max(latencies):.1f}s during the pages"
+    for page in pages:
+        assert page.status_code == 200
+        assert len(page.content) < 4 * 1024 * 1024 + 64 * 1024, len(page.content)
+    body = pages[0].json()
+    huge = [m for m in body["messages"] if m["uuid"].startswith("huge-")]
+    assert len(huge) == 24 and body["total"] >= 24 and body["limit"] == 50
+    for message in huge:
+        text = message["content"]["content"][0]["text"]
+        kept, dropped = CUT.fullmatch(text).groups()
+        assert set(kept) == {"ж"} and len(kept) + int(dropped) == 65000 * 32
+    assert [m["uuid"] for m in pages[2].json()["messages"]] == \
+        [m["uuid"] for m in body["messages"][5:8]]
+    one = d.http.get(f"/sessions/{session}/messages/huge-3")
+    assert one.status_code == 200 and len(one.content) < 4 * 1024 * 1024 + 1024
+    assert CUT.fullmatch(one.json()["message"]["content"]["content"][0]["text"])
+    assert grown < 150 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
+
+
 def test_secrets_are_not_in_podman_inspect_but_the_agent_has_them(daemon):
     name, value = f"agent-secret-{marker()}", f"value-{marker()}"
     assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
@@ -4328,10 +4649,40 @@ def test_failed_authentications_are_budgeted_per_ip(make_daemon):
     assert statuses.count(401) <= 6, statuses
     retry_after = int(r.headers["Retry-After"])
     assert 1 <= retry_after <= 8
-    assert d.http.post("/auth/token", json={"client_id": "x"}, headers=STATIC).status_code == 429
-    assert d.http.get("/jobs", headers=STATIC).status_code == 429  # even the right token
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 429
+    assert d.http.post("/auth/token", json={"client_id": "x"},
+                       headers=bearer("guess-again")).status_code == 429
     time.sleep(retry_after + 0.2)
-    assert d.http.get("/jobs", headers=STATIC).status_code == 200  # refilled
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 401  # refilled
+
+
+def test_a_valid_credential_is_served_past_the_failure_budget(make_daemon):
+    """Whoever shares the owner's address (NAT, the reverse proxy, a process on the host)
+    spends its failed-auth budget with wrong tokens: the owner's own tokens still work,
+    only the wrong ones get 429."""
+    d = make_daemon(wait_podman=False, STROMBOLI_AUTH_ENABLED="true",
+                    STROMBOLI_JWT_SECRET=JWT_SECRET, STROMBOLI_API_TOKENS="static-token-1",
+                    STROMBOLI_AUTH_FAILURE_BURST="3", STROMBOLI_AUTH_FAILURE_RATE="0.01")
+    pair = d.http.post("/auth/token", json={"client_id": "owner"}, headers=STATIC).json()
+    access = bearer(pair["access_token"])
+    for i in range(3):  # the budget, spent by someone else from 127.0.0.1
+        assert d.http.get("/jobs", headers=bearer(f"wrong-{i}")).status_code == 401
+    wrong = bearer("wrong-again")
+    forged = bearer(forge(key="a-guessed-key-" + "x" * 32))
+    assert d.http.get("/jobs", headers=wrong).status_code == 429
+    assert d.http.get("/jobs", headers=forged).status_code == 429
+    assert d.http.get("/auth/validate", headers=forged).status_code == 429
+    assert d.http.post("/auth/refresh", json={"refresh_token": "x.y.z"}).status_code == 429
+    assert d.http.get("/jobs", headers=STATIC).status_code == 200
+    assert d.http.get("/jobs", headers=access).status_code == 200
+    assert d.http.get("/auth/validate", headers=access).json()["subject"] == "owner"
+    assert d.http.post("/auth/token", json={"client_id": "owner"},
+                       headers=STATIC).status_code == 200
+    refreshed = d.http.post("/auth/refresh", json={"refresh_token": pair["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    assert d.http.post("/auth/logout",
+                       headers=bearer(refreshed.json()["access_token"])).status_code == 200
+    assert d.http.get("/jobs", headers=wrong).status_code == 429  # still past the budget
 
 
 def test_a_forged_forwarded_chain_is_limited_like_the_real_client(make_daemon):
