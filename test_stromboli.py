@@ -2391,6 +2391,109 @@ def test_webhook_is_delivered_signed(make_daemon, model):
     assert [a["attempt"] for a in attempts] == [1, 2]
 
 
+# -- jobs against a hostile client or image (issue 18) ------------------------------
+
+def labelled_image(name: str, labels: dict[str, str]) -> str:
+    """The test image with labels of its own, as any image may carry; → its reference."""
+    with podman_client() as client:
+        container = client.containers.create(IMAGE, ["true"])
+        try:
+            container.commit(repository=name, tag="test",
+                             changes=[f"LABEL {key}={value}" for key, value in labels.items()])
+        finally:
+            container.remove(force=True)
+    return f"{name}:test"
+
+
+def run_in_background(d: Daemon, body: dict) -> threading.Thread:
+    """A sync run whose client may be cut (the daemon is killed under it)."""
+    def run() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(d.url + "/run", json=body, timeout=60)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_image_labelled_as_another_job_is_not_taken_over_for_it(make_daemon, model, tmp_path):
+    """Podman merges an image's labels into its containers'. An image labelled
+    `stromboli.job=<a running job>` must not make a restarted daemon take its container over
+    for that job: each job keeps its own output, and the forged containers are removed."""
+    state, tag = tmp_path / "state", marker()
+    d = make_daemon(state_dir=state)
+    victim = d.http.post("/run/async", json={"prompt": f"sleep 6 victim-{tag}"}).json()
+    image = labelled_image(f"localhost/stromboli-forged-{tag}", {
+        "stromboli.job": victim["job_id"], "stromboli.deadline": "1", "stromboli.init": "1",
+        "stromboli.transcript": "forged/1", "stromboli.run": "run-forged",
+        "managed-by": "stromboli"})
+    try:
+        own = wait_until(lambda: agent_containers(f"stromboli.job={victim['job_id']}"), 15,
+                         what="the victim's container")[0].id
+        # Forged containers listed before and after the victim's, whatever Podman's order.
+        run_in_background(d, {"prompt": f"sleep 6 forged-a-{tag}", "podman": {"image": image}})
+        other = d.http.post("/run/async", json={"prompt": f"sleep 6 other-{tag}",
+                                                "podman": {"image": image}}).json()["job_id"]
+        run_in_background(d, {"prompt": f"sleep 6 forged-b-{tag}", "podman": {"image": image}})
+        for name in ("victim", "other", "forged-a", "forged-b"):
+            wait_until(lambda: model.requests_with(f"{name}-{tag}"), 30, what=f"{name}'s CLI")
+        claimed = {c.id for c in agent_containers(f"stromboli.job={victim['job_id']}")}
+        assert own in claimed and len(claimed) == 3, claimed  # the image's label took effect
+        d.stop(signal.SIGKILL)
+        again = make_daemon(state_dir=state)
+        job = again.wait_job(victim["job_id"])
+        assert job["status"] == "completed", job
+        assert f"echo: sleep 6 victim-{tag}" in job["output"] and "forged" not in job["output"]
+        job = again.wait_job(other)  # the daemon's own labels won over the image's
+        assert job["status"] == "completed" and f"echo: sleep 6 other-{tag}" in job["output"], job
+        wait_until(lambda: not claimed & {c.id for c in agent_containers(
+            f"stromboli.instance={again.instance}")}, 20, what="the forged containers' removal")
+    finally:
+        with podman_client() as client:
+            client.images.remove(image, force=True)
+
+
+def test_the_queue_bound_holds_against_concurrent_submits(make_daemon):
+    """60 submits at once against a queue of 5 (the run slot busy): 5 are queued, in each of
+    a few rounds (a race is won by chance)."""
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_MAX_QUEUED_JOBS="5")
+    first = d.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    d.wait_job(first, ("running",))
+    for _ in range(4):  # main's code let 6 to 23 in, in 5 rounds of 7
+        start, codes = threading.Barrier(60), []
+
+        def submit(i: int) -> None:
+            start.wait()
+            codes.append(httpx.post(d.url + "/run/async", json={"prompt": f"queued {i}"},
+                                    timeout=60).status_code)
+        clients = [threading.Thread(target=submit, args=(i,)) for i in range(60)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        assert sorted(codes) == [202] * 5 + [429] * 55, codes
+        pending = d.http.get("/jobs", params={"status": "pending"}).json()
+        assert pending["total"] == 5
+        for job in pending["jobs"]:  # emptied for the next round: none of them starts
+            assert d.http.delete(f"/jobs/{job['id']}").status_code == 200
+    assert d.http.delete(f"/jobs/{first}").status_code == 200
+
+
+def test_a_last_event_id_sqlite_cannot_hold_is_a_400_before_any_stream(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    run_id = daemon.wait_job(job_id)["run_id"]
+    streams = ((f"/jobs/{job_id}/stream", {}), ("/run/stream", {"run_id": run_id}))
+    for path, params in streams:
+        for last in (str(2 ** 63), str(2 ** 64), "9" * 40):
+            for header, query in (({"Last-Event-ID": last}, {}), ({}, {"last_event_id": last})):
+                r = daemon.http.get(path, params={**params, **query}, headers=header)
+                assert r.status_code == 400, (path, last, r.status_code, r.text[:200])
+                assert r.text == f"Last-Event-ID must be at most {2 ** 63 - 1}"
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(2 ** 63 - 1)})
+        assert r.status_code == 200 and r.text == ""  # nothing after the last possible id
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(-2 ** 64)})
+        assert r.status_code == 200 and r.text.startswith("id: 0\n")  # from the start
+    assert "Traceback" not in daemon.log()
+
 # ---------------------------------------------------------------------------
 # Sessions — resume, continue, fork, serialisation, the history API
 # ---------------------------------------------------------------------------
