@@ -757,6 +757,11 @@ BAD_FIELDS = [  # beside a valid prompt
      "invalid timeout duration: must be at most 168h"),
     ("compose", {"podman": {"environment": {"type": "compose"}}},
      "compose environments are not supported by this server"),
+    ("environment key", {"podman": {"environment": {"image": "x"}}},
+     'Invalid request: unknown podman.environment key "image" (known: type, path, service, '
+     'build_timeout)'),
+    ("environment value", {"podman": {"environment": {"service": ["dev"]}}},
+     "Invalid request: podman.environment.service must be a string"),
     ("workdir relative", {"workdir": "work"},
      "workdir validation failed: workdir must be an absolute path starting with /"),
     ("workdir traversal", {"workdir": "/work/../etc"},
@@ -790,7 +795,9 @@ def test_run_request_keeps_valid_options_and_drops_unknown_and_empty_ones():
                    "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"},
                    "output_format": None, "not_an_option": 1},
         "podman": {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144,
-                   "image": "", "lifecycle": None}}, stromboli.Config())
+                   "image": "", "lifecycle": None,
+                   "environment": {"type": "", "path": "/x.yml", "service": None}}},
+        stromboli.Config())
     assert req.claude == {"model": "opus", "session_id": sid, "resume": True, "max_turns": 0,
                           "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"}}
     assert req.podman == {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144}
@@ -2493,6 +2500,65 @@ def test_a_last_event_id_sqlite_cannot_hold_is_a_400_before_any_stream(daemon):
         r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(-2 ** 64)})
         assert r.status_code == 200 and r.text.startswith("id: 0\n")  # from the start
     assert "Traceback" not in daemon.log()
+
+
+def no_history(prompt: str) -> dict:
+    """A job that fails at once, before any container (a resume of a session without
+    history): what it keeps is its request."""
+    return {"prompt": prompt, "claude": {"resume": True, "session_id": str(uuid.uuid4())}}
+
+
+def test_huge_requests_are_413_and_leave_nothing_behind(make_daemon):
+    d = make_daemon()
+    body = json.dumps(no_history("x" * (9 * 1024 ** 2))).encode()
+    json_type = {"Content-Type": "application/json"}
+    for _ in range(40):
+        r = d.http.post("/run/async", content=body, headers=json_type)
+        assert r.status_code == 413, r.text[:200]
+        assert run_error(r) == "request body too large (limit 4194304 bytes, " \
+                               "agent.max_request_bytes)"
+    assert d.http.post("/run", content=body, headers=json_type).status_code == 413
+    for path in ("/agents", "/agents/agent-nope/send"):
+        r = d.http.post(path, content=body, headers=json_type)
+        assert r.status_code == 413 and "agent.max_request_bytes" in r.json()["error"]
+    assert d.http.get("/jobs").json()["total"] == 0
+    stored = sum(f.stat().st_size for f in d.state_dir.glob("stromboli.db*"))
+    assert stored < 1024 ** 2, f"the store grew to {stored} bytes"
+
+
+def test_listing_jobs_reads_no_requests(make_daemon):
+    d = make_daemon()
+    ids = [d.http.post("/run/async", json=no_history(f"{i} " + "y" * (3 * 1024 ** 2))).json()
+           ["job_id"] for i in range(20)]
+    for job_id in ids:
+        assert d.wait_job(job_id)["status"] == "failed"
+    peak = memory_kib(d.proc.pid, "VmHWM")
+    listed = d.http.get("/jobs")
+    assert listed.json()["total"] == 20 and len(listed.content) < 50_000
+    grown = memory_kib(d.proc.pid, "VmHWM") - peak
+    assert grown < 20 * 1024, f"GET /jobs of 60 MB of requests took the peak RSS up {grown} KiB"
+
+
+def test_podman_environment_takes_only_upstreams_single_container_form(daemon):
+    refused = (({"junk": "x" * 1000}, 'unknown podman.environment key "junk"'),
+               ({"type": "", "path": {"a": [1] * 1000}}, "podman.environment.path must be a "
+                                                         "string"),
+               ({"type": "compose", "path": "/x.yml", "service": "dev"},
+                "compose environments are not supported by this server"))
+    for environment, message in refused:
+        for path in ("/run/async", "/run", "/agents"):
+            r = daemon.http.post(path, json={"prompt": "hello",
+                                             "podman": {"environment": environment}})
+            assert r.status_code == 400 and message in r.json()["error"], (path, r.text[:200])
+    for environment in ({}, {"type": ""}, {"type": None, "path": "/x.yml", "service": "dev",
+                                           "build_timeout": "15m"}):
+        job_id = daemon.http.post("/run/async", json={
+            "prompt": "hello", "podman": {"environment": environment}}).json()["job_id"]
+        assert daemon.wait_job(job_id)["status"] == "completed"
+        with contextlib.closing(sqlite3.connect(daemon.state_dir / "stromboli.db")) as db:
+            kept = db.execute("SELECT json_extract(request, '$.podman') FROM jobs WHERE id=?",
+                              (job_id,)).fetchone()[0]
+        assert json.loads(kept) == {}  # nothing of it is kept
 
 # ---------------------------------------------------------------------------
 # Sessions — resume, continue, fork, serialisation, the history API
