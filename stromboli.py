@@ -1443,7 +1443,7 @@ class Podman:
         found = []
         for c in self.client.containers.list(all=True, filters={"label": label}):
             state = c.attrs.get("State")  # a string in list results, unlike inspect's object
-            found.append({"id": c.id, "labels": c.labels or {},
+            found.append({"id": c.id, "name": c.name, "labels": c.labels or {},
                           "status": state if isinstance(state, str) else c.status})
         return found
 
@@ -2894,6 +2894,10 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     return spec
 
 
+def run_container_name(run_id: str) -> str:
+    return f"stromboli-agent-{run_id}"
+
+
 def make_volume_dirs(cfg: Config, req: RunRequest) -> None:
     """Create missing host folders of the request's volumes (volume_auto_create)."""
     if not cfg.agent_volume_auto_create:
@@ -3071,7 +3075,7 @@ class ContainerRunner:
                              "stromboli.transcript": f"{before.folder}/{before.size}"
                              if before else ""}
             spec = container_spec(
-                self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
+                self.cfg, req, name=run_container_name(run_id), home=self.sessions.host_home(
                     session_id), prompt_file=prompt_file,
                 secrets=self.credentials.mounts(secret_env),
                 user=agent_user(self.cfg, self.rootless),
@@ -3523,12 +3527,16 @@ class JobManager:
         """At startup, before any run may start: take over the containers of the jobs that
         were running (they outlive the daemon), fail the running jobs whose container is
         gone, requeue the pending ones, and remove every other leftover container. A job's
-        container is the one whose id its row recorded: labels prove nothing (an image's
-        own labels are merged into its containers')."""
-        containers = {c["id"]: c for c in await self.runner.instance_containers()}
+        container is the one whose id its row recorded — or, when a crash came before the id
+        was (during the create), the one with its run's name: labels prove nothing (an
+        image's labels are merged into its containers'), a name is the daemon's choice."""
+        found = await self.runner.instance_containers()
+        containers = {c["id"]: c for c in found}
+        named = {c["name"]: c["id"] for c in found}
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "running":
-                container = containers.pop(job["container_id"] or "", None)
+                cid = job["container_id"] or named.get(run_container_name(job["run_id"]), "")
+                container = containers.pop(cid, None)
                 if container is not None:
                     log.info("taking over a job's container", extra=fields(
                         job_id=job["id"], container=container["id"][:12]))
