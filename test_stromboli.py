@@ -1412,6 +1412,48 @@ def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
     asyncio.run(scenario())
 
 
+# -- the store's jobs -----------------------------------------------------------------
+
+@pytest.mark.fast
+def test_store_migrates_an_old_database_and_shows_jobs_without_their_request(tmp_path):
+    path = tmp_path / "stromboli.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the jobs table of release 1
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id "
+                   "TEXT NOT NULL, run_id TEXT NOT NULL, request TEXT NOT NULL, output TEXT, "
+                   "error TEXT, structured_output TEXT, usage TEXT, crash_info TEXT, created_at "
+                   "REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL)")
+        db.execute("INSERT INTO jobs (id, status, session_id, run_id, request, created_at, "
+                   "updated_at) VALUES ('job-old', 'running', 's', 'run-old', ?, 1, 1)",
+                   (json.dumps({"prompt": "p" * 1000, "webhook_url": "http://h/x"}),))
+        db.commit()
+    store = stromboli.Store(path)
+
+    def on_its_thread(fn, *args):
+        return store._executor.submit(fn, *args).result()
+    try:
+        request = {"prompt": "q", "webhook_url": ""}
+        for i in range(8):
+            on_its_thread(store.insert_job, {
+                "id": f"job-{i}", "status": "completed", "session_id": "s", "run_id": f"run-{i}",
+                "request": request, "output": "o" * (16 * 1024 ** 2), "created_at": 2 + i,
+                "updated_at": 2 + i}, 100)
+        old = on_its_thread(store.get_job, "job-old")
+        assert "request" not in old and old["webhook_url"] == "http://h/x"
+        for i in range(8):
+            assert on_its_thread(store.get_job, f"job-{i}")["output"]
+        cached = sum(len(job.get("output") or "") for job in store._jobs.values())
+        assert 0 < cached <= store.JOB_CACHE_BYTES  # not all 8 outputs of 16 MiB
+        jobs, total = on_its_thread(store.list_jobs, None, 1000, 0)
+        assert total == 9 and not any("request" in job for job in jobs)
+        with pytest.raises(stromboli.QueueFull):  # no place left in a queue of 0
+            on_its_thread(store.insert_job, {**jobs[0], "id": "job-x", "status": "pending",
+                                             "request": request}, 0)
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert "container_id" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+
+
 # -- JWT ------------------------------------------------------------------------------
 
 @pytest.fixture
