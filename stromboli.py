@@ -6101,7 +6101,8 @@ async def cancel_job(request: web.Request) -> web.Response:
              param("Last-Event-ID", "header", "integer", "Send only events after this id"),
              param("last_event_id", "query", "integer", "Same as the Last-Event-ID header")),
      produces=("text/event-stream", "text/plain"),
-     ok=(200, "Event stream of output lines", None), errors=((404, "Job not found"),))
+     ok=(200, "Event stream of output lines", None),
+     errors=((400, "Invalid Last-Event-ID"), (404, "Job not found")))
 async def job_stream(request: web.Request) -> web.StreamResponse:
     job = await state(request).jobs.get(request.match_info["id"])
     return await replay_stream(request, job["run_id"])
