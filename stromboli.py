@@ -260,6 +260,10 @@ class Config:
     agent_max_output: int = setting(16 * 1024 ** 2, "agent.max_output",
                                     "STROMBOLI_AGENT_MAX_OUTPUT", kind="size",
                                     help="output kept per run (the rest is dropped)")
+    agent_max_request_bytes: int = setting(4 * 1024 ** 2, "agent.max_request_bytes",
+                                           "STROMBOLI_AGENT_MAX_REQUEST_BYTES", kind="size",
+                                           help="largest body of a run or agent request, "
+                                                "prompt included (413 beyond)")
     agent_session_quota: int = setting(1024 ** 3, "agent.session_quota",
                                        "STROMBOLI_AGENT_SESSION_QUOTA", kind="size",
                                        help="size limit of one session home (0 = none)")
@@ -498,6 +502,8 @@ class Config:
             errors.append("resources timeout must be > 0")
         if self.agent_max_line < 1024 or self.agent_max_output < self.agent_max_line:
             errors.append("agent max_line must be >= 1k and max_output >= max_line")
+        if self.agent_max_request_bytes < 16 * 1024:  # /run/stream's 8 KiB query fits
+            errors.append("agent max_request_bytes must be >= 16k")
         if not 0 <= self.agent_userns_base <= 2 ** 32 - 2 ** 16 - 2:
             errors.append("agent userns_base must be between 0 and 4294901758")
         for label, address in (("server", self.server_address), ("metrics", self.metrics_address)):
@@ -755,7 +761,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id TEXT NOT NULL, run_id TEXT NOT NULL,
     request TEXT NOT NULL, output TEXT, error TEXT, structured_output TEXT, usage TEXT,
     crash_info TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    started_at REAL, finished_at REAL, truncated INTEGER
+    started_at REAL, finished_at REAL, truncated INTEGER, container_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, updated_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
@@ -781,7 +787,14 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 """
 JOB_JSON_COLUMNS = ("request", "structured_output", "usage", "crash_info")
+# A job as the API shows it: no request (it may be megabytes, and only a run needs it).
+JOB_SHOWN = ("id, status, session_id, run_id, output, error, structured_output, usage, "
+             "crash_info, created_at, updated_at, started_at, finished_at, truncated")
 TERMINAL_STATES = ("completed", "failed", "crashed", "cancelled")
+
+
+class QueueFull(Exception):
+    """A job was not queued: as many as allowed are pending already."""
 
 
 class Store:
@@ -793,6 +806,7 @@ class Store:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
         self._jobs: dict[str, dict] = {}  # see cached_job
+        self._job_sizes: dict[str, int] = {}
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
@@ -802,8 +816,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "truncated" not in columns:  # added after the first release
-            self._db.execute("ALTER TABLE jobs ADD COLUMN truncated INTEGER")
+        for column in ("truncated INTEGER", "container_id TEXT"):  # added after release 1
+            if column.split()[0] not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
         os.chmod(self.path, 0o600)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -815,6 +830,7 @@ class Store:
 
     # -- jobs (called through .call) ------------------------------------------
     JOB_CACHE_SIZE = 2048
+    JOB_CACHE_BYTES = 64 * 1024 ** 2  # outputs may take agent.max_output each
 
     def cached_job(self, job_id: str) -> dict | None:
         """A job as last read or written, without a trip to the store's thread (the hot
@@ -822,13 +838,22 @@ class Store:
         entry on the store's thread, so a hit is never older than the last write."""
         return self._jobs.get(job_id)
 
-    def _remember(self, job: dict) -> dict:
-        if len(self._jobs) >= self.JOB_CACHE_SIZE:
-            self._jobs.pop(next(iter(self._jobs)), None)
-        self._jobs[job["id"]] = job
+    def _remember(self, job: dict, size: int) -> dict:
+        """Cache a job (`size`: about its bytes), letting the oldest go past the cache's
+        count or bytes."""
+        self._forget(job["id"])
+        while self._jobs and (len(self._jobs) >= self.JOB_CACHE_SIZE or
+                              sum(self._job_sizes.values()) + size > self.JOB_CACHE_BYTES):
+            self._forget(next(iter(self._jobs)))
+        self._jobs[job["id"]], self._job_sizes[job["id"]] = job, size
         return job
 
-    def insert_job_once(self, job: dict, key: str, request_hash: str) -> dict | None:
+    def _forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._job_sizes.pop(job_id, None)
+
+    def insert_job_once(self, job: dict, key: str, request_hash: str,
+                        max_pending: int) -> dict | None:
         """Insert a job under an Idempotency-Key, unless the key is taken: → None when
         inserted, else {"job_id", "request_hash"} of the job the key already names."""
         found = self._db.execute("SELECT job_id, request_hash FROM idempotency_keys WHERE "
@@ -839,7 +864,7 @@ class Store:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO idempotency_keys VALUES (?,?,?)",
                              (key, request_hash, job["id"]))
-            self.insert_job(job)
+            self.insert_job(job, max_pending)
         return None
 
     def queue_positions(self) -> dict[str, int]:
@@ -850,7 +875,12 @@ class Store:
     def count_pending(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='pending'").fetchone()[0]
 
-    def insert_job(self, job: dict) -> None:
+    def insert_job(self, job: dict, max_pending: int) -> None:
+        """Insert a pending job, unless `max_pending` jobs are pending already (QueueFull):
+        counted and inserted in one step on the store's one thread, so that concurrent
+        submits cannot all see the same free place."""
+        if self.count_pending() >= max_pending:
+            raise QueueFull(max_pending)
         row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
                for k, v in job.items()}
         cols = ",".join(row)
@@ -863,22 +893,26 @@ class Store:
         changes["updated_at"] = time.time()
         row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
                for k, v in changes.items()}
-        self._jobs.pop(job_id, None)
+        self._forget(job_id)
         sql = f"UPDATE jobs SET {','.join(f'{k}=?' for k in row)} WHERE id=?"
         if only_if_active:
             sql += " AND status IN ('pending','running')"
         return self._db.execute(sql, (*row.values(), job_id)).rowcount > 0
 
     def get_job(self, job_id: str) -> dict | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return self._remember(self._job(row)) if row else None
+        """A job as shown, and where its webhook goes (`webhook_url`)."""
+        row = self._db.execute(f"SELECT {JOB_SHOWN}, json_extract(request, '$.webhook_url') "
+                               "AS webhook_url FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return self._remember(self._job(row), sum(len(v) for v in row if isinstance(v, str)))
 
     def list_jobs(self, status: str | None = None, limit: int = 1000,
                   offset: int = 0) -> tuple[list[dict], int]:
         """A page of jobs, newest first, and how many match in all."""
         where, args = ("WHERE status=?", (status,)) if status else ("", ())
-        rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC "
-                                "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        rows = self._db.execute(f"SELECT {JOB_SHOWN} FROM jobs {where} ORDER BY created_at "
+                                "DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         return [self._job(r) for r in rows], total
 
@@ -894,6 +928,7 @@ class Store:
             "AND updated_at < ?", (older_than,))]
         self._db.executemany("DELETE FROM run_events WHERE run_id=?", [(i,) for i in ids])
         self._jobs.clear()
+        self._job_sizes.clear()
         self._db.execute("DELETE FROM idempotency_keys WHERE job_id NOT IN (SELECT id FROM jobs) "
                          "OR job_id IN (SELECT id FROM jobs WHERE status IN ('completed','failed',"
                          "'crashed','cancelled') AND updated_at < ?)", (older_than,))
@@ -976,7 +1011,8 @@ class Store:
         """Finished jobs whose webhook has not been delivered and has attempts left (a
         shutdown came between): → (job, attempts made)."""
         rows = self._db.execute(
-            "SELECT j.*, (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.job_id=j.id) AS n "
+            f"SELECT {JOB_SHOWN}, json_extract(request, '$.webhook_url') AS webhook_url, "
+            "(SELECT COUNT(*) FROM webhook_deliveries d WHERE d.job_id=j.id) AS n "
             "FROM jobs j WHERE j.status IN ('completed','failed','crashed','cancelled') "
             "AND COALESCE(json_extract(j.request, '$.webhook_url'), '') != '' "
             "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id=j.id "
@@ -1407,7 +1443,7 @@ class Podman:
         found = []
         for c in self.client.containers.list(all=True, filters={"label": label}):
             state = c.attrs.get("State")  # a string in list results, unlike inspect's object
-            found.append({"id": c.id, "labels": c.labels or {},
+            found.append({"id": c.id, "name": c.name, "labels": c.labels or {},
                           "status": state if isinstance(state, str) else c.status})
         return found
 
@@ -2389,6 +2425,7 @@ PODMAN_OPTIONS: dict[str, tuple[str, str, Any]] = {
 }
 PODMAN_KINDS = {name: row[0] for name, row in PODMAN_OPTIONS.items()}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
+ENVIRONMENT_KEYS = ("type", "path", "service", "build_timeout")  # upstream's EnvironmentConfig
 
 
 def make_public_dirs(path: pathlib.Path) -> None:
@@ -2533,6 +2570,19 @@ def check_hooks(hooks: dict) -> dict[str, list[str]]:
     return checked
 
 
+def check_environment(environment: dict) -> None:
+    """podman.environment as upstream defines it (EnvironmentConfig), in its only form this
+    server runs: a single container (an empty type). Anything else is refused, not kept."""
+    for key, value in environment.items():
+        if key not in ENVIRONMENT_KEYS:
+            raise BadRequest(f'Invalid request: unknown podman.environment key "{key[:40]}" '
+                             f"(known: {', '.join(ENVIRONMENT_KEYS)})")
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"Invalid request: podman.environment.{key} must be a string")
+    if environment.get("type"):
+        raise BadRequest("compose environments are not supported by this server")
+
+
 @dataclasses.dataclass
 class RunRequest:
     """A validated run request (RunRequest of U§4.1)."""
@@ -2601,8 +2651,8 @@ class RunRequest:
             raise BadRequest("Invalid request: podman.cpu_shares must be between 2 and 262144")
         if "lifecycle" in options:
             check_hooks(options["lifecycle"])
-        if (options.get("environment") or {}).get("type") not in (None, ""):
-            raise BadRequest("compose environments are not supported by this server")
+        if "environment" in options:
+            check_environment(options.pop("environment"))  # a single container: nothing kept
         return options
 
     def to_json(self) -> dict:
@@ -2936,6 +2986,10 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     return spec
 
 
+def run_container_name(run_id: str) -> str:
+    return f"stromboli-agent-{run_id}"
+
+
 def make_volume_dirs(cfg: Config, req: RunRequest) -> None:
     """Create missing host folders of the request's volumes (volume_auto_create)."""
     if not cfg.agent_volume_auto_create:
@@ -3023,11 +3077,13 @@ class ContainerRunner:
                   labels: dict | None = None,
                   on_start: Callable[[], Awaitable[None]] | None = None,
                   on_end: Callable[[RunResult | None, Exception | None], Awaitable[None]]
-                  | None = None, resume: dict | None = None) -> RunResult:
+                  | None = None, resume: dict | None = None,
+                  on_created: Callable[[str], Awaitable[None]] | None = None) -> RunResult:
         """Wait for the session and a slot, then execute. Cancelling the calling task
         kills and removes the container. `on_start` runs once the slot is held, `on_end`
         (with the result or the error) before it is given to the next run, so that a
-        job's row never says `running` beside its successor's."""
+        job's row never says `running` beside its successor's; `on_created` with the
+        container's id, before it starts."""
         feed = self.feeds.get(run_id) or self.open_feed(run_id)
         try:
             async with contextlib.AsyncExitStack() as held:
@@ -3040,7 +3096,8 @@ class ContainerRunner:
                 if on_start:
                     await on_start()
                 try:
-                    result = await self._execute(req, run_id, plan, labels or {}, feed, resume)
+                    result = await self._execute(req, run_id, plan, labels or {}, feed, resume,
+                                                 on_created)
                 except Exception as exc:
                     if on_end:
                         await asyncio.shield(on_end(None, exc))
@@ -3088,9 +3145,11 @@ class ContainerRunner:
         return self._workdirs[image]
 
     async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
-                       feed: RunFeed, resume: dict | None = None) -> RunResult:
+                       feed: RunFeed, resume: dict | None = None,
+                       on_created: Callable[[str], Awaitable[None]] | None = None) -> RunResult:
         """Set the run up and create its container — or, with `resume` (a container that
-        outlived a daemon restart, with the labels written at its creation), take it over —
+        outlived a daemon restart: the one its job's row recorded, so its labels are the
+        ones written at its creation, which override the image's), take it over —
         then follow it to its end."""
         session_id = plan.session_id
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
@@ -3108,7 +3167,7 @@ class ContainerRunner:
                              "stromboli.transcript": f"{before.folder}/{before.size}"
                              if before else ""}
             spec = container_spec(
-                self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
+                self.cfg, req, name=run_container_name(run_id), home=self.sessions.host_home(
                     session_id), prompt_file=prompt_file,
                 secrets=self.credentials.mounts(secret_env),
                 user=agent_user(self.cfg, self.rootless),
@@ -3128,7 +3187,8 @@ class ContainerRunner:
         try:
             if resume is None:
                 exit_code, killed_for = await self._container(image, command, spec, feed,
-                                                              timeout, session_id, keep)
+                                                              timeout, session_id, keep,
+                                                              on_created)
             else:
                 exit_code, killed_for = await self._supervise(resume["id"], feed, timeout,
                                                               session_id, keep)
@@ -3169,8 +3229,10 @@ class ContainerRunner:
         return output, usage, structured_output(output)
 
     async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
-                         timeout: float, session_id: str, keep: bool) -> tuple[int, str | None]:
-        """Create the container, then supervise it from its start."""
+                         timeout: float, session_id: str, keep: bool,
+                         on_created: Callable[[str], Awaitable[None]] | None = None
+                         ) -> tuple[int, str | None]:
+        """Create the container, tell `on_created`, then supervise it from its start."""
         creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
                                                           **spec))
         try:
@@ -3183,19 +3245,24 @@ class ContainerRunner:
             raise
         except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
-        return await self._supervise(cid, feed, timeout, session_id, keep, created=True)
+        return await self._supervise(cid, feed, timeout, session_id, keep, created=True,
+                                     on_created=on_created)
 
     async def _supervise(self, cid: str, feed: RunFeed, timeout: float, session_id: str,
-                         keep: bool, created: bool = False) -> tuple[int, str | None]:
+                         keep: bool, created: bool = False,
+                         on_created: Callable[[str], Awaitable[None]] | None = None
+                         ) -> tuple[int, str | None]:
         """Stream a container's output into the feed until it exits (attached before the
         start of a new one, so nothing is lost; one found after a restart replays its
         output from the start, or from its log once it has exited), within the timeout and
         the home's quota; then remove it — unless it is a job's and the daemon is detaching
-        (a shutdown: the next start takes it over).
+        (a shutdown: the next start takes it over). A new one is told to `on_created` first.
         → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
         self.metrics.active_containers += 1
         detached = cancelled = False
         try:
+            if on_created is not None:
+                await asyncio.shield(on_created(cid))
             # A restart may come between create and start: such a container starts now.
             created = created or await self.podman.call(self.podman.state, cid) in NOT_STARTED
             if created:
@@ -3431,9 +3498,6 @@ class JobManager:
     async def submit(self, req: RunRequest, key: str = "") -> tuple[dict, bool]:
         """Queue a job; with an Idempotency-Key, the job that key already names (for the
         same request; 409 for another). → (job, whether it is new)."""
-        if await self.store.call(self.store.count_pending) >= self.cfg.jobs_max_queued:
-            raise ApiError(429, f"too many queued jobs ({self.cfg.jobs_max_queued}): retry "
-                                "later", {"Retry-After": "5"})
         # Shielded: a client that hangs up mid-way must not leave a row without its task.
         return await asyncio.shield(self._submit(req, key))
 
@@ -3448,14 +3512,19 @@ class JobManager:
         job = {"id": new_id("job"), "status": "pending", "session_id": session_id,
                "run_id": new_id("run"), "request": req.to_json(), "created_at": now,
                "updated_at": now}
-        if key:
-            taken = await self.store.call(self.store.insert_job_once, job, key, digest)
-            if taken is not None:
-                if taken["request_hash"] != digest:
-                    raise Conflict("Idempotency-Key already used for a different request")
-                return await self.get(taken["job_id"]), False
-        else:
-            await self.store.call(self.store.insert_job, job)
+        limit = self.cfg.jobs_max_queued
+        try:
+            if key:
+                taken = await self.store.call(self.store.insert_job_once, job, key, digest, limit)
+                if taken is not None:
+                    if taken["request_hash"] != digest:
+                        raise Conflict("Idempotency-Key already used for a different request")
+                    return await self.get(taken["job_id"]), False
+            else:
+                await self.store.call(self.store.insert_job, job, limit)
+        except QueueFull:
+            raise ApiError(429, f"too many queued jobs ({limit}): retry later",
+                           {"Retry-After": "5"}) from None
         self._start(job)
         return job, True
 
@@ -3475,12 +3544,16 @@ class JobManager:
         async def end(result: RunResult | None, error: Exception | None) -> None:
             ended.append(True)
             await self._finish(job, self._outcome(job, result, error))
+
+        async def created(cid: str) -> None:  # the one container a restart may take over
+            await self.store.call(functools.partial(self.store.update_job, job["id"],
+                                                    container_id=cid))
         try:
             plan = SessionPlan.of(req.claude, fork_id=job["session_id"])
             if resume is not None:  # its events are replayed from the container's start
                 await self.store.call(self.store.delete_run_events, job["run_id"])
             await self.runner.run(req, job["run_id"], plan, {"stromboli.job": job["id"]},
-                                  None if resume else started, end, resume)
+                                  None if resume else started, end, resume, created)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # failed before it had a slot
@@ -3511,8 +3584,8 @@ class JobManager:
             return
         self.metrics.run_status(changes["status"])
         final = await self.store.call(self.store.get_job, job["id"])
-        if final and final["request"].get("webhook_url"):
-            self.webhooks.notify(final["request"]["webhook_url"], final)
+        if final and final["webhook_url"]:
+            self.webhooks.notify(final["webhook_url"], final)
 
     async def cancel(self, job_id: str) -> None:
         # Shielded: once the row says cancelled, the container must go too.
@@ -3532,8 +3605,8 @@ class JobManager:
         if task:
             task.cancel()
             await asyncio.wait({task}, timeout=20)  # the container is gone when this returns
-        if job["request"].get("webhook_url"):
-            self.webhooks.notify(job["request"]["webhook_url"],
+        if job["webhook_url"]:
+            self.webhooks.notify(job["webhook_url"],
                                  await self.store.call(self.store.get_job, job_id))
 
     async def get(self, job_id: str) -> dict:
@@ -3545,12 +3618,17 @@ class JobManager:
     async def recover(self) -> None:
         """At startup, before any run may start: take over the containers of the jobs that
         were running (they outlive the daemon), fail the running jobs whose container is
-        gone, requeue the pending ones, and remove every other leftover container."""
+        gone, requeue the pending ones, and remove every other leftover container. A job's
+        container is the one whose id its row recorded — or, when a crash came before the id
+        was (during the create), the one with its run's name: labels prove nothing (an
+        image's labels are merged into its containers'), a name is the daemon's choice."""
         found = await self.runner.instance_containers()
-        containers = {c["labels"].get("stromboli.job") or c["id"]: c for c in found}
+        containers = {c["id"]: c for c in found}
+        named = {c["name"]: c["id"] for c in found}
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "running":
-                container = containers.pop(job["id"], None)
+                cid = job["container_id"] or named.get(run_container_name(job["run_id"]), "")
+                container = containers.pop(cid, None)
                 if container is not None:
                     log.info("taking over a job's container", extra=fields(
                         job_id=job["id"], container=container["id"][:12]))
@@ -3564,11 +3642,11 @@ class JobManager:
             self._start(job)
         for container in containers.values():  # runs of clients that are gone, old jobs
             log.info("removing leftover agent container", extra=fields(
-                container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
+                container=container["id"][:12]))
             await self.runner.destroy(container["id"])
         for job, made in await self.store.call(self.store.undelivered,
                                                self.cfg.webhook_max_attempts):
-            self.webhooks.notify(job["request"]["webhook_url"], job, made)
+            self.webhooks.notify(job["webhook_url"], job, made)
 
     async def cleanup_forever(self) -> None:
         while True:
@@ -5773,16 +5851,23 @@ def too_many_failures(app: Stromboli, retry: int) -> web.Response:
                          {"Retry-After": str(retry)})
 
 
-async def read_json(request: web.Request, prefix: str = "") -> Any:
+async def read_json(request: web.Request, prefix: str = "", kept: bool = False) -> Any:
+    """The body as JSON. A `kept` one (a run's or an agent's request: a job or an agent
+    keeps it) is bounded by agent.max_request_bytes, refused unread when it says it is
+    larger."""
     cfg = state(request).cfg
+    limit = cfg.agent_max_request_bytes if kept else cfg.server_max_body_bytes
+    if (request.content_length or 0) > limit:
+        raise body_too_large(limit, kept)
     try:  # a body trickled in slowly must not hold the handler forever
         raw = await asyncio.wait_for(request.read(), cfg.server_body_timeout)
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body too large (limit "
-                            f"{cfg.server_max_body_bytes} bytes)") from None
+        raise body_too_large(limit, kept) from None
     except asyncio.TimeoutError:
         raise ApiError(408, "request body not received within "
                             f"{format_duration(cfg.server_body_timeout)}") from None
+    if len(raw) > limit:
+        raise body_too_large(limit, kept)
     if not raw.strip():
         raise BadRequest(f"{prefix}request body is empty")
     try:  # a large body is parsed off the event loop
@@ -5792,6 +5877,11 @@ async def read_json(request: web.Request, prefix: str = "") -> Any:
         raise BadRequest(f"{prefix}invalid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest(f"{prefix}invalid JSON: nested too deeply") from None
+
+
+def body_too_large(limit: int, kept: bool) -> ApiError:
+    setting = "agent.max_request_bytes" if kept else "server.max_body_bytes"
+    return ApiError(413, f"request body too large (limit {limit} bytes, {setting})")
 
 
 def refuse_constant(name: str) -> None:
@@ -5852,7 +5942,7 @@ async def claude_status(request: web.Request) -> web.Response:
              (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    req = RunRequest.parse(await read_json(request, "Invalid request: ", kept=True), app.cfg)
     require_running(app)
     require_configured(app)
     try:
@@ -5884,7 +5974,7 @@ async def run_sync(request: web.Request) -> web.Response:
              (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    req = RunRequest.parse(await read_json(request, "Invalid request: ", kept=True), app.cfg)
     require_running(app)
     require_configured(app)
     if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
@@ -6051,13 +6141,19 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     return response
 
 
+LAST_EVENT_ID_MAX = 2 ** 63 - 1  # the largest integer SQLite takes
+
+
 def last_event_id(request: web.Request) -> int:
     """The Last-Event-ID header (or last_event_id query parameter) of a resumed stream."""
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
     try:
-        return max(-1, int(last))
+        after = int(last)
     except ValueError:
         raise BadRequest("Last-Event-ID must be an integer") from None
+    if after > LAST_EVENT_ID_MAX:  # checked before the stream starts: no error inside it
+        raise BadRequest(f"Last-Event-ID must be at most {LAST_EVENT_ID_MAX}")
+    return max(-1, after)
 
 
 async def stored_events(store: Store, run_id: str, after: int):
@@ -6106,7 +6202,7 @@ async def get_job(request: web.Request) -> web.Response:
     if job["status"] == "pending":
         places = await app.store.call(app.store.queue_positions)
         body["queue_position"] = places.get(job["id"])
-    if job["request"].get("webhook_url"):
+    if job.get("webhook_url"):
         attempts = await app.store.call(app.store.deliveries, job["id"])
         body["webhook_deliveries"] = [drop_none({**a, "at": rfc3339(a["at"])}) for a in attempts]
     return json_response(body)
@@ -6132,7 +6228,8 @@ async def cancel_job(request: web.Request) -> web.Response:
              param("Last-Event-ID", "header", "integer", "Send only events after this id"),
              param("last_event_id", "query", "integer", "Same as the Last-Event-ID header")),
      produces=("text/event-stream", "text/plain"),
-     ok=(200, "Event stream of output lines", None), errors=((404, "Job not found"),))
+     ok=(200, "Event stream of output lines", None),
+     errors=((400, "Invalid Last-Event-ID"), (404, "Job not found")))
 async def job_stream(request: web.Request) -> web.StreamResponse:
     job = await state(request).jobs.get(request.match_info["id"])
     return await replay_stream(request, job["run_id"])
@@ -6164,7 +6261,8 @@ async def list_agents(request: web.Request) -> web.Response:
      error_schema="internal_api.errorBody")
 async def create_agent(request: web.Request) -> web.Response:
     app = state(request)
-    req = AgentRequest.parse(await read_json(request, "agent: invalid request: "), app.cfg)
+    req = AgentRequest.parse(await read_json(request, "agent: invalid request: ", kept=True),
+                             app.cfg)
     require_running(app)
     require_configured(app)
     agent = await app.agents.spawn(req)
@@ -6200,7 +6298,7 @@ async def delete_agent(request: web.Request) -> web.Response:
                    "restart (extension), with Retry-After")),
      error_schema="internal_api.errorBody")
 async def send_to_agent(request: web.Request) -> web.Response:
-    body = await read_json(request, "agent: invalid request: ")  # bound first, as upstream
+    body = await read_json(request, "agent: invalid request: ", kept=True)  # first, as upstream
     agent = state(request).agents.get(request.match_info["id"])
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():

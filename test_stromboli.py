@@ -939,6 +939,11 @@ BAD_FIELDS = [  # beside a valid prompt
      "invalid timeout duration: must be at most 168h"),
     ("compose", {"podman": {"environment": {"type": "compose"}}},
      "compose environments are not supported by this server"),
+    ("environment key", {"podman": {"environment": {"image": "x"}}},
+     'Invalid request: unknown podman.environment key "image" (known: type, path, service, '
+     'build_timeout)'),
+    ("environment value", {"podman": {"environment": {"service": ["dev"]}}},
+     "Invalid request: podman.environment.service must be a string"),
     ("workdir relative", {"workdir": "work"},
      "workdir validation failed: workdir must be an absolute path starting with /"),
     ("workdir traversal", {"workdir": "/work/../etc"},
@@ -972,7 +977,9 @@ def test_run_request_keeps_valid_options_and_drops_unknown_and_empty_ones():
                    "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"},
                    "output_format": None, "not_an_option": 1},
         "podman": {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144,
-                   "image": "", "lifecycle": None}}, stromboli.Config())
+                   "image": "", "lifecycle": None,
+                   "environment": {"type": "", "path": "/x.yml", "service": None}}},
+        stromboli.Config())
     assert req.claude == {"model": "opus", "session_id": sid, "resume": True, "max_turns": 0,
                           "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"}}
     assert req.podman == {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144}
@@ -1655,6 +1662,48 @@ def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
         first = await agent.follow(0).__anext__()
         assert first[0] == ids[0]  # the oldest kept, not a hole
     asyncio.run(scenario())
+
+
+# -- the store's jobs -----------------------------------------------------------------
+
+@pytest.mark.fast
+def test_store_migrates_an_old_database_and_shows_jobs_without_their_request(tmp_path):
+    path = tmp_path / "stromboli.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the jobs table of release 1
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id "
+                   "TEXT NOT NULL, run_id TEXT NOT NULL, request TEXT NOT NULL, output TEXT, "
+                   "error TEXT, structured_output TEXT, usage TEXT, crash_info TEXT, created_at "
+                   "REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL)")
+        db.execute("INSERT INTO jobs (id, status, session_id, run_id, request, created_at, "
+                   "updated_at) VALUES ('job-old', 'running', 's', 'run-old', ?, 1, 1)",
+                   (json.dumps({"prompt": "p" * 1000, "webhook_url": "http://h/x"}),))
+        db.commit()
+    store = stromboli.Store(path)
+
+    def on_its_thread(fn, *args):
+        return store._executor.submit(fn, *args).result()
+    try:
+        request = {"prompt": "q", "webhook_url": ""}
+        for i in range(8):
+            on_its_thread(store.insert_job, {
+                "id": f"job-{i}", "status": "completed", "session_id": "s", "run_id": f"run-{i}",
+                "request": request, "output": "o" * (16 * 1024 ** 2), "created_at": 2 + i,
+                "updated_at": 2 + i}, 100)
+        old = on_its_thread(store.get_job, "job-old")
+        assert "request" not in old and old["webhook_url"] == "http://h/x"
+        for i in range(8):
+            assert on_its_thread(store.get_job, f"job-{i}")["output"]
+        cached = sum(len(job.get("output") or "") for job in store._jobs.values())
+        assert 0 < cached <= store.JOB_CACHE_BYTES  # not all 8 outputs of 16 MiB
+        jobs, total = on_its_thread(store.list_jobs, None, 1000, 0)
+        assert total == 9 and not any("request" in job for job in jobs)
+        with pytest.raises(stromboli.QueueFull):  # no place left in a queue of 0
+            on_its_thread(store.insert_job, {**jobs[0], "id": "job-x", "status": "pending",
+                                             "request": request}, 0)
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert "container_id" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
 
 
 # -- JWT ------------------------------------------------------------------------------
@@ -2668,6 +2717,168 @@ def test_webhook_is_delivered_signed(make_daemon, model):
     assert [a["status_code"] for a in attempts] == [500, 200]
     assert [a["attempt"] for a in attempts] == [1, 2]
 
+
+# -- jobs against a hostile client or image (issue 18) ------------------------------
+
+def labelled_image(name: str, labels: dict[str, str]) -> str:
+    """The test image with labels of its own, as any image may carry; → its reference."""
+    with podman_client() as client:
+        container = client.containers.create(IMAGE, ["true"])
+        try:
+            container.commit(repository=name, tag="test",
+                             changes=[f"LABEL {key}={value}" for key, value in labels.items()])
+        finally:
+            container.remove(force=True)
+    return f"{name}:test"
+
+
+def run_in_background(d: Daemon, body: dict) -> threading.Thread:
+    """A sync run whose client may be cut (the daemon is killed under it)."""
+    def run() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(d.url + "/run", json=body, timeout=60)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_image_labelled_as_another_job_is_not_taken_over_for_it(make_daemon, model, tmp_path):
+    """Podman merges an image's labels into its containers'. An image labelled
+    `stromboli.job=<a running job>` must not make a restarted daemon take its container over
+    for that job: each job keeps its own output, and the forged containers are removed."""
+    state, tag = tmp_path / "state", marker()
+    d = make_daemon(state_dir=state)
+    victim = d.http.post("/run/async", json={"prompt": f"sleep 6 victim-{tag}"}).json()
+    image = labelled_image(f"localhost/stromboli-forged-{tag}", {
+        "stromboli.job": victim["job_id"], "stromboli.deadline": "1", "stromboli.init": "1",
+        "stromboli.transcript": "forged/1", "stromboli.run": "run-forged",
+        "managed-by": "stromboli"})
+    try:
+        own = wait_until(lambda: agent_containers(f"stromboli.job={victim['job_id']}"), 15,
+                         what="the victim's container")[0].id
+        # Forged containers listed before and after the victim's, whatever Podman's order.
+        run_in_background(d, {"prompt": f"sleep 6 forged-a-{tag}", "podman": {"image": image}})
+        other = d.http.post("/run/async", json={"prompt": f"sleep 6 other-{tag}",
+                                                "podman": {"image": image}}).json()["job_id"]
+        run_in_background(d, {"prompt": f"sleep 6 forged-b-{tag}", "podman": {"image": image}})
+        for name in ("victim", "other", "forged-a", "forged-b"):
+            wait_until(lambda: model.requests_with(f"{name}-{tag}"), 30, what=f"{name}'s CLI")
+        claimed = {c.id for c in agent_containers(f"stromboli.job={victim['job_id']}")}
+        assert own in claimed and len(claimed) == 3, claimed  # the image's label took effect
+        d.stop(signal.SIGKILL)
+        again = make_daemon(state_dir=state)
+        job = again.wait_job(victim["job_id"])
+        assert job["status"] == "completed", job
+        assert f"echo: sleep 6 victim-{tag}" in job["output"] and "forged" not in job["output"]
+        job = again.wait_job(other)  # the daemon's own labels won over the image's
+        assert job["status"] == "completed" and f"echo: sleep 6 other-{tag}" in job["output"], job
+        wait_until(lambda: not claimed & {c.id for c in agent_containers(
+            f"stromboli.instance={again.instance}")}, 20, what="the forged containers' removal")
+    finally:
+        with podman_client() as client:
+            client.images.remove(image, force=True)
+
+
+def test_the_queue_bound_holds_against_concurrent_submits(make_daemon):
+    """60 submits at once against a queue of 5 (the run slot busy): 5 are queued, in each of
+    a few rounds (a race is won by chance)."""
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_MAX_QUEUED_JOBS="5")
+    first = d.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    d.wait_job(first, ("running",))
+    for _ in range(4):  # main's code let 6 to 23 in, in 5 rounds of 7
+        start, codes = threading.Barrier(60), []
+
+        def submit(i: int) -> None:
+            start.wait()
+            codes.append(httpx.post(d.url + "/run/async", json={"prompt": f"queued {i}"},
+                                    timeout=60).status_code)
+        clients = [threading.Thread(target=submit, args=(i,)) for i in range(60)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        assert sorted(codes) == [202] * 5 + [429] * 55, codes
+        pending = d.http.get("/jobs", params={"status": "pending"}).json()
+        assert pending["total"] == 5
+        for job in pending["jobs"]:  # emptied for the next round: none of them starts
+            assert d.http.delete(f"/jobs/{job['id']}").status_code == 200
+    assert d.http.delete(f"/jobs/{first}").status_code == 200
+
+
+def test_a_last_event_id_sqlite_cannot_hold_is_a_400_before_any_stream(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    run_id = daemon.wait_job(job_id)["run_id"]
+    streams = ((f"/jobs/{job_id}/stream", {}), ("/run/stream", {"run_id": run_id}))
+    for path, params in streams:
+        for last in (str(2 ** 63), str(2 ** 64), "9" * 40):
+            for header, query in (({"Last-Event-ID": last}, {}), ({}, {"last_event_id": last})):
+                r = daemon.http.get(path, params={**params, **query}, headers=header)
+                assert r.status_code == 400, (path, last, r.status_code, r.text[:200])
+                assert r.text == f"Last-Event-ID must be at most {2 ** 63 - 1}"
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(2 ** 63 - 1)})
+        assert r.status_code == 200 and r.text == ""  # nothing after the last possible id
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(-2 ** 64)})
+        assert r.status_code == 200 and r.text.startswith("id: 0\n")  # from the start
+    assert "Traceback" not in daemon.log()
+
+
+def no_history(prompt: str) -> dict:
+    """A job that fails at once, before any container (a resume of a session without
+    history): what it keeps is its request."""
+    return {"prompt": prompt, "claude": {"resume": True, "session_id": str(uuid.uuid4())}}
+
+
+def test_huge_requests_are_413_and_leave_nothing_behind(make_daemon):
+    d = make_daemon()
+    body = json.dumps(no_history("x" * (9 * 1024 ** 2))).encode()
+    json_type = {"Content-Type": "application/json"}
+    for _ in range(40):
+        r = d.http.post("/run/async", content=body, headers=json_type)
+        assert r.status_code == 413, r.text[:200]
+        assert run_error(r) == "request body too large (limit 4194304 bytes, " \
+                               "agent.max_request_bytes)"
+    assert d.http.post("/run", content=body, headers=json_type).status_code == 413
+    for path in ("/agents", "/agents/agent-nope/send"):
+        r = d.http.post(path, content=body, headers=json_type)
+        assert r.status_code == 413 and "agent.max_request_bytes" in r.json()["error"]
+    assert d.http.get("/jobs").json()["total"] == 0
+    stored = sum(f.stat().st_size for f in d.state_dir.glob("stromboli.db*"))
+    assert stored < 1024 ** 2, f"the store grew to {stored} bytes"
+
+
+def test_listing_jobs_reads_no_requests(make_daemon):
+    d = make_daemon()
+    ids = [d.http.post("/run/async", json=no_history(f"{i} " + "y" * (3 * 1024 ** 2))).json()
+           ["job_id"] for i in range(20)]
+    for job_id in ids:
+        assert d.wait_job(job_id)["status"] == "failed"
+    peak = memory_kib(d.proc.pid, "VmHWM")
+    listed = d.http.get("/jobs")
+    assert listed.json()["total"] == 20 and len(listed.content) < 50_000
+    grown = memory_kib(d.proc.pid, "VmHWM") - peak
+    assert grown < 20 * 1024, f"GET /jobs of 60 MB of requests took the peak RSS up {grown} KiB"
+
+
+def test_podman_environment_takes_only_upstreams_single_container_form(daemon):
+    refused = (({"junk": "x" * 1000}, 'unknown podman.environment key "junk"'),
+               ({"type": "", "path": {"a": [1] * 1000}}, "podman.environment.path must be a "
+                                                         "string"),
+               ({"type": "compose", "path": "/x.yml", "service": "dev"},
+                "compose environments are not supported by this server"))
+    for environment, message in refused:
+        for path in ("/run/async", "/run", "/agents"):
+            r = daemon.http.post(path, json={"prompt": "hello",
+                                             "podman": {"environment": environment}})
+            assert r.status_code == 400 and message in r.json()["error"], (path, r.text[:200])
+    for environment in ({}, {"type": ""}, {"type": None, "path": "/x.yml", "service": "dev",
+                                           "build_timeout": "15m"}):
+        job_id = daemon.http.post("/run/async", json={
+            "prompt": "hello", "podman": {"environment": environment}}).json()["job_id"]
+        assert daemon.wait_job(job_id)["status"] == "completed"
+        with contextlib.closing(sqlite3.connect(daemon.state_dir / "stromboli.db")) as db:
+            kept = db.execute("SELECT json_extract(request, '$.podman') FROM jobs WHERE id=?",
+                              (job_id,)).fetchone()[0]
+        assert json.loads(kept) == {}  # nothing of it is kept
 
 # ---------------------------------------------------------------------------
 # Sessions — resume, continue, fork, serialisation, the history API
