@@ -773,6 +773,41 @@ def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
 
 
 @pytest.mark.fast
+def test_safe_home_deletes_a_deep_home_without_following_links(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (outside / "keep").write_text("root only")
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    for depth in range(1200):  # past Python's recursion limit (1000)
+        os.mkdir("d", dir_fd=fd)
+        if depth % 100 == 0:
+            os.symlink(outside, "link", dir_fd=fd)
+            os.symlink(outside / "keep", f".stromboli-removing-{depth // 100}", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    store.delete(sid)
+    assert not os.path.lexists(home)
+    assert (outside / "keep").read_text() == "root only"
+
+
+@pytest.mark.fast
+def test_a_measured_home_counts_blocks_and_entries_not_sizes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    empty = store.size(sid)
+    with open(home / "sparse", "wb") as f:
+        f.truncate(1024 ** 3)  # 1 GiB that takes no block
+    assert store.size(sid) - empty < 4096
+    with open(home / "hidden", "wb") as f:  # fallocate --keep-size: blocks, no size
+        subprocess.run(["fallocate", "--keep-size", "-l", "8M", f.name], check=True)
+    assert os.path.getsize(home / "hidden") == 0
+    assert store.size(sid) - empty >= 8 * 1024 ** 2
+    before = store.size(sid)
+    for i in range(1000):
+        os.symlink("x", home / f"link{i}")
+    assert store.size(sid) - before >= 1000 * stromboli.ENTRY_BYTES
+
+
+@pytest.mark.fast
 def test_volume_targets_that_shadow_the_image_are_refused():
     cfg = stromboli.Config(agent_allow_all_volumes=True)
     for target in ("/", "/usr", "/usr/lib", "/lib64", "/opt", "/opt/claude", "/home",
@@ -4247,17 +4282,21 @@ def test_a_deeply_nested_home_is_deleted(make_daemon):
     d = make_daemon()
     session = str(uuid.uuid4())
     deep = "d/" * 1100
-    r = agent_does(d, f"mkdir -p ~/{deep} && ln -s /etc/hostname ~/{deep}link && "
-                      "find ~ -type d | wc -l", {"session_id": session})
-    assert re.search(r"\b11\d\d\b", r.json()["output"]), r.text[:500]
-    r = d.http.delete(f"/sessions/{session}")
-    assert r.status_code == 200, r.text[:300]
-    assert r.json() == {"success": True, "session_id": session}
-    assert not os.path.lexists(session_home(d, session))
-    assert not (d.state_dir / "sessions" / ".images" / f"{session}.img").exists()
-    assert not mount_points_below(d.state_dir)
-    assert os.path.isfile("/etc/hostname")
-    assert d.http.delete(f"/sessions/{session}").status_code == 404
+    try:
+        r = agent_does(d, f"mkdir -p ~/{deep} && ln -s /etc/hostname ~/{deep}link && "
+                          "find ~ -type d | wc -l", {"session_id": session})
+        assert re.search(r"\b11\d\d\b", r.json()["output"]), r.text[:500]
+        r = d.http.delete(f"/sessions/{session}")
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"success": True, "session_id": session}
+        assert not os.path.lexists(session_home(d, session))
+        assert not (d.state_dir / "sessions" / ".images" / f"{session}.img").exists()
+        assert not mount_points_below(d.state_dir)
+        assert os.path.isfile("/etc/hostname")
+        assert d.http.delete(f"/sessions/{session}").status_code == 404
+    finally:  # a home left behind would break pytest's own clean-up (rmtree recurses)
+        unmount_below(d.state_dir)
+        subprocess.run(["rm", "-rf", str(session_home(d, session))], timeout=60)
 
 
 def test_the_container_log_and_tmp_are_bounded(make_daemon):
