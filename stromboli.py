@@ -2330,6 +2330,9 @@ def session_images(cfg: Config) -> HomeImages | None:
     host_problem = HomeImages.unavailable()
     problem = host_problem or ("the quota is under 1m, too small for a filesystem"
                                if quota < 1024 ** 2 else None)
+    if mode == "auto" and not problem and cfg.sessions_host_path != cfg.sessions_path:
+        problem = "agent.sessions_host_dir is set: Podman sees the sessions dir elsewhere, " \
+                  "where the daemon's mounts may not reach (set loop if they do)"
     wanted = mode == "loop" or (mode == "auto" and quota > 0)
     if wanted and problem:
         if mode == "loop":

@@ -1204,6 +1204,19 @@ def test_config_validate_messages():
         "metrics address: invalid address '127.0.0.1:99999' (use host:port or :port)"]
 
 
+@pytest.mark.fast
+def test_config_validates_the_session_filesystem_and_the_tmp_size():
+    def problems(**settings):
+        return stromboli.Config(auth_enabled=False, **settings).validate()
+    assert problems(agent_session_filesystem="zfs") == [
+        "agent session_filesystem must be auto, loop or plain"]
+    assert problems(agent_session_filesystem="loop", agent_session_quota=0) == [
+        "agent session_filesystem loop needs a session_quota of at least 1m (the size of each "
+        "home's filesystem)"]
+    assert problems(agent_tmp_size=4096) == ["agent tmp_size must be >= 1m"]
+    assert problems(agent_session_filesystem="plain", agent_session_quota=0) == []
+
+
 # -- rate limiting ----------------------------------------------------------------
 
 @pytest.mark.fast
@@ -4255,6 +4268,41 @@ def test_a_session_home_holds_no_more_than_its_quota_on_the_host(make_daemon):
     images = d.state_dir / "sessions" / ".images"
     assert not session_home(d, session).exists() and not (images / f"{session}.img").exists()
     assert len(list(images.iterdir())) == len(DISK_FILLERS) - 1
+
+
+def test_a_home_is_mounted_once_across_restarts_and_again_after_a_reboot(make_daemon, tmp_path):
+    """A job's container outlives a crash of the daemon and keeps writing into its home: the
+    next start must not mount the image a second time. After a reboot (nothing mounted)
+    the next start mounts it again, with the conversation in it."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    session = str(uuid.uuid4())
+    home = str(session_home(d, session))
+    image = str(state / "sessions" / ".images" / f"{session}.img")
+
+    def mounted_once() -> None:
+        assert mount_points_below(state) == [home]
+        loops = subprocess.run(["losetup", "-j", image], capture_output=True, text=True).stdout
+        assert len(loops.splitlines()) == 1, loops
+
+    job = d.http.post("/run/async", json={"prompt": "sleep 4 first",
+                                           "claude": {"session_id": session}}).json()
+    d.wait_job(job["job_id"], ("running",))
+    wait_until(lambda: agent_containers(f"stromboli.job={job['job_id']}"), 15, what="container")
+    d.stop(signal.SIGKILL)
+    again = make_daemon(state_dir=state)
+    assert again.wait_job(job["job_id"])["status"] == "completed"
+    mounted_once()
+    again.stop()
+    unmount_below(state)  # a reboot
+    third = make_daemon(state_dir=state)
+    mounted_once()
+    r = third.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                    "resume": True}})
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+    history = third.http.get(f"/sessions/{session}/messages").json()
+    assert history["total"] >= 4, history
+    mounted_once()
 
 
 def test_a_measured_home_counts_allocated_blocks_and_links(make_daemon):
