@@ -67,7 +67,7 @@ import time
 import tomllib
 import urllib.parse
 import uuid
-from typing import Any, Awaitable, BinaryIO, Callable, Iterable
+from typing import Any, Awaitable, BinaryIO, Callable, Iterable, Iterator
 
 import aiohttp
 import jwt
@@ -267,6 +267,14 @@ class Config:
     agent_session_quota: int = setting(1024 ** 3, "agent.session_quota",
                                        "STROMBOLI_AGENT_SESSION_QUOTA", kind="size",
                                        help="size limit of one session home (0 = none)")
+    agent_session_filesystem: str = setting("auto", "agent.session_filesystem",
+                                            "STROMBOLI_AGENT_SESSION_FILESYSTEM",
+                                            help="loop (each home its own filesystem: the "
+                                                 "kernel enforces the quota), plain (measured) "
+                                                 "or auto")
+    agent_tmp_size: int = setting(256 * 1024 ** 2, "agent.tmp_size", "STROMBOLI_AGENT_TMP_SIZE",
+                                  kind="size", help="size of the tmpfs at /tmp and /var/tmp of "
+                                                    "each container (within its memory)")
     agent_userns_base: int = setting(1_000_000_000, "agent.userns_base",
                                      "STROMBOLI_AGENT_USERNS_BASE", kind="int",
                                      help="rootful: host uid of container uid 0 (0 = no userns)")
@@ -504,6 +512,13 @@ class Config:
             errors.append("agent max_line must be >= 1k and max_output >= max_line")
         if self.agent_max_request_bytes < 16 * 1024:  # /run/stream's 8 KiB query fits
             errors.append("agent max_request_bytes must be >= 16k")
+        if self.agent_session_filesystem not in ("auto", "loop", "plain"):
+            errors.append("agent session_filesystem must be auto, loop or plain")
+        elif self.agent_session_filesystem == "loop" and self.agent_session_quota < 1024 ** 2:
+            errors.append("agent session_filesystem loop needs a session_quota of at least 1m "
+                          "(the size of each home's filesystem)")
+        if self.agent_tmp_size < 1024 ** 2:
+            errors.append("agent tmp_size must be >= 1m")
         if not 0 <= self.agent_userns_base <= 2 ** 32 - 2 ** 16 - 2:
             errors.append("agent userns_base must be between 0 and 4294901758")
         for label, address in (("server", self.server_address), ("metrics", self.metrics_address)):
@@ -1710,6 +1725,7 @@ MESSAGES_PAGE_BYTES = 4 * 1024 * 1024  # the JSON of a page of history messages,
 CUT_MARKER = " [stromboli: truncated, {} characters dropped]"
 CUT_MARKER_ROOM = 64  # bytes of JSON a marker takes, at most
 MAX_HOME_DEPTH = 128
+ENTRY_BYTES = 512  # what a measured home's entry costs besides its blocks: inode, name
 INIT_MARKER = ".stromboli-initialized"
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
@@ -2005,13 +2021,14 @@ class SafeHome:
             os.close(fd)
 
     @staticmethod
-    def entries(fd: int) -> list[tuple[str, os.stat_result]]:
-        """The regular files and folders in a folder, by lstat."""
+    def entries(fd: int, every: bool = False) -> list[tuple[str, os.stat_result]]:
+        """The regular files and folders in a folder (or, with `every`, all its entries:
+        links, FIFOs...), by lstat."""
         found = []
         with os.scandir(fd) as listing:
             for entry in listing:
                 info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                if every or stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
                     found.append((entry.name, info))
         return found
 
@@ -2041,17 +2058,72 @@ class SafeHome:
 
     @staticmethod
     def remove(fd: int, name: str) -> None:
-        """Remove whatever stands at a name (a link itself, never its target)."""
+        """Remove whatever stands at a name (a link itself, never its target; a folder
+        with everything in it)."""
         try:
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
-            shutil.rmtree(name, dir_fd=fd)  # fd-based: follows no link
+            SafeHome._empty(fd, name)
+            os.rmdir(name, dir_fd=fd)
         else:
             os.unlink(name, dir_fd=fd)
 
-    def walk(self) -> Iterable[tuple[tuple[str, ...], int, list[tuple[str, os.stat_result]]]]:
+    @staticmethod
+    def _empty(parent: int, name: str) -> None:
+        """Empty a folder however deeply it nests, without recursion and with two fds:
+        the folders inside each child folder are moved up into the folder (a rename
+        follows no link), then the child, which holds no folder any more, is emptied and
+        removed; until no child folder is left."""
+        top = os.open(name, O_DIR, dir_fd=parent)
+        moved = itertools.count()
+        try:
+            while children := SafeHome._unlink_files(top):
+                for child in children:
+                    try:
+                        child_fd = os.open(child, O_DIR, dir_fd=top)
+                    except OSError as exc:  # gone, or no folder any more: the next round
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            continue
+                        raise
+                    try:
+                        for inner in SafeHome._unlink_files(child_fd):
+                            SafeHome._move_up(child_fd, inner, top, moved)
+                    finally:
+                        os.close(child_fd)
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        os.rmdir(child, dir_fd=top)
+        finally:
+            os.close(top)
+
+    @staticmethod
+    def _unlink_files(fd: int) -> list[str]:
+        """Unlink everything in a folder but its folders → their names."""
+        folders = []
+        with os.scandir(fd) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.name)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+        return folders
+
+    @staticmethod
+    def _move_up(source: int, name: str, target: int, moved: Iterator[int]) -> None:
+        """Move a folder into `target` under a name that is free there."""
+        while True:
+            try:
+                return os.rename(name, f".stromboli-removing-{next(moved)}", src_dir_fd=source,
+                                 dst_dir_fd=target)
+            except OSError as exc:  # the agent's own entry has that name: take the next
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR,
+                                     errno.EISDIR):
+                    raise
+
+    def walk(self, every: bool = False
+             ) -> Iterable[tuple[tuple[str, ...], int, list[tuple[str, os.stat_result]]]]:
         """(path parts, folder fd, entries) for the home and every folder below it,
         parents first, iteratively; each folder is reopened name by name from the home."""
         pending: list[tuple[str, ...]] = [()]
@@ -2061,15 +2133,23 @@ class SafeHome:
                 raise HomeError(f"session home is nested deeper than {MAX_HOME_DEPTH} folders")
             try:
                 with self.folder(*parts) as fd:
-                    entries = self.entries(fd)
+                    entries = self.entries(fd, every)
                     yield parts, fd, entries
             except FileNotFoundError:
                 continue  # replaced while we walked: it is not a folder any more
             pending += [(*parts, name) for name, info in entries if stat.S_ISDIR(info.st_mode)]
 
     def size(self) -> int:
-        return sum(info.st_size for _, _, entries in self.walk() for _, info in entries
-                   if stat.S_ISREG(info.st_mode))
+        """What the home costs the host's disk: the blocks allocated to each of its
+        entries (not their apparent size: a sparse or preallocated file counts what it
+        holds) plus an inode's worth per entry (links and empty files take no block)."""
+        return sum(info.st_blocks * 512 + ENTRY_BYTES for _, _, entries in self.walk(every=True)
+                   for _, info in entries)
+
+    def space(self) -> tuple[int, int]:
+        """(bytes used, bytes free) of the home's own filesystem."""
+        fs = os.fstatvfs(self.fd)
+        return (fs.f_blocks - fs.f_bfree) * fs.f_frsize, fs.f_bavail * fs.f_frsize
 
     def own_all(self) -> None:
         """Give the whole home to the owner (homes made for another uid). A file with
@@ -2082,7 +2162,16 @@ class SafeHome:
 
     def copy_to(self, target: "SafeHome", limit: int) -> None:
         """Copy the regular files and folders into another home; links, FIFOs and devices
-        are left out. HomeError past `limit` bytes (0 = no limit)."""
+        are left out. HomeError past `limit` bytes (0 = no limit) or when the target's own
+        filesystem is full."""
+        try:
+            self._copy_to(target, limit)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise HomeError(f"session home is at its quota ({exc.strerror})") from None
+
+    def _copy_to(self, target: "SafeHome", limit: int) -> None:
         total = 0
         for parts, fd, entries in self.walk():
             with target.folder(*parts, create=True) as out:
@@ -2102,6 +2191,171 @@ class SafeHome:
                         shutil.copyfileobj(source, copy, 1024 * 1024)
 
 
+def host_tool(name: str) -> str | None:
+    """A host program's path (the sbin folders too: they are not always on PATH)."""
+    return shutil.which(name, path=os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin",
+                                                     "/sbin")))
+
+
+def other_mount_namespace() -> bool:
+    """Whether the daemon runs in another mount namespace than PID 1 — and so, likely,
+    than Podman — as systemd's ProtectSystem=, PrivateTmp= and the like make it: Podman
+    would not see the daemon's mounts. Not allowed to look counts as no."""
+    try:
+        return os.stat("/proc/1/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+# No journal (a home is scratch space, and it is made in milliseconds), no reserved blocks,
+# inode tables left as the sparse file has them (zeros) rather than written at mount.
+MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-O", "^has_journal", "-E",
+                "lazy_itable_init=1,nodiscard,root_owner={owner}:{owner}")
+# `loop` sets the loop device up with autoclear (unmounting frees it); `discard` gives the
+# blocks of deleted files back to the host.
+HOME_MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard,noinit_itable"
+MIN_FREE_SHARE = 100  # a home on its own filesystem with under 1/100 of it free is full
+
+
+class HomeImages:
+    """Session homes that are filesystems of their own: a sparse image file per home
+    (`<sessions dir>/.images/<sid>.img`, the quota's size, ext4) mounted on the home
+    through a loop device, so that the kernel holds a home at its quota (a write past it
+    is ENOSPC inside the container) and bounds its inodes. Mounts outlive the daemon on
+    purpose: a job's container may write into its home across a restart, and mounting an
+    image a second time (another loop device) would corrupt it. So a home is mounted only
+    when it is not mounted already, and unmounted only when its session is deleted. A home
+    that is a plain folder (made before, or in plain mode) stays one. All methods block
+    (mkfs, mount): call them through a thread."""
+
+    def __init__(self, root: pathlib.Path, size: int, owner: int, make_new: bool):
+        self.root, self.size, self.owner, self.make_new = root, size, owner, make_new
+        self.folder = root / ".images"
+        self._lock = threading.Lock()  # one mount (or unmount) at a time
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why homes cannot be images on this host, or None."""
+        if os.geteuid() != 0:
+            return "the daemon does not run as root"
+        if not os.path.exists("/dev/loop-control"):
+            return "the host has no loop devices (/dev/loop-control; try `modprobe loop`)"
+        missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if not host_tool(tool)]
+        if missing:
+            return f"{', '.join(missing)} not found (install e2fsprogs and mount)"
+        if other_mount_namespace():
+            return "the daemon runs in a mount namespace of its own (systemd's ProtectSystem=, " \
+                   "PrivateTmp=...), where Podman would not see its mounts"
+        return None
+
+    def image(self, session_id: str) -> pathlib.Path:
+        return self.folder / f"{session_id}.img"
+
+    def mounted(self, session_id: str) -> bool:
+        """Whether the home is a mount point (its own filesystem)."""
+        try:
+            return os.lstat(self.root / session_id).st_dev != os.stat(self.root).st_dev
+        except FileNotFoundError:
+            return False
+
+    def attach(self, session_id: str, create: bool) -> None:
+        """Mount the home's image unless it is mounted; with `create`, a home that does not
+        exist yet gets its image first (when new homes are images)."""
+        with self._lock:
+            image = self.image(session_id)
+            fresh = not image.exists()
+            if fresh:
+                if not (create and self.make_new) or os.path.lexists(self.root / session_id):
+                    return
+                self._make(image)
+            if not self.mounted(session_id):
+                self._mount(session_id, image, fresh)
+
+    def _make(self, image: pathlib.Path) -> None:
+        partial = image.with_suffix(".new")
+        try:
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                   0o600), "wb") as out:
+                out.truncate(self.size)
+            run_host_tool("mkfs.ext4", *(o.format(owner=self.owner) for o in MKFS_OPTIONS),
+                          str(partial))
+            os.replace(partial, image)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def _mount(self, session_id: str, image: pathlib.Path, fresh: bool) -> None:
+        home = self.root / session_id
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(home, 0o700)
+        run_host_tool("mount", "-t", "ext4", "-o", HOME_MOUNT_OPTIONS, str(image), str(home))
+        if fresh:  # the home looks as a folder would: the agent's, and nothing in it
+            os.chmod(home, 0o700)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(home / "lost+found")
+
+    def detach(self, session_id: str) -> None:
+        """Unmount a home and delete its image. Lazily: a container that still uses the
+        home (it outlived a restart) keeps its filesystem until it ends."""
+        with self._lock:
+            for _ in range(8):  # a mount stacked on another by hand: each goes
+                if not self.mounted(session_id):
+                    break
+                run_host_tool("umount", "--lazy", str(self.root / session_id))
+            self.image(session_id).unlink(missing_ok=True)
+
+    def attach_all(self) -> int:
+        """Mount every image that is not mounted (after a reboot) → how many were."""
+        mounted = 0
+        for image in self.folder.glob("*.img"):
+            session_id = image.stem
+            if not UUID_RE.match(session_id) or self.mounted(session_id):
+                continue
+            try:
+                self.attach(session_id, create=False)
+                mounted += 1
+            except (OSError, Unavailable) as exc:
+                log.warning("could not mount a session home", extra=fields(
+                    session_id=session_id, error=getattr(exc, "message", None) or str(exc)))
+        return mounted
+
+
+def session_images(cfg: Config) -> HomeImages | None:
+    """How session homes are made (agent.session_filesystem): images when asked for (loop)
+    or possible (auto), with a warning when the quota will only be measured; ConfigError
+    when loop is asked for and cannot be. Images made before are mounted whatever the
+    mode, when the host can."""
+    mode, quota = cfg.agent_session_filesystem, cfg.agent_session_quota
+    host_problem = HomeImages.unavailable()
+    problem = host_problem or ("the quota is under 1m, too small for a filesystem"
+                               if quota < 1024 ** 2 else None)
+    if mode == "auto" and not problem and cfg.sessions_host_path != cfg.sessions_path:
+        problem = "agent.sessions_host_dir is set: Podman sees the sessions dir elsewhere, " \
+                  "where the daemon's mounts may not reach (set loop if they do)"
+    wanted = mode == "loop" or (mode == "auto" and quota > 0)
+    if wanted and problem:
+        if mode == "loop":
+            raise ConfigError(f"agent.session_filesystem is loop, but {problem}")
+        log.warning("session homes are plain folders: their quota is only measured (every 2 s "
+                    "during a run), not enforced by the kernel", extra=fields(reason=problem))
+    if host_problem:
+        return None
+    return HomeImages(cfg.sessions_path, quota, cfg.agent_host_uid, make_new=wanted and not problem)
+
+
+def run_host_tool(name: str, *args: str) -> None:
+    """Run mkfs, mount or umount; Unavailable with its message when it fails."""
+    try:
+        done = subprocess.run([host_tool(name) or name, *args], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"session home: {name} failed: {exc}") from None
+    if done.returncode != 0:
+        message = " ".join((done.stderr or done.stdout).split())[:300]
+        raise Unavailable(f"session home: {name} failed: {message}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Transcript:
     """Where a conversation's transcript is: its project folder and file name."""
@@ -2118,8 +2372,9 @@ class SessionStore:
     Every disk access goes through SafeHome and blocks: call these through a thread."""
 
     def __init__(self, root: pathlib.Path, host_root: pathlib.Path, owner: int | None,
-                 quota: int):
+                 quota: int, images: HomeImages | None = None):
         self.root, self.host_root, self.owner, self.quota = root, host_root, owner, quota
+        self.images = images  # None: every home is a plain folder, its size measured
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: collections.Counter = collections.Counter()
         self._titles: dict[str, tuple[tuple, str]] = {}
@@ -2130,7 +2385,14 @@ class SessionStore:
         return str(self.host_root / check_session_id(session_id))
 
     def _open(self, session_id: str, create: bool = False):
-        return SafeHome.open(self.root, check_session_id(session_id), self.owner, create)
+        check_session_id(session_id)
+        if self.images:
+            self.images.attach(session_id, create)
+        return SafeHome.open(self.root, session_id, self.owner, create)
+
+    def bounded(self, session_id: str) -> bool:
+        """Whether the home is a filesystem of its own (the kernel enforces its quota)."""
+        return self.images is not None and self.images.mounted(check_session_id(session_id))
 
     def exists(self, session_id: str) -> bool:
         try:
@@ -2255,18 +2517,29 @@ class SessionStore:
             home.write(home.fd, INIT_MARKER, (rfc3339(time.time()) or "").encode())
 
     def size(self, session_id: str) -> int:
+        return self._measure(session_id)[0]
+
+    def _measure(self, session_id: str) -> tuple[int, int | None]:
+        """(bytes the home takes, bytes its own filesystem has free — None for a plain
+        folder, whose quota is only measured)."""
         with self._open(session_id) as home:
-            size = self._sizes[session_id] = home.size()
-        return size
+            used, free = home.space() if self.bounded(session_id) else (home.size(), None)
+        self._sizes[session_id] = used
+        return used, free
 
     def over_quota(self, session_id: str) -> str | None:
-        """Why the home cannot be used (over its quota, too deep), or None."""
+        """Why the home cannot be used (full, over its quota, too deep), or None."""
         try:
-            size = self.size(session_id)
+            size, free = self._measure(session_id)
         except FileNotFoundError:
             return None
         except HomeError as exc:
             return str(exc)
+        if free is not None:
+            if free >= (size + free) / MIN_FREE_SHARE:
+                return None
+            return (f"session home is at its quota ({format_size(size)} used, "
+                    f"{format_size(free)} free): delete files in it or delete the session")
         if self.quota and size > self.quota:
             return (f"session home is over its quota ({format_size(size)} used of "
                     f"{format_size(self.quota)}): delete files in it or delete the session")
@@ -2349,9 +2622,12 @@ class SessionStore:
         self.remove(session_id)
 
     def remove(self, session_id: str) -> None:
+        check_session_id(session_id)
+        if self.images:
+            self.images.detach(session_id)  # what stays is the folder it was mounted on
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            SafeHome.remove(root_fd, check_session_id(session_id))
+            SafeHome.remove(root_fd, session_id)
         finally:
             os.close(root_fd)
         self._titles.pop(session_id, None)
@@ -2426,6 +2702,7 @@ PODMAN_OPTIONS: dict[str, tuple[str, str, Any]] = {
 PODMAN_KINDS = {name: row[0] for name, row in PODMAN_OPTIONS.items()}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
 ENVIRONMENT_KEYS = ("type", "path", "service", "build_timeout")  # upstream's EnvironmentConfig
+TMPFS_PATHS = ("/tmp", "/var/tmp")
 
 
 def make_public_dirs(path: pathlib.Path) -> None:
@@ -2968,7 +3245,13 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
         name=name, labels=labels, environment=env, volumes=volumes, secrets=secrets,
         cap_drop=["ALL"], no_new_privileges=True, pids_limit=cfg.agent_pids_limit,
         mem_limit=parse_memory(opts.get("memory") or cfg.resources_memory),
-        cpu_period=100000, cpu_quota=int(cpus * 100000), **user)
+        cpu_period=100000, cpu_quota=int(cpus * 100000), **user,
+        # Disk the agent fills outside its home: scratch folders are tmpfs (in its memory
+        # limit), the log (the daemon attaches; a restart replays it) is cut past its size.
+        mounts=[{"type": "tmpfs", "source": "tmpfs", "target": target,
+                 "size": str(cfg.agent_tmp_size), "mode": "1777"} for target in TMPFS_PATHS
+                if target not in {v["bind"].rstrip("/") for v in volumes.values()}],
+        log_config={"Type": "k8s-file", "Config": {"size": 2 * cfg.agent_max_output}})
     if opts.get("cpu_shares"):
         spec["cpu_shares"] = opts["cpu_shares"]
     if cfg.agent_mount_claude_cli:
@@ -3327,7 +3610,11 @@ class ContainerRunner:
         return stream
 
     async def watch_quota(self, session_id: str) -> str:
-        """Return (ending the run) once the session home grows past its quota."""
+        """Return (ending the run) once the session home grows past its quota. A home on
+        its own filesystem cannot: there is nothing to watch (a write past the quota fails
+        inside the container, and the run goes on)."""
+        if await asyncio.to_thread(self.sessions.bounded, session_id):
+            await asyncio.get_running_loop().create_future()  # until the run ends
         while True:
             await asyncio.sleep(QUOTA_CHECK_INTERVAL)
             try:
@@ -5561,7 +5848,8 @@ class Stromboli:
         self.podman: Podman | None = None
         self.catalog: PodmanCatalog | None = None
         self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
-                                     cfg.agent_host_uid, cfg.agent_session_quota)
+                                     cfg.agent_host_uid, cfg.agent_session_quota,
+                                     session_images(cfg))
         self.auth = Auth(cfg, self.store)
         self.limiter = RateLimiter(cfg)
         self.browsers = BrowserGuard(cfg)
@@ -5586,6 +5874,9 @@ class Stromboli:
         })
 
     async def start(self) -> None:
+        if self.sessions.images:  # after a reboot; after a restart they are mounted still
+            if mounted := await asyncio.to_thread(self.sessions.images.attach_all):
+                log.info("session homes mounted", extra=fields(count=mounted))
         url = await asyncio.to_thread(self.podman_service.resolve)
         # Each run holds a worker while attached: leave room for the short calls.
         self.podman = Podman(url, workers=2 * self.cfg.run_slots + 32)

@@ -350,9 +350,10 @@ class Daemon:
 
     def remove_containers(self) -> None:
         """After the test: a stopped daemon leaves its jobs' containers running for its next
-        start, which will not come."""
+        start, which will not come — and its session homes mounted."""
         for container in agent_containers(f"stromboli.instance={self.instance}"):
             container.remove(force=True)
+        unmount_below(self.state_dir)
 
     def wait_job(self, job_id: str, states=("completed", "failed", "crashed", "cancelled"),
                  timeout: float = 60) -> dict:
@@ -360,6 +361,21 @@ class Daemon:
             job = self.http.get(f"/jobs/{job_id}").json()
             return job if job["status"] in states else None
         return wait_until(done, timeout, 0.1, f"job {job_id} in {states}")
+
+
+def mount_points_below(folder: pathlib.Path) -> list[str]:
+    """Mount points below a folder, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(folder.resolve()) + "/"
+    with open("/proc/self/mountinfo") as info:
+        points = [line.split()[4].replace("\\040", " ") for line in info]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+
+
+def unmount_below(folder: pathlib.Path) -> None:
+    """Unmount the session homes a daemon mounted in its state dir: they outlive the daemon
+    on purpose (a job's container may still write into its home)."""
+    for point in mount_points_below(folder):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
 
 
 def agent_env(model: ScriptedModel) -> dict[str, str]:
@@ -757,6 +773,41 @@ def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
 
 
 @pytest.mark.fast
+def test_safe_home_deletes_a_deep_home_without_following_links(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (outside / "keep").write_text("root only")
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    for depth in range(1200):  # past Python's recursion limit (1000)
+        os.mkdir("d", dir_fd=fd)
+        if depth % 100 == 0:
+            os.symlink(outside, "link", dir_fd=fd)
+            os.symlink(outside / "keep", f".stromboli-removing-{depth // 100}", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    store.delete(sid)
+    assert not os.path.lexists(home)
+    assert (outside / "keep").read_text() == "root only"
+
+
+@pytest.mark.fast
+def test_a_measured_home_counts_blocks_and_entries_not_sizes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    empty = store.size(sid)
+    with open(home / "sparse", "wb") as f:
+        f.truncate(1024 ** 3)  # 1 GiB that takes no block
+    assert store.size(sid) - empty < 4096
+    with open(home / "hidden", "wb") as f:  # fallocate --keep-size: blocks, no size
+        subprocess.run(["fallocate", "--keep-size", "-l", "8M", f.name], check=True)
+    assert os.path.getsize(home / "hidden") == 0
+    assert store.size(sid) - empty >= 8 * 1024 ** 2
+    before = store.size(sid)
+    for i in range(1000):
+        os.symlink("x", home / f"link{i}")
+    assert store.size(sid) - before >= 1000 * stromboli.ENTRY_BYTES
+
+
+@pytest.mark.fast
 def test_volume_targets_that_shadow_the_image_are_refused():
     cfg = stromboli.Config(agent_allow_all_volumes=True)
     for target in ("/", "/usr", "/usr/lib", "/lib64", "/opt", "/opt/claude", "/home",
@@ -1151,6 +1202,19 @@ def test_config_validate_messages():
         "agent userns_base must be between 0 and 4294901758",
         "server address: invalid address 'nohost' (use host:port or :port)",
         "metrics address: invalid address '127.0.0.1:99999' (use host:port or :port)"]
+
+
+@pytest.mark.fast
+def test_config_validates_the_session_filesystem_and_the_tmp_size():
+    def problems(**settings):
+        return stromboli.Config(auth_enabled=False, **settings).validate()
+    assert problems(agent_session_filesystem="zfs") == [
+        "agent session_filesystem must be auto, loop or plain"]
+    assert problems(agent_session_filesystem="loop", agent_session_quota=0) == [
+        "agent session_filesystem loop needs a session_quota of at least 1m (the size of each "
+        "home's filesystem)"]
+    assert problems(agent_tmp_size=4096) == ["agent tmp_size must be >= 1m"]
+    assert problems(agent_session_filesystem="plain", agent_session_quota=0) == []
 
 
 # -- rate limiting ----------------------------------------------------------------
@@ -4122,13 +4186,19 @@ def test_two_daemons_on_one_podman_keep_their_own_api_keys(make_daemon, model):
         assert {r["_x_api_key"] for r in model.requests_with(tag)} == {keys[which]}, which
 
 
-def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon):
-    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+@pytest.mark.parametrize("filesystem", ["plain", "loop"])
+def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon, filesystem):
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m",
+                    STROMBOLI_AGENT_SESSION_FILESYSTEM=filesystem)
     session = str(uuid.uuid4())
     r = agent_does(d, "head -c 8000000 /dev/zero > ~/big; echo wrote", {"session_id": session})
-    assert os.path.getsize(session_home(d, session) / "big") == 8_000_000, r.text
+    big = os.path.getsize(session_home(d, session) / "big")
+    if filesystem == "plain":
+        assert big == 8_000_000, r.text
+    else:  # the kernel stopped the write at the quota
+        assert 4_000_000 < big < 5 * 1024 ** 2, r.text
     listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
-    assert listed[session].get("size_bytes", 0) >= 8_000_000, listed[session]
+    assert listed[session].get("size_bytes", 0) >= big, listed[session]
     for options in ({"resume": True}, {"continue": True}, {"fork_session": True}):
         r = d.http.post("/run", json={"prompt": "hello",
                                       "claude": {"session_id": session, **options}})
@@ -4137,12 +4207,176 @@ def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon):
 
 
 def test_a_home_growing_past_the_quota_gets_its_run_killed(make_daemon):
-    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m", STROMBOLI_AGENT_SESSION_FILESYSTEM="plain")
     started = time.monotonic()
     body = agent_does(d, "head -c 8000000 /dev/zero > ~/big; sleep $((20)); echo slept").json()
     assert body["status"] == "crashed", body
     assert "quota" in body["crash_info"]["reason"]
     assert time.monotonic() - started < 15
+
+
+def host_bytes(d: Daemon, session: str) -> int:
+    """What a session home takes on the host's disk: the blocks allocated to its image when
+    it is a filesystem of its own, else to everything below it."""
+    home = session_home(d, session)
+    if os.stat(home).st_dev != os.stat(home.parent).st_dev:
+        return os.stat(home.parent / ".images" / f"{session}.img").st_blocks * 512
+    du = subprocess.run(["du", "-s", "-x", "-B1", str(home)], capture_output=True, text=True,
+                        check=True)
+    return int(du.stdout.split()[0])
+
+
+def long_links(count: int, folder: str) -> str:
+    """A shell command that makes `count` symbolic links of over 200 bytes each in
+    `folder`, with a few processes (each process costs the CLI's Bash tool ~50 ms)."""
+    return (f"mkdir -p /tmp/{'x' * 200} {folder} && cd /tmp/x* && i=0; "
+            f"while [ $i -lt {count} ]; do : > $i; i=$((i+1)); done; "
+            f"ls | sed \"s|^|$PWD/|\" | xargs sh -c 'cp -s \"$@\" {folder}/' _; "
+            f"ls {folder} | wc -l")
+
+
+# The agent's ways to fill a disk past a 50 MiB quota (issue 18: all of them got through).
+# Busybox's fallocate has no --keep-size: util-linux's is copied into the home first.
+DISK_FILLERS = {
+    "fallocate": "fallocate -l 3G ~/f",
+    "fallocate --keep-size": "~/fallocate --keep-size -l 2G ~/f",
+    "dd": "dd if=/dev/zero of=$HOME/f bs=1M count=300",
+    "small files": "mkdir ~/f && cd ~/f && i=0; while [ $i -lt 20000 ]; do "
+                   "echo x > $i || break; i=$((i+1)); done; echo made $i",
+    "long symlinks": long_links(20000, "~/f"),
+}
+
+
+def test_a_session_home_holds_no_more_than_its_quota_on_the_host(make_daemon):
+    """The hostile agent fills its home every way it can; on the host, the home never takes
+    more than its quota + 10 % (each home is a filesystem of the quota's size)."""
+    quota = 50 * 1024 ** 2
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="50m")
+    for attack, command in DISK_FILLERS.items():
+        session = str(uuid.uuid4())
+        assert agent_does(d, "echo ready", {"session_id": session}).json()["status"] == \
+            "completed"
+        shutil.copy("/usr/bin/fallocate", session_home(d, session) / "fallocate")
+        r = agent_does(d, f"{command}; echo done-{attack}", {"session_id": session,
+                                                               "resume": True})
+        assert r.status_code == 200, (attack, r.text[:300])
+        taken = host_bytes(d, session)
+        assert taken <= quota * 1.1, f"{attack}: the home takes {taken / 1024 ** 2:.0f} MiB"
+        listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
+        assert listed[session]["size_bytes"] <= quota, (attack, listed[session])
+    assert d.http.delete(f"/sessions/{session}").status_code == 200
+    images = d.state_dir / "sessions" / ".images"
+    assert not session_home(d, session).exists() and not (images / f"{session}.img").exists()
+    assert len(list(images.iterdir())) == len(DISK_FILLERS) - 1
+
+
+def test_a_home_is_mounted_once_across_restarts_and_again_after_a_reboot(make_daemon, tmp_path):
+    """A job's container outlives a crash of the daemon and keeps writing into its home: the
+    next start must not mount the image a second time. After a reboot (nothing mounted)
+    the next start mounts it again, with the conversation in it."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    session = str(uuid.uuid4())
+    home = str(session_home(d, session))
+    image = str(state / "sessions" / ".images" / f"{session}.img")
+
+    def mounted_once() -> None:
+        assert mount_points_below(state) == [home]
+        loops = subprocess.run(["losetup", "-j", image], capture_output=True, text=True).stdout
+        assert len(loops.splitlines()) == 1, loops
+
+    job = d.http.post("/run/async", json={"prompt": "sleep 4 first",
+                                           "claude": {"session_id": session}}).json()
+    d.wait_job(job["job_id"], ("running",))
+    wait_until(lambda: agent_containers(f"stromboli.job={job['job_id']}"), 15, what="container")
+    d.stop(signal.SIGKILL)
+    again = make_daemon(state_dir=state)
+    assert again.wait_job(job["job_id"])["status"] == "completed"
+    mounted_once()
+    again.stop()
+    unmount_below(state)  # a reboot
+    third = make_daemon(state_dir=state)
+    mounted_once()
+    r = third.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                    "resume": True}})
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+    history = third.http.get(f"/sessions/{session}/messages").json()
+    assert history["total"] >= 4, history
+    mounted_once()
+
+
+def test_a_measured_home_counts_allocated_blocks_and_links(make_daemon):
+    """A home that is a plain folder (plain mode, or made before images) is measured by
+    what it takes on disk: preallocated blocks and links count, sizes do not."""
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m", STROMBOLI_AGENT_SESSION_FILESYSTEM="plain")
+    session = str(uuid.uuid4())
+    agent_does(d, "echo ready", {"session_id": session})
+    shutil.copy("/usr/bin/fallocate", session_home(d, session) / "fallocate")
+    r = agent_does(d, "~/fallocate --keep-size -l 8M ~/hidden; truncate -s 1G ~/sparse; "
+                      f"{long_links(2000, '~/links')}; sleep 5; echo done",
+                   {"session_id": session, "resume": True})
+    assert r.json()["status"] == "crashed" and "Quota" in r.json()["crash_info"]["reason"], \
+        r.text[:300]
+    listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
+    assert 8 * 1024 ** 2 < listed[session]["size_bytes"] < 100 * 1024 ** 2, listed[session]
+    r = d.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                "resume": True}})
+    assert r.status_code == 409 and "quota" in run_error(r), r.text[:300]
+
+
+def test_a_deeply_nested_home_is_deleted(make_daemon):
+    """The agent nests its home 1,100 folders deep (Python's rmtree recursed to death on
+    it and left the home); deleting the session removes it all, links untouched."""
+    d = make_daemon()
+    session = str(uuid.uuid4())
+    deep = "d/" * 1100
+    try:
+        r = agent_does(d, f"mkdir -p ~/{deep} && ln -s /etc/hostname ~/{deep}link && "
+                          "find ~ -type d | wc -l", {"session_id": session})
+        assert re.search(r"\b11\d\d\b", r.json()["output"]), r.text[:500]
+        r = d.http.delete(f"/sessions/{session}")
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"success": True, "session_id": session}
+        assert not os.path.lexists(session_home(d, session))
+        assert not (d.state_dir / "sessions" / ".images" / f"{session}.img").exists()
+        assert not mount_points_below(d.state_dir)
+        assert os.path.isfile("/etc/hostname")
+        assert d.http.delete(f"/sessions/{session}").status_code == 404
+    finally:  # a home left behind would break pytest's own clean-up (rmtree recurses)
+        unmount_below(d.state_dir)
+        subprocess.run(["rm", "-rf", str(session_home(d, session))], timeout=60)
+
+
+def test_the_container_log_and_tmp_are_bounded(make_daemon):
+    """Disk outside the home: the agent floods its output (the container's log on the host
+    is cut at twice agent.max_output) and fills /tmp and /var/tmp (tmpfs of
+    agent.tmp_size: ENOSPC inside, nothing on the host's disk)."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m",
+                    STROMBOLI_AGENT_TMP_SIZE="64m")
+    # The CLI keeps its Bash tool's output under /tmp: a full /tmp loses it, so the agent
+    # notes what happened in its home and frees /tmp before it answers.
+    r = agent_does(d, "for t in /tmp /var/tmp; do dd if=/dev/zero of=$t/big bs=1M count=1024 "
+                      "2>> ~/notes; echo rc=$? $(ls -l $t/big) >> ~/notes; rm $t/big; done; "
+                      "cat ~/notes")
+    output = r.json()["output"]
+    assert "No space left on device" in output, output[-500:]
+    sizes = [int(m) for m in re.findall(r"rc=1 \S+ +\d+ +\S+ +\S+ +(\d+) ", output)]
+    assert len(sizes) == 2 and all(size <= 64 * 1024 ** 2 for size in sizes), output[-500:]
+    job = flood_through_a_hook(d, "head -c 64000000 /dev/zero | tr '\\0' a | fold -w 4000",
+                               "/run/async").json()
+    containers = wait_until(lambda: agent_containers(f"stromboli.session={job['session_id']}"),
+                            30, 0.05, "the flooding container")
+    with podman_client() as client:
+        log_path = client.containers.get(containers[0].id).inspect()["HostConfig"][
+            "LogConfig"]["Path"]
+    largest = 0
+    while d.http.get(f"/jobs/{job['job_id']}").json()["status"] in ("pending", "running"):
+        with contextlib.suppress(FileNotFoundError):
+            largest = max(largest, os.path.getsize(log_path))
+        time.sleep(0.02)
+    done = d.wait_job(job["job_id"])
+    assert done["status"] == "completed" and done["truncated"], done.get("error")
+    assert 0 < largest <= 2 * 1024 ** 2 + 65536, f"the log grew to {largest} bytes"
 
 
 @pytest.mark.parametrize("key, value", [
