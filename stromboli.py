@@ -1333,9 +1333,13 @@ class Podman:
         self.client.containers.get(cid).start()
 
     def init(self, cid: str) -> int:
-        """Make the container's process, its mounts done, its command not started; → its pid."""
+        """Make the container's process, its mounts done, its command not started; → its pid.
+        RunFailed with the runtime's error (e.g. a mount source gone)."""
         container = self.client.containers.get(cid)
-        container.init()
+        try:
+            container.init()
+        except podman.errors.APIError as exc:
+            raise RunFailed(str(exc.explanation or exc)) from None
         container.reload()
         return int(container.attrs["State"]["Pid"])
 
@@ -3133,6 +3137,16 @@ def check_mounts(cfg: Config, pid: int, volumes: list[Volume]) -> None:
         os.close(root)
 
 
+def volume_failure(error: Exception, volumes: list[Volume]) -> BadRequest | None:
+    """Podman's error about an unstaged volume's host path (gone or changed since the walk:
+    Podman resolves it again) as the client's 400, if the error names one."""
+    for volume in volumes:
+        if f"{volume.host}:" in str(error) or f'"{volume.host}"' in str(error):
+            return BadRequest(f'volume validation failed: host path "{volume.host}" could not '
+                              "be mounted (changed meanwhile?)")
+    return None
+
+
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -3536,6 +3550,8 @@ class ContainerRunner:
             raise
         except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
         return await self._supervise(cid, feed, timeout, session_id, keep, created=True,
                                      on_created=on_created, volumes=volumes)
 
@@ -3637,7 +3653,16 @@ class ContainerRunner:
         must be what a link-free walk finds, or the container never starts (BadRequest)."""
         if self.staging.enabled or not volumes:
             return
-        pid = await self.podman.call(self.podman.init, cid)
+        try:
+            pid = await self.podman.call(self.podman.init, cid)
+        except RunFailed as exc:
+            # The spec was good (created); what init adds is the mounts, from paths an agent
+            # may be changing: the runtime fails in many ways then (runs without volumes
+            # still show its own failures as 500s).
+            log.warning("a container with volumes could not be initialized", extra=fields(
+                container=cid[:12], error=short_error(exc)))
+            raise BadRequest("volume validation failed: the volumes could not be mounted (a "
+                             f"host path changed meanwhile?): {short_error(exc)}") from None
         await asyncio.to_thread(check_mounts, self.cfg, pid, volumes)
 
     async def destroy(self, cid: str) -> None:
@@ -4439,6 +4464,8 @@ class AgentManager:
                                           **spec)
         except podman.errors.APIError as exc:
             raise ApiError(500, f"agent: spawn: {short_error(exc)}") from None
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
 
     async def _supervise(self, agent: Agent, cid: str, reader: asyncio.StreamReader,
                          req: RunRequest) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -296,8 +297,8 @@ def model():
 class Daemon:
     """A real `python stromboli.py serve` subprocess with its own state dir and ports."""
 
-    def __init__(self, state_dir: pathlib.Path, env: dict[str, str]):
-        self.state_dir = state_dir
+    def __init__(self, state_dir: pathlib.Path, env: dict[str, str], wrapper: tuple = ()):
+        self.state_dir, self.wrapper = state_dir, wrapper  # wrapper: a command the daemon runs under
         self.port, self.metrics_port = free_port(), free_port()
         self.env = {**os.environ, **env,
                     "STROMBOLI_STATE_DIR": str(state_dir),
@@ -321,7 +322,7 @@ class Daemon:
         """The process, without waiting for it to answer."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"],
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, str(STROMBOLI), "serve"],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
@@ -353,6 +354,19 @@ class Daemon:
         start, which will not come."""
         for container in agent_containers(f"stromboli.instance={self.instance}"):
             container.remove(force=True)
+        self.unmount_staging()
+
+    def staging_mounts(self) -> list[str]:
+        """Mount points under the daemon's volume staging folder (its tmpfs first)."""
+        root = str(self.state_dir / "mounts")
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info]
+        return sorted(p for p in points if p == root or p.startswith(root + "/"))
+
+    def unmount_staging(self) -> None:
+        """The daemon keeps its staging tmpfs (and a kept job's binds) for its next start."""
+        for point in reversed(self.staging_mounts()):
+            subprocess.run(["umount", "-l", point], check=False)
 
     def wait_job(self, job_id: str, states=("completed", "failed", "crashed", "cancelled"),
                  timeout: float = 60) -> dict:
@@ -385,8 +399,10 @@ def make_daemon(tmp_path_factory, agent_image, model):
     """Factory for daemons with extra settings; all are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, **env: str) -> Daemon:
-        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env})
+    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, wrapper: tuple = (),
+             **env: str) -> Daemon:
+        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env},
+                        wrapper)
         daemons.append(daemon)
         return daemon.start(wait_podman)
 
@@ -4466,7 +4482,8 @@ def test_volume_allowlist(make_daemon, tmp_path):
     assert ok["status"] == "completed", ok
     assert "mounted-file-content" in ok["output"]
     rejected = {
-        f"{allowed}/escape:/data": "is not in allowed directories",
+        f"{allowed}/escape:/data": "goes through a symbolic link",
+        f"{allowed}/demo/notes.txt/x:/data": "is not a folder",
         f"{tmp_path}:/data": "is not in allowed directories",
         f"{allowed}/demo:/home/user/.ssh": "is blocked for security reasons",
         f"{allowed}/demo:/etc/x": "is blocked for security reasons",
@@ -4479,6 +4496,49 @@ def test_volume_allowlist(make_daemon, tmp_path):
         assert r.status_code == 400, volume
         error = run_error(r)
         assert error.startswith("volume validation failed: ") and message in error, (volume, error)
+
+
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, tmp_path, namespace):
+    """Issue 18, item 1: an agent keeps swapping a folder of its writable volume for a link
+    to a folder outside the allowlist while other runs ask for a volume below that folder.
+    No run may ever see the link's target, and each refusal is a 400. In its own mount
+    namespace (systemd's sandboxing puts it in one) the daemon cannot stage the volumes:
+    Podman mounts the host paths and the daemon checks the mounts before the start."""
+    tag = marker()
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    (allowed / "w").mkdir(parents=True)
+    (allowed / "w").chmod(0o777)
+    (secret / "name").mkdir(parents=True)
+    (secret / "name" / "marker.txt").write_text(f"secret-{tag}\n")
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed),
+                    STROMBOLI_AGENT_VOLUME_AUTO_CREATE="false")
+    swap = (f"cd /w && mkdir -p x/name && echo decoy-{tag} > x/name/marker.txt && touch started"
+            f" && while :; do mv x xr; ln -s {secret} x; sleep 0.02; rm x; mv xr x; sleep 0.025;"
+            " done")  # a link 45 % of the time, missing ~4 %
+    hostile = d.http.post("/run/async", json={
+        "prompt": f"bash: {swap}", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/w:/w"], "timeout": "5m"}}).json()["job_id"]
+    wait_until(lambda: (allowed / "w" / "started").exists(), 60, what="the swapping agent")
+
+    def victim(_) -> httpx.Response:
+        return agent_does(d, "cat /v/marker.txt",
+                          podman={"volumes": [f"{allowed}/w/x/name:/v:ro"]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(victim, range(40)))
+    d.http.delete(f"/jobs/{hostile}")
+    leaked = [i for i, r in enumerate(answers) if f"secret-{tag}" in r.text]
+    assert not leaked, f"tries {leaked} of {len(answers)} saw the link's target"
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) <= {200, 400}, [r.text[:600] for r in answers if r.status_code not in (200, 400)]
+    refused = [run_error(r) for r in answers if r.status_code == 400]
+    assert all(e.startswith("volume validation failed: ") for e in refused), refused
+    assert any(f"decoy-{tag}" in r.text for r in answers), statuses  # the volume works
+    d.wait_job(hostile)
+    left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
+    wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
 
 
 def test_image_allowlist(make_daemon):
