@@ -35,6 +35,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -352,9 +353,9 @@ class Daemon:
     def remove_containers(self) -> None:
         """After the test: a stopped daemon leaves its jobs' containers running for its next
         start, which will not come."""
+        self.unmount_staging()
         for container in agent_containers(f"stromboli.instance={self.instance}"):
             container.remove(force=True)
-        self.unmount_staging()
 
     def staging_mounts(self) -> list[str]:
         """Mount points under the daemon's volume staging folder (its tmpfs first)."""
@@ -770,6 +771,41 @@ def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
         small.fork(sid, str(uuid.uuid4()))
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == sorted([sid, fork])
     assert "over its quota" in small.over_quota(sid)
+
+
+@pytest.mark.fast
+def test_volume_host_paths_are_opened_without_following_links(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "real" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (allowed / "link").symlink_to(outside)
+    (allowed / "file").write_text("x")
+    cfg = stromboli.Config(agent_allowed_volumes=(str(allowed),))
+
+    def volume(path: pathlib.Path) -> stromboli.Volume:  # the parse: the path's letters only
+        return stromboli.check_volume(cfg, f"{path}:/data")
+
+    fd = stromboli.open_volume(cfg, volume(allowed / "real" / "sub"))
+    assert os.fstat(fd).st_ino == (allowed / "real" / "sub").stat().st_ino
+    os.close(fd)
+    refused = {allowed / "link" / "x": "goes through a symbolic link",
+               allowed / "link": "goes through a symbolic link",
+               allowed / "real" / "missing": "does not exist",
+               allowed / "file" / "x": "is not a folder"}
+    for path, message in refused.items():
+        with pytest.raises(stromboli.BadRequest, match=message):
+            stromboli.open_volume(cfg, volume(path))
+    with pytest.raises(stromboli.BadRequest, match="is not in allowed directories"):
+        volume(allowed / ".." / "outside")
+    stromboli.make_volume_dirs(cfg, [volume(allowed / "new" / "deep")])
+    assert stat.S_IMODE((allowed / "new" / "deep").stat().st_mode) == 0o755
+    with pytest.raises(stromboli.BadRequest, match="goes through a symbolic link"):
+        stromboli.make_volume_dirs(cfg, [volume(allowed / "link" / "made")])
+    assert not (outside / "made").exists()
+    # Of nested allowed folders the outermost: the link inside it is opened as a link.
+    nested = stromboli.Config(agent_allowed_volumes=(str(allowed / "link"), str(allowed)))
+    assert stromboli.volume_root(nested, str(allowed / "link" / "x")) == \
+        (str(allowed), ["link", "x"])
 
 
 @pytest.mark.fast
@@ -4539,6 +4575,42 @@ def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, 
     d.wait_job(hostile)
     left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
     wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
+
+
+def mount_options(point: str) -> list[str]:
+    with open("/proc/self/mountinfo") as info:
+        return next(line.split()[5].split(",") for line in info if line.split()[4] == point)
+
+
+def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_daemon, tmp_path):
+    """Each volume is bind-mounted at a staging point (read-only when asked, a file as a file)
+    for as long as its container lives: through a restart that takes the job's container
+    over, and gone when it ends. The restart sweeps points whose container is gone."""
+    allowed = tmp_path / "allowed"
+    (allowed / "ro").mkdir(parents=True)
+    (allowed / "rw").mkdir()
+    (allowed / "notes.txt").write_text("a file volume\n")
+    env = {"STROMBOLI_AGENT_ALLOWED_VOLUMES": str(allowed)}
+    d = make_daemon(state_dir=tmp_path / "state", **env)
+    job = d.http.post("/run/async", json={
+        "prompt": "bash: sleep 6; cat /notes.txt", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/ro:/ro:ro", f"{allowed}/rw:/rw",
+                               f"{allowed}/notes.txt:/notes.txt:ro"]}}).json()["job_id"]
+    root = str(d.state_dir / "mounts")
+    points = wait_until(lambda: d.staging_mounts()[1:] if len(d.staging_mounts()) == 4 else None,
+                        30, what="the job's staging points")
+    assert [p.rsplit("/", 1)[1] for p in points] == ["0", "1", "2"], points
+    assert ["ro" in mount_options(p) for p in points] == [True, False, True]
+    assert os.path.isfile(points[2]) and open(points[2]).read() == "a file volume\n"
+    stale = pathlib.Path(root) / "stromboli-agent-run-gone"
+    stale.mkdir()  # a container that is gone
+    d.stop()  # the job's container runs on, with its staging points
+    assert d.staging_mounts() == [root, *points]
+    again = make_daemon(state_dir=d.state_dir, **env)
+    wait_until(lambda: not stale.exists(), 20, what="the sweep at start")
+    done = again.wait_job(job)
+    assert done["status"] == "completed" and "a file volume" in done["output"], done
+    wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
 
 
 def test_image_allowlist(make_daemon):
