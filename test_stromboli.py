@@ -299,7 +299,8 @@ class Daemon:
     """A real `python stromboli.py serve` subprocess with its own state dir and ports."""
 
     def __init__(self, state_dir: pathlib.Path, env: dict[str, str], wrapper: tuple = ()):
-        self.state_dir, self.wrapper = state_dir, wrapper  # wrapper: a command the daemon runs under
+        self.state_dir = state_dir
+        self.wrapper = wrapper  # a command the daemon runs under (e.g. `unshare`)
         self.port, self.metrics_port = free_port(), free_port()
         self.env = {**os.environ, **env,
                     "STROMBOLI_STATE_DIR": str(state_dir),
@@ -4249,6 +4250,86 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
     assert d.http.delete(f"/agents/{agent}").status_code == 204
 
 
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, tmp_path,
+                                                                   namespace):
+    """Issue 18, item 1: an agent keeps swapping a folder of its writable volume for a link
+    to a folder outside the allowlist while other runs ask for a volume below that folder.
+    No run may ever see the link's target, and each refusal is a 400. In its own mount
+    namespace (systemd's sandboxing puts it in one) the daemon cannot stage the volumes:
+    Podman mounts the host paths and the daemon checks the mounts before the start."""
+    tag = marker()
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    (allowed / "w").mkdir(parents=True)
+    (allowed / "w").chmod(0o777)
+    (secret / "name").mkdir(parents=True)
+    (secret / "name" / "marker.txt").write_text(f"secret-{tag}\n")
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed),
+                    STROMBOLI_AGENT_VOLUME_AUTO_CREATE="false")
+    swap = (f"cd /w && mkdir -p x/name && echo decoy-{tag} > x/name/marker.txt && touch started"
+            f" && while :; do mv x xr; ln -s {secret} x; sleep 0.02; rm x; mv xr x; sleep 0.025;"
+            " done")  # a link 45 % of the time, missing ~4 %
+    hostile = d.http.post("/run/async", json={
+        "prompt": f"bash: {swap}", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/w:/w"], "timeout": "5m"}}).json()["job_id"]
+    wait_until(lambda: (allowed / "w" / "started").exists(), 60, what="the swapping agent")
+
+    def victim(_) -> httpx.Response:
+        return agent_does(d, "cat /v/marker.txt",
+                          podman={"volumes": [f"{allowed}/w/x/name:/v:ro"]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(victim, range(40)))
+    d.http.delete(f"/jobs/{hostile}")
+    leaked = [i for i, r in enumerate(answers) if f"secret-{tag}" in r.text]
+    assert not leaked, f"tries {leaked} of {len(answers)} saw the link's target"
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) <= {200, 400}, [r.text[:600] for r in answers if r.status_code > 400]
+    refused = [run_error(r) for r in answers if r.status_code == 400]
+    assert all(e.startswith("volume validation failed: ") for e in refused), refused
+    assert any(f"decoy-{tag}" in r.text for r in answers), statuses  # the volume works
+    d.wait_job(hostile)
+    left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
+    wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
+
+
+def mount_options(point: str) -> list[str]:
+    with open("/proc/self/mountinfo") as info:
+        return next(line.split()[5].split(",") for line in info if line.split()[4] == point)
+
+
+def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_daemon, tmp_path):
+    """Each volume is bind-mounted at a staging point (read-only when asked, a file as a file)
+    for as long as its container lives: through a restart that takes the job's container
+    over, and gone when it ends. The restart sweeps points whose container is gone."""
+    allowed = tmp_path / "allowed"
+    (allowed / "ro").mkdir(parents=True)
+    (allowed / "rw").mkdir()
+    (allowed / "notes.txt").write_text("a file volume\n")
+    env = {"STROMBOLI_AGENT_ALLOWED_VOLUMES": str(allowed)}
+    d = make_daemon(state_dir=tmp_path / "state", **env)
+    job = d.http.post("/run/async", json={
+        "prompt": "bash: sleep 6; cat /notes.txt", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/ro:/ro:ro", f"{allowed}/rw:/rw",
+                               f"{allowed}/notes.txt:/notes.txt:ro"]}}).json()["job_id"]
+    root = str(d.state_dir / "mounts")
+    points = wait_until(lambda: d.staging_mounts()[1:] if len(d.staging_mounts()) == 4 else None,
+                        30, what="the job's staging points")
+    assert [p.rsplit("/", 1)[1] for p in points] == ["0", "1", "2"], points
+    assert ["ro" in mount_options(p) for p in points] == [True, False, True]
+    assert os.path.isfile(points[2]) and open(points[2]).read() == "a file volume\n"
+    stale = pathlib.Path(root) / "stromboli-agent-run-gone"
+    stale.mkdir()  # a container that is gone
+    d.stop()  # the job's container runs on, with its staging points
+    assert d.staging_mounts() == [root, *points]
+    again = make_daemon(state_dir=d.state_dir, **env)
+    wait_until(lambda: not stale.exists(), 20, what="the sweep at start")
+    done = again.wait_job(job)
+    assert done["status"] == "completed" and "a file volume" in done["output"], done
+    wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
+
+
 # ---------------------------------------------------------------------------
 # Perimeter — auth, revocation, rate limiting, logs, validation allowlists
 # ---------------------------------------------------------------------------
@@ -4532,85 +4613,6 @@ def test_volume_allowlist(make_daemon, tmp_path):
         assert r.status_code == 400, volume
         error = run_error(r)
         assert error.startswith("volume validation failed: ") and message in error, (volume, error)
-
-
-@pytest.mark.parametrize("namespace", ["podman's", "its own"])
-def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, tmp_path, namespace):
-    """Issue 18, item 1: an agent keeps swapping a folder of its writable volume for a link
-    to a folder outside the allowlist while other runs ask for a volume below that folder.
-    No run may ever see the link's target, and each refusal is a 400. In its own mount
-    namespace (systemd's sandboxing puts it in one) the daemon cannot stage the volumes:
-    Podman mounts the host paths and the daemon checks the mounts before the start."""
-    tag = marker()
-    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
-    (allowed / "w").mkdir(parents=True)
-    (allowed / "w").chmod(0o777)
-    (secret / "name").mkdir(parents=True)
-    (secret / "name" / "marker.txt").write_text(f"secret-{tag}\n")
-    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
-    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed),
-                    STROMBOLI_AGENT_VOLUME_AUTO_CREATE="false")
-    swap = (f"cd /w && mkdir -p x/name && echo decoy-{tag} > x/name/marker.txt && touch started"
-            f" && while :; do mv x xr; ln -s {secret} x; sleep 0.02; rm x; mv xr x; sleep 0.025;"
-            " done")  # a link 45 % of the time, missing ~4 %
-    hostile = d.http.post("/run/async", json={
-        "prompt": f"bash: {swap}", "claude": {"dangerously_skip_permissions": True},
-        "podman": {"volumes": [f"{allowed}/w:/w"], "timeout": "5m"}}).json()["job_id"]
-    wait_until(lambda: (allowed / "w" / "started").exists(), 60, what="the swapping agent")
-
-    def victim(_) -> httpx.Response:
-        return agent_does(d, "cat /v/marker.txt",
-                          podman={"volumes": [f"{allowed}/w/x/name:/v:ro"]})
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(victim, range(40)))
-    d.http.delete(f"/jobs/{hostile}")
-    leaked = [i for i, r in enumerate(answers) if f"secret-{tag}" in r.text]
-    assert not leaked, f"tries {leaked} of {len(answers)} saw the link's target"
-    statuses = sorted(r.status_code for r in answers)
-    assert set(statuses) <= {200, 400}, [r.text[:600] for r in answers if r.status_code not in (200, 400)]
-    refused = [run_error(r) for r in answers if r.status_code == 400]
-    assert all(e.startswith("volume validation failed: ") for e in refused), refused
-    assert any(f"decoy-{tag}" in r.text for r in answers), statuses  # the volume works
-    d.wait_job(hostile)
-    left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
-    wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
-
-
-def mount_options(point: str) -> list[str]:
-    with open("/proc/self/mountinfo") as info:
-        return next(line.split()[5].split(",") for line in info if line.split()[4] == point)
-
-
-def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_daemon, tmp_path):
-    """Each volume is bind-mounted at a staging point (read-only when asked, a file as a file)
-    for as long as its container lives: through a restart that takes the job's container
-    over, and gone when it ends. The restart sweeps points whose container is gone."""
-    allowed = tmp_path / "allowed"
-    (allowed / "ro").mkdir(parents=True)
-    (allowed / "rw").mkdir()
-    (allowed / "notes.txt").write_text("a file volume\n")
-    env = {"STROMBOLI_AGENT_ALLOWED_VOLUMES": str(allowed)}
-    d = make_daemon(state_dir=tmp_path / "state", **env)
-    job = d.http.post("/run/async", json={
-        "prompt": "bash: sleep 6; cat /notes.txt", "claude": {"dangerously_skip_permissions": True},
-        "podman": {"volumes": [f"{allowed}/ro:/ro:ro", f"{allowed}/rw:/rw",
-                               f"{allowed}/notes.txt:/notes.txt:ro"]}}).json()["job_id"]
-    root = str(d.state_dir / "mounts")
-    points = wait_until(lambda: d.staging_mounts()[1:] if len(d.staging_mounts()) == 4 else None,
-                        30, what="the job's staging points")
-    assert [p.rsplit("/", 1)[1] for p in points] == ["0", "1", "2"], points
-    assert ["ro" in mount_options(p) for p in points] == [True, False, True]
-    assert os.path.isfile(points[2]) and open(points[2]).read() == "a file volume\n"
-    stale = pathlib.Path(root) / "stromboli-agent-run-gone"
-    stale.mkdir()  # a container that is gone
-    d.stop()  # the job's container runs on, with its staging points
-    assert d.staging_mounts() == [root, *points]
-    again = make_daemon(state_dir=d.state_dir, **env)
-    wait_until(lambda: not stale.exists(), 20, what="the sweep at start")
-    done = again.wait_job(job)
-    assert done["status"] == "completed" and "a file volume" in done["output"], done
-    wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
 
 
 def test_image_allowlist(make_daemon):
