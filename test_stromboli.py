@@ -4330,6 +4330,30 @@ def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_da
     wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
 
 
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_an_agents_volumes_are_opened_link_by_link_like_a_runs(make_daemon, new_agent, tmp_path,
+                                                                namespace):
+    tag = marker()
+    allowed = tmp_path / "allowed"
+    (allowed / "demo").mkdir(parents=True)
+    (allowed / "demo" / "notes.txt").write_text(f"agent-volume-{tag}\n")
+    (allowed / "escape").symlink_to(tmp_path)
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed))
+    r = d.http.post("/agents", json={"podman": {"volumes": [f"{allowed}/escape/demo:/data"]}})
+    assert r.status_code == 400 and "goes through a symbolic link" in r.json()["error"], r.text
+    agent = new_agent(d, prompt="bash: cat /data/notes.txt",
+                      claude={"dangerously_skip_permissions": True},
+                      podman={"volumes": [f"{allowed}/demo:/data:ro"]})["id"]
+    with AgentStream(d, agent) as stream:
+        events = stream.read(turn_ended())
+    assert any(f"agent-volume-{tag}" in json.dumps(e.body) for e in events), events
+    root = str(d.state_dir / "mounts")
+    assert d.staging_mounts() == ([root, f"{root}/stromboli-{agent}/0"] if not wrapper else [])
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+    assert d.staging_mounts() == ([root] if not wrapper else [])
+
+
 # ---------------------------------------------------------------------------
 # Perimeter — auth, revocation, rate limiting, logs, validation allowlists
 # ---------------------------------------------------------------------------
