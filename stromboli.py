@@ -3078,8 +3078,9 @@ def open_child(parent: int, name: str, create: bool) -> int:
 def open_volume(cfg: Config, volume: Volume, create: bool = False) -> int:
     """An O_PATH descriptor of the volume's host path, opened name by name from its allowed
     folder without following any link: an agent with a writable folder on the way may be
-    swapping a folder for a link right now, so the path is resolved exactly once, here.
-    Missing folders are made when `create`. BadRequest for a link, a missing path... Blocking."""
+    swapping a folder for a link right now. What it finds is what gets mounted (staged from
+    this descriptor, or compared with the mount: VolumeStaging). Missing folders are made
+    when `create`. BadRequest for a link, a missing path... Blocking."""
     prefix = f'volume validation failed: host path "{volume.host}"'
     found = volume_root(cfg, volume.host)
     if found is None:
