@@ -36,6 +36,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import errno
@@ -67,7 +68,7 @@ import time
 import tomllib
 import urllib.parse
 import uuid
-from typing import Any, Awaitable, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, Awaitable, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import aiohttp
 import jwt
@@ -1345,6 +1346,17 @@ class Podman:
 
     def start(self, cid: str) -> None:
         self.client.containers.get(cid).start()
+
+    def init(self, cid: str) -> int:
+        """Make the container's process, its mounts done, its command not started; → its pid.
+        RunFailed with the runtime's error (e.g. a mount source gone)."""
+        container = self.client.containers.get(cid)
+        try:
+            container.init()
+        except podman.errors.APIError as exc:
+            raise RunFailed(str(exc.explanation or exc)) from None
+        container.reload()
+        return int(container.attrs["State"]["Pid"])
 
     def exit_code(self, cid: str) -> int:
         """The exit code of a container whose output stream has ended. Inspecting is far
@@ -2705,14 +2717,6 @@ ENVIRONMENT_KEYS = ("type", "path", "service", "build_timeout")  # upstream's En
 TMPFS_PATHS = ("/tmp", "/var/tmp")
 
 
-def make_public_dirs(path: pathlib.Path) -> None:
-    """mkdir -p with mode 0755 whatever the umask (the agent runs as another uid)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for folder in reversed(missing):
-        folder.mkdir()
-        folder.chmod(0o755)
-
-
 def shell_quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\\''") + "'"
 
@@ -2761,8 +2765,19 @@ def check_image(cfg: Config, image: str) -> None:
                          "like debian/slim)")
 
 
-def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
-    """U§12.2: parse and validate one `host:container[:options]` entry."""
+class Volume(NamedTuple):
+    """One checked `host:container[:options]` entry. `host` is absolute and normalized by
+    its letters only: it is never resolved, links on it are refused when it is opened."""
+
+    host: str
+    target: str
+    options: list[str]
+
+
+def check_volume(cfg: Config, volume: str) -> Volume:
+    """U§12.2: parse and validate one `host:container[:options]` entry. A pure check (the
+    allowlist by the path's letters): the host path is opened, never following a link, only
+    when its container is made (open_volume)."""
     prefix = "volume validation failed: "
     parts = volume.split(":")
     if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
@@ -2772,17 +2787,15 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
     options = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
     if "\0" in volume:
         raise BadRequest(f"{prefix}volume must not contain NUL characters")
-    resolved = os.path.realpath(os.path.abspath(host))
+    host = "/" + os.path.abspath(host).lstrip("/")
     if not cfg.agent_allowed_volumes:
         if not cfg.agent_allow_all_volumes:
             raise BadRequest(prefix + "volume host path not allowed: no volume allowlist "
                              "configured; set allowed_volumes or enable allow_all_volumes for "
                              "development")
-    else:
-        roots = [os.path.realpath(os.path.abspath(r)) for r in cfg.agent_allowed_volumes]
-        if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots):
-            raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{resolved}" '
-                             "is not in allowed directories")
+    elif volume_root(cfg, host) is None:
+        raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{host}" '
+                         "is not in allowed directories")
     if len(target) > 4096 or not target.startswith("/"):
         raise BadRequest(f'{prefix}container path "{target}" must be an absolute path')
     clean = "/" + os.path.normpath(target).lstrip("/")
@@ -2795,7 +2808,28 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
     for option in options:
         if option not in MOUNT_OPTIONS:
             raise BadRequest(f'{prefix}mount option "{option}" is not allowed')
-    return resolved, clean, options
+    return Volume(host, clean, options)
+
+
+def volume_root(cfg: Config, host: str) -> tuple[str, list[str]] | None:
+    """The allowed folder a normalized host path lies in (resolved: the admin configured it
+    and no agent writes above it) and the names below it, which are opened one by one; of
+    nested allowed folders the outermost, so that the most is opened link by link. `/` with
+    allow_all_volumes. None: outside the allowlist."""
+    names = [name for name in host.split("/") if name]
+    if not cfg.agent_allowed_volumes:
+        return "/", names
+    found = []
+    for root in cfg.agent_allowed_volumes:
+        configured = "/" + os.path.abspath(root).lstrip("/")
+        try:
+            real = os.path.realpath(configured)
+        except OSError:  # (EINVAL, ELOOP) a root that cannot be resolved allows nothing
+            continue
+        for folder in {configured, real}:
+            if host == folder or host.startswith(folder.rstrip("/") + "/"):
+                found.append((real, names[len([n for n in folder.split("/") if n]):]))
+    return max(found, key=lambda root: len(root[1]), default=None)
 
 
 def check_secrets_env(mapping: dict[str, str]) -> None:
@@ -3228,8 +3262,10 @@ def agent_user(cfg: Config, rootless: bool) -> dict:
 
 
 def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, home: str,
-                   prompt_file: str, secrets: list[dict], user: dict) -> dict:
-    """The container's create arguments: a pure function of the request and settings."""
+                   prompt_file: str, secrets: list[dict], user: dict,
+                   staged: list[Volume]) -> dict:
+    """The container's create arguments: a pure function of the request and settings.
+    `staged`: the request's volumes with the source Podman mounts (VolumeStaging.sources)."""
     opts = req.podman
     cpus = parse_cpus(opts.get("cpus") or cfg.resources_cpus)
     env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(cfg.agent_env),
@@ -3238,9 +3274,8 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     volumes = {home: {"bind": CONTAINER_HOME, "mode": "rw", "extended_mode": ["z"]}}
     if prompt_file:  # an agent has none: its turns come on stdin
         volumes[prompt_file] = {"bind": PROMPT_FILE, "mode": "ro"}
-    for volume in opts.get("volumes", []):
-        host, target, options = check_volume(cfg, volume)
-        volumes[host] = {"bind": target, "extended_mode": options}
+    for source, target, options in staged:
+        volumes[source] = {"bind": target, "extended_mode": options}
     spec: dict[str, Any] = dict(
         name=name, labels=labels, environment=env, volumes=volumes, secrets=secrets,
         cap_drop=["ALL"], no_new_privileges=True, pids_limit=cfg.agent_pids_limit,
@@ -3273,18 +3308,279 @@ def run_container_name(run_id: str) -> str:
     return f"stromboli-agent-{run_id}"
 
 
-def make_volume_dirs(cfg: Config, req: RunRequest) -> None:
-    """Create missing host folders of the request's volumes (volume_auto_create)."""
+def request_volumes(cfg: Config, req: RunRequest) -> list[Volume]:
+    return [check_volume(cfg, volume) for volume in req.podman.get("volumes", [])]
+
+
+O_NODE = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the name itself: a link is not followed
+
+
+def open_below(fd: int, names: list[str], create: bool = False) -> int:
+    """An O_PATH descriptor of fd/names[0]/names[1]/..., opened one name at a time relative
+    to the last, never following a link: OSError ELOOP at a link, ENOTDIR at a non-folder on
+    the way (its `filename` the names up to it). Missing folders are made (0755 whatever the
+    umask: the agent runs as another uid) when `create`."""
+    fd = os.dup(fd)
+    try:
+        for depth, name in enumerate(names, 1):
+            where = "/".join(names[:depth])
+            try:
+                child = open_child(fd, name, create)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, where) from None
+            os.close(fd)
+            fd = child
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, "a symbolic link", where)
+            if depth < len(names) and not stat.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, "not a folder", where)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_child(parent: int, name: str, create: bool) -> int:
+    """The name in the folder `parent`, opened as itself; made as a folder if missing and
+    `create` (one made meanwhile is opened as it is: open_below checks what it is)."""
+    try:
+        return os.open(name, O_NODE, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent)
+    except FileExistsError:
+        return os.open(name, O_NODE, dir_fd=parent)
+    fd = os.open(name, O_DIR, dir_fd=parent)  # ELOOP if swapped for a link since
+    os.fchmod(fd, 0o755)
+    return fd
+
+
+def open_volume(cfg: Config, volume: Volume, create: bool = False) -> int:
+    """An O_PATH descriptor of the volume's host path, opened name by name from its allowed
+    folder without following any link: an agent with a writable folder on the way may be
+    swapping a folder for a link right now. What it finds is what gets mounted (staged from
+    this descriptor, or compared with the mount: VolumeStaging). Missing folders are made
+    when `create`. BadRequest for a link, a missing path... Blocking."""
+    prefix = f'volume validation failed: host path "{volume.host}"'
+    found = volume_root(cfg, volume.host)
+    if found is None:
+        raise BadRequest(f"{prefix} is not in allowed directories")
+    root, names = found
+    try:
+        start = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_below(start, names, create)
+        finally:
+            os.close(start)
+    except OSError as exc:
+        where = os.path.join(root, exc.filename or "")
+        if exc.errno == errno.ELOOP:
+            raise BadRequest(f'{prefix} goes through a symbolic link ("{where}"): links are '
+                             "not followed") from None
+        if exc.errno == errno.ENOENT:
+            raise BadRequest(f"{prefix} does not exist") from None
+        if exc.errno == errno.ENOTDIR:
+            raise BadRequest(f'{prefix}: "{where}" is not a folder') from None
+        raise BadRequest(f"{prefix} cannot be opened: {exc.strerror}") from None
+
+
+def make_volume_dirs(cfg: Config, volumes: list[Volume]) -> None:
+    """Create missing host folders of the volumes (volume_auto_create), link-safe."""
     if not cfg.agent_volume_auto_create:
         return
-    for volume in req.podman.get("volumes", []):
-        host, _, _ = check_volume(cfg, volume)
-        if not os.path.exists(host):
+    for volume in volumes:
+        os.close(open_volume(cfg, volume, create=True))
+
+
+def check_mounts(cfg: Config, pid: int, volumes: list[Volume]) -> None:
+    """Each volume mounted in an initialized container (its process `pid` not started yet)
+    is the very folder (or file) its host path leads to, opened link by link now; otherwise
+    BadRequest. Podman resolved the path itself: an agent may have swapped in a link."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for volume in volumes:
+            expected = open_volume(cfg, volume)
             try:
-                make_public_dirs(pathlib.Path(host))
-            except OSError as exc:
-                raise BadRequest(f'volume validation failed: cannot create "{host}": '
-                                 f"{exc.strerror}") from None
+                mounted = open_below(root, [n for n in volume.target.split("/") if n])
+            except OSError as exc:  # a link in the image (Podman followed it inside the root)
+                os.close(expected)
+                raise BadRequest(f'volume validation failed: container path "{volume.target}"'
+                                 f" cannot be checked: {exc.strerror}") from None
+            try:
+                same = same_file(os.fstat(mounted), os.fstat(expected))
+            finally:
+                os.close(mounted)
+                os.close(expected)
+            if not same:
+                raise BadRequest(f'volume validation failed: host path "{volume.host}" changed '
+                                 "while it was being mounted (a link swapped in?)")
+    finally:
+        os.close(root)
+
+
+def volume_failure(error: Exception, volumes: list[Volume]) -> BadRequest | None:
+    """Podman's error about an unstaged volume's host path (gone or changed since the walk:
+    Podman resolves it again) as the client's 400, if the error names one."""
+    for volume in volumes:
+        if f"{volume.host}:" in str(error) or f'"{volume.host}"' in str(error):
+            return BadRequest(f'volume validation failed: host path "{volume.host}" could not '
+                              "be mounted (changed meanwhile?)")
+    return None
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 4096, 16384, 1 << 18, 2
+# A read-only remount sets the mount's flags: these of the source's are kept (statvfs
+# reports them with the values of mount(2)'s).
+KEPT_MOUNT_FLAGS = (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME
+                    | os.ST_NODIRATIME | os.ST_RELATIME)
+CAP_SYS_ADMIN = 21
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+def mount(source: str | None, target: str, flags: int, fstype: str | None = None,
+          data: str | None = None) -> None:
+    """mount(2) itself: mount(8) would canonicalize the source path, resolving it again."""
+    args = [None if text is None else text.encode() for text in (source, target, fstype)]
+    if libc().mount(*args, flags, None if data is None else data.encode()):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+def unmount(target: str) -> None:
+    if libc().umount2(target.encode(), MNT_DETACH):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+class VolumeStaging:
+    """Where a rootful daemon puts a container's volumes before Podman sees them: each host
+    path is opened link by link (open_volume) and that very folder (or file) is bind-mounted
+    (mount(2) on /proc/self/fd/N, so no path is resolved again) at <state>/mounts/<container
+    name>/<n>, the source Podman is given. Nothing an agent can write lies on that path:
+    swapping a folder for a link changes nothing once the walk is done. The parent is a
+    private tmpfs (mode 0700), so the binds propagate to no other mount namespace; they
+    outlive a daemon restart, as a job's container does. Without it (no CAP_SYS_ADMIN, or
+    Podman in another mount namespace, where these mounts would not be seen) Podman gets the
+    host path, walked link by link just before, and the runner checks the mounts of the
+    initialized container before it starts (check_mounts). Blocking methods."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.enabled = False
+        self._active: set[str] = set()  # containers staged by this process
+
+    def probe(self, podman_url: str) -> str:
+        """Stage from now on if Podman would see our mounts; → why not ("" if it does)."""
+        status = pathlib.Path("/proc/self/status").read_text()
+        caps = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if not caps >> CAP_SYS_ADMIN & 1:
+            return "the daemon may not mount (no CAP_SYS_ADMIN)"
+        if not podman_url.startswith("unix://"):
+            return "Podman is not on a local socket"
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(podman_url.removeprefix("unix://"))
+                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid = int.from_bytes(peer[:4], sys.byteorder)
+            if not same_file(os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")):
+                return "Podman runs in another mount namespace"
+        except OSError as exc:
+            return f"Podman's mount namespace is unknown ({exc.strerror})"
+        self.enabled = True
+        return ""
+
+    def sources(self, name: str, volumes: list[Volume]) -> list[Volume]:
+        """The volumes as Podman is to mount them: from their staging points, or (staging
+        off) from their host paths."""
+        if not self.enabled:
+            return volumes
+        return [v._replace(host=str(self.root / name / str(n))) for n, v in enumerate(volumes)]
+
+    def stage(self, cfg: Config, name: str, volumes: list[Volume]) -> None:
+        """Open each volume link by link (BadRequest for a link, a missing path...) and bind
+        it at its staging point (staging off: the walk alone refuses links)."""
+        try:
+            if self.enabled and volumes:
+                self._mount_root()
+                self.release(name)
+                self._active.add(name)
+                (self.root / name).mkdir(mode=0o700)
+            for n, volume in enumerate(volumes):
+                fd = open_volume(cfg, volume)
+                try:
+                    if self.enabled:
+                        self._bind(fd, str(self.root / name / str(n)), "ro" in volume.options)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise RunFailed(f"volume staging failed: {exc.strerror}") from None
+
+    def _mount_root(self) -> None:
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        if not os.path.ismount(self.root):
+            mount("tmpfs", str(self.root), MS_NOSUID | MS_NODEV | MS_NOEXEC, "tmpfs",
+                  "mode=0700,size=1m")
+            mount(None, str(self.root), MS_PRIVATE)
+
+    @staticmethod
+    def _bind(fd: int, point: str, read_only: bool) -> None:
+        opened = os.fstat(fd)
+        if stat.S_ISDIR(opened.st_mode):
+            os.mkdir(point, 0o700)
+        else:
+            os.close(os.open(point, O_CREATE, 0o600))
+        mount(f"/proc/self/fd/{fd}", point, MS_BIND | MS_REC)
+        mount(None, point, MS_PRIVATE | MS_REC)  # no peer of the source's mount
+        if read_only:
+            kept = os.statvfs(point).f_flag & KEPT_MOUNT_FLAGS
+            mount(None, point, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+        if not same_file(os.stat(point), opened):
+            raise OSError(errno.EIO, "the staged mount is not the opened folder", point)
+
+    def release(self, name: str) -> None:
+        """Unmount and remove a container's staging points (if any). Never raises: it runs
+        while a run ends."""
+        self._active.discard(name)
+        folder = self.root / name
+        try:
+            points = os.listdir(folder)
+        except OSError:  # none staged
+            return
+        try:
+            for point in points:
+                path = str(folder / point)
+                with contextlib.suppress(OSError):  # EINVAL: not (or no longer) a mount
+                    unmount(path)
+                try:
+                    os.rmdir(path)
+                except NotADirectoryError:
+                    os.unlink(path)
+            os.rmdir(folder)
+        except OSError as exc:  # e.g. EBUSY: still mounted; the next start tries again
+            log.warning("could not remove a volume staging point", extra=fields(
+                container=name, error=short_error(exc)))
+
+    def sweep(self, kept: set[str]) -> None:
+        """At startup: release what no container left running (`kept`) or made since uses."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.root):
+                if name not in kept and name not in self._active:
+                    self.release(name)
 
 
 class ContainerRunner:
@@ -3301,6 +3597,7 @@ class ContainerRunner:
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
         self.credentials = Credentials(cfg, podman_api, self.instance)
         self.prompts = cfg.state_path / "prompts"
+        self.staging = VolumeStaging(cfg.state_path / "mounts")
         self.rootless = False
         self.detaching = False  # a shutdown: jobs' containers are left running, not removed
         self.connected = asyncio.Event()  # set once Podman answered and recovery is done
@@ -3311,6 +3608,10 @@ class ContainerRunner:
         await self.podman.call(self.podman.version)
         self.rootless = await self.podman.call(self.podman.rootless)
         await self.credentials.sync()
+        if why_not := await asyncio.to_thread(self.staging.probe, self.podman.url):
+            log.warning("volumes are not staged: Podman mounts their host paths itself and "
+                        "each container's mounts are checked before it starts",
+                        extra=fields(reason=why_not))
 
     async def instance_containers(self) -> list[dict]:
         """This daemon's containers (by its instance label), as a restart found them."""
@@ -3435,11 +3736,12 @@ class ContainerRunner:
         ones written at its creation, which override the image's), take it over —
         then follow it to its end."""
         session_id = plan.session_id
+        name, volumes = run_container_name(run_id), request_volumes(self.cfg, req)
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
         if resume is None:
             image = await self.prepare(req)
-            await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+            await asyncio.to_thread(make_volume_dirs, self.cfg, volumes)
             await self.open_session(req, plan, image)
             needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
             before = await asyncio.to_thread(self.sessions.transcript, session_id)
@@ -3450,10 +3752,11 @@ class ContainerRunner:
                              "stromboli.transcript": f"{before.folder}/{before.size}"
                              if before else ""}
             spec = container_spec(
-                self.cfg, req, name=run_container_name(run_id), home=self.sessions.host_home(
+                self.cfg, req, name=name, home=self.sessions.host_home(
                     session_id), prompt_file=prompt_file,
                 secrets=self.credentials.mounts(secret_env),
                 user=agent_user(self.cfg, self.rootless),
+                staged=self.staging.sources(name, volumes),
                 labels={**MANAGED_LABEL, "stromboli.instance": self.instance,
                         "stromboli.run": run_id, "stromboli.session": session_id,
                         **resume_labels, **labels})
@@ -3469,19 +3772,19 @@ class ContainerRunner:
         detached = False
         try:
             if resume is None:
-                exit_code, killed_for = await self._container(image, command, spec, feed,
-                                                              timeout, session_id, keep,
+                exit_code, killed_for = await self._container(image, command, spec, volumes,
+                                                              feed, timeout, session_id, keep,
                                                               on_created)
             else:
                 exit_code, killed_for = await self._supervise(resume["id"], feed, timeout,
-                                                              session_id, keep)
+                                                              session_id, keep, volumes=volumes)
         except asyncio.CancelledError:
             detached = keep and self.detaching
             raise
         finally:
             if not detached:
                 await asyncio.shield(asyncio.to_thread(self._after_container, plan,
-                                                       prompt_file))
+                                                       prompt_file, name))
         self.metrics.run_finished(time.monotonic() - started)
         output, usage, structured = await asyncio.to_thread(
             self._outcome, feed, session_id, before)  # may parse megabytes
@@ -3497,9 +3800,10 @@ class ContainerRunner:
             await asyncio.to_thread(self.sessions.mark_initialized, session_id)
         return result("completed", output, None, usage, structured)
 
-    def _after_container(self, plan: SessionPlan, prompt_file: str) -> None:
+    def _after_container(self, plan: SessionPlan, prompt_file: str, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # (gone already if a restart came between)
             os.unlink(prompt_file)
+        self.staging.release(name)
         if plan.mode == "fork":
             self.sessions.settle_fork(plan.session_id, plan.source)
         self.sessions.over_quota(plan.session_id)  # refreshes the size /sessions shows
@@ -3511,11 +3815,13 @@ class ContainerRunner:
         usage = self.sessions.usage(session_id, before)
         return output, usage, structured_output(output)
 
-    async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
-                         timeout: float, session_id: str, keep: bool,
-                         on_created: Callable[[str], Awaitable[None]] | None = None
+    async def _container(self, image: str, command: list[str], spec: dict,
+                         volumes: list[Volume], feed: RunFeed, timeout: float, session_id: str,
+                         keep: bool, on_created: Callable[[str], Awaitable[None]] | None = None
                          ) -> tuple[int, str | None]:
-        """Create the container, tell `on_created`, then supervise it from its start."""
+        """Stage the volumes, create the container, tell `on_created`, then supervise it
+        from its start."""
+        await asyncio.to_thread(self.staging.stage, self.cfg, spec["name"], volumes)
         creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
                                                           **spec))
         try:
@@ -3528,13 +3834,15 @@ class ContainerRunner:
             raise
         except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
         return await self._supervise(cid, feed, timeout, session_id, keep, created=True,
-                                     on_created=on_created)
+                                     on_created=on_created, volumes=volumes)
 
     async def _supervise(self, cid: str, feed: RunFeed, timeout: float, session_id: str,
                          keep: bool, created: bool = False,
-                         on_created: Callable[[str], Awaitable[None]] | None = None
-                         ) -> tuple[int, str | None]:
+                         on_created: Callable[[str], Awaitable[None]] | None = None,
+                         volumes: list[Volume] | None = None) -> tuple[int, str | None]:
         """Stream a container's output into the feed until it exits (attached before the
         start of a new one, so nothing is lost; one found after a restart replays its
         output from the start, or from its log once it has exited), within the timeout and
@@ -3549,6 +3857,7 @@ class ContainerRunner:
             # A restart may come between create and start: such a container starts now.
             created = created or await self.podman.call(self.podman.state, cid) in NOT_STARTED
             if created:
+                await self.verify_volumes(cid, volumes or [])
                 stream = await self._attach(cid, feed, self.podman.attach)
                 await self.podman.call(self.podman.start, cid)
             else:  # the log replays from the start and ends with the container, whenever
@@ -3625,6 +3934,24 @@ class ContainerRunner:
                 continue
             if problem:
                 return f"Quota: {problem}; its container was killed"
+
+    async def verify_volumes(self, cid: str, volumes: list[Volume]) -> None:
+        """Unstaged volumes: Podman resolved their host paths itself, after our walk. Once it
+        has mounted them (the container initialized, its process not started) each mount
+        must be what a link-free walk finds, or the container never starts (BadRequest)."""
+        if self.staging.enabled or not volumes:
+            return
+        try:
+            pid = await self.podman.call(self.podman.init, cid)
+        except RunFailed as exc:
+            # The spec was good (created); what init adds is the mounts, from paths an agent
+            # may be changing: the runtime fails in many ways then (runs without volumes
+            # still show its own failures as 500s).
+            log.warning("a container with volumes could not be initialized", extra=fields(
+                container=cid[:12], error=short_error(exc)))
+            raise BadRequest("volume validation failed: the volumes could not be mounted (a "
+                             f"host path changed meanwhile?): {short_error(exc)}") from None
+        await asyncio.to_thread(check_mounts, self.cfg, pid, volumes)
 
     async def destroy(self, cid: str) -> None:
         try:
@@ -3931,6 +4258,8 @@ class JobManager:
             log.info("removing leftover agent container", extra=fields(
                 container=container["id"][:12]))
             await self.runner.destroy(container["id"])
+        taken_over = {c["name"] for c in found} - {c["name"] for c in containers.values()}
+        await asyncio.to_thread(self.runner.staging.sweep, taken_over)
         for job, made in await self.store.call(self.store.undelivered,
                                                self.cfg.webhook_max_attempts):
             self.webhooks.notify(job["webhook_url"], job, made)
@@ -4349,6 +4678,7 @@ class AgentManager:
             async with self.sessions.lock(agent.session_id):
                 try:
                     cid = await self._create(agent, agent.run, image)
+                    await self.runner.verify_volumes(cid, request_volumes(self.cfg, agent.run))
                     reader, writer = await self.podman.attach_stdio(cid)
                     agent.stdin = writer
                     await self.podman.call(self.podman.start, cid)
@@ -4380,6 +4710,8 @@ class AgentManager:
                 writer.close()
             if cid:
                 await asyncio.shield(self.runner.destroy(cid))
+            await asyncio.shield(asyncio.to_thread(self.runner.staging.release,
+                                                   self.container_name(agent)))
             self.runner.slots.release()
             agent.task = None
             if running and exit_error == AGENT_PAUSED:
@@ -4390,29 +4722,38 @@ class AgentManager:
             with contextlib.suppress(OSError, HomeError):  # refreshes the size /sessions shows
                 await asyncio.to_thread(self.sessions.over_quota, agent.session_id)
 
+    @staticmethod
+    def container_name(agent: Agent) -> str:
+        return f"stromboli-{agent.id}"
+
     async def _create(self, agent: Agent, req: RunRequest, image: str) -> str:
         """The container; an agent that has a conversation already (started again after a
         restart) resumes it."""
         had = await asyncio.to_thread(self.sessions.transcript, agent.session_id)
         plan = SessionPlan(agent.session_id, "resume" if had else "new")
-        await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+        name, volumes = self.container_name(agent), request_volumes(self.cfg, req)
+        await asyncio.to_thread(make_volume_dirs, self.cfg, volumes)
         await self.runner.open_session(req, plan, image)
         credentials = self.runner.credentials
         secret_env = credentials.secret_env(req.podman.get("secrets_env", {}))
         spec = container_spec(
-            self.cfg, req, name=f"stromboli-{agent.id}", prompt_file="",
+            self.cfg, req, name=name, prompt_file="",
             home=self.sessions.host_home(agent.session_id),
             secrets=credentials.mounts(secret_env),
             user=agent_user(self.cfg, self.runner.rootless),
+            staged=self.runner.staging.sources(name, volumes),
             labels={**MANAGED_LABEL, "stromboli.instance": self.runner.instance,
                     "stromboli.agent": agent.id, "stromboli.session": agent.session_id})
         command = container_command(self.cfg, req, plan, plan.mode == "new", secret_env,
                                     stdin="")
+        await asyncio.to_thread(self.runner.staging.stage, self.cfg, name, volumes)
         try:
             return await self.podman.call(self.podman.create, image, command, stdin_open=True,
                                           **spec)
         except podman.errors.APIError as exc:
             raise ApiError(500, f"agent: spawn: {short_error(exc)}") from None
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
 
     async def _supervise(self, agent: Agent, cid: str, reader: asyncio.StreamReader,
                          req: RunRequest) -> str:

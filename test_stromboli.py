@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -296,8 +298,9 @@ def model():
 class Daemon:
     """A real `python stromboli.py serve` subprocess with its own state dir and ports."""
 
-    def __init__(self, state_dir: pathlib.Path, env: dict[str, str]):
+    def __init__(self, state_dir: pathlib.Path, env: dict[str, str], wrapper: tuple = ()):
         self.state_dir = state_dir
+        self.wrapper = wrapper  # a command the daemon runs under (e.g. `unshare`)
         self.port, self.metrics_port = free_port(), free_port()
         self.env = {**os.environ, **env,
                     "STROMBOLI_STATE_DIR": str(state_dir),
@@ -321,7 +324,7 @@ class Daemon:
         """The process, without waiting for it to answer."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"],
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, str(STROMBOLI), "serve"],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
@@ -351,9 +354,22 @@ class Daemon:
     def remove_containers(self) -> None:
         """After the test: a stopped daemon leaves its jobs' containers running for its next
         start, which will not come — and its session homes mounted."""
+        self.unmount_staging()
         for container in agent_containers(f"stromboli.instance={self.instance}"):
             container.remove(force=True)
         unmount_below(self.state_dir)
+
+    def staging_mounts(self) -> list[str]:
+        """Mount points under the daemon's volume staging folder (its tmpfs first)."""
+        root = str(self.state_dir / "mounts")
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info]
+        return sorted(p for p in points if p == root or p.startswith(root + "/"))
+
+    def unmount_staging(self) -> None:
+        """The daemon keeps its staging tmpfs (and a kept job's binds) for its next start."""
+        for point in reversed(self.staging_mounts()):
+            subprocess.run(["umount", "-l", point], check=False)
 
     def wait_job(self, job_id: str, states=("completed", "failed", "crashed", "cancelled"),
                  timeout: float = 60) -> dict:
@@ -401,8 +417,10 @@ def make_daemon(tmp_path_factory, agent_image, model):
     """Factory for daemons with extra settings; all are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, **env: str) -> Daemon:
-        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env})
+    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, wrapper: tuple = (),
+             **env: str) -> Daemon:
+        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env},
+                        wrapper)
         daemons.append(daemon)
         return daemon.start(wait_podman)
 
@@ -805,6 +823,41 @@ def test_a_measured_home_counts_blocks_and_entries_not_sizes(tmp_path):
     for i in range(1000):
         os.symlink("x", home / f"link{i}")
     assert store.size(sid) - before >= 1000 * stromboli.ENTRY_BYTES
+
+
+@pytest.mark.fast
+def test_volume_host_paths_are_opened_without_following_links(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "real" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (allowed / "link").symlink_to(outside)
+    (allowed / "file").write_text("x")
+    cfg = stromboli.Config(agent_allowed_volumes=(str(allowed),))
+
+    def volume(path: pathlib.Path) -> stromboli.Volume:  # the parse: the path's letters only
+        return stromboli.check_volume(cfg, f"{path}:/data")
+
+    fd = stromboli.open_volume(cfg, volume(allowed / "real" / "sub"))
+    assert os.fstat(fd).st_ino == (allowed / "real" / "sub").stat().st_ino
+    os.close(fd)
+    refused = {allowed / "link" / "x": "goes through a symbolic link",
+               allowed / "link": "goes through a symbolic link",
+               allowed / "real" / "missing": "does not exist",
+               allowed / "file" / "x": "is not a folder"}
+    for path, message in refused.items():
+        with pytest.raises(stromboli.BadRequest, match=message):
+            stromboli.open_volume(cfg, volume(path))
+    with pytest.raises(stromboli.BadRequest, match="is not in allowed directories"):
+        volume(allowed / ".." / "outside")
+    stromboli.make_volume_dirs(cfg, [volume(allowed / "new" / "deep")])
+    assert stat.S_IMODE((allowed / "new" / "deep").stat().st_mode) == 0o755
+    with pytest.raises(stromboli.BadRequest, match="goes through a symbolic link"):
+        stromboli.make_volume_dirs(cfg, [volume(allowed / "link" / "made")])
+    assert not (outside / "made").exists()
+    # Of nested allowed folders the outermost: the link inside it is opened as a link.
+    nested = stromboli.Config(agent_allowed_volumes=(str(allowed / "link"), str(allowed)))
+    assert stromboli.volume_root(nested, str(allowed / "link" / "x")) == \
+        (str(allowed), ["link", "x"])
 
 
 @pytest.mark.fast
@@ -4431,6 +4484,110 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
     assert d.http.delete(f"/agents/{agent}").status_code == 204
 
 
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, tmp_path,
+                                                                   namespace):
+    """Issue 18, item 1: an agent keeps swapping a folder of its writable volume for a link
+    to a folder outside the allowlist while other runs ask for a volume below that folder.
+    No run may ever see the link's target, and each refusal is a 400. In its own mount
+    namespace (systemd's sandboxing puts it in one) the daemon cannot stage the volumes:
+    Podman mounts the host paths and the daemon checks the mounts before the start."""
+    tag = marker()
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    (allowed / "w").mkdir(parents=True)
+    (allowed / "w").chmod(0o777)
+    (secret / "name").mkdir(parents=True)
+    (secret / "name" / "marker.txt").write_text(f"secret-{tag}\n")
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed),
+                    STROMBOLI_AGENT_VOLUME_AUTO_CREATE="false")
+    swap = (f"cd /w && mkdir -p x/name && echo decoy-{tag} > x/name/marker.txt && touch started"
+            f" && while :; do mv x xr; ln -s {secret} x; sleep 0.02; rm x; mv xr x; sleep 0.025;"
+            " done")  # a link 45 % of the time, missing ~4 %
+    hostile = d.http.post("/run/async", json={
+        "prompt": f"bash: {swap}", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/w:/w"], "timeout": "5m"}}).json()["job_id"]
+    wait_until(lambda: (allowed / "w" / "started").exists(), 60, what="the swapping agent")
+
+    def victim(_) -> httpx.Response:
+        return agent_does(d, "cat /v/marker.txt",
+                          podman={"volumes": [f"{allowed}/w/x/name:/v:ro"]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(victim, range(40)))
+    d.http.delete(f"/jobs/{hostile}")
+    leaked = [i for i, r in enumerate(answers) if f"secret-{tag}" in r.text]
+    assert not leaked, f"tries {leaked} of {len(answers)} saw the link's target"
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) <= {200, 400}, [r.text[:600] for r in answers if r.status_code > 400]
+    refused = [run_error(r) for r in answers if r.status_code == 400]
+    assert all(e.startswith("volume validation failed: ") for e in refused), refused
+    assert any(f"decoy-{tag}" in r.text for r in answers), statuses  # the volume works
+    d.wait_job(hostile)
+    left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
+    wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
+
+
+def mount_options(point: str) -> list[str]:
+    with open("/proc/self/mountinfo") as info:
+        return next(line.split()[5].split(",") for line in info if line.split()[4] == point)
+
+
+def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_daemon, tmp_path):
+    """Each volume is bind-mounted at a staging point (read-only when asked, a file as a file)
+    for as long as its container lives: through a restart that takes the job's container
+    over, and gone when it ends. The restart sweeps points whose container is gone."""
+    allowed = tmp_path / "allowed"
+    (allowed / "ro").mkdir(parents=True)
+    (allowed / "rw").mkdir()
+    (allowed / "notes.txt").write_text("a file volume\n")
+    env = {"STROMBOLI_AGENT_ALLOWED_VOLUMES": str(allowed)}
+    d = make_daemon(state_dir=tmp_path / "state", **env)
+    job = d.http.post("/run/async", json={
+        "prompt": "bash: sleep 6; cat /notes.txt", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/ro:/ro:ro", f"{allowed}/rw:/rw",
+                               f"{allowed}/notes.txt:/notes.txt:ro"]}}).json()["job_id"]
+    root = str(d.state_dir / "mounts")
+    points = wait_until(lambda: d.staging_mounts()[1:] if len(d.staging_mounts()) == 4 else None,
+                        30, what="the job's staging points")
+    assert [p.rsplit("/", 1)[1] for p in points] == ["0", "1", "2"], points
+    assert ["ro" in mount_options(p) for p in points] == [True, False, True]
+    assert os.path.isfile(points[2]) and open(points[2]).read() == "a file volume\n"
+    stale = pathlib.Path(root) / "stromboli-agent-run-gone"
+    stale.mkdir()  # a container that is gone
+    d.stop()  # the job's container runs on, with its staging points
+    assert d.staging_mounts() == [root, *points]
+    again = make_daemon(state_dir=d.state_dir, **env)
+    wait_until(lambda: not stale.exists(), 20, what="the sweep at start")
+    done = again.wait_job(job)
+    assert done["status"] == "completed" and "a file volume" in done["output"], done
+    wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
+
+
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_an_agents_volumes_are_opened_link_by_link_like_a_runs(make_daemon, new_agent, tmp_path,
+                                                                namespace):
+    tag = marker()
+    allowed = tmp_path / "allowed"
+    (allowed / "demo").mkdir(parents=True)
+    (allowed / "demo" / "notes.txt").write_text(f"agent-volume-{tag}\n")
+    (allowed / "escape").symlink_to(tmp_path)
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed))
+    r = d.http.post("/agents", json={"podman": {"volumes": [f"{allowed}/escape/demo:/data"]}})
+    assert r.status_code == 400 and "goes through a symbolic link" in r.json()["error"], r.text
+    agent = new_agent(d, prompt="bash: cat /data/notes.txt",
+                      claude={"dangerously_skip_permissions": True},
+                      podman={"volumes": [f"{allowed}/demo:/data:ro"]})["id"]
+    with AgentStream(d, agent) as stream:
+        events = stream.read(turn_ended())
+    assert any(f"agent-volume-{tag}" in json.dumps(e.body) for e in events), events
+    root = str(d.state_dir / "mounts")
+    assert d.staging_mounts() == ([root, f"{root}/stromboli-{agent}/0"] if not wrapper else [])
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+    assert d.staging_mounts() == ([root] if not wrapper else [])
+
+
 # ---------------------------------------------------------------------------
 # Perimeter — auth, revocation, rate limiting, logs, validation allowlists
 # ---------------------------------------------------------------------------
@@ -4700,7 +4857,8 @@ def test_volume_allowlist(make_daemon, tmp_path):
     assert ok["status"] == "completed", ok
     assert "mounted-file-content" in ok["output"]
     rejected = {
-        f"{allowed}/escape:/data": "is not in allowed directories",
+        f"{allowed}/escape:/data": "goes through a symbolic link",
+        f"{allowed}/demo/notes.txt/x:/data": "is not a folder",
         f"{tmp_path}:/data": "is not in allowed directories",
         f"{allowed}/demo:/home/user/.ssh": "is blocked for security reasons",
         f"{allowed}/demo:/etc/x": "is blocked for security reasons",
