@@ -204,7 +204,8 @@ import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import test_stromboli  # noqa: E402  (--stromboli sets the daemon its Daemon starts)
-from test_stromboli import IMAGE, JWT_SECRET, Daemon, ScriptedModel, agent_env  # noqa: E402
+from test_stromboli import (  # noqa: E402
+    IMAGE, JWT_SECRET, Daemon, ScriptedModel, agent_env, unmount_below)
 
 PROMPT = "hello"
 REPLY = "Hello from the scripted model"
@@ -489,6 +490,13 @@ def our_containers(workdir: pathlib.Path) -> list[str]:
         return []
     return [c["Id"] for c in containers
             if any(str(m.get("Source", "")).startswith(str(workdir)) for m in c.get("Mounts") or [])]
+
+
+def remove_workdir(workdir: pathlib.Path) -> None:
+    """Unmount the session homes the daemons mounted in it (they outlive a daemon), then
+    delete it."""
+    unmount_below(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def stop_daemon(daemon: Daemon) -> None:
@@ -973,7 +981,7 @@ def load(args) -> int:
         if leftover:
             subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
                            capture_output=True, timeout=120)
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps(report, indent=2) if args.json else load_markdown(report))
     return 0
 
@@ -1366,7 +1374,7 @@ def rps(args) -> int:
         if leftover:
             subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
                            capture_output=True, timeout=120)
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     if not args.json:
         print(rps_markdown(report))
         return 0
@@ -1762,7 +1770,7 @@ def slowloris(args) -> int:
         if leftover:
             subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
                            capture_output=True, timeout=120)
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps(report, indent=2) if args.json else slowloris_markdown(report))
     return 0
 
@@ -2097,7 +2105,7 @@ def soak(args) -> int:
     clean = not (report["lost"] or report["orphans"] or report["problems"]
                  or report["start_errors"] or report["still_busy"] or report["tracebacks"])
     if clean:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
         report["workdir"] = None
     print(json.dumps(report, indent=2) if args.json else soak_markdown(report))
     return 0 if not (report["lost"] or report["orphans"]) else 1
@@ -2675,7 +2683,7 @@ def agent(args) -> int:
             report["containers_left_after_stop"] = len(set(leftover))
             subprocess.run(["podman", "rm", "-f", "-t", "0", *set(leftover)],
                            capture_output=True, timeout=120)
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps({**report, "samples": samples}, indent=2) if args.json
           else agent_markdown(report))
     return 0
@@ -3035,7 +3043,7 @@ def overhead(args) -> int:
         raise
     finally:
         daemon.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps({**report, "samples": raw}, indent=2) if args.json else markdown(report))
     return 0
 
@@ -3054,7 +3062,7 @@ def flood(args) -> int:
             print(f"flood: {variant} ({args.megabytes} MB)…", file=sys.stderr, flush=True)
             report["variants"][variant] = bench.variant(variant)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

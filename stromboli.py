@@ -36,6 +36,7 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import errno
@@ -67,7 +68,7 @@ import time
 import tomllib
 import urllib.parse
 import uuid
-from typing import Any, Awaitable, BinaryIO, Callable, Iterable
+from typing import Any, Awaitable, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import aiohttp
 import jwt
@@ -267,9 +268,21 @@ class Config:
                                         "STROMBOLI_AGENT_MAX_LIFETIME", kind="duration",
                                         help="an agent is stopped this long after its creation "
                                              "(0 = never)")
+    agent_max_request_bytes: int = setting(4 * 1024 ** 2, "agent.max_request_bytes",
+                                           "STROMBOLI_AGENT_MAX_REQUEST_BYTES", kind="size",
+                                           help="largest body of a run or agent request, "
+                                                "prompt included (413 beyond)")
     agent_session_quota: int = setting(1024 ** 3, "agent.session_quota",
                                        "STROMBOLI_AGENT_SESSION_QUOTA", kind="size",
                                        help="size limit of one session home (0 = none)")
+    agent_session_filesystem: str = setting("auto", "agent.session_filesystem",
+                                            "STROMBOLI_AGENT_SESSION_FILESYSTEM",
+                                            help="loop (each home its own filesystem: the "
+                                                 "kernel enforces the quota), plain (measured) "
+                                                 "or auto")
+    agent_tmp_size: int = setting(256 * 1024 ** 2, "agent.tmp_size", "STROMBOLI_AGENT_TMP_SIZE",
+                                  kind="size", help="size of the tmpfs at /tmp and /var/tmp of "
+                                                    "each container (within its memory)")
     agent_userns_base: int = setting(1_000_000_000, "agent.userns_base",
                                      "STROMBOLI_AGENT_USERNS_BASE", kind="int",
                                      help="rootful: host uid of container uid 0 (0 = no userns)")
@@ -507,6 +520,15 @@ class Config:
             errors.append("agent max_line must be >= 1k and max_output >= max_line")
         if self.agent_max_followers < 1 or self.agent_max_lifetime < 0:
             errors.append("agent max_followers must be >= 1 and max_lifetime >= 0")
+        if self.agent_max_request_bytes < 16 * 1024:  # /run/stream's 8 KiB query fits
+            errors.append("agent max_request_bytes must be >= 16k")
+        if self.agent_session_filesystem not in ("auto", "loop", "plain"):
+            errors.append("agent session_filesystem must be auto, loop or plain")
+        elif self.agent_session_filesystem == "loop" and self.agent_session_quota < 1024 ** 2:
+            errors.append("agent session_filesystem loop needs a session_quota of at least 1m "
+                          "(the size of each home's filesystem)")
+        if self.agent_tmp_size < 1024 ** 2:
+            errors.append("agent tmp_size must be >= 1m")
         if not 0 <= self.agent_userns_base <= 2 ** 32 - 2 ** 16 - 2:
             errors.append("agent userns_base must be between 0 and 4294901758")
         for label, address in (("server", self.server_address), ("metrics", self.metrics_address)):
@@ -764,7 +786,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id TEXT NOT NULL, run_id TEXT NOT NULL,
     request TEXT NOT NULL, output TEXT, error TEXT, structured_output TEXT, usage TEXT,
     crash_info TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    started_at REAL, finished_at REAL, truncated INTEGER
+    started_at REAL, finished_at REAL, truncated INTEGER, container_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, updated_at);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
@@ -790,7 +812,14 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 """
 JOB_JSON_COLUMNS = ("request", "structured_output", "usage", "crash_info")
+# A job as the API shows it: no request (it may be megabytes, and only a run needs it).
+JOB_SHOWN = ("id, status, session_id, run_id, output, error, structured_output, usage, "
+             "crash_info, created_at, updated_at, started_at, finished_at, truncated")
 TERMINAL_STATES = ("completed", "failed", "crashed", "cancelled")
+
+
+class QueueFull(Exception):
+    """A job was not queued: as many as allowed are pending already."""
 
 
 class Store:
@@ -802,6 +831,7 @@ class Store:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
         self._jobs: dict[str, dict] = {}  # see cached_job
+        self._job_sizes: dict[str, int] = {}
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
@@ -811,8 +841,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "truncated" not in columns:  # added after the first release
-            self._db.execute("ALTER TABLE jobs ADD COLUMN truncated INTEGER")
+        for column in ("truncated INTEGER", "container_id TEXT"):  # added after release 1
+            if column.split()[0] not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
         os.chmod(self.path, 0o600)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -824,6 +855,7 @@ class Store:
 
     # -- jobs (called through .call) ------------------------------------------
     JOB_CACHE_SIZE = 2048
+    JOB_CACHE_BYTES = 64 * 1024 ** 2  # outputs may take agent.max_output each
 
     def cached_job(self, job_id: str) -> dict | None:
         """A job as last read or written, without a trip to the store's thread (the hot
@@ -831,13 +863,22 @@ class Store:
         entry on the store's thread, so a hit is never older than the last write."""
         return self._jobs.get(job_id)
 
-    def _remember(self, job: dict) -> dict:
-        if len(self._jobs) >= self.JOB_CACHE_SIZE:
-            self._jobs.pop(next(iter(self._jobs)), None)
-        self._jobs[job["id"]] = job
+    def _remember(self, job: dict, size: int) -> dict:
+        """Cache a job (`size`: about its bytes), letting the oldest go past the cache's
+        count or bytes."""
+        self._forget(job["id"])
+        while self._jobs and (len(self._jobs) >= self.JOB_CACHE_SIZE or
+                              sum(self._job_sizes.values()) + size > self.JOB_CACHE_BYTES):
+            self._forget(next(iter(self._jobs)))
+        self._jobs[job["id"]], self._job_sizes[job["id"]] = job, size
         return job
 
-    def insert_job_once(self, job: dict, key: str, request_hash: str) -> dict | None:
+    def _forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._job_sizes.pop(job_id, None)
+
+    def insert_job_once(self, job: dict, key: str, request_hash: str,
+                        max_pending: int) -> dict | None:
         """Insert a job under an Idempotency-Key, unless the key is taken: → None when
         inserted, else {"job_id", "request_hash"} of the job the key already names."""
         found = self._db.execute("SELECT job_id, request_hash FROM idempotency_keys WHERE "
@@ -848,7 +889,7 @@ class Store:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO idempotency_keys VALUES (?,?,?)",
                              (key, request_hash, job["id"]))
-            self.insert_job(job)
+            self.insert_job(job, max_pending)
         return None
 
     def queue_positions(self) -> dict[str, int]:
@@ -859,7 +900,12 @@ class Store:
     def count_pending(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='pending'").fetchone()[0]
 
-    def insert_job(self, job: dict) -> None:
+    def insert_job(self, job: dict, max_pending: int) -> None:
+        """Insert a pending job, unless `max_pending` jobs are pending already (QueueFull):
+        counted and inserted in one step on the store's one thread, so that concurrent
+        submits cannot all see the same free place."""
+        if self.count_pending() >= max_pending:
+            raise QueueFull(max_pending)
         row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
                for k, v in job.items()}
         cols = ",".join(row)
@@ -872,22 +918,26 @@ class Store:
         changes["updated_at"] = time.time()
         row = {k: (json.dumps(v) if k in JOB_JSON_COLUMNS and v is not None else v)
                for k, v in changes.items()}
-        self._jobs.pop(job_id, None)
+        self._forget(job_id)
         sql = f"UPDATE jobs SET {','.join(f'{k}=?' for k in row)} WHERE id=?"
         if only_if_active:
             sql += " AND status IN ('pending','running')"
         return self._db.execute(sql, (*row.values(), job_id)).rowcount > 0
 
     def get_job(self, job_id: str) -> dict | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return self._remember(self._job(row)) if row else None
+        """A job as shown, and where its webhook goes (`webhook_url`)."""
+        row = self._db.execute(f"SELECT {JOB_SHOWN}, json_extract(request, '$.webhook_url') "
+                               "AS webhook_url FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return self._remember(self._job(row), sum(len(v) for v in row if isinstance(v, str)))
 
     def list_jobs(self, status: str | None = None, limit: int = 1000,
                   offset: int = 0) -> tuple[list[dict], int]:
         """A page of jobs, newest first, and how many match in all."""
         where, args = ("WHERE status=?", (status,)) if status else ("", ())
-        rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC "
-                                "LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        rows = self._db.execute(f"SELECT {JOB_SHOWN} FROM jobs {where} ORDER BY created_at "
+                                "DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         total = self._db.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
         return [self._job(r) for r in rows], total
 
@@ -903,6 +953,7 @@ class Store:
             "AND updated_at < ?", (older_than,))]
         self._db.executemany("DELETE FROM run_events WHERE run_id=?", [(i,) for i in ids])
         self._jobs.clear()
+        self._job_sizes.clear()
         self._db.execute("DELETE FROM idempotency_keys WHERE job_id NOT IN (SELECT id FROM jobs) "
                          "OR job_id IN (SELECT id FROM jobs WHERE status IN ('completed','failed',"
                          "'crashed','cancelled') AND updated_at < ?)", (older_than,))
@@ -985,7 +1036,8 @@ class Store:
         """Finished jobs whose webhook has not been delivered and has attempts left (a
         shutdown came between): → (job, attempts made)."""
         rows = self._db.execute(
-            "SELECT j.*, (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.job_id=j.id) AS n "
+            f"SELECT {JOB_SHOWN}, json_extract(request, '$.webhook_url') AS webhook_url, "
+            "(SELECT COUNT(*) FROM webhook_deliveries d WHERE d.job_id=j.id) AS n "
             "FROM jobs j WHERE j.status IN ('completed','failed','crashed','cancelled') "
             "AND COALESCE(json_extract(j.request, '$.webhook_url'), '') != '' "
             "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.job_id=j.id "
@@ -1304,6 +1356,17 @@ class Podman:
     def start(self, cid: str) -> None:
         self.client.containers.get(cid).start()
 
+    def init(self, cid: str) -> int:
+        """Make the container's process, its mounts done, its command not started; → its pid.
+        RunFailed with the runtime's error (e.g. a mount source gone)."""
+        container = self.client.containers.get(cid)
+        try:
+            container.init()
+        except podman.errors.APIError as exc:
+            raise RunFailed(str(exc.explanation or exc)) from None
+        container.reload()
+        return int(container.attrs["State"]["Pid"])
+
     def exit_code(self, cid: str) -> int:
         """The exit code of a container whose output stream has ended. Inspecting is far
         quicker than the wait endpoint here (which polls every ~250 ms). One still running
@@ -1416,7 +1479,7 @@ class Podman:
         found = []
         for c in self.client.containers.list(all=True, filters={"label": label}):
             state = c.attrs.get("State")  # a string in list results, unlike inspect's object
-            found.append({"id": c.id, "labels": c.labels or {},
+            found.append({"id": c.id, "name": c.name, "labels": c.labels or {},
                           "status": state if isinstance(state, str) else c.status})
         return found
 
@@ -1679,7 +1742,11 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 CONTAINER_UID = 1000  # the agent image's `user` (inside the container's user namespace)
 CONTAINER_HOME = "/home/user"
 MAX_TRANSCRIPT_LINE = 4 * 1024 * 1024
+MESSAGES_PAGE_BYTES = 4 * 1024 * 1024  # the JSON of a page of history messages, at most
+CUT_MARKER = " [stromboli: truncated, {} characters dropped]"
+CUT_MARKER_ROOM = 64  # bytes of JSON a marker takes, at most
 MAX_HOME_DEPTH = 128
+ENTRY_BYTES = 512  # what a measured home's entry costs besides its blocks: inode, name
 INIT_MARKER = ".stromboli-initialized"
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
@@ -1805,6 +1872,86 @@ def transcript_message(line: dict) -> dict | None:
     })
 
 
+def compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def json_size(message: dict) -> int:
+    """Bytes of a message's JSON; one nested too deeply to encode counts as a whole page
+    (message_json replaces it with a stub)."""
+    try:
+        return len(compact_json(message))
+    except RecursionError:
+        return MESSAGES_PAGE_BYTES
+
+
+def fair_shares(sizes: list[int], room: int) -> list[int]:
+    """Each size, or less where they do not all fit in `room`: the smallest are kept
+    whole and the others share what is left equally."""
+    shares = list(sizes)
+    for done, index in enumerate(sorted(range(len(sizes)), key=sizes.__getitem__)):
+        shares[index] = min(sizes[index], room // (len(sizes) - done))
+        room -= shares[index]
+    return shares
+
+
+def json_strings(value: Any) -> Iterable[str]:
+    """The strings in a JSON value (not its keys), in document order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from json_strings(item)
+
+
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of a JSON value with each of its strings (not its keys) changed, in document
+    order (the order of json_strings)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    return value
+
+
+def cut_text(text: str, size: int, share: int) -> str:
+    """A string whose JSON takes `size` bytes, in at most `share`: whole, or its start and
+    a marker saying how much was dropped."""
+    if size <= share:
+        return text
+    room = max(0, share - CUT_MARKER_ROOM)
+    keep = len(text) * room // size  # as dense as the whole, checked below
+    while keep and len(compact_json(text[:keep])) > room:
+        keep = keep * 3 // 4
+    return text[:keep] + CUT_MARKER.format(len(text) - keep)
+
+
+def message_json(message: dict, room: int) -> str:
+    """A history message as JSON in at most `room` (>= 1 KiB) bytes. The agent writes its
+    transcript, so a message may be huge (a 4 MiB line of 2-byte characters is 12 MiB of
+    JSON, a 6-byte escape each): then its strings share the room — the short ones whole,
+    the long ones cut with a marker — and should its shape alone not fit (thousands of
+    keys, deep nesting), a stub says what was dropped."""
+    try:
+        text = compact_json(message)
+        if len(text) <= room:
+            return text
+        sizes = [len(compact_json(s)) for s in json_strings(message)]
+        shares = iter(zip(sizes, fair_shares(sizes, room - (len(text) - sum(sizes)))))
+        cut = compact_json(map_strings(message, lambda s: cut_text(s, *next(shares))))
+        if len(cut) <= room:
+            return cut
+    except RecursionError:  # nesting is the agent's choice too
+        pass
+    kept = {key: message[key] for key in ("uuid", "type", "session_id", "timestamp")
+            if isinstance(message.get(key), str) and len(message[key]) <= 100}
+    return compact_json({**kept, "content": {"role": kept.get("type", ""), "content": [
+        {"type": "text", "text": "[stromboli: message dropped: its JSON does not fit in "
+                                 f"{room} bytes]"}]}})
+
+
 def transcript_title(fh: BinaryIO) -> str:
     """A session's title: the last title the CLI recorded (a UserPromptSubmit hook's
     sessionTitle, a custom title or a summary), else its first prompt, shortened."""
@@ -1895,13 +2042,14 @@ class SafeHome:
             os.close(fd)
 
     @staticmethod
-    def entries(fd: int) -> list[tuple[str, os.stat_result]]:
-        """The regular files and folders in a folder, by lstat."""
+    def entries(fd: int, every: bool = False) -> list[tuple[str, os.stat_result]]:
+        """The regular files and folders in a folder (or, with `every`, all its entries:
+        links, FIFOs...), by lstat."""
         found = []
         with os.scandir(fd) as listing:
             for entry in listing:
                 info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                if every or stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
                     found.append((entry.name, info))
         return found
 
@@ -1931,17 +2079,72 @@ class SafeHome:
 
     @staticmethod
     def remove(fd: int, name: str) -> None:
-        """Remove whatever stands at a name (a link itself, never its target)."""
+        """Remove whatever stands at a name (a link itself, never its target; a folder
+        with everything in it)."""
         try:
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
-            shutil.rmtree(name, dir_fd=fd)  # fd-based: follows no link
+            SafeHome._empty(fd, name)
+            os.rmdir(name, dir_fd=fd)
         else:
             os.unlink(name, dir_fd=fd)
 
-    def walk(self) -> Iterable[tuple[tuple[str, ...], int, list[tuple[str, os.stat_result]]]]:
+    @staticmethod
+    def _empty(parent: int, name: str) -> None:
+        """Empty a folder however deeply it nests, without recursion and with two fds:
+        the folders inside each child folder are moved up into the folder (a rename
+        follows no link), then the child, which holds no folder any more, is emptied and
+        removed; until no child folder is left."""
+        top = os.open(name, O_DIR, dir_fd=parent)
+        moved = itertools.count()
+        try:
+            while children := SafeHome._unlink_files(top):
+                for child in children:
+                    try:
+                        child_fd = os.open(child, O_DIR, dir_fd=top)
+                    except OSError as exc:  # gone, or no folder any more: the next round
+                        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                            continue
+                        raise
+                    try:
+                        for inner in SafeHome._unlink_files(child_fd):
+                            SafeHome._move_up(child_fd, inner, top, moved)
+                    finally:
+                        os.close(child_fd)
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        os.rmdir(child, dir_fd=top)
+        finally:
+            os.close(top)
+
+    @staticmethod
+    def _unlink_files(fd: int) -> list[str]:
+        """Unlink everything in a folder but its folders → their names."""
+        folders = []
+        with os.scandir(fd) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.name)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+        return folders
+
+    @staticmethod
+    def _move_up(source: int, name: str, target: int, moved: Iterator[int]) -> None:
+        """Move a folder into `target` under a name that is free there."""
+        while True:
+            try:
+                return os.rename(name, f".stromboli-removing-{next(moved)}", src_dir_fd=source,
+                                 dst_dir_fd=target)
+            except OSError as exc:  # the agent's own entry has that name: take the next
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR,
+                                     errno.EISDIR):
+                    raise
+
+    def walk(self, every: bool = False
+             ) -> Iterable[tuple[tuple[str, ...], int, list[tuple[str, os.stat_result]]]]:
         """(path parts, folder fd, entries) for the home and every folder below it,
         parents first, iteratively; each folder is reopened name by name from the home."""
         pending: list[tuple[str, ...]] = [()]
@@ -1951,15 +2154,23 @@ class SafeHome:
                 raise HomeError(f"session home is nested deeper than {MAX_HOME_DEPTH} folders")
             try:
                 with self.folder(*parts) as fd:
-                    entries = self.entries(fd)
+                    entries = self.entries(fd, every)
                     yield parts, fd, entries
             except FileNotFoundError:
                 continue  # replaced while we walked: it is not a folder any more
             pending += [(*parts, name) for name, info in entries if stat.S_ISDIR(info.st_mode)]
 
     def size(self) -> int:
-        return sum(info.st_size for _, _, entries in self.walk() for _, info in entries
-                   if stat.S_ISREG(info.st_mode))
+        """What the home costs the host's disk: the blocks allocated to each of its
+        entries (not their apparent size: a sparse or preallocated file counts what it
+        holds) plus an inode's worth per entry (links and empty files take no block)."""
+        return sum(info.st_blocks * 512 + ENTRY_BYTES for _, _, entries in self.walk(every=True)
+                   for _, info in entries)
+
+    def space(self) -> tuple[int, int]:
+        """(bytes used, bytes free) of the home's own filesystem."""
+        fs = os.fstatvfs(self.fd)
+        return (fs.f_blocks - fs.f_bfree) * fs.f_frsize, fs.f_bavail * fs.f_frsize
 
     def own_all(self) -> None:
         """Give the whole home to the owner (homes made for another uid). A file with
@@ -1972,7 +2183,16 @@ class SafeHome:
 
     def copy_to(self, target: "SafeHome", limit: int) -> None:
         """Copy the regular files and folders into another home; links, FIFOs and devices
-        are left out. HomeError past `limit` bytes (0 = no limit)."""
+        are left out. HomeError past `limit` bytes (0 = no limit) or when the target's own
+        filesystem is full."""
+        try:
+            self._copy_to(target, limit)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise HomeError(f"session home is at its quota ({exc.strerror})") from None
+
+    def _copy_to(self, target: "SafeHome", limit: int) -> None:
         total = 0
         for parts, fd, entries in self.walk():
             with target.folder(*parts, create=True) as out:
@@ -1992,6 +2212,171 @@ class SafeHome:
                         shutil.copyfileobj(source, copy, 1024 * 1024)
 
 
+def host_tool(name: str) -> str | None:
+    """A host program's path (the sbin folders too: they are not always on PATH)."""
+    return shutil.which(name, path=os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin",
+                                                     "/sbin")))
+
+
+def other_mount_namespace() -> bool:
+    """Whether the daemon runs in another mount namespace than PID 1 — and so, likely,
+    than Podman — as systemd's ProtectSystem=, PrivateTmp= and the like make it: Podman
+    would not see the daemon's mounts. Not allowed to look counts as no."""
+    try:
+        return os.stat("/proc/1/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+# No journal (a home is scratch space, and it is made in milliseconds), no reserved blocks,
+# inode tables left as the sparse file has them (zeros) rather than written at mount.
+MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-O", "^has_journal", "-E",
+                "lazy_itable_init=1,nodiscard,root_owner={owner}:{owner}")
+# `loop` sets the loop device up with autoclear (unmounting frees it); `discard` gives the
+# blocks of deleted files back to the host.
+HOME_MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,discard,noinit_itable"
+MIN_FREE_SHARE = 100  # a home on its own filesystem with under 1/100 of it free is full
+
+
+class HomeImages:
+    """Session homes that are filesystems of their own: a sparse image file per home
+    (`<sessions dir>/.images/<sid>.img`, the quota's size, ext4) mounted on the home
+    through a loop device, so that the kernel holds a home at its quota (a write past it
+    is ENOSPC inside the container) and bounds its inodes. Mounts outlive the daemon on
+    purpose: a job's container may write into its home across a restart, and mounting an
+    image a second time (another loop device) would corrupt it. So a home is mounted only
+    when it is not mounted already, and unmounted only when its session is deleted. A home
+    that is a plain folder (made before, or in plain mode) stays one. All methods block
+    (mkfs, mount): call them through a thread."""
+
+    def __init__(self, root: pathlib.Path, size: int, owner: int, make_new: bool):
+        self.root, self.size, self.owner, self.make_new = root, size, owner, make_new
+        self.folder = root / ".images"
+        self._lock = threading.Lock()  # one mount (or unmount) at a time
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why homes cannot be images on this host, or None."""
+        if os.geteuid() != 0:
+            return "the daemon does not run as root"
+        if not os.path.exists("/dev/loop-control"):
+            return "the host has no loop devices (/dev/loop-control; try `modprobe loop`)"
+        missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if not host_tool(tool)]
+        if missing:
+            return f"{', '.join(missing)} not found (install e2fsprogs and mount)"
+        if other_mount_namespace():
+            return "the daemon runs in a mount namespace of its own (systemd's ProtectSystem=, " \
+                   "PrivateTmp=...), where Podman would not see its mounts"
+        return None
+
+    def image(self, session_id: str) -> pathlib.Path:
+        return self.folder / f"{session_id}.img"
+
+    def mounted(self, session_id: str) -> bool:
+        """Whether the home is a mount point (its own filesystem)."""
+        try:
+            return os.lstat(self.root / session_id).st_dev != os.stat(self.root).st_dev
+        except FileNotFoundError:
+            return False
+
+    def attach(self, session_id: str, create: bool) -> None:
+        """Mount the home's image unless it is mounted; with `create`, a home that does not
+        exist yet gets its image first (when new homes are images)."""
+        with self._lock:
+            image = self.image(session_id)
+            fresh = not image.exists()
+            if fresh:
+                if not (create and self.make_new) or os.path.lexists(self.root / session_id):
+                    return
+                self._make(image)
+            if not self.mounted(session_id):
+                self._mount(session_id, image, fresh)
+
+    def _make(self, image: pathlib.Path) -> None:
+        partial = image.with_suffix(".new")
+        try:
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                   0o600), "wb") as out:
+                out.truncate(self.size)
+            run_host_tool("mkfs.ext4", *(o.format(owner=self.owner) for o in MKFS_OPTIONS),
+                          str(partial))
+            os.replace(partial, image)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def _mount(self, session_id: str, image: pathlib.Path, fresh: bool) -> None:
+        home = self.root / session_id
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(home, 0o700)
+        run_host_tool("mount", "-t", "ext4", "-o", HOME_MOUNT_OPTIONS, str(image), str(home))
+        if fresh:  # the home looks as a folder would: the agent's, and nothing in it
+            os.chmod(home, 0o700)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(home / "lost+found")
+
+    def detach(self, session_id: str) -> None:
+        """Unmount a home and delete its image. Lazily: a container that still uses the
+        home (it outlived a restart) keeps its filesystem until it ends."""
+        with self._lock:
+            for _ in range(8):  # a mount stacked on another by hand: each goes
+                if not self.mounted(session_id):
+                    break
+                run_host_tool("umount", "--lazy", str(self.root / session_id))
+            self.image(session_id).unlink(missing_ok=True)
+
+    def attach_all(self) -> int:
+        """Mount every image that is not mounted (after a reboot) → how many were."""
+        mounted = 0
+        for image in self.folder.glob("*.img"):
+            session_id = image.stem
+            if not UUID_RE.match(session_id) or self.mounted(session_id):
+                continue
+            try:
+                self.attach(session_id, create=False)
+                mounted += 1
+            except (OSError, Unavailable) as exc:
+                log.warning("could not mount a session home", extra=fields(
+                    session_id=session_id, error=getattr(exc, "message", None) or str(exc)))
+        return mounted
+
+
+def session_images(cfg: Config) -> HomeImages | None:
+    """How session homes are made (agent.session_filesystem): images when asked for (loop)
+    or possible (auto), with a warning when the quota will only be measured; ConfigError
+    when loop is asked for and cannot be. Images made before are mounted whatever the
+    mode, when the host can."""
+    mode, quota = cfg.agent_session_filesystem, cfg.agent_session_quota
+    host_problem = HomeImages.unavailable()
+    problem = host_problem or ("the quota is under 1m, too small for a filesystem"
+                               if quota < 1024 ** 2 else None)
+    if mode == "auto" and not problem and cfg.sessions_host_path != cfg.sessions_path:
+        problem = "agent.sessions_host_dir is set: Podman sees the sessions dir elsewhere, " \
+                  "where the daemon's mounts may not reach (set loop if they do)"
+    wanted = mode == "loop" or (mode == "auto" and quota > 0)
+    if wanted and problem:
+        if mode == "loop":
+            raise ConfigError(f"agent.session_filesystem is loop, but {problem}")
+        log.warning("session homes are plain folders: their quota is only measured (every 2 s "
+                    "during a run), not enforced by the kernel", extra=fields(reason=problem))
+    if host_problem:
+        return None
+    return HomeImages(cfg.sessions_path, quota, cfg.agent_host_uid, make_new=wanted and not problem)
+
+
+def run_host_tool(name: str, *args: str) -> None:
+    """Run mkfs, mount or umount; Unavailable with its message when it fails."""
+    try:
+        done = subprocess.run([host_tool(name) or name, *args], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"session home: {name} failed: {exc}") from None
+    if done.returncode != 0:
+        message = " ".join((done.stderr or done.stdout).split())[:300]
+        raise Unavailable(f"session home: {name} failed: {message}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Transcript:
     """Where a conversation's transcript is: its project folder and file name."""
@@ -2008,8 +2393,9 @@ class SessionStore:
     Every disk access goes through SafeHome and blocks: call these through a thread."""
 
     def __init__(self, root: pathlib.Path, host_root: pathlib.Path, owner: int | None,
-                 quota: int):
+                 quota: int, images: HomeImages | None = None):
         self.root, self.host_root, self.owner, self.quota = root, host_root, owner, quota
+        self.images = images  # None: every home is a plain folder, its size measured
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: collections.Counter = collections.Counter()
         self._titles: dict[str, tuple[tuple, str]] = {}
@@ -2020,7 +2406,14 @@ class SessionStore:
         return str(self.host_root / check_session_id(session_id))
 
     def _open(self, session_id: str, create: bool = False):
-        return SafeHome.open(self.root, check_session_id(session_id), self.owner, create)
+        check_session_id(session_id)
+        if self.images:
+            self.images.attach(session_id, create)
+        return SafeHome.open(self.root, session_id, self.owner, create)
+
+    def bounded(self, session_id: str) -> bool:
+        """Whether the home is a filesystem of its own (the kernel enforces its quota)."""
+        return self.images is not None and self.images.mounted(check_session_id(session_id))
 
     def exists(self, session_id: str) -> bool:
         try:
@@ -2145,18 +2538,29 @@ class SessionStore:
             home.write(home.fd, INIT_MARKER, (rfc3339(time.time()) or "").encode())
 
     def size(self, session_id: str) -> int:
+        return self._measure(session_id)[0]
+
+    def _measure(self, session_id: str) -> tuple[int, int | None]:
+        """(bytes the home takes, bytes its own filesystem has free — None for a plain
+        folder, whose quota is only measured)."""
         with self._open(session_id) as home:
-            size = self._sizes[session_id] = home.size()
-        return size
+            used, free = home.space() if self.bounded(session_id) else (home.size(), None)
+        self._sizes[session_id] = used
+        return used, free
 
     def over_quota(self, session_id: str) -> str | None:
-        """Why the home cannot be used (over its quota, too deep), or None."""
+        """Why the home cannot be used (full, over its quota, too deep), or None."""
         try:
-            size = self.size(session_id)
+            size, free = self._measure(session_id)
         except FileNotFoundError:
             return None
         except HomeError as exc:
             return str(exc)
+        if free is not None:
+            if free >= (size + free) / MIN_FREE_SHARE:
+                return None
+            return (f"session home is at its quota ({format_size(size)} used, "
+                    f"{format_size(free)} free): delete files in it or delete the session")
         if self.quota and size > self.quota:
             return (f"session home is over its quota ({format_size(size)} used of "
                     f"{format_size(self.quota)}): delete files in it or delete the session")
@@ -2199,18 +2603,27 @@ class SessionStore:
         self._titles[session_id] = (key, title)
         return title
 
-    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[dict], int]:
-        """One page of the history and the number of messages in all."""
-        page, total = [], 0
+    def messages(self, session_id: str, offset: int, limit: int) -> tuple[list[str], int]:
+        """One page of the history as JSON texts that together take MESSAGES_PAGE_BYTES at
+        most (the large ones cut to share it), and the number of messages in all. The
+        transcript is read twice, so that no more than a page is ever held: once to
+        measure the page's messages, once to cut them."""
+        sizes, total = [], 0
         for message in self._messages(session_id):
             if offset <= total < offset + limit:
-                page.append(message)
+                sizes.append(json_size(message))
             total += 1
+        shares = fair_shares(sizes, MESSAGES_PAGE_BYTES - len(sizes))  # and the commas
+        with contextlib.closing(self._messages(session_id)) as messages:
+            page = [message_json(message, share) for share, message
+                    in zip(shares, itertools.islice(messages, offset, None))]
         return page, total
 
-    def message(self, session_id: str, message_id: str) -> dict | None:
+    def message(self, session_id: str, message_id: str) -> str | None:
+        """One message's JSON (within MESSAGES_PAGE_BYTES), found by its uuid."""
         with contextlib.closing(self._messages(session_id)) as messages:
-            return next((m for m in messages if m["uuid"] == message_id), None)
+            found = next((m for m in messages if m["uuid"] == message_id), None)
+        return None if found is None else message_json(found, MESSAGES_PAGE_BYTES)
 
     def _messages(self, session_id: str) -> Iterable[dict]:
         transcript = self.transcript(session_id)
@@ -2230,9 +2643,12 @@ class SessionStore:
         self.remove(session_id)
 
     def remove(self, session_id: str) -> None:
+        check_session_id(session_id)
+        if self.images:
+            self.images.detach(session_id)  # what stays is the folder it was mounted on
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            SafeHome.remove(root_fd, check_session_id(session_id))
+            SafeHome.remove(root_fd, session_id)
         finally:
             os.close(root_fd)
         self._titles.pop(session_id, None)
@@ -2306,14 +2722,8 @@ PODMAN_OPTIONS: dict[str, tuple[str, str, Any]] = {
 }
 PODMAN_KINDS = {name: row[0] for name, row in PODMAN_OPTIONS.items()}
 HOOK_KEYS = ("on_create_command", "post_create", "post_start")
-
-
-def make_public_dirs(path: pathlib.Path) -> None:
-    """mkdir -p with mode 0755 whatever the umask (the agent runs as another uid)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    for folder in reversed(missing):
-        folder.mkdir()
-        folder.chmod(0o755)
+ENVIRONMENT_KEYS = ("type", "path", "service", "build_timeout")  # upstream's EnvironmentConfig
+TMPFS_PATHS = ("/tmp", "/var/tmp")
 
 
 def shell_quote(arg: str) -> str:
@@ -2364,8 +2774,19 @@ def check_image(cfg: Config, image: str) -> None:
                          "like debian/slim)")
 
 
-def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
-    """U§12.2: parse and validate one `host:container[:options]` entry."""
+class Volume(NamedTuple):
+    """One checked `host:container[:options]` entry. `host` is absolute and normalized by
+    its letters only: it is never resolved, links on it are refused when it is opened."""
+
+    host: str
+    target: str
+    options: list[str]
+
+
+def check_volume(cfg: Config, volume: str) -> Volume:
+    """U§12.2: parse and validate one `host:container[:options]` entry. A pure check (the
+    allowlist by the path's letters): the host path is opened, never following a link, only
+    when its container is made (open_volume)."""
     prefix = "volume validation failed: "
     parts = volume.split(":")
     if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
@@ -2375,17 +2796,15 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
     options = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
     if "\0" in volume:
         raise BadRequest(f"{prefix}volume must not contain NUL characters")
-    resolved = os.path.realpath(os.path.abspath(host))
+    host = "/" + os.path.abspath(host).lstrip("/")
     if not cfg.agent_allowed_volumes:
         if not cfg.agent_allow_all_volumes:
             raise BadRequest(prefix + "volume host path not allowed: no volume allowlist "
                              "configured; set allowed_volumes or enable allow_all_volumes for "
                              "development")
-    else:
-        roots = [os.path.realpath(os.path.abspath(r)) for r in cfg.agent_allowed_volumes]
-        if not any(resolved == r or resolved.startswith(r.rstrip("/") + "/") for r in roots):
-            raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{resolved}" '
-                             "is not in allowed directories")
+    elif volume_root(cfg, host) is None:
+        raise BadRequest(f'{prefix}volume host path not allowed: workspace path "{host}" '
+                         "is not in allowed directories")
     if len(target) > 4096 or not target.startswith("/"):
         raise BadRequest(f'{prefix}container path "{target}" must be an absolute path')
     clean = "/" + os.path.normpath(target).lstrip("/")
@@ -2398,7 +2817,28 @@ def check_volume(cfg: Config, volume: str) -> tuple[str, str, list[str]]:
     for option in options:
         if option not in MOUNT_OPTIONS:
             raise BadRequest(f'{prefix}mount option "{option}" is not allowed')
-    return resolved, clean, options
+    return Volume(host, clean, options)
+
+
+def volume_root(cfg: Config, host: str) -> tuple[str, list[str]] | None:
+    """The allowed folder a normalized host path lies in (resolved: the admin configured it
+    and no agent writes above it) and the names below it, which are opened one by one; of
+    nested allowed folders the outermost, so that the most is opened link by link. `/` with
+    allow_all_volumes. None: outside the allowlist."""
+    names = [name for name in host.split("/") if name]
+    if not cfg.agent_allowed_volumes:
+        return "/", names
+    found = []
+    for root in cfg.agent_allowed_volumes:
+        configured = "/" + os.path.abspath(root).lstrip("/")
+        try:
+            real = os.path.realpath(configured)
+        except OSError:  # (EINVAL, ELOOP) a root that cannot be resolved allows nothing
+            continue
+        for folder in {configured, real}:
+            if host == folder or host.startswith(folder.rstrip("/") + "/"):
+                found.append((real, names[len([n for n in folder.split("/") if n]):]))
+    return max(found, key=lambda root: len(root[1]), default=None)
 
 
 def check_secrets_env(mapping: dict[str, str]) -> None:
@@ -2448,6 +2888,19 @@ def check_hooks(hooks: dict) -> dict[str, list[str]]:
         except ValueError as exc:
             raise BadRequest(f"{prefix}hooks_timeout: {exc}") from None
     return checked
+
+
+def check_environment(environment: dict) -> None:
+    """podman.environment as upstream defines it (EnvironmentConfig), in its only form this
+    server runs: a single container (an empty type). Anything else is refused, not kept."""
+    for key, value in environment.items():
+        if key not in ENVIRONMENT_KEYS:
+            raise BadRequest(f'Invalid request: unknown podman.environment key "{key[:40]}" '
+                             f"(known: {', '.join(ENVIRONMENT_KEYS)})")
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"Invalid request: podman.environment.{key} must be a string")
+    if environment.get("type"):
+        raise BadRequest("compose environments are not supported by this server")
 
 
 @dataclasses.dataclass
@@ -2518,8 +2971,8 @@ class RunRequest:
             raise BadRequest("Invalid request: podman.cpu_shares must be between 2 and 262144")
         if "lifecycle" in options:
             check_hooks(options["lifecycle"])
-        if (options.get("environment") or {}).get("type") not in (None, ""):
-            raise BadRequest("compose environments are not supported by this server")
+        if "environment" in options:
+            check_environment(options.pop("environment"))  # a single container: nothing kept
         return options
 
     def to_json(self) -> dict:
@@ -2818,8 +3271,10 @@ def agent_user(cfg: Config, rootless: bool) -> dict:
 
 
 def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, home: str,
-                   prompt_file: str, secrets: list[dict], user: dict) -> dict:
-    """The container's create arguments: a pure function of the request and settings."""
+                   prompt_file: str, secrets: list[dict], user: dict,
+                   staged: list[Volume]) -> dict:
+    """The container's create arguments: a pure function of the request and settings.
+    `staged`: the request's volumes with the source Podman mounts (VolumeStaging.sources)."""
     opts = req.podman
     cpus = parse_cpus(opts.get("cpus") or cfg.resources_cpus)
     env = {"HOME": CONTAINER_HOME, "DISABLE_AUTOUPDATER": "1", **dict(cfg.agent_env),
@@ -2828,14 +3283,19 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     volumes = {home: {"bind": CONTAINER_HOME, "mode": "rw", "extended_mode": ["z"]}}
     if prompt_file:  # an agent has none: its turns come on stdin
         volumes[prompt_file] = {"bind": PROMPT_FILE, "mode": "ro"}
-    for volume in opts.get("volumes", []):
-        host, target, options = check_volume(cfg, volume)
-        volumes[host] = {"bind": target, "extended_mode": options}
+    for source, target, options in staged:
+        volumes[source] = {"bind": target, "extended_mode": options}
     spec: dict[str, Any] = dict(
         name=name, labels=labels, environment=env, volumes=volumes, secrets=secrets,
         cap_drop=["ALL"], no_new_privileges=True, pids_limit=cfg.agent_pids_limit,
         mem_limit=parse_memory(opts.get("memory") or cfg.resources_memory),
-        cpu_period=100000, cpu_quota=int(cpus * 100000), **user)
+        cpu_period=100000, cpu_quota=int(cpus * 100000), **user,
+        # Disk the agent fills outside its home: scratch folders are tmpfs (in its memory
+        # limit), the log (the daemon attaches; a restart replays it) is cut past its size.
+        mounts=[{"type": "tmpfs", "source": "tmpfs", "target": target,
+                 "size": str(cfg.agent_tmp_size), "mode": "1777"} for target in TMPFS_PATHS
+                if target not in {v["bind"].rstrip("/") for v in volumes.values()}],
+        log_config={"Type": "k8s-file", "Config": {"size": 2 * cfg.agent_max_output}})
     if opts.get("cpu_shares"):
         spec["cpu_shares"] = opts["cpu_shares"]
     if cfg.agent_mount_claude_cli:
@@ -2853,18 +3313,283 @@ def container_spec(cfg: Config, req: RunRequest, *, name: str, labels: dict, hom
     return spec
 
 
-def make_volume_dirs(cfg: Config, req: RunRequest) -> None:
-    """Create missing host folders of the request's volumes (volume_auto_create)."""
+def run_container_name(run_id: str) -> str:
+    return f"stromboli-agent-{run_id}"
+
+
+def request_volumes(cfg: Config, req: RunRequest) -> list[Volume]:
+    return [check_volume(cfg, volume) for volume in req.podman.get("volumes", [])]
+
+
+O_NODE = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # the name itself: a link is not followed
+
+
+def open_below(fd: int, names: list[str], create: bool = False) -> int:
+    """An O_PATH descriptor of fd/names[0]/names[1]/..., opened one name at a time relative
+    to the last, never following a link: OSError ELOOP at a link, ENOTDIR at a non-folder on
+    the way (its `filename` the names up to it). Missing folders are made (0755 whatever the
+    umask: the agent runs as another uid) when `create`."""
+    fd = os.dup(fd)
+    try:
+        for depth, name in enumerate(names, 1):
+            where = "/".join(names[:depth])
+            try:
+                child = open_child(fd, name, create)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, where) from None
+            os.close(fd)
+            fd = child
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, "a symbolic link", where)
+            if depth < len(names) and not stat.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, "not a folder", where)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_child(parent: int, name: str, create: bool) -> int:
+    """The name in the folder `parent`, opened as itself; made as a folder if missing and
+    `create` (one made meanwhile is opened as it is: open_below checks what it is)."""
+    try:
+        return os.open(name, O_NODE, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent)
+    except FileExistsError:
+        return os.open(name, O_NODE, dir_fd=parent)
+    fd = os.open(name, O_DIR, dir_fd=parent)  # ELOOP if swapped for a link since
+    os.fchmod(fd, 0o755)
+    return fd
+
+
+def open_volume(cfg: Config, volume: Volume, create: bool = False) -> int:
+    """An O_PATH descriptor of the volume's host path, opened name by name from its allowed
+    folder without following any link: an agent with a writable folder on the way may be
+    swapping a folder for a link right now. What it finds is what gets mounted (staged from
+    this descriptor, or compared with the mount: VolumeStaging). Missing folders are made
+    when `create`. BadRequest for a link, a missing path... Blocking."""
+    prefix = f'volume validation failed: host path "{volume.host}"'
+    found = volume_root(cfg, volume.host)
+    if found is None:
+        raise BadRequest(f"{prefix} is not in allowed directories")
+    root, names = found
+    try:
+        start = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_below(start, names, create)
+        finally:
+            os.close(start)
+    except OSError as exc:
+        where = os.path.join(root, exc.filename or "")
+        if exc.errno == errno.ELOOP:
+            raise BadRequest(f'{prefix} goes through a symbolic link ("{where}"): links are '
+                             "not followed") from None
+        if exc.errno == errno.ENOENT:
+            raise BadRequest(f"{prefix} does not exist") from None
+        if exc.errno == errno.ENOTDIR:
+            raise BadRequest(f'{prefix}: "{where}" is not a folder') from None
+        raise BadRequest(f"{prefix} cannot be opened: {exc.strerror}") from None
+
+
+def make_volume_dirs(cfg: Config, volumes: list[Volume]) -> None:
+    """Create missing host folders of the volumes (volume_auto_create), link-safe."""
     if not cfg.agent_volume_auto_create:
         return
-    for volume in req.podman.get("volumes", []):
-        host, _, _ = check_volume(cfg, volume)
-        if not os.path.exists(host):
+    for volume in volumes:
+        os.close(open_volume(cfg, volume, create=True))
+
+
+def check_mounts(cfg: Config, pid: int, volumes: list[Volume]) -> None:
+    """Each volume mounted in an initialized container (its process `pid` not started yet)
+    is the very folder (or file) its host path leads to, opened link by link now; otherwise
+    BadRequest. Podman resolved the path itself: an agent may have swapped in a link."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for volume in volumes:
+            expected = open_volume(cfg, volume)
             try:
-                make_public_dirs(pathlib.Path(host))
-            except OSError as exc:
-                raise BadRequest(f'volume validation failed: cannot create "{host}": '
-                                 f"{exc.strerror}") from None
+                mounted = open_below(root, [n for n in volume.target.split("/") if n])
+            except OSError as exc:  # a link in the image (Podman followed it inside the root)
+                os.close(expected)
+                raise BadRequest(f'volume validation failed: container path "{volume.target}"'
+                                 f" cannot be checked: {exc.strerror}") from None
+            try:
+                same = same_file(os.fstat(mounted), os.fstat(expected))
+            finally:
+                os.close(mounted)
+                os.close(expected)
+            if not same:
+                raise BadRequest(f'volume validation failed: host path "{volume.host}" changed '
+                                 "while it was being mounted (a link swapped in?)")
+    finally:
+        os.close(root)
+
+
+def volume_failure(error: Exception, volumes: list[Volume]) -> BadRequest | None:
+    """Podman's error about an unstaged volume's host path (gone or changed since the walk:
+    Podman resolves it again) as the client's 400, if the error names one."""
+    for volume in volumes:
+        if f"{volume.host}:" in str(error) or f'"{volume.host}"' in str(error):
+            return BadRequest(f'volume validation failed: host path "{volume.host}" could not '
+                              "be mounted (changed meanwhile?)")
+    return None
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 4096, 16384, 1 << 18, 2
+# A read-only remount sets the mount's flags: these of the source's are kept (statvfs
+# reports them with the values of mount(2)'s).
+KEPT_MOUNT_FLAGS = (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME
+                    | os.ST_NODIRATIME | os.ST_RELATIME)
+CAP_SYS_ADMIN = 21
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+def mount(source: str | None, target: str, flags: int, fstype: str | None = None,
+          data: str | None = None) -> None:
+    """mount(2) itself: mount(8) would canonicalize the source path, resolving it again."""
+    args = [None if text is None else text.encode() for text in (source, target, fstype)]
+    if libc().mount(*args, flags, None if data is None else data.encode()):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+def unmount(target: str) -> None:
+    if libc().umount2(target.encode(), MNT_DETACH):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+class VolumeStaging:
+    """Where a rootful daemon puts a container's volumes before Podman sees them: each host
+    path is opened link by link (open_volume) and that very folder (or file) is bind-mounted
+    (mount(2) on /proc/self/fd/N, so no path is resolved again) at <state>/mounts/<container
+    name>/<n>, the source Podman is given. Nothing an agent can write lies on that path:
+    swapping a folder for a link changes nothing once the walk is done. The parent is a
+    private tmpfs (mode 0700), so the binds propagate to no other mount namespace; they
+    outlive a daemon restart, as a job's container does. Without it (no CAP_SYS_ADMIN, or
+    Podman in another mount namespace, where these mounts would not be seen) Podman gets the
+    host path, walked link by link just before, and the runner checks the mounts of the
+    initialized container before it starts (check_mounts). Blocking methods."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.enabled = False
+        self._active: set[str] = set()  # containers staged by this process
+
+    def probe(self, podman_url: str) -> str:
+        """Stage from now on if Podman would see our mounts; → why not ("" if it does)."""
+        status = pathlib.Path("/proc/self/status").read_text()
+        caps = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if not caps >> CAP_SYS_ADMIN & 1:
+            return "the daemon may not mount (no CAP_SYS_ADMIN)"
+        if not podman_url.startswith("unix://"):
+            return "Podman is not on a local socket"
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(podman_url.removeprefix("unix://"))
+                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid = int.from_bytes(peer[:4], sys.byteorder)
+            if not same_file(os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")):
+                return "Podman runs in another mount namespace"
+        except OSError as exc:
+            return f"Podman's mount namespace is unknown ({exc.strerror})"
+        self.enabled = True
+        return ""
+
+    def sources(self, name: str, volumes: list[Volume]) -> list[Volume]:
+        """The volumes as Podman is to mount them: from their staging points, or (staging
+        off) from their host paths."""
+        if not self.enabled:
+            return volumes
+        return [v._replace(host=str(self.root / name / str(n))) for n, v in enumerate(volumes)]
+
+    def stage(self, cfg: Config, name: str, volumes: list[Volume]) -> None:
+        """Open each volume link by link (BadRequest for a link, a missing path...) and bind
+        it at its staging point (staging off: the walk alone refuses links)."""
+        try:
+            if self.enabled and volumes:
+                self._mount_root()
+                self.release(name)
+                self._active.add(name)
+                (self.root / name).mkdir(mode=0o700)
+            for n, volume in enumerate(volumes):
+                fd = open_volume(cfg, volume)
+                try:
+                    if self.enabled:
+                        self._bind(fd, str(self.root / name / str(n)), "ro" in volume.options)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise RunFailed(f"volume staging failed: {exc.strerror}") from None
+
+    def _mount_root(self) -> None:
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        if not os.path.ismount(self.root):
+            mount("tmpfs", str(self.root), MS_NOSUID | MS_NODEV | MS_NOEXEC, "tmpfs",
+                  "mode=0700,size=1m")
+            mount(None, str(self.root), MS_PRIVATE)
+
+    @staticmethod
+    def _bind(fd: int, point: str, read_only: bool) -> None:
+        opened = os.fstat(fd)
+        if stat.S_ISDIR(opened.st_mode):
+            os.mkdir(point, 0o700)
+        else:
+            os.close(os.open(point, O_CREATE, 0o600))
+        mount(f"/proc/self/fd/{fd}", point, MS_BIND | MS_REC)
+        mount(None, point, MS_PRIVATE | MS_REC)  # no peer of the source's mount
+        if read_only:
+            kept = os.statvfs(point).f_flag & KEPT_MOUNT_FLAGS
+            mount(None, point, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
+        if not same_file(os.stat(point), opened):
+            raise OSError(errno.EIO, "the staged mount is not the opened folder", point)
+
+    def release(self, name: str) -> None:
+        """Unmount and remove a container's staging points (if any). Never raises: it runs
+        while a run ends."""
+        self._active.discard(name)
+        folder = self.root / name
+        try:
+            points = os.listdir(folder)
+        except OSError:  # none staged
+            return
+        try:
+            for point in points:
+                path = str(folder / point)
+                with contextlib.suppress(OSError):  # EINVAL: not (or no longer) a mount
+                    unmount(path)
+                try:
+                    os.rmdir(path)
+                except NotADirectoryError:
+                    os.unlink(path)
+            os.rmdir(folder)
+        except OSError as exc:  # e.g. EBUSY: still mounted; the next start tries again
+            log.warning("could not remove a volume staging point", extra=fields(
+                container=name, error=short_error(exc)))
+
+    def sweep(self, kept: set[str]) -> None:
+        """At startup: release what no container left running (`kept`) or made since uses."""
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.root):
+                if name not in kept and name not in self._active:
+                    self.release(name)
 
 
 class ContainerRunner:
@@ -2881,6 +3606,7 @@ class ContainerRunner:
         self.instance = hashlib.sha256(str(store.path.resolve()).encode()).hexdigest()[:12]
         self.credentials = Credentials(cfg, podman_api, self.instance)
         self.prompts = cfg.state_path / "prompts"
+        self.staging = VolumeStaging(cfg.state_path / "mounts")
         self.rootless = False
         self.detaching = False  # a shutdown: jobs' containers are left running, not removed
         self.connected = asyncio.Event()  # set once Podman answered and recovery is done
@@ -2891,6 +3617,10 @@ class ContainerRunner:
         await self.podman.call(self.podman.version)
         self.rootless = await self.podman.call(self.podman.rootless)
         await self.credentials.sync()
+        if why_not := await asyncio.to_thread(self.staging.probe, self.podman.url):
+            log.warning("volumes are not staged: Podman mounts their host paths itself and "
+                        "each container's mounts are checked before it starts",
+                        extra=fields(reason=why_not))
 
     async def instance_containers(self) -> list[dict]:
         """This daemon's containers (by its instance label), as a restart found them."""
@@ -2940,11 +3670,13 @@ class ContainerRunner:
                   labels: dict | None = None,
                   on_start: Callable[[], Awaitable[None]] | None = None,
                   on_end: Callable[[RunResult | None, Exception | None], Awaitable[None]]
-                  | None = None, resume: dict | None = None) -> RunResult:
+                  | None = None, resume: dict | None = None,
+                  on_created: Callable[[str], Awaitable[None]] | None = None) -> RunResult:
         """Wait for the session and a slot, then execute. Cancelling the calling task
         kills and removes the container. `on_start` runs once the slot is held, `on_end`
         (with the result or the error) before it is given to the next run, so that a
-        job's row never says `running` beside its successor's."""
+        job's row never says `running` beside its successor's; `on_created` with the
+        container's id, before it starts."""
         feed = self.feeds.get(run_id) or self.open_feed(run_id)
         try:
             async with contextlib.AsyncExitStack() as held:
@@ -2957,7 +3689,8 @@ class ContainerRunner:
                 if on_start:
                     await on_start()
                 try:
-                    result = await self._execute(req, run_id, plan, labels or {}, feed, resume)
+                    result = await self._execute(req, run_id, plan, labels or {}, feed, resume,
+                                                 on_created)
                 except Exception as exc:
                     if on_end:
                         await asyncio.shield(on_end(None, exc))
@@ -3005,16 +3738,19 @@ class ContainerRunner:
         return self._workdirs[image]
 
     async def _execute(self, req: RunRequest, run_id: str, plan: SessionPlan, labels: dict,
-                       feed: RunFeed, resume: dict | None = None) -> RunResult:
+                       feed: RunFeed, resume: dict | None = None,
+                       on_created: Callable[[str], Awaitable[None]] | None = None) -> RunResult:
         """Set the run up and create its container — or, with `resume` (a container that
-        outlived a daemon restart, with the labels written at its creation), take it over —
+        outlived a daemon restart: the one its job's row recorded, so its labels are the
+        ones written at its creation, which override the image's), take it over —
         then follow it to its end."""
         session_id = plan.session_id
+        name, volumes = run_container_name(run_id), request_volumes(self.cfg, req)
         timeout = parse_duration(req.podman["timeout"]) if "timeout" in req.podman \
             else self.cfg.resources_timeout
         if resume is None:
             image = await self.prepare(req)
-            await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+            await asyncio.to_thread(make_volume_dirs, self.cfg, volumes)
             await self.open_session(req, plan, image)
             needs_init = not await asyncio.to_thread(self.sessions.initialized, session_id)
             before = await asyncio.to_thread(self.sessions.transcript, session_id)
@@ -3025,10 +3761,11 @@ class ContainerRunner:
                              "stromboli.transcript": f"{before.folder}/{before.size}"
                              if before else ""}
             spec = container_spec(
-                self.cfg, req, name=f"stromboli-agent-{run_id}", home=self.sessions.host_home(
+                self.cfg, req, name=name, home=self.sessions.host_home(
                     session_id), prompt_file=prompt_file,
                 secrets=self.credentials.mounts(secret_env),
                 user=agent_user(self.cfg, self.rootless),
+                staged=self.staging.sources(name, volumes),
                 labels={**MANAGED_LABEL, "stromboli.instance": self.instance,
                         "stromboli.run": run_id, "stromboli.session": session_id,
                         **resume_labels, **labels})
@@ -3044,18 +3781,19 @@ class ContainerRunner:
         detached = False
         try:
             if resume is None:
-                exit_code, killed_for = await self._container(image, command, spec, feed,
-                                                              timeout, session_id, keep)
+                exit_code, killed_for = await self._container(image, command, spec, volumes,
+                                                              feed, timeout, session_id, keep,
+                                                              on_created)
             else:
                 exit_code, killed_for = await self._supervise(resume["id"], feed, timeout,
-                                                              session_id, keep)
+                                                              session_id, keep, volumes=volumes)
         except asyncio.CancelledError:
             detached = keep and self.detaching
             raise
         finally:
             if not detached:
                 await asyncio.shield(asyncio.to_thread(self._after_container, plan,
-                                                       prompt_file))
+                                                       prompt_file, name))
         self.metrics.run_finished(time.monotonic() - started)
         output, usage, structured = await asyncio.to_thread(
             self._outcome, feed, session_id, before)  # may parse megabytes
@@ -3071,9 +3809,10 @@ class ContainerRunner:
             await asyncio.to_thread(self.sessions.mark_initialized, session_id)
         return result("completed", output, None, usage, structured)
 
-    def _after_container(self, plan: SessionPlan, prompt_file: str) -> None:
+    def _after_container(self, plan: SessionPlan, prompt_file: str, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # (gone already if a restart came between)
             os.unlink(prompt_file)
+        self.staging.release(name)
         if plan.mode == "fork":
             self.sessions.settle_fork(plan.session_id, plan.source)
         self.sessions.over_quota(plan.session_id)  # refreshes the size /sessions shows
@@ -3085,9 +3824,13 @@ class ContainerRunner:
         usage = self.sessions.usage(session_id, before)
         return output, usage, structured_output(output)
 
-    async def _container(self, image: str, command: list[str], spec: dict, feed: RunFeed,
-                         timeout: float, session_id: str, keep: bool) -> tuple[int, str | None]:
-        """Create the container, then supervise it from its start."""
+    async def _container(self, image: str, command: list[str], spec: dict,
+                         volumes: list[Volume], feed: RunFeed, timeout: float, session_id: str,
+                         keep: bool, on_created: Callable[[str], Awaitable[None]] | None = None
+                         ) -> tuple[int, str | None]:
+        """Stage the volumes, create the container, tell `on_created`, then supervise it
+        from its start."""
+        await asyncio.to_thread(self.staging.stage, self.cfg, spec["name"], volumes)
         creating = asyncio.ensure_future(self.podman.call(self.podman.create, image, command,
                                                           **spec))
         try:
@@ -3100,22 +3843,30 @@ class ContainerRunner:
             raise
         except podman.errors.PodmanError as exc:
             raise RunFailed(f"failed to create container: {short_error(exc)}") from None
-        return await self._supervise(cid, feed, timeout, session_id, keep, created=True)
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
+        return await self._supervise(cid, feed, timeout, session_id, keep, created=True,
+                                     on_created=on_created, volumes=volumes)
 
     async def _supervise(self, cid: str, feed: RunFeed, timeout: float, session_id: str,
-                         keep: bool, created: bool = False) -> tuple[int, str | None]:
+                         keep: bool, created: bool = False,
+                         on_created: Callable[[str], Awaitable[None]] | None = None,
+                         volumes: list[Volume] | None = None) -> tuple[int, str | None]:
         """Stream a container's output into the feed until it exits (attached before the
         start of a new one, so nothing is lost; one found after a restart replays its
         output from the start, or from its log once it has exited), within the timeout and
         the home's quota; then remove it — unless it is a job's and the daemon is detaching
-        (a shutdown: the next start takes it over).
+        (a shutdown: the next start takes it over). A new one is told to `on_created` first.
         → (exit code, why the daemon killed it: the timeout or the home's quota, or None)"""
         self.metrics.active_containers += 1
         detached = cancelled = False
         try:
+            if on_created is not None:
+                await asyncio.shield(on_created(cid))
             # A restart may come between create and start: such a container starts now.
             created = created or await self.podman.call(self.podman.state, cid) in NOT_STARTED
             if created:
+                await self.verify_volumes(cid, volumes or [])
                 stream = await self._attach(cid, feed, self.podman.attach)
                 await self.podman.call(self.podman.start, cid)
             else:  # the log replays from the start and ends with the container, whenever
@@ -3177,7 +3928,11 @@ class ContainerRunner:
         return stream
 
     async def watch_quota(self, session_id: str) -> str:
-        """Return (ending the run) once the session home grows past its quota."""
+        """Return (ending the run) once the session home grows past its quota. A home on
+        its own filesystem cannot: there is nothing to watch (a write past the quota fails
+        inside the container, and the run goes on)."""
+        if await asyncio.to_thread(self.sessions.bounded, session_id):
+            await asyncio.get_running_loop().create_future()  # until the run ends
         while True:
             await asyncio.sleep(QUOTA_CHECK_INTERVAL)
             try:
@@ -3188,6 +3943,24 @@ class ContainerRunner:
                 continue
             if problem:
                 return f"Quota: {problem}; its container was killed"
+
+    async def verify_volumes(self, cid: str, volumes: list[Volume]) -> None:
+        """Unstaged volumes: Podman resolved their host paths itself, after our walk. Once it
+        has mounted them (the container initialized, its process not started) each mount
+        must be what a link-free walk finds, or the container never starts (BadRequest)."""
+        if self.staging.enabled or not volumes:
+            return
+        try:
+            pid = await self.podman.call(self.podman.init, cid)
+        except RunFailed as exc:
+            # The spec was good (created); what init adds is the mounts, from paths an agent
+            # may be changing: the runtime fails in many ways then (runs without volumes
+            # still show its own failures as 500s).
+            log.warning("a container with volumes could not be initialized", extra=fields(
+                container=cid[:12], error=short_error(exc)))
+            raise BadRequest("volume validation failed: the volumes could not be mounted (a "
+                             f"host path changed meanwhile?): {short_error(exc)}") from None
+        await asyncio.to_thread(check_mounts, self.cfg, pid, volumes)
 
     async def destroy(self, cid: str) -> None:
         try:
@@ -3348,9 +4121,6 @@ class JobManager:
     async def submit(self, req: RunRequest, key: str = "") -> tuple[dict, bool]:
         """Queue a job; with an Idempotency-Key, the job that key already names (for the
         same request; 409 for another). → (job, whether it is new)."""
-        if await self.store.call(self.store.count_pending) >= self.cfg.jobs_max_queued:
-            raise ApiError(429, f"too many queued jobs ({self.cfg.jobs_max_queued}): retry "
-                                "later", {"Retry-After": "5"})
         # Shielded: a client that hangs up mid-way must not leave a row without its task.
         return await asyncio.shield(self._submit(req, key))
 
@@ -3365,14 +4135,19 @@ class JobManager:
         job = {"id": new_id("job"), "status": "pending", "session_id": session_id,
                "run_id": new_id("run"), "request": req.to_json(), "created_at": now,
                "updated_at": now}
-        if key:
-            taken = await self.store.call(self.store.insert_job_once, job, key, digest)
-            if taken is not None:
-                if taken["request_hash"] != digest:
-                    raise Conflict("Idempotency-Key already used for a different request")
-                return await self.get(taken["job_id"]), False
-        else:
-            await self.store.call(self.store.insert_job, job)
+        limit = self.cfg.jobs_max_queued
+        try:
+            if key:
+                taken = await self.store.call(self.store.insert_job_once, job, key, digest, limit)
+                if taken is not None:
+                    if taken["request_hash"] != digest:
+                        raise Conflict("Idempotency-Key already used for a different request")
+                    return await self.get(taken["job_id"]), False
+            else:
+                await self.store.call(self.store.insert_job, job, limit)
+        except QueueFull:
+            raise ApiError(429, f"too many queued jobs ({limit}): retry later",
+                           {"Retry-After": "5"}) from None
         self._start(job)
         return job, True
 
@@ -3392,12 +4167,16 @@ class JobManager:
         async def end(result: RunResult | None, error: Exception | None) -> None:
             ended.append(True)
             await self._finish(job, self._outcome(job, result, error))
+
+        async def created(cid: str) -> None:  # the one container a restart may take over
+            await self.store.call(functools.partial(self.store.update_job, job["id"],
+                                                    container_id=cid))
         try:
             plan = SessionPlan.of(req.claude, fork_id=job["session_id"])
             if resume is not None:  # its events are replayed from the container's start
                 await self.store.call(self.store.delete_run_events, job["run_id"])
             await self.runner.run(req, job["run_id"], plan, {"stromboli.job": job["id"]},
-                                  None if resume else started, end, resume)
+                                  None if resume else started, end, resume, created)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # failed before it had a slot
@@ -3428,8 +4207,8 @@ class JobManager:
             return
         self.metrics.run_status(changes["status"])
         final = await self.store.call(self.store.get_job, job["id"])
-        if final and final["request"].get("webhook_url"):
-            self.webhooks.notify(final["request"]["webhook_url"], final)
+        if final and final["webhook_url"]:
+            self.webhooks.notify(final["webhook_url"], final)
 
     async def cancel(self, job_id: str) -> None:
         # Shielded: once the row says cancelled, the container must go too.
@@ -3449,8 +4228,8 @@ class JobManager:
         if task:
             task.cancel()
             await asyncio.wait({task}, timeout=20)  # the container is gone when this returns
-        if job["request"].get("webhook_url"):
-            self.webhooks.notify(job["request"]["webhook_url"],
+        if job["webhook_url"]:
+            self.webhooks.notify(job["webhook_url"],
                                  await self.store.call(self.store.get_job, job_id))
 
     async def get(self, job_id: str) -> dict:
@@ -3462,12 +4241,17 @@ class JobManager:
     async def recover(self) -> None:
         """At startup, before any run may start: take over the containers of the jobs that
         were running (they outlive the daemon), fail the running jobs whose container is
-        gone, requeue the pending ones, and remove every other leftover container."""
+        gone, requeue the pending ones, and remove every other leftover container. A job's
+        container is the one whose id its row recorded — or, when a crash came before the id
+        was (during the create), the one with its run's name: labels prove nothing (an
+        image's labels are merged into its containers'), a name is the daemon's choice."""
         found = await self.runner.instance_containers()
-        containers = {c["labels"].get("stromboli.job") or c["id"]: c for c in found}
+        containers = {c["id"]: c for c in found}
+        named = {c["name"]: c["id"] for c in found}
         for job in await self.store.call(self.store.jobs_in, ("pending", "running")):
             if job["status"] == "running":
-                container = containers.pop(job["id"], None)
+                cid = job["container_id"] or named.get(run_container_name(job["run_id"]), "")
+                container = containers.pop(cid, None)
                 if container is not None:
                     log.info("taking over a job's container", extra=fields(
                         job_id=job["id"], container=container["id"][:12]))
@@ -3481,11 +4265,13 @@ class JobManager:
             self._start(job)
         for container in containers.values():  # runs of clients that are gone, old jobs
             log.info("removing leftover agent container", extra=fields(
-                container=container["id"][:12], job_id=container["labels"].get("stromboli.job")))
+                container=container["id"][:12]))
             await self.runner.destroy(container["id"])
+        taken_over = {c["name"] for c in found} - {c["name"] for c in containers.values()}
+        await asyncio.to_thread(self.runner.staging.sweep, taken_over)
         for job, made in await self.store.call(self.store.undelivered,
                                                self.cfg.webhook_max_attempts):
-            self.webhooks.notify(job["request"]["webhook_url"], job, made)
+            self.webhooks.notify(job["webhook_url"], job, made)
 
     async def cleanup_forever(self) -> None:
         while True:
@@ -4030,6 +4816,7 @@ class AgentManager:
             async with self.sessions.lock(agent.session_id):
                 try:
                     cid = await self._create(agent, agent.run, image)
+                    await self.runner.verify_volumes(cid, request_volumes(self.cfg, agent.run))
                     reader, writer = await self.podman.attach_stdio(cid)
                     agent.stdin = writer
                     await self.podman.call(self.podman.start, cid)
@@ -4061,6 +4848,8 @@ class AgentManager:
                 writer.close()
             if cid:
                 await asyncio.shield(self.runner.destroy(cid))
+            await asyncio.shield(asyncio.to_thread(self.runner.staging.release,
+                                                   self.container_name(agent)))
             self.runner.slots.release()
             agent.task = None
             if running and exit_error == AGENT_PAUSED:
@@ -4071,29 +4860,38 @@ class AgentManager:
             with contextlib.suppress(OSError, HomeError):  # refreshes the size /sessions shows
                 await asyncio.to_thread(self.sessions.over_quota, agent.session_id)
 
+    @staticmethod
+    def container_name(agent: Agent) -> str:
+        return f"stromboli-{agent.id}"
+
     async def _create(self, agent: Agent, req: RunRequest, image: str) -> str:
         """The container; an agent that has a conversation already (started again after a
         restart) resumes it."""
         had = await asyncio.to_thread(self.sessions.transcript, agent.session_id)
         plan = SessionPlan(agent.session_id, "resume" if had else "new")
-        await asyncio.to_thread(make_volume_dirs, self.cfg, req)
+        name, volumes = self.container_name(agent), request_volumes(self.cfg, req)
+        await asyncio.to_thread(make_volume_dirs, self.cfg, volumes)
         await self.runner.open_session(req, plan, image)
         credentials = self.runner.credentials
         secret_env = credentials.secret_env(req.podman.get("secrets_env", {}))
         spec = container_spec(
-            self.cfg, req, name=f"stromboli-{agent.id}", prompt_file="",
+            self.cfg, req, name=name, prompt_file="",
             home=self.sessions.host_home(agent.session_id),
             secrets=credentials.mounts(secret_env),
             user=agent_user(self.cfg, self.runner.rootless),
+            staged=self.runner.staging.sources(name, volumes),
             labels={**MANAGED_LABEL, "stromboli.instance": self.runner.instance,
                     "stromboli.agent": agent.id, "stromboli.session": agent.session_id})
         command = container_command(self.cfg, req, plan, plan.mode == "new", secret_env,
                                     stdin="")
+        await asyncio.to_thread(self.runner.staging.stage, self.cfg, name, volumes)
         try:
             return await self.podman.call(self.podman.create, image, command, stdin_open=True,
                                           **spec)
         except podman.errors.APIError as exc:
             raise ApiError(500, f"agent: spawn: {short_error(exc)}") from None
+        except PodmanUnavailable as exc:  # (also Podman's answers: APIError is an OSError)
+            raise volume_failure(exc, volumes) or exc from None
 
     async def _supervise(self, agent: Agent, cid: str, reader: asyncio.StreamReader,
                          req: RunRequest) -> str:
@@ -4953,8 +5751,11 @@ ENVELOPE_SCHEMAS = {"run": "internal_api.RunResponse", "error": "internal_api.Er
                     "success": "internal_api.ErrorResponse", "text": ""}
 
 
-def response(description: str, definition: str | None) -> dict:
-    """A response whose body is a definition, a bare JSON type ("object") or text (None)."""
+def response(description: str, definition: str | None, status: int = 200) -> dict:
+    """A response whose body is a definition, a bare JSON type ("object") or text (None);
+    a 204 has no body, so no schema."""
+    if status == 204:
+        return {"description": description}
     if not definition:
         schema = {"type": "string"}
     elif definition.startswith("["):
@@ -4969,7 +5770,7 @@ def operation(route: Route) -> dict:
     checked, 429 where rate limits or the failed-auth budget apply, 413/415/408 where
     there is a body, and 403/421 (browser checks) everywhere."""
     error_schema = route.error_schema or ENVELOPE_SCHEMAS[route.envelope]
-    responses = {str(status): response(text, definition)
+    responses = {str(status): response(text, definition, status)
                  for status, text, definition in (route.ok, *route.also_ok)}
     checks_auth = route.access != "public" or route.path.startswith("/auth/")
     if route.access != "public":
@@ -5446,10 +6247,11 @@ class HealthMonitor:
     synced (or Podman comes back)."""
 
     INTERVAL = 5.0
+    NOT_CHECKED = "not checked yet"
 
     def __init__(self, cfg: Config, runner: ContainerRunner):
         self.cfg, self.runner, self.credentials = cfg, runner, runner.credentials
-        self.podman_error: str | None = "not checked yet"
+        self.podman_error: str | None = self.NOT_CHECKED
         self.podman_version: dict | None = None
         self.has_credentials_file = False
         self._reported: tuple[list | None, bytes] = (None, b"")
@@ -5519,7 +6321,7 @@ class HealthMonitor:
         return found
 
     def _secret_component(self, component: str, secret: str) -> dict:
-        error = self.podman_error or self.secret_errors.get(secret, "not checked yet")
+        error = self.podman_error or self.secret_errors.get(secret, self.NOT_CHECKED)
         return self._component(component, error)
 
     @staticmethod
@@ -5531,6 +6333,8 @@ class HealthMonitor:
 class Stromboli:
     """Everything the daemon holds, created once and shared by the handlers."""
 
+    FIRST_CHECK_TIMEOUT = 10.0  # seconds the start waits for Podman, at most
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.store = Store(cfg.state_path / "stromboli.db")
@@ -5539,7 +6343,8 @@ class Stromboli:
         self.podman: Podman | None = None
         self.catalog: PodmanCatalog | None = None
         self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
-                                     cfg.agent_host_uid, cfg.agent_session_quota)
+                                     cfg.agent_host_uid, cfg.agent_session_quota,
+                                     session_images(cfg))
         self.auth = Auth(cfg, self.store)
         self.limiter = RateLimiter(cfg)
         self.browsers = BrowserGuard(cfg)
@@ -5564,6 +6369,9 @@ class Stromboli:
         })
 
     async def start(self) -> None:
+        if self.sessions.images:  # after a reboot; after a restart they are mounted still
+            if mounted := await asyncio.to_thread(self.sessions.images.attach_all):
+                log.info("session homes mounted", extra=fields(count=mounted))
         url = await asyncio.to_thread(self.podman_service.resolve)
         # Each run holds a worker while attached: leave room for the short calls.
         self.podman = Podman(url, workers=2 * self.cfg.run_slots + 32)
@@ -5574,15 +6382,31 @@ class Stromboli:
         self.agents = AgentManager(self.cfg, self.store, self.runner)
         await self.agents.load()
         self.monitor = HealthMonitor(self.cfg, self.runner)
-        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         if self.cfg.agent_mount_claude_cli and self.cfg.agent_userns_base:
             log.warning("two-image mode: agents run without a user namespace (Podman cannot "
                         "mount the CLI image inside one), so their uid 1000 is host uid 1000")
         await self.auth.load()
+        await self._first_check(self.FIRST_CHECK_TIMEOUT)
+        self.background.append(asyncio.ensure_future(self.monitor.watch_forever()))
         self.background.append(asyncio.ensure_future(self._connect()))
         self.background.append(asyncio.ensure_future(self.jobs.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self.agents.cleanup_forever()))
         self.background.append(asyncio.ensure_future(self._reap_tokens_forever()))
+
+    async def _first_check(self, timeout: float) -> None:
+        """Before the listener answers (and before READY=1): meet Podman once (its mode,
+        the daemon's secrets) and run the monitor's first check, so that /health is right
+        from its first answer. A Podman that does not answer delays the start by `timeout`
+        at most, and /health says so; _connect keeps trying."""
+        async def first_round() -> None:
+            with contextlib.suppress(Exception):  # _connect retries it, and logs why
+                await self.runner.connect()
+            await self.monitor.check()
+        try:
+            await asyncio.wait_for(first_round(), timeout)
+        except asyncio.TimeoutError:
+            if self.monitor.podman_error == HealthMonitor.NOT_CHECKED:
+                self.monitor.podman_error = f"no answer within {timeout:g}s of the start"
 
     async def _connect(self) -> None:
         """Once Podman answers: learn its mode, sync credentials, recover jobs."""
@@ -5764,8 +6588,10 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Browser checks, rate limit, the failed-auth budget, then auth, as the route table
-    marks each route (U§3)."""
+    """Browser checks, rate limit, then auth, as the route table marks each route (U§3).
+    The credential is checked before the failed-auth budget: past the budget, an IP's
+    failed attempts get 429, but a valid credential is always served (whoever shares the
+    address cannot lock its owner out with wrong tokens)."""
     app = state(request)
     if request.match_info.http_exception is not None:
         return await handler(request)  # no such route: the router answers 404/405
@@ -5783,33 +6609,51 @@ async def perimeter(request: web.Request, handler: Callable) -> web.StreamRespon
             return json_response({"error": "rate limit exceeded"}, 429, limit_headers)
     checks_auth = (access != "public" and app.cfg.auth_enabled) or \
         request.path.startswith("/auth/")
-    if checks_auth and (retry := app.limiter.failures.blocked(ip)):
-        app.metrics.rate_limited += 1
-        return json_response({"error": "too many failed authentications"}, 429,
-                             {"Retry-After": str(retry)})
+    retry = app.limiter.failures.blocked(ip) if checks_auth else 0
     if access in ("protected", "token") and app.cfg.auth_enabled:
         try:
             request["jwt_claims"] = await app.auth.check_access(Auth.bearer(request))
         except ApiError as exc:  # upstream's auth middleware: {"error"} on every route
+            if retry and exc.status == 401:
+                return too_many_failures(app, retry)
             response = exc.response()
             response.headers.update(limit_headers)
             return response
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except AuthError as exc:  # the /auth/* routes check their credentials themselves
+        if retry and exc.status == 401:
+            return too_many_failures(app, retry)
+        raise
     if limit_headers and not response.prepared:
         response.headers.update(limit_headers)
     return response
 
 
-async def read_json(request: web.Request, prefix: str = "") -> Any:
+def too_many_failures(app: Stromboli, retry: int) -> web.Response:
+    """A failed authentication from an IP past its budget."""
+    app.metrics.rate_limited += 1
+    return json_response({"error": "too many failed authentications"}, 429,
+                         {"Retry-After": str(retry)})
+
+
+async def read_json(request: web.Request, prefix: str = "", kept: bool = False) -> Any:
+    """The body as JSON. A `kept` one (a run's or an agent's request: a job or an agent
+    keeps it) is bounded by agent.max_request_bytes, refused unread when it says it is
+    larger."""
     cfg = state(request).cfg
+    limit = cfg.agent_max_request_bytes if kept else cfg.server_max_body_bytes
+    if (request.content_length or 0) > limit:
+        raise body_too_large(limit, kept)
     try:  # a body trickled in slowly must not hold the handler forever
         raw = await asyncio.wait_for(request.read(), cfg.server_body_timeout)
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body too large (limit "
-                            f"{cfg.server_max_body_bytes} bytes)") from None
+        raise body_too_large(limit, kept) from None
     except asyncio.TimeoutError:
         raise ApiError(408, "request body not received within "
                             f"{format_duration(cfg.server_body_timeout)}") from None
+    if len(raw) > limit:
+        raise body_too_large(limit, kept)
     if not raw.strip():
         raise BadRequest(f"{prefix}request body is empty")
     try:  # a large body is parsed off the event loop
@@ -5819,6 +6663,11 @@ async def read_json(request: web.Request, prefix: str = "") -> Any:
         raise BadRequest(f"{prefix}invalid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest(f"{prefix}invalid JSON: nested too deeply") from None
+
+
+def body_too_large(limit: int, kept: bool) -> ApiError:
+    setting = "agent.max_request_bytes" if kept else "server.max_body_bytes"
+    return ApiError(413, f"request body too large (limit {limit} bytes, {setting})")
 
 
 def refuse_constant(name: str) -> None:
@@ -5879,7 +6728,7 @@ async def claude_status(request: web.Request) -> web.Response:
              (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_sync(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    req = RunRequest.parse(await read_json(request, "Invalid request: ", kept=True), app.cfg)
     require_running(app)
     require_configured(app)
     try:
@@ -5911,7 +6760,7 @@ async def run_sync(request: web.Request) -> web.Response:
              (503, "Claude not configured, or Podman unavailable (extension)")))
 async def run_async(request: web.Request) -> web.Response:
     app = state(request)
-    req = RunRequest.parse(await read_json(request, "Invalid request: "), app.cfg)
+    req = RunRequest.parse(await read_json(request, "Invalid request: ", kept=True), app.cfg)
     require_running(app)
     require_configured(app)
     if req.webhook_url and not await app.webhooks.hosts.permits(req.webhook_url):
@@ -6078,13 +6927,19 @@ async def replay_stream(request: web.Request, run_id: str) -> web.StreamResponse
     return response
 
 
+LAST_EVENT_ID_MAX = 2 ** 63 - 1  # the largest integer SQLite takes
+
+
 def last_event_id(request: web.Request) -> int:
     """The Last-Event-ID header (or last_event_id query parameter) of a resumed stream."""
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "-1"
     try:
-        return max(-1, int(last))
+        after = int(last)
     except ValueError:
         raise BadRequest("Last-Event-ID must be an integer") from None
+    if after > LAST_EVENT_ID_MAX:  # checked before the stream starts: no error inside it
+        raise BadRequest(f"Last-Event-ID must be at most {LAST_EVENT_ID_MAX}")
+    return max(-1, after)
 
 
 async def stored_events(store: Store, run_id: str, after: int):
@@ -6133,7 +6988,7 @@ async def get_job(request: web.Request) -> web.Response:
     if job["status"] == "pending":
         places = await app.store.call(app.store.queue_positions)
         body["queue_position"] = places.get(job["id"])
-    if job["request"].get("webhook_url"):
+    if job.get("webhook_url"):
         attempts = await app.store.call(app.store.deliveries, job["id"])
         body["webhook_deliveries"] = [drop_none({**a, "at": rfc3339(a["at"])}) for a in attempts]
     return json_response(body)
@@ -6159,7 +7014,8 @@ async def cancel_job(request: web.Request) -> web.Response:
              param("Last-Event-ID", "header", "integer", "Send only events after this id"),
              param("last_event_id", "query", "integer", "Same as the Last-Event-ID header")),
      produces=("text/event-stream", "text/plain"),
-     ok=(200, "Event stream of output lines", None), errors=((404, "Job not found"),))
+     ok=(200, "Event stream of output lines", None),
+     errors=((400, "Invalid Last-Event-ID"), (404, "Job not found")))
 async def job_stream(request: web.Request) -> web.StreamResponse:
     job = await state(request).jobs.get(request.match_info["id"])
     return await replay_stream(request, job["run_id"])
@@ -6191,7 +7047,8 @@ async def list_agents(request: web.Request) -> web.Response:
      error_schema="internal_api.errorBody")
 async def create_agent(request: web.Request) -> web.Response:
     app = state(request)
-    req = AgentRequest.parse(await read_json(request, "agent: invalid request: "), app.cfg)
+    req = AgentRequest.parse(await read_json(request, "agent: invalid request: ", kept=True),
+                             app.cfg)
     require_running(app)
     require_configured(app)
     agent = await app.agents.spawn(req)
@@ -6227,7 +7084,7 @@ async def delete_agent(request: web.Request) -> web.Response:
                    "restart (extension), with Retry-After")),
      error_schema="internal_api.errorBody")
 async def send_to_agent(request: web.Request) -> web.Response:
-    body = await read_json(request, "agent: invalid request: ")  # bound first, as upstream
+    body = await read_json(request, "agent: invalid request: ", kept=True)  # first, as upstream
     agent = state(request).agents.get(request.match_info["id"])
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
@@ -6386,7 +7243,9 @@ async def delete_session(request: web.Request) -> web.Response:
 
 @api("GET", "/sessions/{id}/messages", "protected", "error", "sessions", "List session messages",
      description="Returns paginated conversation history for a session including all messages, "
-                 "tool calls, and results",
+                 "tool calls, and results. (extension) The messages of a page take at most "
+                 "4 MiB of JSON: when large ones do not fit, they share it, their long strings "
+                 "cut with a marker \" [stromboli: truncated, N characters dropped]\"",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("offset", "query", "integer", "Offset for pagination (default: 0)"),
              param("limit", "query", "integer",
@@ -6401,15 +7260,18 @@ async def session_messages(request: web.Request) -> web.Response:
     offset, limit = page_params(request, 50, 200)
     messages, total = await asyncio.to_thread(app.sessions.messages, session_id, offset, limit)
     usage = await asyncio.to_thread(app.sessions.usage, session_id)
-    return json_response(drop_none({
-        "messages": messages, "total": total, "offset": offset,
-        "limit": limit, "has_more": offset + limit < total, "usage": usage}))
+    rest = compact_json(drop_none({"total": total, "offset": offset, "limit": limit,
+                                   "has_more": offset + limit < total, "usage": usage}))
+    # The messages were encoded (and bounded) in the store's thread: here they are joined.
+    return web.Response(text=f'{{"messages":[{",".join(messages)}],{rest[1:]}',
+                        content_type="application/json")
 
 
 @api("GET", "/sessions/{id}/messages/{message_id}", "protected", "error", "sessions",
      "Get session message",
      description="Returns a specific message from session history by UUID, including full "
-                 "content, tool calls, and results",
+                 "content, tool calls, and results. (extension) At most 4 MiB of JSON: the "
+                 "long strings of a larger one are cut with a marker",
      params=(param("id", "path", "string", "Session ID (UUID)"),
              param("message_id", "path", "string", "Message UUID")),
      ok=(200, "OK", "internal_api.SessionMessageResponse"),
@@ -6422,7 +7284,7 @@ async def session_message(request: web.Request) -> web.Response:
     message = await asyncio.to_thread(app.sessions.message, session_id, message_id)
     if message is None:
         raise NotFound(f"message not found: {message_id}")
-    return json_response({"message": message})
+    return web.Response(text=f'{{"message":{message}}}', content_type="application/json")
 
 
 # -- images and secrets -------------------------------------------------------------

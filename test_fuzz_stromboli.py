@@ -59,7 +59,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 import stromboli  # noqa: E402
 from test_stromboli import (  # noqa: E402,F401  (fixtures are used by name)
     IMAGE, JWT_SECRET, Daemon, agent_env, agent_image, free_port, model, podman_client,
-    podman_service)
+    podman_service, unmount_below)
 
 MAX_EXAMPLES = int(os.environ.get("STROMBOLI_FUZZ_MAX_EXAMPLES", "25"))
 CONTAINER_EXAMPLES = int(os.environ.get("STROMBOLI_FUZZ_RUN_EXAMPLES", "5"))  # per run route
@@ -270,6 +270,7 @@ def fuzz_target(request, tmp_path_factory, agent_image, model):
     finally:
         daemon.stop()
         target.cleanup()
+        unmount_below(daemon.state_dir)
         if FINDINGS.server_errors:
             tail = daemon.log()[-3000:]
             print(f"\n[{mode}] daemon log (tail):\n{tail}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -34,6 +35,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -233,6 +235,12 @@ def agent_containers(label: str) -> list:
         return client.containers.list(all=True, filters={"label": label})
 
 
+def running_containers(label: str) -> list:
+    """Containers with a label that Podman has running (not just created or `initialized`:
+    those cannot be killed yet, and a restart finds them in another state)."""
+    return [c for c in agent_containers(label) if c.attrs.get("State") == "running"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,8 +298,9 @@ def model():
 class Daemon:
     """A real `python stromboli.py serve` subprocess with its own state dir and ports."""
 
-    def __init__(self, state_dir: pathlib.Path, env: dict[str, str]):
+    def __init__(self, state_dir: pathlib.Path, env: dict[str, str], wrapper: tuple = ()):
         self.state_dir = state_dir
+        self.wrapper = wrapper  # a command the daemon runs under (e.g. `unshare`)
         self.port, self.metrics_port = free_port(), free_port()
         self.env = {**os.environ, **env,
                     "STROMBOLI_STATE_DIR": str(state_dir),
@@ -311,11 +320,16 @@ class Daemon:
         db = (self.state_dir / "stromboli.db").resolve()
         return hashlib.sha256(str(db).encode()).hexdigest()[:12]
 
-    def start(self, wait_podman: bool = True) -> "Daemon":
+    def launch(self) -> "Daemon":
+        """The process, without waiting for it to answer."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, str(STROMBOLI), "serve"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, str(STROMBOLI), "serve"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, wait_podman: bool = True) -> "Daemon":
+        self.launch()
         wait_until(self._up, 20, what=f"daemon on :{self.port} (log: {self.log_path})")
         if wait_podman:
             wait_until(lambda: "podman connected" in self.log(), 20, what="podman connected")
@@ -339,9 +353,23 @@ class Daemon:
 
     def remove_containers(self) -> None:
         """After the test: a stopped daemon leaves its jobs' containers running for its next
-        start, which will not come."""
+        start, which will not come — and its session homes mounted."""
+        self.unmount_staging()
         for container in agent_containers(f"stromboli.instance={self.instance}"):
             container.remove(force=True)
+        unmount_below(self.state_dir)
+
+    def staging_mounts(self) -> list[str]:
+        """Mount points under the daemon's volume staging folder (its tmpfs first)."""
+        root = str(self.state_dir / "mounts")
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info]
+        return sorted(p for p in points if p == root or p.startswith(root + "/"))
+
+    def unmount_staging(self) -> None:
+        """The daemon keeps its staging tmpfs (and a kept job's binds) for its next start."""
+        for point in reversed(self.staging_mounts()):
+            subprocess.run(["umount", "-l", point], check=False)
 
     def wait_job(self, job_id: str, states=("completed", "failed", "crashed", "cancelled"),
                  timeout: float = 60) -> dict:
@@ -349,6 +377,21 @@ class Daemon:
             job = self.http.get(f"/jobs/{job_id}").json()
             return job if job["status"] in states else None
         return wait_until(done, timeout, 0.1, f"job {job_id} in {states}")
+
+
+def mount_points_below(folder: pathlib.Path) -> list[str]:
+    """Mount points below a folder, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(folder.resolve()) + "/"
+    with open("/proc/self/mountinfo") as info:
+        points = [line.split()[4].replace("\\040", " ") for line in info]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+
+
+def unmount_below(folder: pathlib.Path) -> None:
+    """Unmount the session homes a daemon mounted in its state dir: they outlive the daemon
+    on purpose (a job's container may still write into its home)."""
+    for point in mount_points_below(folder):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=30)
 
 
 def agent_env(model: ScriptedModel) -> dict[str, str]:
@@ -374,8 +417,10 @@ def make_daemon(tmp_path_factory, agent_image, model):
     """Factory for daemons with extra settings; all are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, **env: str) -> Daemon:
-        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env})
+    def make(state_dir: pathlib.Path | None = None, wait_podman: bool = True, wrapper: tuple = (),
+             **env: str) -> Daemon:
+        daemon = Daemon(state_dir or tmp_path_factory.mktemp("state"), {**agent_env(model), **env},
+                        wrapper)
         daemons.append(daemon)
         return daemon.start(wait_podman)
 
@@ -483,24 +528,183 @@ class FakeQuery(dict):
         return [self[key]]
 
 
+# Upstream's own document (Stromboli v0.5.6), kept here as the facts the served document must
+# keep: each operation's parameters ("name:type", the body as "request:#Definition") and each
+# definition's properties ("name:type"; "#X" is a reference to X, "&X" an allOf of it).
+UPSTREAM_OPERATIONS = {
+    "GET /agents": "",
+    "POST /agents": "request:#stromboli_internal_agent.CreateRequest",
+    "GET /agents/{id}": "id:string",
+    "DELETE /agents/{id}": "id:string",
+    "POST /agents/{id}/send": "id:string request:#internal_api.SendAgentRequest",
+    "GET /agents/{id}/stream": "id:string",
+    "POST /auth/logout": "",
+    "POST /auth/refresh": "request:#internal_api.RefreshRequest",
+    "POST /auth/token": "request:#internal_api.TokenRequest",
+    "GET /auth/validate": "",
+    "GET /claude/status": "",
+    "GET /health": "",
+    "GET /images": "",
+    "POST /images/pull": "request:#internal_api.ImagePullRequest",
+    "GET /images/search": "q:string limit:integer no_trunc:boolean",
+    "GET /images/{name}": "name:string",
+    "GET /jobs": "",
+    "GET /jobs/{id}": "id:string",
+    "DELETE /jobs/{id}": "id:string",
+    "POST /run": "request:#internal_api.RunRequest",
+    "POST /run/async": "request:#internal_api.RunRequest",
+    "GET /run/stream": "prompt:string workdir:string session_id:string",
+    "GET /secrets": "",
+    "POST /secrets": "request:#internal_api.CreateSecretRequest",
+    "GET /secrets/{name}": "name:string",
+    "DELETE /secrets/{name}": "name:string",
+    "GET /sessions": "",
+    "DELETE /sessions/{id}": "id:string",
+    "GET /sessions/{id}/messages": "id:string offset:integer limit:integer",
+    "GET /sessions/{id}/messages/{message_id}": "id:string message_id:string",
+}
+UPSTREAM_DEFINITIONS = {
+    "internal_api.AsyncRunResponse": "job_id:string session_id:string",
+    "internal_api.ClaudeStatusResponse": "configured:boolean message:string",
+    "internal_api.ComponentHealth": "error:string name:string status:string",
+    "internal_api.CreateAgentResponse":
+        "created_at:string exit_error:string id:string idle_timeout_disabled:boolean "
+        "idle_timeout_seconds:integer last_activity_at:string session_id:string "
+        "status:#stromboli_internal_agent.Status turns_completed:integer",
+    "internal_api.CreateSecretRequest": "name:string value:string",
+    "internal_api.CreateSecretResponse": "error:string name:string success:boolean",
+    "internal_api.DeleteSecretResponse": "error:string name:string success:boolean",
+    "internal_api.ErrorResponse": "error:string",
+    "internal_api.HealthResponse": "components:array name:string status:string version:string",
+    "internal_api.ImageDetailResponse":
+        "compatibility_rank:integer compatible:boolean created:string description:string "
+        "has_claude_cli:boolean id:string labels:object rank_description:string repository:string "
+        "size:integer tag:string tools:array",
+    "internal_api.ImageInfoResponse":
+        "compatibility_rank:integer compatible:boolean created:string description:string "
+        "has_claude_cli:boolean id:string repository:string size:integer tag:string tools:array",
+    "internal_api.ImagePullRequest": "image:string platform:string quiet:boolean",
+    "internal_api.ImagePullResponse": "image:string image_id:string success:boolean",
+    "internal_api.ImageSearchResponse": "results:array",
+    "internal_api.ImagesListResponse": "images:array",
+    "internal_api.JobCancelResponse": "cancelled:boolean job_id:string",
+    "internal_api.JobListResponse": "jobs:array",
+    "internal_api.JobResponse":
+        "crash_info:#stromboli_internal_job.CrashInfo created_at:string error:string id:string "
+        "output:string session_id:string status:&stromboli_internal_job.Status "
+        "structured_output:object updated_at:string",
+    "internal_api.LogoutResponse": "message:string success:boolean",
+    "internal_api.RefreshRequest": "refresh_token:string",
+    "internal_api.RunRequest":
+        "claude:&stromboli_internal_types.ClaudeOptions "
+        "podman:&stromboli_internal_types.PodmanOptions prompt:string webhook_url:string "
+        "workdir:string",
+    "internal_api.RunResponse":
+        "crash_info:&stromboli_internal_job.CrashInfo error:string id:string output:string "
+        "session_id:string status:string structured_output:object "
+        "usage:&stromboli_internal_job.Usage",
+    "internal_api.SearchResultResponse":
+        "automated:boolean description:string index:string name:string official:boolean "
+        "stars:integer",
+    "internal_api.SecretInfoResponse": "created_at:string id:string name:string",
+    "internal_api.SecretsListResponse": "error:string secrets:array",
+    "internal_api.SendAgentRequest": "prompt:string",
+    "internal_api.SendAgentResponse": "turn_id:string",
+    "internal_api.SessionDestroyResponse": "error:string session_id:string success:boolean",
+    "internal_api.SessionInfo": "id:string title:string",
+    "internal_api.SessionListResponse": "error:string sessions:array",
+    "internal_api.SessionMessageResponse":
+        "error:string message:#stromboli_internal_history.Message",
+    "internal_api.SessionMessagesResponse":
+        "has_more:boolean limit:integer messages:array offset:integer total:integer",
+    "internal_api.TokenRequest": "client_id:string",
+    "internal_api.TokenResponse":
+        "access_token:string expires_in:integer refresh_token:string token_type:string",
+    "internal_api.ValidateResponse": "expires_at:integer subject:string valid:boolean",
+    "internal_api.errorBody": "error:string",
+    "stromboli_internal_agent.CreateRequest":
+        "claude:&stromboli_internal_types.ClaudeOptions disable_idle_timeout:boolean "
+        "idle_timeout_seconds:integer prompt:string workdir:string",
+    "stromboli_internal_agent.Snapshot":
+        "created_at:string exit_error:string id:string idle_timeout_disabled:boolean "
+        "idle_timeout_seconds:integer last_activity_at:string session_id:string "
+        "status:#stromboli_internal_agent.Status turns_completed:integer",
+    "stromboli_internal_agent.Status": "",
+    "stromboli_internal_history.ContentBlock":
+        "content:string id:string input:object is_error:boolean name:string text:string "
+        "tool_use_id:string type:string",
+    "stromboli_internal_history.Message":
+        "content:&stromboli_internal_history.MessageContent cwd:string git_branch:string "
+        "parent_uuid:string permission_mode:string session_id:string timestamp:string "
+        "tool_result:&stromboli_internal_history.ToolResult "
+        "type:&stromboli_internal_history.MessageType uuid:string version:string",
+    "stromboli_internal_history.MessageContent":
+        "content:array message_id:string model:string role:string stop_reason:string "
+        "usage:&stromboli_internal_history.Usage",
+    "stromboli_internal_history.MessageType": "",
+    "stromboli_internal_history.ToolResult":
+        "interrupted:boolean is_image:boolean stderr:string stdout:string",
+    "stromboli_internal_history.Usage":
+        "cache_creation_input_tokens:integer cache_read_input_tokens:integer input_tokens:integer "
+        "output_tokens:integer",
+    "stromboli_internal_job.CrashInfo":
+        "exit_code:integer partial_output:string reason:string signal:string "
+        "task_completed:boolean",
+    "stromboli_internal_job.Status": "",
+    "stromboli_internal_job.Usage":
+        "cache_creation_input_tokens:integer cache_read_input_tokens:integer "
+        "estimated_cost_usd:number input_tokens:integer model:string output_tokens:integer "
+        "total_tokens:integer",
+    "stromboli_internal_types.ClaudeOptions":
+        "add_dirs:array agent:string agents:object allow_dangerously_skip_permissions:boolean "
+        "allowed_tools:array append_system_prompt:string bedrock_service_tier:string betas:array "
+        "continue:boolean dangerously_skip_permissions:boolean debug:string "
+        "disable_slash_commands:boolean disallowed_tools:array effort:string "
+        "enable_powershell_tool:boolean fallback_model:string files:array fork_session:boolean "
+        "include_partial_messages:boolean input_format:string json_schema:string "
+        "max_budget_usd:number max_turns:integer mcp_configs:array model:string "
+        "no_persistence:boolean output_format:string permission_mode:string plugin_dirs:array "
+        "prompt_caching_ttl:string replay_user_messages:boolean resume:boolean session_id:string "
+        "setting_sources:array settings:string strict_mcp_config:boolean system_prompt:string "
+        "tools:array verbose:boolean",
+    "stromboli_internal_types.EnvironmentConfig":
+        "build_timeout:string path:string service:string type:string",
+    "stromboli_internal_types.LifecycleHooks":
+        "hooks_timeout:string on_create_command:array post_create:array post_start:array",
+    "stromboli_internal_types.PodmanOptions":
+        "cpu_shares:integer cpus:string environment:&stromboli_internal_types.EnvironmentConfig "
+        "image:string lifecycle:&stromboli_internal_types.LifecycleHooks memory:string "
+        "secrets_env:object timeout:string volumes:array",
+}
+
+
+def schema_kind(schema: dict) -> str:
+    """A parameter's or property's type in UPSTREAM_*'s notation."""
+    if "type" in schema:
+        return schema["type"]
+    if "$ref" in schema:
+        return "#" + schema["$ref"].removeprefix("#/definitions/")
+    return "&" + "&".join(s.get("$ref", "?").removeprefix("#/definitions/")
+                          for s in schema.get("allOf", []))
+
+
+def facts(text: str) -> dict[str, str]:
+    return dict(fact.split(":", 1) for fact in text.split())
+
+
 @pytest.mark.fast
 def test_served_document_keeps_every_upstream_operation_and_type():
-    upstream = json.loads((HERE.parent / "shared/reference/stromboli-openapi.json").read_text())
     ours = stromboli.OPENAPI
-    for path, operations in upstream["paths"].items():
-        for method, operation in operations.items():
-            mine = ours["paths"][path][method]
-            theirs = {p["name"]: p.get("type") or p["schema"]
-                      for p in operation.get("parameters", [])}
-            assert {p["name"]: p.get("type") or p["schema"] for p in mine.get("parameters", [])
-                    if p["name"] in theirs} == theirs, (method, path)
-    for name, definition in upstream["definitions"].items():
-        mine = ours["definitions"][name]
-        for prop_name, prop in (definition.get("properties") or {}).items():
-            kind = prop.get("type") or prop.get("$ref") or prop.get("allOf")
-            found = mine["properties"][prop_name]
-            assert (found.get("type") or found.get("$ref") or found.get("allOf")) == kind, \
-                (name, prop_name)
+    for operation, parameters in UPSTREAM_OPERATIONS.items():
+        method, path = operation.split(" ")
+        mine = ours["paths"][path][method.lower()]
+        theirs = facts(parameters)
+        assert {p["name"]: p.get("type") or schema_kind(p["schema"])
+                for p in mine.get("parameters", []) if p["name"] in theirs} == theirs, operation
+    for name, properties in UPSTREAM_DEFINITIONS.items():
+        mine = ours["definitions"][name].get("properties") or {}
+        for prop_name, kind in facts(properties).items():
+            assert schema_kind(mine[prop_name]) == kind, (name, prop_name)
 
 
 @pytest.mark.fast
@@ -511,6 +715,18 @@ def test_route_records_derive_auth_and_body_responses():
                                         route.path == "/auth/refresh"), route.path
         assert ("413" in responses) == ("415" in responses) == bool(route.body), route.path
         assert route.envelope in ("error", "run", "success", "text")
+
+
+@pytest.mark.fast
+def test_no_content_answers_declare_no_body():
+    """A 204 has no body: a schema there makes validating proxies (Prism) turn the real,
+    empty answer into an error."""
+    no_content = [(path, method, answer)
+                  for path, operations in stromboli.OPENAPI["paths"].items()
+                  for method, operation in operations.items()
+                  for status, answer in operation["responses"].items() if status == "204"]
+    assert ("/agents/{id}", "delete", {"description": "No Content"}) in no_content
+    assert all("schema" not in answer for _, _, answer in no_content), no_content
 
 
 def hostile_home(tmp_path: pathlib.Path):
@@ -572,6 +788,76 @@ def test_safe_home_fork_skips_fifos_and_links_and_keeps_the_quota(tmp_path):
         small.fork(sid, str(uuid.uuid4()))
     assert sorted(p.name for p in (tmp_path / "sessions").iterdir()) == sorted([sid, fork])
     assert "over its quota" in small.over_quota(sid)
+
+
+@pytest.mark.fast
+def test_safe_home_deletes_a_deep_home_without_following_links(tmp_path):
+    store, sid, home, outside = hostile_home(tmp_path)
+    (outside / "keep").write_text("root only")
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    for depth in range(1200):  # past Python's recursion limit (1000)
+        os.mkdir("d", dir_fd=fd)
+        if depth % 100 == 0:
+            os.symlink(outside, "link", dir_fd=fd)
+            os.symlink(outside / "keep", f".stromboli-removing-{depth // 100}", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent)
+    os.close(fd)
+    store.delete(sid)
+    assert not os.path.lexists(home)
+    assert (outside / "keep").read_text() == "root only"
+
+
+@pytest.mark.fast
+def test_a_measured_home_counts_blocks_and_entries_not_sizes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    empty = store.size(sid)
+    with open(home / "sparse", "wb") as f:
+        f.truncate(1024 ** 3)  # 1 GiB that takes no block
+    assert store.size(sid) - empty < 4096
+    with open(home / "hidden", "wb") as f:  # fallocate --keep-size: blocks, no size
+        subprocess.run(["fallocate", "--keep-size", "-l", "8M", f.name], check=True)
+    assert os.path.getsize(home / "hidden") == 0
+    assert store.size(sid) - empty >= 8 * 1024 ** 2
+    before = store.size(sid)
+    for i in range(1000):
+        os.symlink("x", home / f"link{i}")
+    assert store.size(sid) - before >= 1000 * stromboli.ENTRY_BYTES
+
+
+@pytest.mark.fast
+def test_volume_host_paths_are_opened_without_following_links(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "real" / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (allowed / "link").symlink_to(outside)
+    (allowed / "file").write_text("x")
+    cfg = stromboli.Config(agent_allowed_volumes=(str(allowed),))
+
+    def volume(path: pathlib.Path) -> stromboli.Volume:  # the parse: the path's letters only
+        return stromboli.check_volume(cfg, f"{path}:/data")
+
+    fd = stromboli.open_volume(cfg, volume(allowed / "real" / "sub"))
+    assert os.fstat(fd).st_ino == (allowed / "real" / "sub").stat().st_ino
+    os.close(fd)
+    refused = {allowed / "link" / "x": "goes through a symbolic link",
+               allowed / "link": "goes through a symbolic link",
+               allowed / "real" / "missing": "does not exist",
+               allowed / "file" / "x": "is not a folder"}
+    for path, message in refused.items():
+        with pytest.raises(stromboli.BadRequest, match=message):
+            stromboli.open_volume(cfg, volume(path))
+    with pytest.raises(stromboli.BadRequest, match="is not in allowed directories"):
+        volume(allowed / ".." / "outside")
+    stromboli.make_volume_dirs(cfg, [volume(allowed / "new" / "deep")])
+    assert stat.S_IMODE((allowed / "new" / "deep").stat().st_mode) == 0o755
+    with pytest.raises(stromboli.BadRequest, match="goes through a symbolic link"):
+        stromboli.make_volume_dirs(cfg, [volume(allowed / "link" / "made")])
+    assert not (outside / "made").exists()
+    # Of nested allowed folders the outermost: the link inside it is opened as a link.
+    nested = stromboli.Config(agent_allowed_volumes=(str(allowed / "link"), str(allowed)))
+    assert stromboli.volume_root(nested, str(allowed / "link" / "x")) == \
+        (str(allowed), ["link", "x"])
 
 
 @pytest.mark.fast
@@ -757,6 +1043,11 @@ BAD_FIELDS = [  # beside a valid prompt
      "invalid timeout duration: must be at most 168h"),
     ("compose", {"podman": {"environment": {"type": "compose"}}},
      "compose environments are not supported by this server"),
+    ("environment key", {"podman": {"environment": {"image": "x"}}},
+     'Invalid request: unknown podman.environment key "image" (known: type, path, service, '
+     'build_timeout)'),
+    ("environment value", {"podman": {"environment": {"service": ["dev"]}}},
+     "Invalid request: podman.environment.service must be a string"),
     ("workdir relative", {"workdir": "work"},
      "workdir validation failed: workdir must be an absolute path starting with /"),
     ("workdir traversal", {"workdir": "/work/../etc"},
@@ -790,7 +1081,9 @@ def test_run_request_keeps_valid_options_and_drops_unknown_and_empty_ones():
                    "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"},
                    "output_format": None, "not_an_option": 1},
         "podman": {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144,
-                   "image": "", "lifecycle": None}}, stromboli.Config())
+                   "image": "", "lifecycle": None,
+                   "environment": {"type": "", "path": "/x.yml", "service": None}}},
+        stromboli.Config())
     assert req.claude == {"model": "opus", "session_id": sid, "resume": True, "max_turns": 0,
                           "max_budget_usd": 1e6, "debug": True, "json_schema": {"type": "object"}}
     assert req.podman == {"timeout": "168h", "memory": "6m", "cpus": "0.01", "cpu_shares": 262144}
@@ -962,6 +1255,19 @@ def test_config_validate_messages():
         "agent userns_base must be between 0 and 4294901758",
         "server address: invalid address 'nohost' (use host:port or :port)",
         "metrics address: invalid address '127.0.0.1:99999' (use host:port or :port)"]
+
+
+@pytest.mark.fast
+def test_config_validates_the_session_filesystem_and_the_tmp_size():
+    def problems(**settings):
+        return stromboli.Config(auth_enabled=False, **settings).validate()
+    assert problems(agent_session_filesystem="zfs") == [
+        "agent session_filesystem must be auto, loop or plain"]
+    assert problems(agent_session_filesystem="loop", agent_session_quota=0) == [
+        "agent session_filesystem loop needs a session_quota of at least 1m (the size of each "
+        "home's filesystem)"]
+    assert problems(agent_tmp_size=4096) == ["agent tmp_size must be >= 1m"]
+    assert problems(agent_session_filesystem="plain", agent_session_quota=0) == []
 
 
 # -- rate limiting ----------------------------------------------------------------
@@ -1169,6 +1475,76 @@ def test_transcript_message_maps_lines_to_history_messages():
     odd = stromboli.transcript_message({"type": "user", "message": "not an object",
                                         "toolUseResult": "text"})
     assert odd["content"] == {"role": "", "content": []} and "tool_result" not in odd
+
+
+@pytest.mark.fast
+def test_fair_shares_keep_the_small_whole_and_split_the_rest():
+    assert stromboli.fair_shares([10, 1000, 20, 5000], 1030) == [10, 500, 20, 500]
+    assert stromboli.fair_shares([10, 20], 1000) == [10, 20]
+    assert stromboli.fair_shares([], 1000) == []
+
+
+CUT = re.compile(r"(.*) \[stromboli: truncated, (\d+) characters dropped\]", re.S)
+
+
+@pytest.mark.fast
+def test_a_huge_history_message_is_cut_to_its_room_with_markers():
+    text = "ж" * 2_000_000  # 4 MB in UTF-8, 12 MB as JSON (\u0436 each)
+    message = stromboli.transcript_message({"type": "assistant", "uuid": "u-1", "message": {
+        "role": "assistant", "content": [{"type": "text", "text": text},
+                                         {"type": "text", "text": "short"}]}})
+    room = 64 * 1024
+    found = stromboli.message_json(message, room)
+    assert len(found) <= room
+    blocks = json.loads(found)["content"]["content"]
+    assert blocks[1] == {"type": "text", "text": "short"}  # the short strings stay whole
+    kept, dropped = CUT.fullmatch(blocks[0]["text"]).groups()
+    assert set(kept) == {"ж"} and len(kept) > room // 7
+    assert len(kept) + int(dropped) == len(text)
+    assert json.loads(found)["uuid"] == "u-1"
+    small = {"uuid": "u-2", "content": {"content": [{"type": "text", "text": "hi"}]}}
+    assert stromboli.message_json(small, 1024) == json.dumps(small, separators=(",", ":"))
+
+
+@pytest.mark.fast
+def test_a_history_message_too_wide_or_deep_to_cut_becomes_a_stub():
+    wide = stromboli.transcript_message({"type": "assistant", "uuid": "u-3", "message": {
+        "content": [{"type": "tool_use", "input": {f"k{i}": i for i in range(50_000)}}]}})
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"d": deep}
+    nested = {"type": "user", "uuid": "u-4", "content": {"content": [{"input": deep}]}}
+    for message in (wide, nested):
+        found = stromboli.message_json(message, 20 * 1024)
+        assert len(found) <= 20 * 1024
+        stub = json.loads(found)
+        assert stub["uuid"] == message["uuid"] and stub["type"] == message["type"]
+        assert stub["content"]["content"][0]["text"].startswith("[stromboli: message dropped")
+
+
+@pytest.mark.fast
+def test_a_page_of_history_holds_at_most_its_bytes(tmp_path):
+    store, sid, home, _ = hostile_home(tmp_path)
+    (home / ".claude" / "projects" / "-workspace").mkdir(parents=True)
+    huge = "ж" * 500_000  # 3 MB of JSON each: ten of them do not fit in a page
+    lines = [{"type": "user", "uuid": f"u-{i}", "message": {"content": huge}}
+             if i % 3 == 0 else {"type": "assistant", "uuid": f"u-{i}",
+                                 "message": {"content": [{"type": "text", "text": f"answer {i}"}]}}
+             for i in range(30)]
+    (home / ".claude" / "projects" / "-workspace" / f"{sid}.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    page, total = store.messages(sid, 0, 50)
+    assert total == 30 and len(page) == 30
+    assert sum(map(len, page)) + len(page) - 1 <= stromboli.MESSAGES_PAGE_BYTES
+    messages = [json.loads(text) for text in page]
+    assert [m["uuid"] for m in messages] == [f"u-{i}" for i in range(30)]
+    assert messages[1]["content"]["content"][0]["text"] == "answer 1"  # small: whole
+    cut = [CUT.fullmatch(m["content"]["content"][0]["text"]) for m in messages[::3]]
+    assert all(cut) and len({len(c.group(1)) for c in cut}) == 1  # equal shares
+    page, total = store.messages(sid, 27, 2)
+    assert total == 30 and [json.loads(t)["uuid"] for t in page] == ["u-27", "u-28"]
+    assert json.loads(page[0])["content"]["content"][0]["text"] == huge  # room enough: whole
+    assert json.loads(store.message(sid, "u-3"))["content"]["content"][0]["text"] == huge
 
 
 @pytest.mark.fast
@@ -1509,6 +1885,48 @@ def test_agent_followers_are_capped():
     asyncio.run(scenario())
 
 
+# -- the store's jobs -----------------------------------------------------------------
+
+@pytest.mark.fast
+def test_store_migrates_an_old_database_and_shows_jobs_without_their_request(tmp_path):
+    path = tmp_path / "stromboli.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the jobs table of release 1
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, session_id "
+                   "TEXT NOT NULL, run_id TEXT NOT NULL, request TEXT NOT NULL, output TEXT, "
+                   "error TEXT, structured_output TEXT, usage TEXT, crash_info TEXT, created_at "
+                   "REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL)")
+        db.execute("INSERT INTO jobs (id, status, session_id, run_id, request, created_at, "
+                   "updated_at) VALUES ('job-old', 'running', 's', 'run-old', ?, 1, 1)",
+                   (json.dumps({"prompt": "p" * 1000, "webhook_url": "http://h/x"}),))
+        db.commit()
+    store = stromboli.Store(path)
+
+    def on_its_thread(fn, *args):
+        return store._executor.submit(fn, *args).result()
+    try:
+        request = {"prompt": "q", "webhook_url": ""}
+        for i in range(8):
+            on_its_thread(store.insert_job, {
+                "id": f"job-{i}", "status": "completed", "session_id": "s", "run_id": f"run-{i}",
+                "request": request, "output": "o" * (16 * 1024 ** 2), "created_at": 2 + i,
+                "updated_at": 2 + i}, 100)
+        old = on_its_thread(store.get_job, "job-old")
+        assert "request" not in old and old["webhook_url"] == "http://h/x"
+        for i in range(8):
+            assert on_its_thread(store.get_job, f"job-{i}")["output"]
+        cached = sum(len(job.get("output") or "") for job in store._jobs.values())
+        assert 0 < cached <= store.JOB_CACHE_BYTES  # not all 8 outputs of 16 MiB
+        jobs, total = on_its_thread(store.list_jobs, None, 1000, 0)
+        assert total == 9 and not any("request" in job for job in jobs)
+        with pytest.raises(stromboli.QueueFull):  # no place left in a queue of 0
+            on_its_thread(store.insert_job, {**jobs[0], "id": "job-x", "status": "pending",
+                                             "request": request}, 0)
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert "container_id" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+
+
 # -- JWT ------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -1808,6 +2226,29 @@ def test_health_reports_components(daemon):
     names = [c["name"] for c in body["components"]]
     assert names[0] == "podman" and "anthropic-api-key" in names
     assert r.headers["X-Request-ID"]
+
+
+def test_health_is_right_from_its_first_answer(tmp_path, agent_image, model):
+    """Asked from the moment the process starts, the first answer already knows Podman and
+    the daemon's secrets (it is not `not checked yet`, degraded, while all is well)."""
+    d = Daemon(tmp_path / "state", agent_env(model)).launch()
+
+    def first_answer() -> dict | None:
+        if d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {d.proc.returncode}:\n{d.log()}")
+        try:
+            r = httpx.get(d.url + "/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+    try:
+        first = wait_until(first_answer, 30, 0.005, "the first /health answer")
+    finally:
+        d.stop()
+        d.remove_containers()
+    assert first["status"] == "ok", first
+    assert [c for c in first["components"] if c["status"] != "ok"] == [], first
+    assert {"podman", "anthropic-api-key"} <= {c["name"] for c in first["components"]}
 
 
 def test_request_id_is_echoed(daemon):
@@ -2214,9 +2655,8 @@ def test_unknown_job_is_404(daemon):
 
 def test_killed_container_reports_crash_info(daemon):
     job_id = daemon.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
-    containers = wait_until(lambda: [c for c in agent_containers(f"stromboli.job={job_id}")
-                                     if c.attrs.get("State") == "running"], 20,
-                           what="running container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={job_id}"), 20,
+                            what="running container")
     containers[0].kill("SIGKILL")
     job = daemon.wait_job(job_id)
     assert job["status"] == "crashed", job
@@ -2294,7 +2734,8 @@ def test_a_job_survives_kill_9_with_its_real_output(make_daemon, tmp_path):
     long_id = d.http.post("/run/async", json={
         "prompt": f"sleep 6 {tag}", "claude": {"output_format": "stream-json"}}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     time.sleep(1)  # let the CLI print its first lines while the daemon is still there
     d.stop(signal.SIGKILL)  # a crash: nothing is cleaned up
     assert agent_containers(f"stromboli.job={long_id}")
@@ -2321,8 +2762,8 @@ def test_a_job_whose_container_vanished_meanwhile_fails_clearly(make_daemon, tmp
     d = make_daemon(state_dir=state)
     long_id = d.http.post("/run/async", json={"prompt": "sleep 120"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    containers = wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15,
-                            what="job container")
+    containers = wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+                            what="job container running")  # not `initialized`: killable
     d.stop(signal.SIGKILL)
     with podman_client() as client:  # an admin cleans up while the daemon is down
         container = client.containers.get(containers[0].id)
@@ -2342,7 +2783,8 @@ def test_sigterm_lets_runs_finish_then_leaves_jobs_to_the_next_start(make_daemon
     tag = marker()
     long_id = d.http.post("/run/async", json={"prompt": f"sleep 6 {tag}"}).json()["job_id"]
     d.wait_job(long_id, ("running",))
-    wait_until(lambda: agent_containers(f"stromboli.job={long_id}"), 15, what="job container")
+    wait_until(lambda: running_containers(f"stromboli.job={long_id}"), 15,
+               what="job container running")
     started = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
     d.proc.wait(20)
@@ -2391,6 +2833,8 @@ def test_pending_jobs_survive_a_restart(make_daemon, tmp_path):
     first = d.http.post("/run/async", json={"prompt": "sleep 4"}).json()["job_id"]
     queued = d.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
     d.wait_job(first, ("running",))
+    wait_until(lambda: running_containers(f"stromboli.job={first}"), 15,
+               what="the first job's container running")
     assert d.http.get(f"/jobs/{queued}").json()["status"] == "pending"
     d.stop(signal.SIGKILL)
     again = make_daemon(state_dir=state, STROMBOLI_MAX_CONCURRENT_RUNS="1")
@@ -2494,6 +2938,168 @@ def test_webhook_is_delivered_signed(make_daemon, model):
     assert [a["status_code"] for a in attempts] == [500, 200]
     assert [a["attempt"] for a in attempts] == [1, 2]
 
+
+# -- jobs against a hostile client or image (issue 18) ------------------------------
+
+def labelled_image(name: str, labels: dict[str, str]) -> str:
+    """The test image with labels of its own, as any image may carry; → its reference."""
+    with podman_client() as client:
+        container = client.containers.create(IMAGE, ["true"])
+        try:
+            container.commit(repository=name, tag="test",
+                             changes=[f"LABEL {key}={value}" for key, value in labels.items()])
+        finally:
+            container.remove(force=True)
+    return f"{name}:test"
+
+
+def run_in_background(d: Daemon, body: dict) -> threading.Thread:
+    """A sync run whose client may be cut (the daemon is killed under it)."""
+    def run() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(d.url + "/run", json=body, timeout=60)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_image_labelled_as_another_job_is_not_taken_over_for_it(make_daemon, model, tmp_path):
+    """Podman merges an image's labels into its containers'. An image labelled
+    `stromboli.job=<a running job>` must not make a restarted daemon take its container over
+    for that job: each job keeps its own output, and the forged containers are removed."""
+    state, tag = tmp_path / "state", marker()
+    d = make_daemon(state_dir=state)
+    victim = d.http.post("/run/async", json={"prompt": f"sleep 6 victim-{tag}"}).json()
+    image = labelled_image(f"localhost/stromboli-forged-{tag}", {
+        "stromboli.job": victim["job_id"], "stromboli.deadline": "1", "stromboli.init": "1",
+        "stromboli.transcript": "forged/1", "stromboli.run": "run-forged",
+        "managed-by": "stromboli"})
+    try:
+        own = wait_until(lambda: agent_containers(f"stromboli.job={victim['job_id']}"), 15,
+                         what="the victim's container")[0].id
+        # Forged containers listed before and after the victim's, whatever Podman's order.
+        run_in_background(d, {"prompt": f"sleep 6 forged-a-{tag}", "podman": {"image": image}})
+        other = d.http.post("/run/async", json={"prompt": f"sleep 6 other-{tag}",
+                                                "podman": {"image": image}}).json()["job_id"]
+        run_in_background(d, {"prompt": f"sleep 6 forged-b-{tag}", "podman": {"image": image}})
+        for name in ("victim", "other", "forged-a", "forged-b"):
+            wait_until(lambda: model.requests_with(f"{name}-{tag}"), 30, what=f"{name}'s CLI")
+        claimed = {c.id for c in agent_containers(f"stromboli.job={victim['job_id']}")}
+        assert own in claimed and len(claimed) == 3, claimed  # the image's label took effect
+        d.stop(signal.SIGKILL)
+        again = make_daemon(state_dir=state)
+        job = again.wait_job(victim["job_id"])
+        assert job["status"] == "completed", job
+        assert f"echo: sleep 6 victim-{tag}" in job["output"] and "forged" not in job["output"]
+        job = again.wait_job(other)  # the daemon's own labels won over the image's
+        assert job["status"] == "completed" and f"echo: sleep 6 other-{tag}" in job["output"], job
+        wait_until(lambda: not claimed & {c.id for c in agent_containers(
+            f"stromboli.instance={again.instance}")}, 20, what="the forged containers' removal")
+    finally:
+        with podman_client() as client:
+            client.images.remove(image, force=True)
+
+
+def test_the_queue_bound_holds_against_concurrent_submits(make_daemon):
+    """60 submits at once against a queue of 5 (the run slot busy): 5 are queued, in each of
+    a few rounds (a race is won by chance)."""
+    d = make_daemon(STROMBOLI_MAX_CONCURRENT_RUNS="1", STROMBOLI_MAX_QUEUED_JOBS="5")
+    first = d.http.post("/run/async", json={"prompt": "sleep 60"}).json()["job_id"]
+    d.wait_job(first, ("running",))
+    for _ in range(4):  # main's code let 6 to 23 in, in 5 rounds of 7
+        start, codes = threading.Barrier(60), []
+
+        def submit(i: int) -> None:
+            start.wait()
+            codes.append(httpx.post(d.url + "/run/async", json={"prompt": f"queued {i}"},
+                                    timeout=60).status_code)
+        clients = [threading.Thread(target=submit, args=(i,)) for i in range(60)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        assert sorted(codes) == [202] * 5 + [429] * 55, codes
+        pending = d.http.get("/jobs", params={"status": "pending"}).json()
+        assert pending["total"] == 5
+        for job in pending["jobs"]:  # emptied for the next round: none of them starts
+            assert d.http.delete(f"/jobs/{job['id']}").status_code == 200
+    assert d.http.delete(f"/jobs/{first}").status_code == 200
+
+
+def test_a_last_event_id_sqlite_cannot_hold_is_a_400_before_any_stream(daemon):
+    job_id = daemon.http.post("/run/async", json={"prompt": "hello"}).json()["job_id"]
+    run_id = daemon.wait_job(job_id)["run_id"]
+    streams = ((f"/jobs/{job_id}/stream", {}), ("/run/stream", {"run_id": run_id}))
+    for path, params in streams:
+        for last in (str(2 ** 63), str(2 ** 64), "9" * 40):
+            for header, query in (({"Last-Event-ID": last}, {}), ({}, {"last_event_id": last})):
+                r = daemon.http.get(path, params={**params, **query}, headers=header)
+                assert r.status_code == 400, (path, last, r.status_code, r.text[:200])
+                assert r.text == f"Last-Event-ID must be at most {2 ** 63 - 1}"
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(2 ** 63 - 1)})
+        assert r.status_code == 200 and r.text == ""  # nothing after the last possible id
+        r = daemon.http.get(path, params=params, headers={"Last-Event-ID": str(-2 ** 64)})
+        assert r.status_code == 200 and r.text.startswith("id: 0\n")  # from the start
+    assert "Traceback" not in daemon.log()
+
+
+def no_history(prompt: str) -> dict:
+    """A job that fails at once, before any container (a resume of a session without
+    history): what it keeps is its request."""
+    return {"prompt": prompt, "claude": {"resume": True, "session_id": str(uuid.uuid4())}}
+
+
+def test_huge_requests_are_413_and_leave_nothing_behind(make_daemon):
+    d = make_daemon()
+    body = json.dumps(no_history("x" * (9 * 1024 ** 2))).encode()
+    json_type = {"Content-Type": "application/json"}
+    for _ in range(40):
+        r = d.http.post("/run/async", content=body, headers=json_type)
+        assert r.status_code == 413, r.text[:200]
+        assert run_error(r) == "request body too large (limit 4194304 bytes, " \
+                               "agent.max_request_bytes)"
+    assert d.http.post("/run", content=body, headers=json_type).status_code == 413
+    for path in ("/agents", "/agents/agent-nope/send"):
+        r = d.http.post(path, content=body, headers=json_type)
+        assert r.status_code == 413 and "agent.max_request_bytes" in r.json()["error"]
+    assert d.http.get("/jobs").json()["total"] == 0
+    stored = sum(f.stat().st_size for f in d.state_dir.glob("stromboli.db*"))
+    assert stored < 1024 ** 2, f"the store grew to {stored} bytes"
+
+
+def test_listing_jobs_reads_no_requests(make_daemon):
+    d = make_daemon()
+    ids = [d.http.post("/run/async", json=no_history(f"{i} " + "y" * (3 * 1024 ** 2))).json()
+           ["job_id"] for i in range(20)]
+    for job_id in ids:
+        assert d.wait_job(job_id)["status"] == "failed"
+    peak = memory_kib(d.proc.pid, "VmHWM")
+    listed = d.http.get("/jobs")
+    assert listed.json()["total"] == 20 and len(listed.content) < 50_000
+    grown = memory_kib(d.proc.pid, "VmHWM") - peak
+    assert grown < 20 * 1024, f"GET /jobs of 60 MB of requests took the peak RSS up {grown} KiB"
+
+
+def test_podman_environment_takes_only_upstreams_single_container_form(daemon):
+    refused = (({"junk": "x" * 1000}, 'unknown podman.environment key "junk"'),
+               ({"type": "", "path": {"a": [1] * 1000}}, "podman.environment.path must be a "
+                                                         "string"),
+               ({"type": "compose", "path": "/x.yml", "service": "dev"},
+                "compose environments are not supported by this server"))
+    for environment, message in refused:
+        for path in ("/run/async", "/run", "/agents"):
+            r = daemon.http.post(path, json={"prompt": "hello",
+                                             "podman": {"environment": environment}})
+            assert r.status_code == 400 and message in r.json()["error"], (path, r.text[:200])
+    for environment in ({}, {"type": ""}, {"type": None, "path": "/x.yml", "service": "dev",
+                                           "build_timeout": "15m"}):
+        job_id = daemon.http.post("/run/async", json={
+            "prompt": "hello", "podman": {"environment": environment}}).json()["job_id"]
+        assert daemon.wait_job(job_id)["status"] == "completed"
+        with contextlib.closing(sqlite3.connect(daemon.state_dir / "stromboli.db")) as db:
+            kept = db.execute("SELECT json_extract(request, '$.podman') FROM jobs WHERE id=?",
+                              (job_id,)).fetchone()[0]
+        assert json.loads(kept) == {}  # nothing of it is kept
 
 # ---------------------------------------------------------------------------
 # Sessions — resume, continue, fork, serialisation, the history API
@@ -3663,6 +4269,49 @@ def test_a_huge_transcript_line_does_not_inflate_the_daemon(make_daemon):
     assert grown < 100 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
 
 
+def test_huge_transcript_messages_give_a_bounded_page(make_daemon):
+    """The agent appends 24 lines of 4 MB of 2-byte characters to its own transcript: each
+    is a 12 MB message as JSON (a 6-byte escape for each character), 300 MB for a page of
+    them. A page is 4 MiB at most, its messages cut with a marker, and the daemon neither
+    swells nor stalls while it serves it."""
+    d = make_daemon()
+    session = str(uuid.uuid4())
+    chars = "$z$z$z$z"  # 32 × ж (0xd0 0xb6), 64 bytes; 65000 of them: 4,160,000 bytes
+    line = ("{ printf '{\"type\":\"user\",\"uuid\":\"huge-%s\",\"message\":{\"role\":"
+            f"\"user\",\"content\":\"' $i; yes \"{chars}\" | head -n 65000 | tr -d '\\n'; "
+            "printf '\"}}\\n'; }")
+    r = agent_does(d, "z=$(printf '\\320\\266\\320\\266\\320\\266\\320\\266'"
+                      "'\\320\\266\\320\\266\\320\\266\\320\\266'); "
+                      f"for i in $(seq 24); do {line}; done "
+                      f">> ~/.claude/projects/-workspace/{session}.jsonl; echo ok",
+                   {"session_id": session})
+    assert r.json()["status"] == "completed", r.text[:500]
+    transcript = session_home(d, session) / f".claude/projects/-workspace/{session}.jsonl"
+    assert transcript.stat().st_size > 24 * 4_000_000
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    with health_latencies(d) as latencies:
+        pages = [d.http.get(f"/sessions/{session}/messages", params=params)
+                 for params in ({}, {"limit": 200}, {"offset": 5, "limit": 3})]
+    grown = memory_kib(d.proc.pid, "VmHWM") - baseline
+    assert max(latencies) < 1, f"/health took {max(latencies):.1f}s during the pages"
+    for page in pages:
+        assert page.status_code == 200
+        assert len(page.content) < 4 * 1024 * 1024 + 64 * 1024, len(page.content)
+    body = pages[0].json()
+    huge = [m for m in body["messages"] if m["uuid"].startswith("huge-")]
+    assert len(huge) == 24 and body["total"] >= 24 and body["limit"] == 50
+    for message in huge:
+        text = message["content"]["content"][0]["text"]
+        kept, dropped = CUT.fullmatch(text).groups()
+        assert set(kept) == {"ж"} and len(kept) + int(dropped) == 65000 * 32
+    assert [m["uuid"] for m in pages[2].json()["messages"]] == \
+        [m["uuid"] for m in body["messages"][5:8]]
+    one = d.http.get(f"/sessions/{session}/messages/huge-3")
+    assert one.status_code == 200 and len(one.content) < 4 * 1024 * 1024 + 1024
+    assert CUT.fullmatch(one.json()["message"]["content"]["content"][0]["text"])
+    assert grown < 150 * 1024, f"daemon peak RSS grew by {grown // 1024} MiB"
+
+
 def test_secrets_are_not_in_podman_inspect_but_the_agent_has_them(daemon):
     name, value = f"agent-secret-{marker()}", f"value-{marker()}"
     assert daemon.http.post("/secrets", json={"name": name, "value": value}).status_code == 201
@@ -3781,13 +4430,19 @@ def test_two_daemons_on_one_podman_keep_their_own_api_keys(make_daemon, model):
         assert {r["_x_api_key"] for r in model.requests_with(tag)} == {keys[which]}, which
 
 
-def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon):
-    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+@pytest.mark.parametrize("filesystem", ["plain", "loop"])
+def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon, filesystem):
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m",
+                    STROMBOLI_AGENT_SESSION_FILESYSTEM=filesystem)
     session = str(uuid.uuid4())
     r = agent_does(d, "head -c 8000000 /dev/zero > ~/big; echo wrote", {"session_id": session})
-    assert os.path.getsize(session_home(d, session) / "big") == 8_000_000, r.text
+    big = os.path.getsize(session_home(d, session) / "big")
+    if filesystem == "plain":
+        assert big == 8_000_000, r.text
+    else:  # the kernel stopped the write at the quota
+        assert 4_000_000 < big < 5 * 1024 ** 2, r.text
     listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
-    assert listed[session].get("size_bytes", 0) >= 8_000_000, listed[session]
+    assert listed[session].get("size_bytes", 0) >= big, listed[session]
     for options in ({"resume": True}, {"continue": True}, {"fork_session": True}):
         r = d.http.post("/run", json={"prompt": "hello",
                                       "claude": {"session_id": session, **options}})
@@ -3796,12 +4451,176 @@ def test_session_quota_is_reported_and_blocks_runs_and_forks(make_daemon):
 
 
 def test_a_home_growing_past_the_quota_gets_its_run_killed(make_daemon):
-    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m")
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m", STROMBOLI_AGENT_SESSION_FILESYSTEM="plain")
     started = time.monotonic()
     body = agent_does(d, "head -c 8000000 /dev/zero > ~/big; sleep $((20)); echo slept").json()
     assert body["status"] == "crashed", body
     assert "quota" in body["crash_info"]["reason"]
     assert time.monotonic() - started < 15
+
+
+def host_bytes(d: Daemon, session: str) -> int:
+    """What a session home takes on the host's disk: the blocks allocated to its image when
+    it is a filesystem of its own, else to everything below it."""
+    home = session_home(d, session)
+    if os.stat(home).st_dev != os.stat(home.parent).st_dev:
+        return os.stat(home.parent / ".images" / f"{session}.img").st_blocks * 512
+    du = subprocess.run(["du", "-s", "-x", "-B1", str(home)], capture_output=True, text=True,
+                        check=True)
+    return int(du.stdout.split()[0])
+
+
+def long_links(count: int, folder: str) -> str:
+    """A shell command that makes `count` symbolic links of over 200 bytes each in
+    `folder`, with a few processes (each process costs the CLI's Bash tool ~50 ms)."""
+    return (f"mkdir -p /tmp/{'x' * 200} {folder} && cd /tmp/x* && i=0; "
+            f"while [ $i -lt {count} ]; do : > $i; i=$((i+1)); done; "
+            f"ls | sed \"s|^|$PWD/|\" | xargs sh -c 'cp -s \"$@\" {folder}/' _; "
+            f"ls {folder} | wc -l")
+
+
+# The agent's ways to fill a disk past a 50 MiB quota (issue 18: all of them got through).
+# Busybox's fallocate has no --keep-size: util-linux's is copied into the home first.
+DISK_FILLERS = {
+    "fallocate": "fallocate -l 3G ~/f",
+    "fallocate --keep-size": "~/fallocate --keep-size -l 2G ~/f",
+    "dd": "dd if=/dev/zero of=$HOME/f bs=1M count=300",
+    "small files": "mkdir ~/f && cd ~/f && i=0; while [ $i -lt 20000 ]; do "
+                   "echo x > $i || break; i=$((i+1)); done; echo made $i",
+    "long symlinks": long_links(20000, "~/f"),
+}
+
+
+def test_a_session_home_holds_no_more_than_its_quota_on_the_host(make_daemon):
+    """The hostile agent fills its home every way it can; on the host, the home never takes
+    more than its quota + 10 % (each home is a filesystem of the quota's size)."""
+    quota = 50 * 1024 ** 2
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="50m")
+    for attack, command in DISK_FILLERS.items():
+        session = str(uuid.uuid4())
+        assert agent_does(d, "echo ready", {"session_id": session}).json()["status"] == \
+            "completed"
+        shutil.copy("/usr/bin/fallocate", session_home(d, session) / "fallocate")
+        r = agent_does(d, f"{command}; echo done-{attack}", {"session_id": session,
+                                                               "resume": True})
+        assert r.status_code == 200, (attack, r.text[:300])
+        taken = host_bytes(d, session)
+        assert taken <= quota * 1.1, f"{attack}: the home takes {taken / 1024 ** 2:.0f} MiB"
+        listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
+        assert listed[session]["size_bytes"] <= quota, (attack, listed[session])
+    assert d.http.delete(f"/sessions/{session}").status_code == 200
+    images = d.state_dir / "sessions" / ".images"
+    assert not session_home(d, session).exists() and not (images / f"{session}.img").exists()
+    assert len(list(images.iterdir())) == len(DISK_FILLERS) - 1
+
+
+def test_a_home_is_mounted_once_across_restarts_and_again_after_a_reboot(make_daemon, tmp_path):
+    """A job's container outlives a crash of the daemon and keeps writing into its home: the
+    next start must not mount the image a second time. After a reboot (nothing mounted)
+    the next start mounts it again, with the conversation in it."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state)
+    session = str(uuid.uuid4())
+    home = str(session_home(d, session))
+    image = str(state / "sessions" / ".images" / f"{session}.img")
+
+    def mounted_once() -> None:
+        assert mount_points_below(state) == [home]
+        loops = subprocess.run(["losetup", "-j", image], capture_output=True, text=True).stdout
+        assert len(loops.splitlines()) == 1, loops
+
+    job = d.http.post("/run/async", json={"prompt": "sleep 4 first",
+                                           "claude": {"session_id": session}}).json()
+    d.wait_job(job["job_id"], ("running",))
+    wait_until(lambda: agent_containers(f"stromboli.job={job['job_id']}"), 15, what="container")
+    d.stop(signal.SIGKILL)
+    again = make_daemon(state_dir=state)
+    assert again.wait_job(job["job_id"])["status"] == "completed"
+    mounted_once()
+    again.stop()
+    unmount_below(state)  # a reboot
+    third = make_daemon(state_dir=state)
+    mounted_once()
+    r = third.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                    "resume": True}})
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+    history = third.http.get(f"/sessions/{session}/messages").json()
+    assert history["total"] >= 4, history
+    mounted_once()
+
+
+def test_a_measured_home_counts_allocated_blocks_and_links(make_daemon):
+    """A home that is a plain folder (plain mode, or made before images) is measured by
+    what it takes on disk: preallocated blocks and links count, sizes do not."""
+    d = make_daemon(STROMBOLI_AGENT_SESSION_QUOTA="5m", STROMBOLI_AGENT_SESSION_FILESYSTEM="plain")
+    session = str(uuid.uuid4())
+    agent_does(d, "echo ready", {"session_id": session})
+    shutil.copy("/usr/bin/fallocate", session_home(d, session) / "fallocate")
+    r = agent_does(d, "~/fallocate --keep-size -l 8M ~/hidden; truncate -s 1G ~/sparse; "
+                      f"{long_links(2000, '~/links')}; sleep 5; echo done",
+                   {"session_id": session, "resume": True})
+    assert r.json()["status"] == "crashed" and "Quota" in r.json()["crash_info"]["reason"], \
+        r.text[:300]
+    listed = {s["id"]: s for s in d.http.get("/sessions").json()["sessions"]}
+    assert 8 * 1024 ** 2 < listed[session]["size_bytes"] < 100 * 1024 ** 2, listed[session]
+    r = d.http.post("/run", json={"prompt": "hello", "claude": {"session_id": session,
+                                                                "resume": True}})
+    assert r.status_code == 409 and "quota" in run_error(r), r.text[:300]
+
+
+def test_a_deeply_nested_home_is_deleted(make_daemon):
+    """The agent nests its home 1,100 folders deep (Python's rmtree recursed to death on
+    it and left the home); deleting the session removes it all, links untouched."""
+    d = make_daemon()
+    session = str(uuid.uuid4())
+    deep = "d/" * 1100
+    try:
+        r = agent_does(d, f"mkdir -p ~/{deep} && ln -s /etc/hostname ~/{deep}link && "
+                          "find ~ -type d | wc -l", {"session_id": session})
+        assert re.search(r"\b11\d\d\b", r.json()["output"]), r.text[:500]
+        r = d.http.delete(f"/sessions/{session}")
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"success": True, "session_id": session}
+        assert not os.path.lexists(session_home(d, session))
+        assert not (d.state_dir / "sessions" / ".images" / f"{session}.img").exists()
+        assert not mount_points_below(d.state_dir)
+        assert os.path.isfile("/etc/hostname")
+        assert d.http.delete(f"/sessions/{session}").status_code == 404
+    finally:  # a home left behind would break pytest's own clean-up (rmtree recurses)
+        unmount_below(d.state_dir)
+        subprocess.run(["rm", "-rf", str(session_home(d, session))], timeout=60)
+
+
+def test_the_container_log_and_tmp_are_bounded(make_daemon):
+    """Disk outside the home: the agent floods its output (the container's log on the host
+    is cut at twice agent.max_output) and fills /tmp and /var/tmp (tmpfs of
+    agent.tmp_size: ENOSPC inside, nothing on the host's disk)."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_LINE="65536", STROMBOLI_AGENT_MAX_OUTPUT="1m",
+                    STROMBOLI_AGENT_TMP_SIZE="64m")
+    # The CLI keeps its Bash tool's output under /tmp: a full /tmp loses it, so the agent
+    # notes what happened in its home and frees /tmp before it answers.
+    r = agent_does(d, "for t in /tmp /var/tmp; do dd if=/dev/zero of=$t/big bs=1M count=1024 "
+                      "2>> ~/notes; echo rc=$? $(ls -l $t/big) >> ~/notes; rm $t/big; done; "
+                      "cat ~/notes")
+    output = r.json()["output"]
+    assert "No space left on device" in output, output[-500:]
+    sizes = [int(m) for m in re.findall(r"rc=1 \S+ +\d+ +\S+ +\S+ +(\d+) ", output)]
+    assert len(sizes) == 2 and all(size <= 64 * 1024 ** 2 for size in sizes), output[-500:]
+    job = flood_through_a_hook(d, "head -c 64000000 /dev/zero | tr '\\0' a | fold -w 4000",
+                               "/run/async").json()
+    containers = wait_until(lambda: agent_containers(f"stromboli.session={job['session_id']}"),
+                            30, 0.05, "the flooding container")
+    with podman_client() as client:
+        log_path = client.containers.get(containers[0].id).inspect()["HostConfig"][
+            "LogConfig"]["Path"]
+    largest = 0
+    while d.http.get(f"/jobs/{job['job_id']}").json()["status"] in ("pending", "running"):
+        with contextlib.suppress(FileNotFoundError):
+            largest = max(largest, os.path.getsize(log_path))
+        time.sleep(0.02)
+    done = d.wait_job(job["job_id"])
+    assert done["status"] == "completed" and done["truncated"], done.get("error")
+    assert 0 < largest <= 2 * 1024 ** 2 + 65536, f"the log grew to {largest} bytes"
 
 
 @pytest.mark.parametrize("key, value", [
@@ -3944,6 +4763,110 @@ def test_stalled_followers_of_a_flooding_agent_are_dropped_and_cost_little(make_
     assert peak[0] - baseline < 150 * 1024, f"RSS {baseline} → {peak[0]} KiB"
     assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
     assert d.http.delete(f"/agents/{agent}").status_code == 204
+
+
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_a_folder_swapped_for_a_link_never_gets_its_target_mounted(make_daemon, tmp_path,
+                                                                   namespace):
+    """Issue 18, item 1: an agent keeps swapping a folder of its writable volume for a link
+    to a folder outside the allowlist while other runs ask for a volume below that folder.
+    No run may ever see the link's target, and each refusal is a 400. In its own mount
+    namespace (systemd's sandboxing puts it in one) the daemon cannot stage the volumes:
+    Podman mounts the host paths and the daemon checks the mounts before the start."""
+    tag = marker()
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    (allowed / "w").mkdir(parents=True)
+    (allowed / "w").chmod(0o777)
+    (secret / "name").mkdir(parents=True)
+    (secret / "name" / "marker.txt").write_text(f"secret-{tag}\n")
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed),
+                    STROMBOLI_AGENT_VOLUME_AUTO_CREATE="false")
+    swap = (f"cd /w && mkdir -p x/name && echo decoy-{tag} > x/name/marker.txt && touch started"
+            f" && while :; do mv x xr; ln -s {secret} x; sleep 0.02; rm x; mv xr x; sleep 0.025;"
+            " done")  # a link 45 % of the time, missing ~4 %
+    hostile = d.http.post("/run/async", json={
+        "prompt": f"bash: {swap}", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/w:/w"], "timeout": "5m"}}).json()["job_id"]
+    wait_until(lambda: (allowed / "w" / "started").exists(), 60, what="the swapping agent")
+
+    def victim(_) -> httpx.Response:
+        return agent_does(d, "cat /v/marker.txt",
+                          podman={"volumes": [f"{allowed}/w/x/name:/v:ro"]})
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(victim, range(40)))
+    d.http.delete(f"/jobs/{hostile}")
+    leaked = [i for i, r in enumerate(answers) if f"secret-{tag}" in r.text]
+    assert not leaked, f"tries {leaked} of {len(answers)} saw the link's target"
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) <= {200, 400}, [r.text[:600] for r in answers if r.status_code > 400]
+    refused = [run_error(r) for r in answers if r.status_code == 400]
+    assert all(e.startswith("volume validation failed: ") for e in refused), refused
+    assert any(f"decoy-{tag}" in r.text for r in answers), statuses  # the volume works
+    d.wait_job(hostile)
+    left = [str(d.state_dir / "mounts")] if not wrapper else []  # the binds are gone
+    wait_until(lambda: d.staging_mounts() == left, 10, what="staging points released")
+
+
+def mount_options(point: str) -> list[str]:
+    with open("/proc/self/mountinfo") as info:
+        return next(line.split()[5].split(",") for line in info if line.split()[4] == point)
+
+
+def test_staged_volumes_live_as_long_as_their_container_across_a_restart(make_daemon, tmp_path):
+    """Each volume is bind-mounted at a staging point (read-only when asked, a file as a file)
+    for as long as its container lives: through a restart that takes the job's container
+    over, and gone when it ends. The restart sweeps points whose container is gone."""
+    allowed = tmp_path / "allowed"
+    (allowed / "ro").mkdir(parents=True)
+    (allowed / "rw").mkdir()
+    (allowed / "notes.txt").write_text("a file volume\n")
+    env = {"STROMBOLI_AGENT_ALLOWED_VOLUMES": str(allowed)}
+    d = make_daemon(state_dir=tmp_path / "state", **env)
+    job = d.http.post("/run/async", json={
+        "prompt": "bash: sleep 6; cat /notes.txt", "claude": {"dangerously_skip_permissions": True},
+        "podman": {"volumes": [f"{allowed}/ro:/ro:ro", f"{allowed}/rw:/rw",
+                               f"{allowed}/notes.txt:/notes.txt:ro"]}}).json()["job_id"]
+    root = str(d.state_dir / "mounts")
+    points = wait_until(lambda: d.staging_mounts()[1:] if len(d.staging_mounts()) == 4 else None,
+                        30, what="the job's staging points")
+    assert [p.rsplit("/", 1)[1] for p in points] == ["0", "1", "2"], points
+    assert ["ro" in mount_options(p) for p in points] == [True, False, True]
+    assert os.path.isfile(points[2]) and open(points[2]).read() == "a file volume\n"
+    stale = pathlib.Path(root) / "stromboli-agent-run-gone"
+    stale.mkdir()  # a container that is gone
+    d.stop()  # the job's container runs on, with its staging points
+    assert d.staging_mounts() == [root, *points]
+    again = make_daemon(state_dir=d.state_dir, **env)
+    wait_until(lambda: not stale.exists(), 20, what="the sweep at start")
+    done = again.wait_job(job)
+    assert done["status"] == "completed" and "a file volume" in done["output"], done
+    wait_until(lambda: again.staging_mounts() == [root], 10, what="the staging points released")
+
+
+@pytest.mark.parametrize("namespace", ["podman's", "its own"])
+def test_an_agents_volumes_are_opened_link_by_link_like_a_runs(make_daemon, new_agent, tmp_path,
+                                                                namespace):
+    tag = marker()
+    allowed = tmp_path / "allowed"
+    (allowed / "demo").mkdir(parents=True)
+    (allowed / "demo" / "notes.txt").write_text(f"agent-volume-{tag}\n")
+    (allowed / "escape").symlink_to(tmp_path)
+    wrapper = () if namespace == "podman's" else ("unshare", "--mount", "--propagation", "slave")
+    d = make_daemon(wrapper=wrapper, STROMBOLI_AGENT_ALLOWED_VOLUMES=str(allowed))
+    r = d.http.post("/agents", json={"podman": {"volumes": [f"{allowed}/escape/demo:/data"]}})
+    assert r.status_code == 400 and "goes through a symbolic link" in r.json()["error"], r.text
+    agent = new_agent(d, prompt="bash: cat /data/notes.txt",
+                      claude={"dangerously_skip_permissions": True},
+                      podman={"volumes": [f"{allowed}/demo:/data:ro"]})["id"]
+    with AgentStream(d, agent) as stream:
+        events = stream.read(turn_ended())
+    assert any(f"agent-volume-{tag}" in json.dumps(e.body) for e in events), events
+    root = str(d.state_dir / "mounts")
+    assert d.staging_mounts() == ([root, f"{root}/stromboli-{agent}/0"] if not wrapper else [])
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+    assert d.staging_mounts() == ([root] if not wrapper else [])
 
 
 # ---------------------------------------------------------------------------
@@ -4215,7 +5138,8 @@ def test_volume_allowlist(make_daemon, tmp_path):
     assert ok["status"] == "completed", ok
     assert "mounted-file-content" in ok["output"]
     rejected = {
-        f"{allowed}/escape:/data": "is not in allowed directories",
+        f"{allowed}/escape:/data": "goes through a symbolic link",
+        f"{allowed}/demo/notes.txt/x:/data": "is not a folder",
         f"{tmp_path}:/data": "is not in allowed directories",
         f"{allowed}/demo:/home/user/.ssh": "is blocked for security reasons",
         f"{allowed}/demo:/etc/x": "is blocked for security reasons",
@@ -4609,10 +5533,40 @@ def test_failed_authentications_are_budgeted_per_ip(make_daemon):
     assert statuses.count(401) <= 6, statuses
     retry_after = int(r.headers["Retry-After"])
     assert 1 <= retry_after <= 8
-    assert d.http.post("/auth/token", json={"client_id": "x"}, headers=STATIC).status_code == 429
-    assert d.http.get("/jobs", headers=STATIC).status_code == 429  # even the right token
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 429
+    assert d.http.post("/auth/token", json={"client_id": "x"},
+                       headers=bearer("guess-again")).status_code == 429
     time.sleep(retry_after + 0.2)
-    assert d.http.get("/jobs", headers=STATIC).status_code == 200  # refilled
+    assert d.http.get("/jobs", headers=bearer("guess-again")).status_code == 401  # refilled
+
+
+def test_a_valid_credential_is_served_past_the_failure_budget(make_daemon):
+    """Whoever shares the owner's address (NAT, the reverse proxy, a process on the host)
+    spends its failed-auth budget with wrong tokens: the owner's own tokens still work,
+    only the wrong ones get 429."""
+    d = make_daemon(wait_podman=False, STROMBOLI_AUTH_ENABLED="true",
+                    STROMBOLI_JWT_SECRET=JWT_SECRET, STROMBOLI_API_TOKENS="static-token-1",
+                    STROMBOLI_AUTH_FAILURE_BURST="3", STROMBOLI_AUTH_FAILURE_RATE="0.01")
+    pair = d.http.post("/auth/token", json={"client_id": "owner"}, headers=STATIC).json()
+    access = bearer(pair["access_token"])
+    for i in range(3):  # the budget, spent by someone else from 127.0.0.1
+        assert d.http.get("/jobs", headers=bearer(f"wrong-{i}")).status_code == 401
+    wrong = bearer("wrong-again")
+    forged = bearer(forge(key="a-guessed-key-" + "x" * 32))
+    assert d.http.get("/jobs", headers=wrong).status_code == 429
+    assert d.http.get("/jobs", headers=forged).status_code == 429
+    assert d.http.get("/auth/validate", headers=forged).status_code == 429
+    assert d.http.post("/auth/refresh", json={"refresh_token": "x.y.z"}).status_code == 429
+    assert d.http.get("/jobs", headers=STATIC).status_code == 200
+    assert d.http.get("/jobs", headers=access).status_code == 200
+    assert d.http.get("/auth/validate", headers=access).json()["subject"] == "owner"
+    assert d.http.post("/auth/token", json={"client_id": "owner"},
+                       headers=STATIC).status_code == 200
+    refreshed = d.http.post("/auth/refresh", json={"refresh_token": pair["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    assert d.http.post("/auth/logout",
+                       headers=bearer(refreshed.json()["access_token"])).status_code == 200
+    assert d.http.get("/jobs", headers=wrong).status_code == 429  # still past the budget
 
 
 def test_a_forged_forwarded_chain_is_limited_like_the_real_client(make_daemon):
