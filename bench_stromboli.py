@@ -2993,7 +2993,7 @@ def followers(args) -> int:
     try:
         report["stalled"] = followers_bench(args, model, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
     return 0
 
@@ -3007,7 +3007,7 @@ def fanout(args) -> int:
     try:
         report["fanout"] = fanout_bench(args, model, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
     print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
     return 0
 
