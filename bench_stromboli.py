@@ -2,7 +2,8 @@
 (the default mode), what an agent's output flood costs the daemon (`flood`), the daemon
 under mixed traffic at a fixed rate (`load`), the requests/s of its cheap routes next to a
 bare aiohttp handler (`rps`), the daemon under a slowloris attack (`slowloris`), kill -9
-during async jobs (`soak`), and a persistent agent's warm turn next to a cold run (`agent`).
+during async jobs (`soak`), a persistent agent's warm turn next to a cold run (`agent`), and
+the clients of a flooding agent's stream, stalled (`followers`) and reading (`fanout`).
 
 Everything runs in one process, in one go, so the machine's noise hits both sides alike.
 The Anthropic API is stood in for by the scripted model server of test_stromboli.py
@@ -132,6 +133,25 @@ long-lived agent kept one container and one CLI process (`podman top`), its turn
 model calls per turn, the stream-json type of a turn's first output, stderr `error` events,
 and after each DELETE a 404, no container left and the stream ended by `closed`.
 
+`followers`: clients of an agent's stream that never read (issue 18, item 3). A daemon with
+agent.max_followers above --followers; an agent whose post_start hook sleeps 5 s, then prints
+--lines (30) lines of 1 MiB of control characters (6 MiB events in JSON). --followers (200)
+raw sockets (receive buffer 4 KiB) send GET /agents/{id}/stream and never read. Reported: the
+daemon's RSS before, at peak and 3 s after the clients closed, /health (every 100 ms) p50, max,
+failed or over 1 s and the longest time without an answer, and when the daemon had dropped
+them (its established connections on the port, from /proc/net/tcp; --timeout, 90 s).
+
+`fanout`: clients reading an agent's stream during a flood (issue 18, item 5). --followers
+(100) clients, in a process of their own, read everything of GET /agents/{id}/stream while the
+agent prints --megabytes (50) MB in --line-bytes (1000) lines from a hook, before its first
+turn's answer. A client the daemon drops (it fell behind the kept events) follows again 1 s
+later, as the `stromboli` client does. Reported: the daemon's CPU time from the agent's
+creation until every client has the `turn_end`, the turn at each client (first output →
+`turn_end`: first, median, last), drops and 429s, /health p50 and max meanwhile, bytes read.
+--max-followers sets agent.max_followers (default: --followers).
+
+--stromboli PATH runs another stromboli.py (e.g. an older one, for before/after figures).
+
 Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
 
     python bench_stromboli.py --runs 10            # overhead: markdown table on stdout
@@ -149,6 +169,9 @@ Run as root (rootful Podman, socket at /run/podman/podman.sock, image built):
     python bench_stromboli.py soak --kills 20 --jobs-per-round 3 --seed 13 --json
     python bench_stromboli.py agent                # warm agent turn vs cold POST /run
     python bench_stromboli.py agent --runs 10 --json
+    python bench_stromboli.py followers            # 200 stalled clients of a flooding agent
+    python bench_stromboli.py fanout               # 100 readers of a 50 MB flood
+    python bench_stromboli.py --stromboli /tmp/old/stromboli.py fanout --followers 10
 """
 
 from __future__ import annotations
@@ -180,6 +203,7 @@ import uuid
 import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import test_stromboli  # noqa: E402  (--stromboli sets the daemon its Daemon starts)
 from test_stromboli import (  # noqa: E402
     IMAGE, JWT_SECRET, Daemon, ScriptedModel, agent_env, unmount_below)
 
@@ -2665,6 +2689,329 @@ def agent(args) -> int:
     return 0
 
 
+# -- followers / fanout: an agent's stream with many clients (issue 18, items 3 and 5) ------
+
+FOLLOWERS_RCVBUF = 4096  # receive buffer of a stalled follower (it never reads)
+FOLLOWERS_CLOSED = 5  # served connections left (probes, …) once the followers are dropped
+
+
+def served_connections(port: int) -> int:
+    """Established TCP connections whose local port is `port`: the daemon's side of them."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
+def stream_request(daemon: Daemon, agent_id: str) -> bytes:
+    return (f"GET /agents/{agent_id}/stream HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\n"
+            "Accept: text/event-stream\r\n\r\n").encode()
+
+
+def create_agent(daemon: Daemon, body: dict) -> str:
+    response = httpx.post(daemon.url + "/agents", json=body, timeout=AGENT_TIMEOUT)
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /agents → {response.status_code}: {response.text[:500]}")
+    return response.json()["id"]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> float | None:
+    """Seconds until predicate() held, or None if it did not within timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    return None
+
+
+def followers_bench(args, model: ScriptedModel, workdir: pathlib.Path) -> dict:
+    """--followers clients that never read follow an agent printing --lines lines of 1 MiB
+    of control characters: daemon RSS and /health while they are connected, whether and
+    when the daemon drops them, and RSS once they are closed."""
+    env = {**daemon_env(model, args.image, 0),
+           "STROMBOLI_AGENT_MAX_FOLLOWERS": str(args.followers + 10)}
+    daemon = Daemon(workdir / "followers", env)
+    flood = ("sleep 5; i=0; while [ $i -lt %d ]; do head -c 1048575 /dev/zero | "
+             "tr '\\0' '\\1'; echo; i=$((i+1)); done; echo flood-done" % args.lines)
+    result: dict = {"followers": args.followers, "lines": args.lines, "command": flood}
+    stalled: list[socket.socket] = []
+    try:
+        daemon.start()
+        agent_id = create_agent(daemon, {"podman": {"lifecycle": {"post_start": [flood]}}})
+        time.sleep(1)
+        with Sampler(daemon.proc.pid, daemon.url) as sampler:
+            start = time.monotonic()
+            result["rss_before"] = read_rss(daemon.proc.pid)
+            request = stream_request(daemon, agent_id)
+            for _ in range(args.followers):
+                follower = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                stalled.append(follower)
+                follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FOLLOWERS_RCVBUF)
+                follower.connect(("127.0.0.1", daemon.port))
+                follower.sendall(request)
+            result["served"] = wait_for(
+                lambda: served_connections(daemon.port) >= args.followers, 10) is not None
+            result["dropped_after"] = wait_for(
+                lambda: served_connections(daemon.port) < FOLLOWERS_CLOSED, args.timeout)
+            result["still_served"] = served_connections(daemon.port)
+            with AgentStream(daemon.url, agent_id, last_event_id=args.lines) as stream:
+                try:  # the flood's last line is event lines + 1
+                    result["flood_done"] = stream.next(start + args.timeout)["data"].get(
+                        "content") == "flood-done"
+                except RuntimeError as exc:
+                    result["flood_done"] = f"not seen: {exc}"
+            result["flood_seconds"] = time.monotonic() - start
+            result.update(sampler.window(start, time.monotonic()))
+            for follower in stalled:
+                follower.close()
+            stalled.clear()
+            time.sleep(3)
+            result["rss_after_close"] = read_rss(daemon.proc.pid)
+            httpx.delete(f"{daemon.url}/agents/{agent_id}", timeout=AGENT_TIMEOUT)
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        raise
+    finally:
+        for follower in stalled:
+            follower.close()
+        stop_daemon(daemon)
+        leftover = our_containers(workdir)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                           capture_output=True, timeout=120)
+    return result
+
+
+FANOUT_RECONNECT = 1.0  # seconds a dropped follower waits before it follows again
+
+
+class FanoutClient:
+    """One follower of the fan-out: it reads all it gets and, when the daemon drops it
+    before the `turn_end` (it fell behind), follows again FANOUT_RECONNECT seconds later
+    from the oldest kept event, as the `stromboli` client does (after 1 s)."""
+
+    def __init__(self, port: int, request: bytes):
+        self.port, self.request = port, request
+        self.status: int | None = None
+        self.bytes = self.connections = self.refused = 0
+        self.first_output: float | None = None  # time.monotonic: one clock for all processes
+        self.turn_end: float | None = None
+        self.sock: socket.socket | None = None
+        self._tail = b""
+
+    def connect(self) -> socket.socket:
+        self.connections += 1
+        self.sock = socket.create_connection(("127.0.0.1", self.port))
+        self.sock.sendall(self.request)
+        self.sock.setblocking(False)
+        self.status, self._tail = None, b""
+        return self.sock
+
+    def received(self, data: bytes) -> bool:
+        """→ whether to read on (False: the connection is over)."""
+        if self.status is None and data.startswith(b"HTTP/1.1 "):
+            self.status = int(data[9:12])
+        seen = self._tail + data
+        self.bytes += len(data)
+        if self.first_output is None and b"event: output" in seen:
+            self.first_output = time.monotonic()
+        if self.turn_end is None and b"event: turn_end" in seen:
+            self.turn_end = time.monotonic()
+        self._tail = seen[-64:]
+        self.refused += self.status == 429
+        return bool(data) and self.turn_end is None and self.status == 200
+
+    def result(self) -> dict:
+        return {"bytes": self.bytes, "connections": self.connections, "refused": self.refused,
+                "first_output": self.first_output, "turn_end": self.turn_end}
+
+
+def fanout_reader(port: int, count: int, timeout: float, pipe) -> None:
+    """In its own process (the bench's threads must not slow the readers): once the request
+    comes through the pipe, `count` FanoutClients follow the stream. Sends "connected",
+    then each client's result."""
+    import selectors
+    request = pipe.recv()
+    clients = [FanoutClient(port, request) for _ in range(count)]
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.connect(), selectors.EVENT_READ, client)
+    pipe.send("connected")
+    deadline, open_ = time.monotonic() + timeout, count
+    waiting: list[tuple[float, FanoutClient]] = []  # (when, client): dropped ones
+    while open_ and time.monotonic() < deadline:
+        now = time.monotonic()
+        for due, client in [w for w in waiting if w[0] <= now]:
+            waiting.remove((due, client))
+            selector.register(client.connect(), selectors.EVENT_READ, client)
+        for key, _ in selector.select(0.1 if waiting else 1.0):
+            client = key.data
+            try:
+                data = key.fileobj.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if client.received(data):
+                continue
+            selector.unregister(key.fileobj)
+            key.fileobj.close()
+            if client.turn_end is None:  # dropped, or refused while its last one was let go
+                waiting.append((time.monotonic() + FANOUT_RECONNECT, client))
+            else:
+                open_ -= 1
+    pipe.send([client.result() for client in clients])
+
+
+def fanout_bench(args, model: ScriptedModel, workdir: pathlib.Path) -> dict:
+    """--followers clients read an agent's stream while it prints --megabytes MB in
+    --line-bytes lines before its first turn: daemon CPU, the turn's time, /health."""
+    import multiprocessing
+    env = {**daemon_env(model, args.image, 0),
+           "STROMBOLI_AGENT_MAX_FOLLOWERS": str(args.max_followers or args.followers)}
+    daemon = Daemon(workdir / "fanout", env)
+    nbytes = args.megabytes * 1_000_000
+    # From a hook, before the CLI starts: the CLI makes the container's stdout non-blocking,
+    # which a relay of a turn's own output would have to survive.
+    flood = f"sleep 5; yes {'a' * (args.line_bytes - 1)} | head -c {nbytes}; echo flood-done"
+    result: dict = {"followers": args.followers, "bytes": nbytes,
+                    "line_bytes": args.line_bytes, "hook": flood,
+                    "max_followers": env["STROMBOLI_AGENT_MAX_FOLLOWERS"]}
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    reader = context.Process(target=fanout_reader, daemon=True,
+                             args=(daemon.port, args.followers, args.timeout + 30, child))
+    reader.start()  # it imports this module while the daemon starts
+    try:
+        daemon.start()
+        with Sampler(daemon.proc.pid, daemon.url) as sampler:
+            time.sleep(1)
+            cpu_before, start = process_cpu(daemon.proc.pid), time.monotonic()
+            agent_id = create_agent(daemon, {"prompt": "hello", "podman": {
+                "lifecycle": {"post_start": [flood]}, "timeout": f"{args.timeout}s"}})
+            parent.send(stream_request(daemon, agent_id))
+            if not parent.poll(5) or parent.recv() != "connected":
+                raise RuntimeError("the reader process did not connect its clients in 5 s")
+            if not parent.poll(args.timeout + 60):
+                raise RuntimeError("the readers did not finish")
+            readers = parent.recv()
+            end = time.monotonic()
+            result["daemon_cpu"] = process_cpu(daemon.proc.pid) - cpu_before
+            result.update(sampler.window(start, end))
+        turns = sorted(r["turn_end"] - r["first_output"] for r in readers
+                       if r["turn_end"] is not None and r["first_output"] is not None)
+        result.update(
+            got_turn_end=len(turns), refused=sum(r["refused"] for r in readers),
+            dropped=sum(r["connections"] - 1 - r["refused"] for r in readers),
+            dropped_followers=sum(r["connections"] > 1 + r["refused"] for r in readers),
+            turn_first=turns[0] if turns else None,
+            turn_median=statistics.median(turns) if turns else None,
+            turn_last=turns[-1] if turns else None,
+            mb_read=sum(r["bytes"] for r in readers) / 1e6,
+            snapshot=httpx.get(f"{daemon.url}/agents/{agent_id}").json())
+        httpx.delete(f"{daemon.url}/agents/{agent_id}", timeout=AGENT_TIMEOUT)
+    except Exception:
+        sys.stderr.write(f"daemon log (tail):\n{daemon.log()[-4000:]}\n")
+        raise
+    finally:
+        if reader.is_alive():
+            reader.kill()
+        stop_daemon(daemon)
+        leftover = our_containers(workdir)
+        if leftover:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *leftover],
+                           capture_output=True, timeout=120)
+    return result
+
+
+def followers_markdown(report: dict) -> str:
+    def mb(value) -> str:
+        return "–" if value is None else f"{value / MiB:.0f} MiB"
+
+    def secs(value) -> str:
+        if value is None:
+            return "–"
+        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+    lines = ["| measurement | value |", "|---|---|"]
+    if (s := report.get("stalled")) is not None:
+        lines += [
+            f"| stalled followers (never read), 1 MiB lines of control characters | "
+            f"{s['followers']} followers, {s['lines']} lines |",
+            f"| daemon RSS before → peak (growth) | {mb(s['rss_before'])} → "
+            f"{mb(s['rss_peak'])} (+{mb(s['rss_peak'] - s['rss_before'])}) |",
+            f"| daemon RSS once they were closed (growth) | {mb(s['rss_after_close'])} "
+            f"(+{mb(s['rss_after_close'] - s['rss_before'])}) |",
+            f"| /health p50 / max latency, longest time without an answer | "
+            f"{secs(s['health_median'])} / {secs(s['health_max'])}, "
+            f"{secs(s['health_longest_silence'])} |",
+            f"| /health probes failed or > 1 s | {s['health_bad']} of {s['health_probes']} |",
+            f"| followers dropped by the daemon | " + (
+                f"all, {secs(s['dropped_after'])} after they connected"
+                if s["dropped_after"] is not None else
+                f"no: {s['still_served']} still served after {report['timeout']} s") + " |",
+            f"| the flood's last line replayed, checked once they were dropped | "
+            f"{secs(s['flood_seconds'])} "
+            f"({'ok' if s['flood_done'] is True else s['flood_done']}) |"]
+    if (f := report.get("fanout")) is not None:
+        lines += [
+            f"| fan-out: followers reading, output before the turn's answer | "
+            f"{f['followers']} followers (max_followers {f['max_followers']}), "
+            f"{f['bytes'] / 1e6:.0f} MB in {f['line_bytes']}-byte lines |",
+            f"| daemon CPU, agent created → every follower has the `turn_end` | "
+            f"{f['daemon_cpu']:.1f} s |",
+            f"| the turn (first output → `turn_end` at a follower): first / median / last | "
+            f"{secs(f['turn_first'])} / {secs(f['turn_median'])} / {secs(f['turn_last'])} |",
+            f"| followers that got the `turn_end`; dropped for falling behind (followed "
+            f"again); 429s | {f['got_turn_end']}; {f['dropped']} times "
+            f"({f['dropped_followers']} followers); {f['refused']} |",
+            f"| /health p50 / max latency meanwhile | {secs(f['health_median'])} / "
+            f"{secs(f['health_max'])} ({f['health_bad']} of {f['health_probes']} failed or "
+            "> 1 s) |",
+            f"| read by all followers | {f['mb_read']:.0f} MB |"]
+    info = ", ".join(f"{k} {v}" for k, v in report["machine"].items())
+    return "\n".join([*lines, "", f"Daemon: `{report['stromboli']}`",
+                      f"Command: `{report['command']}`", f"Machine: {info}",
+                      f"Load average before: {' '.join(report['loadavg_before'])}"])
+
+
+def followers_report(args) -> dict:
+    return {"command": shlex.join(sys.orig_argv), "machine": machine_info(args.image),
+            "stromboli": str(test_stromboli.STROMBOLI), "timeout": args.timeout,
+            "loadavg_before": open("/proc/loadavg").read().split()[:3]}
+
+
+def followers(args) -> int:
+    """`followers`: clients of an agent's stream that never read, during a flood."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-followers-"))
+    report = followers_report(args)
+    try:
+        report["stalled"] = followers_bench(args, model, workdir)
+    finally:
+        remove_workdir(workdir)
+    print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
+    return 0
+
+
+def fanout(args) -> int:
+    """`fanout`: many clients reading an agent's stream while a turn floods it."""
+    model = ScriptedModel()
+    model.start()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-fanout-"))
+    report = followers_report(args)
+    try:
+        report["fanout"] = fanout_bench(args, model, workdir)
+    finally:
+        remove_workdir(workdir)
+    print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
+    return 0
+
+
 # -- command line ---------------------------------------------------------------------
 
 def daemon_env(model: ScriptedModel, image: str, concurrency: int) -> dict[str, str]:
@@ -2741,8 +3088,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="simultaneous runs for the concurrency test; 0 skips it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
-    modes = parser.add_subparsers(dest="mode", metavar="{flood,load,rps,slowloris,soak,agent}",
-                                  help="without one: stromboli vs plain `podman run`")
+    parser.add_argument("--stromboli", type=pathlib.Path, default=test_stromboli.STROMBOLI,
+                        help="the stromboli.py the daemon runs, e.g. another branch's, for "
+                             "before/after figures (default: %(default)s)")
+    modes = parser.add_subparsers(
+        dest="mode", metavar="{flood,load,rps,slowloris,soak,agent,followers,fanout}",
+        help="without one: stromboli vs plain `podman run`")
     flood_parser = modes.add_parser(
         "flood", help="daemon RSS and /health latency during an agent output flood",
         description="Daemon RSS and /health latency while an agent writes --megabytes of "
@@ -2852,7 +3203,52 @@ def main() -> int:
     agent_parser.add_argument("--runs", type=int, default=argparse.SUPPRESS,
                               help="measured turns/runs per measurement, ≥ 2 (default: 10)")
     common_options(agent_parser)
+    followers_parser = modes.add_parser(
+        "followers", help="clients of an agent's stream that never read, during a flood: "
+                          "daemon RSS, /health, whether they are dropped",
+        description="--followers clients open GET /agents/{id}/stream and never read "
+                    "(receive buffer 4 KiB) while the agent prints --lines lines of 1 MiB "
+                    "of control characters (6 MiB events in JSON), from a post_start hook.")
+    followers_parser.add_argument("--followers", type=int, default=200,
+                                  help="stalled followers (default: %(default)s)")
+    followers_parser.add_argument("--lines", type=int, default=30,
+                                  help="1 MiB lines the agent prints (default: %(default)s)")
+    followers_parser.add_argument("--timeout", type=int, default=90,
+                                  help="seconds to wait for the drop and for the flood's end "
+                                       "(default: %(default)s)")
+    common_options(followers_parser)
+    fanout_parser = modes.add_parser(
+        "fanout", help="many clients reading an agent's stream during a flooding turn: "
+                       "daemon CPU, the turn's time, /health",
+        description="--followers clients read GET /agents/{id}/stream (in a process of "
+                    "their own) while one turn's Bash tool writes --megabytes MB in "
+                    "--line-bytes lines to the agent's output (through a FIFO a hook "
+                    "copies to the container's stdout).")
+    fanout_parser.add_argument("--followers", type=int, default=100,
+                               help="reading followers (default: %(default)s)")
+    fanout_parser.add_argument("--max-followers", type=int, default=0,
+                               help="STROMBOLI_AGENT_MAX_FOLLOWERS of the daemon; 0: "
+                                    "--followers (default: %(default)s)")
+    fanout_parser.add_argument("--megabytes", type=int, default=50,
+                               help="output of the turn, in MB of 10^6 bytes "
+                                    "(default: %(default)s)")
+    fanout_parser.add_argument("--line-bytes", type=int, default=1000,
+                               help="bytes per line, newline included (default: %(default)s)")
+    fanout_parser.add_argument("--timeout", type=int, default=300,
+                               help="seconds the turn may take (default: %(default)s)")
+    common_options(fanout_parser)
     args = parser.parse_args()
+    test_stromboli.STROMBOLI = args.stromboli.resolve()
+    if args.mode == "followers":
+        if args.followers < 1 or args.lines < 3 or args.timeout < 10:
+            parser.error("followers: --followers ≥ 1, --lines ≥ 3, --timeout ≥ 10")
+        return followers(args)
+    if args.mode == "fanout":
+        if args.followers < 1 or args.megabytes < 1 or not 2 <= args.line_bytes <= 65536 \
+                or args.timeout < 10 or args.max_followers < 0:
+            parser.error("fanout: --followers, --megabytes ≥ 1; 2 ≤ --line-bytes ≤ 65536; "
+                         "--timeout ≥ 10; --max-followers ≥ 0")
+        return fanout(args)
     if args.mode == "agent":
         if args.runs < 2:
             parser.error("agent: --runs must be at least 2")

@@ -261,6 +261,13 @@ class Config:
     agent_max_output: int = setting(16 * 1024 ** 2, "agent.max_output",
                                     "STROMBOLI_AGENT_MAX_OUTPUT", kind="size",
                                     help="output kept per run (the rest is dropped)")
+    agent_max_followers: int = setting(32, "agent.max_followers", "STROMBOLI_AGENT_MAX_FOLLOWERS",
+                                       kind="int", help="clients following one agent's stream "
+                                                        "at once (429 beyond)")
+    agent_max_lifetime: float = setting(86400.0, "agent.max_lifetime",
+                                        "STROMBOLI_AGENT_MAX_LIFETIME", kind="duration",
+                                        help="an agent is stopped this long after its creation "
+                                             "(0 = never)")
     agent_max_request_bytes: int = setting(4 * 1024 ** 2, "agent.max_request_bytes",
                                            "STROMBOLI_AGENT_MAX_REQUEST_BYTES", kind="size",
                                            help="largest body of a run or agent request, "
@@ -511,6 +518,8 @@ class Config:
             errors.append("resources timeout must be > 0")
         if self.agent_max_line < 1024 or self.agent_max_output < self.agent_max_line:
             errors.append("agent max_line must be >= 1k and max_output >= max_line")
+        if self.agent_max_followers < 1 or self.agent_max_lifetime < 0:
+            errors.append("agent max_followers must be >= 1 and max_lifetime >= 0")
         if self.agent_max_request_bytes < 16 * 1024:  # /run/stream's 8 KiB query fits
             errors.append("agent max_request_bytes must be >= 16k")
         if self.agent_session_filesystem not in ("auto", "loop", "plain"):
@@ -4312,8 +4321,14 @@ AGENT_PAUSED = ("agent: the daemon is restarting; the agent will be back with it
                 "conversation (follow it again with Last-Event-ID)")
 AGENT_LOST_TURN = "agent: the daemon restarted during this turn; its output ends here"
 AGENT_REVIVE_ERROR = "agent: could not be started again after the daemon restarted: "
+AGENT_REFUSED_ERROR = (AGENT_REVIVE_ERROR + "the configuration now in force refuses its "
+                       "request: ")
 AGENT_STOPPED = "agent: stopped"
 AGENT_IDLE_ERROR = "agent: idle timeout reached"
+AGENT_FOLLOWER_CHUNK = 64 * 1024  # bytes handed to a follower's connection at a time
+AGENT_ENCODE_PIECE = 64 * 1024  # characters of a line encoded between two turns of the loop
+AGENT_FELL_BEHIND = ("agent: stream: this client fell behind the agent's kept events and is "
+                     "dropped; follow again with Last-Event-ID")
 
 
 def now_rfc3339() -> str:
@@ -4333,6 +4348,11 @@ def turn_usage(result: dict) -> dict | None:
         return usage_summary({"turn": usage}, re.sub(r"\[\w+\]$", "", model))
     except (TypeError, ValueError, ArithmeticError):  # 1e999, a 400-digit count...
         return None
+
+
+def error_text(exc: Exception) -> str:
+    """What an agent's exit_error says of an exception: an ApiError's own message."""
+    return getattr(exc, "message", None) or short_error(exc)
 
 
 @dataclasses.dataclass
@@ -4374,10 +4394,37 @@ class AgentRequest:
                    bool(body.get("disable_idle_timeout")))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """One numbered event of an agent, kept as its SSE frame: encoded once, shared by every
+    follower."""
+
+    seq: int
+    kind: str
+    frame: bytes
+
+    @staticmethod
+    def body(kind: str, at: str, **details: Any) -> bytes:
+        """An Event (U§5.17: type, the details that are set, at) as an SSE frame, but its
+        `id:` line."""
+        data = json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
+        return f"event: {kind}\ndata: {data}\n\n".encode()
+
+    @classmethod
+    def make(cls, seq: int, kind: str, at: str, **details: Any) -> "AgentEvent":
+        return cls(seq, kind, b"id: %d\n" % seq + cls.body(kind, at, **details))
+
+
+class FellBehind(Exception):
+    """A follower lost the event it was in the middle of sending: it must be cut off."""
+
+
 class Agent:
     """One persistent agent: what its snapshot shows, its input, and its events —
-    numbered, kept for Last-Event-ID (the last AGENT_EVENTS_KEPT, within `max_bytes`), and
-    followed live. `on_change` is called whenever its row must be saved."""
+    numbered, kept for Last-Event-ID (the last AGENT_EVENTS_KEPT, within `max_bytes` of
+    frames), and followed live. `on_change` is called whenever its row must be saved.
+    `last_activity` is the last client turn (a send, or a turn's end): what the agent prints
+    on its own does not keep it alive."""
 
     def __init__(self, row: dict, max_bytes: int, on_change: Callable[["Agent"], None]):
         self.id, self.session_id, self.status = row["id"], row["session_id"], row["status"]
@@ -4393,7 +4440,8 @@ class Agent:
         self.task: asyncio.Task | None = None  # its life, from spawn to cleanup
         self.stop_reason = ""
         self.stop_requested = asyncio.Event()
-        self.events: collections.deque[tuple[int, str, str]] = collections.deque()
+        self.events: collections.deque[AgentEvent] = collections.deque()
+        self.followers: set[AgentFollower] = set()
         self._bytes, self._max_bytes = 0, max_bytes
         self._changed = asyncio.Event()
         self._on_change = on_change
@@ -4431,16 +4479,33 @@ class Agent:
             "turns_completed": self.turns_completed, "exit_error": self.exit_error or None})
 
     # -- events --------------------------------------------------------------------
-    @staticmethod
-    def event_data(kind: str, at: str, **details: Any) -> str:
-        """An Event's JSON (U§5.17): type, the details that are set, at."""
-        return json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
-
     def emit(self, kind: str, **details: Any) -> None:
+        self.keep(kind, AgentEvent.body(kind, now_rfc3339(), **details))
+
+    async def emit_line(self, kind: str, name: str, line: str) -> None:
+        """emit, for an output or stderr line (the `name` detail): a long one is encoded
+        AGENT_ENCODE_PIECE characters at a time, letting the loop run in between — its
+        JSON can be 6× as long (a control character is `\\u0001`). Not in a thread: one
+        holding the GIL through json.dumps would stall the loop at each of its syscalls."""
+        turn_id = self.turn_id or None
+        if len(line) <= AGENT_ENCODE_PIECE:
+            self.keep(kind, AgentEvent.body(kind, now_rfc3339(), turn_id=turn_id, **{name: line}))
+            return
+        body = AgentEvent.body(kind, now_rfc3339(), turn_id=turn_id, **{name: "\0"})
+        head, _, tail = body.partition(b'"\\u0000"')  # nothing else in it has a NUL
+        parts = [head, b'"']
+        for start in range(0, len(line), AGENT_ENCODE_PIECE):
+            parts.append(json.dumps(line[start:start + AGENT_ENCODE_PIECE])[1:-1].encode())
+            await asyncio.sleep(0)
+        self.keep(kind, *parts, b'"', tail)
+
+    def keep(self, kind: str, *body: bytes) -> None:
+        """Number an event (its frame: the `id:` line, then the body's parts), keep it, and
+        wake the followers."""
         self.seq += 1
-        data = self.event_data(kind, now_rfc3339(), **details)
-        self.events.append((self.seq, kind, data))
-        self._bytes += len(data)
+        event = AgentEvent(self.seq, kind, b"".join((b"id: %d\n" % self.seq, *body)))
+        self.events.append(event)
+        self._bytes += len(event.frame)
         self._trim(AGENT_EVENTS_KEPT, self._max_bytes)
         self._changed.set()
         self._changed = asyncio.Event()
@@ -4449,42 +4514,42 @@ class Agent:
 
     def _trim(self, count: int, size: int) -> None:
         while len(self.events) > 1 and (len(self.events) > count or self._bytes > size):
-            self._bytes -= len(self.events.popleft()[2])
+            self._bytes -= len(self.events.popleft().frame)
 
-    async def follow(self, after: int):
-        """Yield (id, type, data) of the kept events after `after` (a follower too slow
-        for the kept window skips to its start), live, then `closed` once exited; the
-        stream ends without it when the daemon stops (the agent comes back after)."""
-        cursor = after
-        while True:
-            waiter = self._changed
-            while self.events and cursor < self.seq:
-                index = max(0, cursor + 1 - self.events[0][0])
-                cursor, kind, data = self.events[index]
-                yield cursor, kind, data
-            if self.status == "exited":
-                yield self.seq, "closed", "{}"
-                return
-            if self.paused:
-                return
-            await waiter.wait()
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set when the next event comes."""
+        return self._changed
+
+    @contextlib.contextmanager
+    def follower(self, after: int, limit: int):
+        """A new follower of the events after `after`, counted while in use: a 429 past
+        `limit` of them."""
+        if len(self.followers) >= limit:
+            raise ApiError(429, f"agent: {limit} clients follow this agent already "
+                                "(agent.max_followers); retry later", {"Retry-After": "5"})
+        follower = AgentFollower(self, after)
+        self.followers.add(follower)
+        try:
+            yield follower
+        finally:
+            self.followers.discard(follower)
 
     # -- what the process says -------------------------------------------------------
-    def on_line(self, stream: int, line: str) -> None:
-        self.last_activity = time.time()
+    async def on_line(self, stream: int, line: str) -> None:
         turn_id = self.turn_id or None
         if stream == 2:
-            self.emit("error", turn_id=turn_id, error=f"[stderr] {line}")
+            await self.emit_line("error", "error", f"[stderr] {line}")
             return
         if self.status == "starting":
             self.status = "idle"
             self._on_change(self)
-        self.emit("output", turn_id=turn_id, content=line)
+        await self.emit_line("output", "content", line)
         if self.status == "generating" and '"result"' in line \
                 and (event := next(parse_json_lines([line]), None)) \
                 and event.get("type") == "result":
             self.turns_completed += 1
-            self.status, self.turn_id = "idle", ""
+            self.status, self.turn_id, self.last_activity = "idle", "", time.time()
             self.emit("turn_end", turn_id=turn_id, usage=turn_usage(event))
             self._on_change(self)
 
@@ -4548,6 +4613,64 @@ class Agent:
         self._on_change(self)
 
 
+class AgentFollower:
+    """One client of an agent's stream. It keeps no event of its own: it reads the agent's
+    shared frames by id, AGENT_FOLLOWER_CHUNK bytes at a time, so all it holds is what its
+    connection has not sent yet. It starts at the oldest event after `after` still kept
+    when it sends its first; once the event it needs has left the kept window, it fell
+    behind."""
+
+    def __init__(self, agent: Agent, after: int):
+        self.agent = agent
+        self.cursor = max(after, agent.seq if not agent.events else -1)  # last sent whole
+        self.offset = 0  # bytes of the next one sent already
+        self.started = False
+
+    @property
+    def behind(self) -> bool:
+        events = self.agent.events
+        return self.started and bool(events) and self.cursor + 1 < events[0].seq
+
+    async def frames(self):
+        """The stream's bytes, live, then `closed` once the agent has exited; it ends
+        without it when the daemon stops (the agent comes back after). One that fell
+        behind gets a last `error` event (without an id: its Last-Event-ID stays the last
+        event it got whole), or FellBehind in the middle of an event."""
+        agent = self.agent
+        while True:
+            waiter = agent.changed
+            while self.cursor < agent.seq:
+                if self.behind:
+                    if self.offset:
+                        raise FellBehind()
+                    yield AgentEvent.body("error", now_rfc3339(), error=AGENT_FELL_BEHIND)
+                    return
+                yield self._next_chunk()
+            if agent.status == "exited":
+                yield b"id: %d\nevent: closed\ndata: {}\n\n" % agent.seq
+                return
+            if agent.paused:
+                return
+            await waiter.wait()
+
+    def _next_chunk(self) -> bytes:
+        """From where it is, up to AGENT_FOLLOWER_CHUNK bytes: the rest of its event and
+        the whole events after it that fit (many small events make one write)."""
+        events, parts, size = self.agent.events, [], 0
+        if not self.started:
+            self.cursor, self.started = max(self.cursor, events[0].seq - 1), True
+        index = self.cursor + 1 - events[0].seq
+        while index < len(events) and size < AGENT_FOLLOWER_CHUNK:
+            event = events[index]
+            part = event.frame[self.offset:self.offset + AGENT_FOLLOWER_CHUNK - size]
+            parts.append(part)
+            size += len(part)
+            self.offset += len(part)
+            if self.offset == len(event.frame):
+                self.cursor, self.offset, index = event.seq, 0, index + 1
+        return b"".join(parts)
+
+
 class AgentManager:
     """The agents: each spawned into a hardened container as a run is (holding a run slot
     for its whole life), fed and followed over one attach connection, stopped on request,
@@ -4603,9 +4726,9 @@ class AgentManager:
         for row in await self.store.call(self.store.agents):
             agent = self.agents[row["id"]] = Agent(row, self.cfg.agent_max_output, self.save)
             if agent.status == "exited":
-                agent.events.append((agent.seq, "exited", Agent.event_data(
-                    "exited", rfc3339(agent.exited_at, "microseconds"),
-                    error=agent.exit_error)))
+                agent.events.append(AgentEvent.make(
+                    agent.seq, "exited", rfc3339(agent.exited_at, "microseconds"),
+                    error=agent.exit_error))
             else:
                 agent.resume_after_restart()
                 if self.runner.slots.try_acquire():
@@ -4614,8 +4737,12 @@ class AgentManager:
     async def revive(self) -> None:
         """After the orphan sweep (the old processes are gone with their containers): each
         agent that was live starts again, resuming its conversation (Podman gets three
-        tries); one that cannot is shown exited, with why."""
+        tries); one that cannot, or that the configuration now in force refuses, is shown
+        exited, with why."""
         for agent in [a for a in self.agents.values() if a.status != "exited" and not a.task]:
+            if refusal := self._refusal(agent):
+                self._give_up(agent, refusal)
+                continue
             for attempt in range(3):
                 if agent.id not in self.agents or agent.stop_requested.is_set():
                     break  # deleted meanwhile
@@ -4631,18 +4758,29 @@ class AgentManager:
                     if attempt < 2:
                         await asyncio.sleep(2)
                         continue
-                    self._give_up(agent, exc)
+                    self._give_up(agent, AGENT_REVIVE_ERROR + error_text(exc))
                 except Exception as exc:
                     if agent.id in self.agents:
-                        self._give_up(agent, exc)
+                        self._give_up(agent, AGENT_REVIVE_ERROR + error_text(exc))
                     break
 
-    def _give_up(self, agent: Agent, exc: Exception) -> None:
-        reason = getattr(exc, "message", None) or short_error(exc)
-        log.warning("agent could not start again", extra=fields(agent_id=agent.id,
-                                                                error=reason))
+    def _refusal(self, agent: Agent) -> str:
+        """Why an agent may not start again under the configuration now in force ("" if
+        it may): its lifetime is over, or its stored options are no longer allowed (the
+        image allowlist, volumes, ...: checked as a new request's are)."""
+        if self._lifetime_left(agent) <= 0:
+            return self._lifetime_error()
+        try:
+            RunRequest.parse_podman_options(agent.run.podman, self.cfg)
+        except ApiError as exc:
+            return AGENT_REFUSED_ERROR + exc.message
+        return ""
+
+    def _give_up(self, agent: Agent, exit_error: str) -> None:
+        log.warning("agent not started again", extra=fields(agent_id=agent.id,
+                                                            error=exit_error))
         self._release_reserved(agent)
-        agent.finish(AGENT_REVIVE_ERROR + reason)
+        agent.finish(exit_error)
 
     def _release_reserved(self, agent: Agent) -> None:
         if agent.id in self._reserved:
@@ -4766,6 +4904,8 @@ class AgentManager:
             watchers.append(asyncio.ensure_future(self._idle(agent)))
         if "timeout" in req.podman:
             watchers.append(asyncio.ensure_future(self._lifetime(req.podman["timeout"])))
+        if self.cfg.agent_max_lifetime:
+            watchers.append(asyncio.ensure_future(self._max_lifetime(agent)))
         try:
             await asyncio.wait({pump, *watchers}, return_when=asyncio.FIRST_COMPLETED)
             for watcher in watchers:
@@ -4797,13 +4937,13 @@ class AgentManager:
         async for stream, data in Podman.read_frames(reader):
             stream = 2 if stream == 2 else 1
             for line in lines[stream].feed(data):
-                agent.on_line(stream, line)
+                await agent.on_line(stream, line)
                 count += 1
                 if count % 256 == 0:
                     await asyncio.sleep(0)
         for stream, buffer in lines.items():
             for line in buffer.flush():
-                agent.on_line(stream, line)
+                await agent.on_line(stream, line)
 
     async def _stop(self, agent: Agent, cid: str, pump: asyncio.Future) -> None:
         """Close its stdin, then SIGTERM, then SIGKILL, a grace period apart (U§5.17)."""
@@ -4835,6 +4975,20 @@ class AgentManager:
         seconds = parse_duration(timeout)
         await asyncio.sleep(seconds)
         return f"agent: lived past its podman.timeout of {format_duration(seconds)}"
+
+    def _lifetime_left(self, agent: Agent) -> float:
+        """Seconds until agent.max_lifetime after its creation (restarts count too)."""
+        if not self.cfg.agent_max_lifetime:
+            return float("inf")
+        return agent.created_at + self.cfg.agent_max_lifetime - time.time()
+
+    def _lifetime_error(self) -> str:
+        return (f"agent: maximum lifetime reached ({format_duration(self.cfg.agent_max_lifetime)}"
+                " since its creation; agent.max_lifetime)")
+
+    async def _max_lifetime(self, agent: Agent) -> str:
+        await asyncio.sleep(max(0.0, self._lifetime_left(agent)))
+        return self._lifetime_error()
 
     async def delete(self, agent_id: str) -> None:
         """Stop the agent (if live) and forget it, once its container is gone."""
@@ -6946,8 +7100,10 @@ async def send_to_agent(request: web.Request) -> web.Response:
                  "(content: one stdout line of the CLI), turn_end (with the turn's usage; "
                  "extension), error, exited; then `event: closed` with `{}` once the agent has "
                  "exited. Extensions: `id:` on each event and Last-Event-ID (header or "
-                 "last_event_id) replays the kept events after it; keep-alive comments "
-                 "every 15 s",
+                 "last_event_id) replays the kept events after it; a client that falls "
+                 "behind the kept events is dropped, with a last `error` event when it can "
+                 "take one; at most agent.max_followers clients (429 beyond); keep-alive "
+                 "comments every 15 s",
      params=(AGENT_ID_PARAM,
              param("Last-Event-ID", "header", "integer", "(extension) Send only events after "
                    "this id"),
@@ -6955,15 +7111,77 @@ async def send_to_agent(request: web.Request) -> web.Response:
                    "Last-Event-ID header")),
      produces=("text/event-stream", "application/json"),
      ok=(200, "SSE stream of agent.Event objects (stromboli_internal_agent.Event)", None),
-     errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found")),
+     errors=((400, "Invalid Last-Event-ID (extension)"), (404, "Not Found"),
+             (429, "agent.max_followers clients follow this agent already (extension), with "
+                   "Retry-After")),
      error_schema="internal_api.errorBody")
 async def agent_stream(request: web.Request) -> web.StreamResponse:
-    agent = state(request).agents.get(request.match_info["id"])
+    app = state(request)
+    agent = app.agents.get(request.match_info["id"])
     after = last_event_id(request)
-    response = await sse_response(request, "")
-    with contextlib.suppress(ConnectionResetError):  # the client went away
-        await write_feed(request, response, agent.follow(after))
+    with agent.follower(after, app.cfg.agent_max_followers) as follower:
+        response = await sse_response(request, "")
+        with contextlib.suppress(ConnectionResetError):  # the client went away
+            await write_agent_feed(request, response, follower)
     return response
+
+
+AGENT_FOLLOWER_CHECK = 1.0  # seconds between checks of a follower's progress
+AGENT_FOLLOWER_SNDBUF = 256 * 1024  # its socket's send buffer (the kernel's: twice that)
+AGENT_FOLLOWER_BURST = 512 * 1024  # bytes it may write in one turn of the loop (the agent's
+#                                    output of one turn is at most ~300 KiB of events)
+
+
+async def write_agent_feed(request: web.Request, response: web.StreamResponse,
+                           follower: AgentFollower) -> None:
+    """An agent's stream: its shared frames, a chunk at a time (at most
+    AGENT_FOLLOWER_BURST bytes per turn of the loop, so that many followers cannot hold
+    it), and keep-alive comments while it is silent. A client that does not read holds its
+    connection's buffers (about two chunks in the daemon, AGENT_FOLLOWER_SNDBUF in the
+    kernel) and is cut off once it fell behind the kept events, or after SSE_STALL seconds
+    without progress; it can follow again with Last-Event-ID. A client gone is noticed
+    within AGENT_FOLLOWER_CHECK seconds, even while the agent is silent."""
+    writing_since, last_write = 0.0, time.monotonic()
+    if request.transport is not None \
+            and (sock := request.transport.get_extra_info("socket")) is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, AGENT_FOLLOWER_SNDBUF)
+
+    async def feed() -> None:
+        nonlocal writing_since, last_write
+        burst = 0
+        try:
+            async for chunk in follower.frames():
+                writing_since = time.monotonic()
+                await response.write(chunk)
+                writing_since, last_write = 0.0, time.monotonic()
+                burst += len(chunk)
+                if burst >= AGENT_FOLLOWER_BURST:
+                    burst = 0
+                    await asyncio.sleep(0)
+        except FellBehind:
+            if request.transport is not None:
+                request.transport.abort()
+
+    async def watch() -> None:
+        nonlocal last_write
+        while (transport := request.transport) is not None and not transport.is_closing():
+            now = time.monotonic()
+            if writing_since and (follower.behind or now - writing_since > SSE_STALL):
+                transport.abort()
+            elif not writing_since and now - last_write >= SSE_KEEPALIVE \
+                    and not transport.get_write_buffer_size():
+                last_write = now
+                await response.write(b": keepalive\n\n")
+            await asyncio.sleep(AGENT_FOLLOWER_CHECK)
+    feeding, watching = asyncio.ensure_future(feed()), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({feeding, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        feeding.cancel()
+        watching.cancel()
+    if feeding.done() and not feeding.cancelled():
+        feeding.result()  # raises what ended it, if anything did
 
 
 # -- sessions ---------------------------------------------------------------------

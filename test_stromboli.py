@@ -1696,18 +1696,37 @@ def fast_agent(max_bytes: int = 1 << 20) -> tuple["stromboli.Agent", list]:
     return stromboli.Agent.new(req, max_bytes, lambda a: saved.append(a.status)), saved
 
 
+def event_body(event: "stromboli.AgentEvent") -> dict:
+    """The Event JSON of a kept frame: its one `data:` line."""
+    return json.loads(event.frame.partition(b"\ndata: ")[2])
+
+
+def sse_events(stream: bytes) -> list[tuple[str | None, str, str]]:
+    """(id, event, data) of each frame of an SSE byte stream."""
+    found = []
+    for frame in stream.decode().split("\n\n")[:-1]:
+        fields = dict(line.split(": ", 1) for line in frame.split("\n"))
+        found.append((fields.get("id"), fields["event"], fields["data"]))
+    return found
+
+
+async def followed(follower: "stromboli.AgentFollower", chunks: list[bytes]) -> None:
+    async for chunk in follower.frames():
+        chunks.append(chunk)
+
+
 @pytest.mark.fast
 def test_agent_lines_become_events_and_a_result_ends_the_turn():
     async def scenario():
         agent, saved = fast_agent()
-        agent.on_line(1, '{"type":"system","subtype":"init"}')
+        await agent.on_line(1, '{"type":"system","subtype":"init"}')
         assert agent.status == "idle" and saved == ["idle"]
         agent.status, agent.turn_id = "generating", "turn-1"
-        agent.on_line(2, "warning: something")
-        agent.on_line(1, json.dumps({"type": "result", "usage": {
+        await agent.on_line(2, "warning: something")
+        await agent.on_line(1, json.dumps({"type": "result", "usage": {
             "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 1},
             "modelUsage": {"claude-sonnet-4[1m]": {}}}))
-        events = [(i, k, json.loads(d)) for i, k, d in agent.events]
+        events = [(e.seq, e.kind, event_body(e)) for e in agent.events]
         assert [i for i, _, _ in events] == [1, 2, 3, 4]
         assert [k for _, k, _ in events] == ["output", "error", "output", "turn_end"]
         assert events[1][2]["error"] == "[stderr] warning: something"
@@ -1715,6 +1734,22 @@ def test_agent_lines_become_events_and_a_result_ends_the_turn():
         assert end["turn_id"] == "turn-1" and end["usage"]["model"] == "claude-sonnet-4"
         assert end["usage"]["total_tokens"] == 16 and end["usage"]["estimated_cost_usd"] > 0
         assert (agent.status, agent.turns_completed, agent.turn_id) == ("idle", 1, "")
+        assert sse_events(agent.events[0].frame) == [
+            ("1", "output", json.dumps(event_body(agent.events[0]), separators=(",", ":")))]
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_output_is_no_activity_but_a_turn_is():
+    async def scenario():
+        agent, _ = fast_agent()
+        agent.last_activity = 1000.0
+        await agent.on_line(1, '{"type":"system","subtype":"init"}')
+        await agent.on_line(2, "tick")
+        assert agent.last_activity == 1000.0  # the agent's own output: not a client's turn
+        agent.status, agent.turn_id = "generating", "turn-1"
+        await agent.on_line(1, '{"type":"result"}')
+        assert agent.status == "idle" and agent.last_activity > time.time() - 5
     asyncio.run(scenario())
 
 
@@ -1728,8 +1763,8 @@ def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
     async def scenario():
         agent, _ = fast_agent()
         agent.status, agent.turn_id = "generating", "turn-1"
-        agent.on_line(1, line)
-        end = json.loads(agent.events[-1][2])
+        await agent.on_line(1, line)
+        end = event_body(agent.events[-1])
         assert end["type"] == "turn_end" and "usage" not in end and agent.status == "idle"
     asyncio.run(scenario())
 
@@ -1738,9 +1773,9 @@ def test_agent_result_with_hostile_usage_still_ends_the_turn(line):
 def test_agent_output_cannot_break_the_parser_or_fake_a_turn():
     async def scenario():
         agent, saved = fast_agent()
-        agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
-        agent.on_line(1, '{"type":"result"}')  # no turn running: only output
-        assert [k for _, k, _ in agent.events] == ["output", "output"]
+        await agent.on_line(1, '{"type":"result","x":' + "[" * 200_000)  # deep: RecursionError
+        await agent.on_line(1, '{"type":"result"}')  # no turn running: only output
+        assert [e.kind for e in agent.events] == ["output", "output"]
         assert (agent.status, agent.turns_completed) == ("idle", 0)
     asyncio.run(scenario())
 
@@ -1750,34 +1785,103 @@ def test_agent_follow_replays_after_an_id_then_ends_with_closed():
     async def scenario():
         agent, _ = fast_agent()
         for n in range(5):
-            agent.on_line(1, f"line {n}")
-        seen = []
-
-        async def follow():
-            async for event_id, kind, _ in agent.follow(3):
-                seen.append((event_id, kind))
-        follower = asyncio.ensure_future(follow())
-        await asyncio.sleep(0.01)
-        assert seen == [(4, "output"), (5, "output")] and not follower.done()
-        agent.finish("agent: idle timeout reached")
-        await asyncio.wait_for(follower, 2)
-        assert seen[2:] == [(6, "exited"), (6, "closed")]
-        assert json.loads(agent.events[-1][2])["error"] == "agent: idle timeout reached"
+            await agent.on_line(1, f"line {n}")
+        chunks: list[bytes] = []
+        with agent.follower(3, 10) as follower:
+            following = asyncio.ensure_future(followed(follower, chunks))
+            await asyncio.sleep(0.01)
+            assert [(i, k) for i, k, _ in sse_events(b"".join(chunks))] == [
+                ("4", "output"), ("5", "output")] and not following.done()
+            agent.finish("agent: idle timeout reached")
+            await asyncio.wait_for(following, 2)
+        events = sse_events(b"".join(chunks))
+        assert [(i, k) for i, k, _ in events[2:]] == [("6", "exited"), ("6", "closed")]
+        assert json.loads(events[2][2])["error"] == "agent: idle timeout reached"
+        assert events[3][2] == "{}" and not agent.followers
     asyncio.run(scenario())
 
 
 @pytest.mark.fast
-def test_agent_events_are_bounded_and_a_slow_follower_skips_ahead():
+def test_agent_events_are_bounded_and_a_late_follower_starts_at_the_oldest_kept():
     async def scenario():
         agent, _ = fast_agent(max_bytes=10_000)
         for n in range(3000):
-            agent.on_line(1, f"{n:0100d}")
+            await agent.on_line(1, f"{n:0100d}")
         kept = list(agent.events)
-        assert sum(len(d) for _, _, d in kept) <= 10_000 and kept[-1][0] == 3000
-        ids = [i for i, _, _ in kept]
+        assert sum(len(e.frame) for e in kept) <= 10_000 and kept[-1].seq == 3000
+        ids = [e.seq for e in kept]
         assert ids == list(range(ids[0], 3001))
-        first = await agent.follow(0).__anext__()
-        assert first[0] == ids[0]  # the oldest kept, not a hole
+        with agent.follower(0, 10) as follower:
+            first = await follower.frames().__anext__()
+        assert sse_events(first)[0][0] == str(ids[0])  # the oldest kept, not a hole
+        assert [int(i) for i, _, _ in sse_events(first)] == ids  # small events: one write
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_a_large_event_is_written_in_chunks_and_held_by_no_follower():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=64 << 20)
+        mixed = ('\x01a"\\\n\U0001F600é' * 20_000)[:99_999]  # cut anywhere, in pieces
+        await agent.on_line(2, mixed)
+        assert event_body(agent.events[-1]) == json.loads(stromboli.AgentEvent.body(
+            "error", event_body(agent.events[-1])["at"], error=f"[stderr] {mixed}"
+        ).partition(b"data: ")[2])
+        await agent.on_line(1, "\x01" * (1 << 20))  # 6 MiB of JSON, encoded in pieces
+        frame = agent.events[-1].frame
+        assert len(frame) > 6 << 20 and event_body(agent.events[-1])["content"] == \
+            "\x01" * (1 << 20)
+        with agent.follower(1, 10) as one, agent.follower(1, 10) as two:
+            chunks = [await one.frames().__anext__() for _ in range(3)]
+            assert all(len(c) == stromboli.AGENT_FOLLOWER_CHUNK for c in chunks)
+            assert b"".join(chunks) == frame[:3 * stromboli.AGENT_FOLLOWER_CHUNK]
+            assert (one.cursor, one.offset) == (1, 3 * stromboli.AGENT_FOLLOWER_CHUNK)
+            assert (two.cursor, two.offset) == (1, 0)  # followers share the frame, not copy it
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_a_follower_that_fell_behind_is_dropped():
+    async def scenario():
+        agent, _ = fast_agent(max_bytes=250_000)
+        await agent.on_line(1, "a" * 30_000)
+        with agent.follower(0, 10) as between, agent.follower(0, 10) as inside, \
+                agent.follower(0, 10) as late:
+            await between.frames().__anext__()  # event 1, whole
+            await agent.on_line(1, "b" * 100_000)
+            await inside.frames().__anext__()  # event 1 and the start of event 2
+            assert (between.cursor, between.offset) == (1, 0)
+            assert inside.cursor == 1 and inside.offset > 0
+            for _ in range(3):
+                await agent.on_line(1, "c" * 100_000)
+            assert agent.events[0].seq == 4  # events 1-3 are let go
+            assert between.behind and inside.behind and not late.behind
+            last = [chunk async for chunk in between.frames()]
+            assert len(last) == 1 and [(i, k) for i, k, _ in sse_events(last[0])] == [
+                (None, "error")]  # no id: its Last-Event-ID stays the last event it got
+            assert json.loads(sse_events(last[0])[0][2])["error"] == \
+                stromboli.AGENT_FELL_BEHIND
+            with pytest.raises(stromboli.FellBehind):
+                await inside.frames().__anext__()
+            first = await late.frames().__anext__()  # one that had not started: the oldest kept
+            assert first.startswith(b"id: 4\n")
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_agent_followers_are_capped():
+    async def scenario():
+        agent, _ = fast_agent()
+        with agent.follower(-1, 2), agent.follower(-1, 2):
+            with pytest.raises(stromboli.ApiError) as refused:
+                with agent.follower(-1, 2):
+                    pass
+            assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+            assert refused.value.message == ("agent: 2 clients follow this agent already "
+                                             "(agent.max_followers); retry later")
+        assert not agent.followers
+        with agent.follower(-1, 2):  # free again
+            pass
     asyncio.run(scenario())
 
 
@@ -3589,6 +3693,93 @@ def test_agent_api_podman_timeout_bounds_its_lifetime(daemon, new_agent):
                what="the agent's container removed")
 
 
+def test_agent_api_its_own_output_does_not_keep_an_idle_agent_alive(daemon, new_agent):
+    """A detached loop printing a line every second (started by a hook: its stdout is the
+    container's) is no client's turn: the agent still ends once idle (issue 18, item 6)."""
+    ticking = "(while true; do echo tick; sleep 1; done) &"
+    created = new_agent(daemon, idle_timeout_seconds=3,
+                        podman={"lifecycle": {"post_start": [ticking]}})
+    with AgentStream(daemon, created["id"]) as stream:
+        events = stream.read(timeout=40)  # to its end
+        assert stream.ended
+    ticks = [e for e in events if e.event == "output" and e.body["content"] == "tick"]
+    assert len(ticks) >= 2, events[-5:]  # it kept printing
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events[-5:]
+    assert events[-2].body["error"] == IDLE_TIMEOUT_REACHED
+    snapshot = agent_snapshot(daemon, created["id"])
+    assert snapshot["last_activity_at"] == created["last_activity_at"]  # no turn: no activity
+
+
+def test_agent_api_max_lifetime_ends_even_a_busy_agent(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_AGENT_MAX_LIFETIME="6s")
+    created = new_agent(d, prompt="sleep 60 then answer", disable_idle_timeout=True)
+    with AgentStream(d, created["id"]) as stream:
+        events = stream.read(timeout=45)  # to its end
+        assert stream.ended
+    lifetime = "agent: maximum lifetime reached (6s since its creation; agent.max_lifetime)"
+    assert [e.event for e in events[-2:]] == ["exited", "closed"], events[-5:]
+    assert events[-2].body["error"] == lifetime
+    assert "turn_start" in [e.event for e in events] and "turn_end" not in [
+        e.event for e in events]  # its turn was still running: nothing spares it
+    snapshot = agent_snapshot(d, created["id"])
+    assert snapshot["status"] == "exited" and snapshot["exit_error"] == lifetime
+    assert parse_time(events[-2].body["at"]) - parse_time(created["created_at"]) >= 6
+    wait_until(lambda: not agent_containers(f"stromboli.agent={created['id']}"), 10,
+               what="the agent's container removed")
+
+
+def stream_status(d: Daemon, agent_id: str) -> httpx.Response:
+    """GET /agents/{id}/stream, closed as soon as the answer's head is in."""
+    with httpx.Client(base_url=d.url, timeout=10) as client, \
+            client.stream("GET", f"/agents/{agent_id}/stream") as response:
+        if response.status_code != 200:
+            response.read()
+        return response
+
+
+def test_agent_api_followers_past_the_cap_get_429(make_daemon, new_agent):
+    d = make_daemon(STROMBOLI_AGENT_MAX_FOLLOWERS="2")
+    agent_id = new_agent(d)["id"]
+    with AgentStream(d, agent_id), AgentStream(d, agent_id):
+        r = stream_status(d, agent_id)
+        assert r.status_code == 429, r.status_code
+        assert r.json() == {"error": "agent: 2 clients follow this agent already "
+                                     "(agent.max_followers); retry later"}
+        assert int(r.headers["Retry-After"]) > 0
+    # once they went away, there is room again (the daemon notices within a second)
+    wait_until(lambda: stream_status(d, agent_id).status_code == 200, 10, 0.5,
+               "a follower admitted again")
+    assert d.http.get(f"/agents/{agent_id}").json()["status"] != "exited"
+
+
+def test_agent_api_a_revived_agent_is_checked_against_the_configuration_in_force(
+        make_daemon, new_agent, tmp_path):
+    """An agent created with an image the allowlist then allowed is not started again by
+    a daemon whose allowlist refuses it (issue 18, item 10): it is exited, saying why."""
+    state = tmp_path / "state"
+    d = make_daemon(state_dir=state, STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS=IMAGE)
+    created = new_agent(d, prompt="hello", podman={"image": IMAGE})
+    agent_id = created["id"]
+    with AgentStream(d, agent_id) as stream:
+        stream.read(turn_ended())
+    d.stop()
+    again = make_daemon(state_dir=state,
+                        STROMBOLI_AGENT_ALLOWED_IMAGE_PATTERNS="localhost/another-image:*")
+    snapshot = wait_agent(again, agent_id, "exited", timeout=30)
+    refused = ("agent: could not be started again after the daemon restarted: the "
+               "configuration now in force refuses its request: image validation failed: "
+               f'image "{IMAGE}" not in allowed patterns')
+    assert snapshot["exit_error"] == refused
+    assert agent_containers(f"stromboli.agent={agent_id}") == []  # never started
+    with AgentStream(again, agent_id) as stream:
+        events = stream.read(timeout=20)
+        assert stream.ended
+    assert [e.event for e in events[-2:]] == ["exited", "closed"]
+    assert events[-2].body["error"] == refused
+    r = again.http.post(f"/agents/{agent_id}/send", json={"prompt": "hello"})
+    assert r.status_code == 410 and r.json() == AGENT_EXITED, r.text
+
+
 def test_agent_api_concurrent_sends_start_one_turn(daemon, new_agent):
     agent_id = new_agent(daemon)["id"]
     barrier = threading.Barrier(4)
@@ -4457,6 +4648,30 @@ def agent_events(d: Daemon, agent_id: str, until: str, after: int | None = None,
     raise AssertionError(f"the stream ended without {until}: {[e.event for e in found]}")
 
 
+AGENT_FELL_BEHIND = ("agent: stream: this client fell behind the agent's kept events and is "
+                     "dropped; follow again with Last-Event-ID")
+
+
+def agent_events_through_drops(d: Daemon, agent_id: str, until: str,
+                              timeout: float = 120) -> list:
+    """agent_events from the start, following again with Last-Event-ID each time the daemon
+    drops the stream for falling behind the kept events (as clients are told to)."""
+    found: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        headers = {"Last-Event-ID": found[-1].id} if found and found[-1].id else {}
+        with httpx.Client(base_url=d.url, timeout=timeout) as client, connect_sse(
+                client, "GET", f"/agents/{agent_id}/stream", headers=headers) as source:
+            for event in source.iter_sse():
+                found.append(event)
+                if event.event == until:
+                    return found
+        dropped = found and found[-1].event == "error" and \
+            json.loads(found[-1].data)["error"] == AGENT_FELL_BEHIND
+        assert dropped, f"the stream ended without {until}: {[e.event for e in found[-5:]]}"
+    raise AssertionError(f"no {until} within {timeout}s")
+
+
 def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsive(make_daemon):
     """100,000 lines and one 20 MB line on an agent's stdout (a hook's, since the agent
     itself cannot open the container's stdout): the daemon keeps at most its window of
@@ -4470,7 +4685,7 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
         assert r.status_code == 201, r.text
         agent = r.json()["id"]
         turn = d.http.post(f"/agents/{agent}/send", json={"prompt": "hello"}).json()["turn_id"]
-        agent_events(d, agent, "turn_end", timeout=120)  # live, through the flood
+        agent_events_through_drops(d, agent, "turn_end")  # live, through the flood
     assert max(latencies) < 5, f"/health took {max(latencies):.1f}s during the flood"
     events = agent_events(d, agent, "turn_end", after=0)  # the window kept for replays
     kept = [e for e in events if e.event in ("output", "error")]
@@ -4480,6 +4695,72 @@ def test_persistent_agent_output_flood_is_bounded_and_the_daemon_stays_responsiv
     cut = [e for e in kept if "[stromboli: line truncated, 19934464 bytes dropped]" in e.data]
     assert len(cut) == 1 and len(json.loads(cut[0].data)["content"]) < 65536 + 100
     assert json.loads(events[-1].data)["turn_id"] == turn
+    assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
+    assert d.http.delete(f"/agents/{agent}").status_code == 204
+
+
+def served_connections(port: int) -> int:
+    """Established TCP connections whose local port is `port`: the daemon's side of them."""
+    count = 0
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
+@contextlib.contextmanager
+def peak_rss_kib(pid: int):
+    """The peak VmRSS of a process, sampled every 50 ms while the block runs (a list of
+    one value, filled at the end)."""
+    peak, stop = [memory_kib(pid, "VmRSS")], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            peak[0] = max(peak[0], memory_kib(pid, "VmRSS"))
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def test_stalled_followers_of_a_flooding_agent_are_dropped_and_cost_little(make_daemon):
+    """200 clients follow an agent that prints 1 MiB lines of control characters (6 MiB
+    events in JSON) and never read (issue 18, item 3): the daemon keeps one copy of each
+    event, not one per follower, encodes the big ones off the event loop, drops the
+    followers once they fell behind, and /health answers within a second throughout."""
+    d = make_daemon(STROMBOLI_AGENT_MAX_FOLLOWERS="250")
+    lines = 30
+    flood = ("sleep 5; i=0; while [ $i -lt %d ]; do head -c 1048575 /dev/zero | tr '\\0' "
+             "'\\1'; echo; i=$((i+1)); done; echo flood-done" % lines)
+    r = d.http.post("/agents", json={"podman": {"lifecycle": {"post_start": [flood]}}})
+    assert r.status_code == 201, r.text
+    agent = r.json()["id"]
+    request = (f"GET /agents/{agent}/stream HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n"
+               "\r\n").encode()
+    baseline = memory_kib(d.proc.pid, "VmRSS")
+    stalled: list[socket.socket] = []
+    try:
+        with health_latencies(d) as latencies, peak_rss_kib(d.proc.pid) as peak:
+            for _ in range(200):
+                follower = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                stalled.append(follower)
+                follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                follower.connect(("127.0.0.1", d.port))
+                follower.sendall(request)  # and never a read
+            wait_until(lambda: served_connections(d.port) >= 200, 10, 0.2,
+                       "the 200 followers served")
+            wait_until(lambda: served_connections(d.port) < 5, 40, 0.5,
+                       "the stalled followers dropped")
+            last = agent_events(d, agent, "output", after=lines, timeout=120)[-1]
+            assert (last.id, json.loads(last.data)["content"]) == (str(lines + 1), "flood-done")
+    finally:
+        for follower in stalled:
+            follower.close()
+    assert max(latencies) < 1, f"/health took {max(latencies):.1f}s"
+    assert peak[0] - baseline < 150 * 1024, f"RSS {baseline} → {peak[0]} KiB"
     assert memory_kib(d.proc.pid, "VmRSS") - baseline < 150 * 1024
     assert d.http.delete(f"/agents/{agent}").status_code == 204
 
