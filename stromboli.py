@@ -483,7 +483,7 @@ class Config:
         return flat
 
     def validate(self) -> list[str]:
-        """Startup checks; upstream's messages where upstream has them (U§13.3)."""
+        """Startup checks; upstream's messages where upstream has them."""
         errors = []
         hint = "generate one with: openssl rand -base64 32"
         secret = self.jwt_secret.strip()
@@ -1501,8 +1501,8 @@ def short_error(exc: BaseException) -> str:
 # Claude — option → argv mapping, output parsing, usage and cost, crash info
 # ---------------------------------------------------------------------------
 
-# (JSON field, kind, CLI flag, description, example) in upstream's argv order (U§4.2,
-# U§6.2): these rows parse requests, build argv and write the OpenAPI document.
+# (JSON field, kind, CLI flag, description, example) in upstream's argv order: these rows
+# parse requests, build argv and write the OpenAPI document.
 CLAUDE_FLAGS: tuple[tuple[str, str, str, str, Any], ...] = (
     ("no_persistence", "bool", "--no-session-persistence", "Don't save session to disk", False),
     ("model", "str", "--model", "Model alias (sonnet, opus, haiku) or full name", "sonnet"),
@@ -1622,7 +1622,7 @@ def validate_claude_options(options: Any) -> dict:
 
 
 def claude_argv(options: dict, session_flags: list[str]) -> list[str]:
-    """The `claude` command line for one run (U§6.2). The prompt is not in it: the CLI
+    """The `claude` command line for one run (upstream's flags). The prompt is not in it: the CLI
     reads it on stdin, so that it shows in no process list and has no size limit."""
     argv = ["claude", "-p", *session_flags]
     for name, kind, flag, *_ in CLAUDE_FLAGS:
@@ -1649,7 +1649,7 @@ def claude_argv(options: dict, session_flags: list[str]) -> list[str]:
 
 
 def claude_env(options: dict) -> dict[str, str]:
-    """Options that the CLI reads from its environment (U§4.2)."""
+    """Options that the CLI reads from its environment (upstream passes them so too)."""
     env = {}
     ttl = options.get("prompt_caching_ttl")
     if ttl == "1h":
@@ -1697,7 +1697,7 @@ def structured_output(output: str) -> Any:
     return None if result is None else result.get("structured_output")
 
 
-# USD per million tokens: input, output, cache write, cache read (U§4.7).
+# USD per million tokens: input, output, cache write, cache read (upstream's price table).
 PRICES = (("haiku", (0.25, 1.25, 0.30, 0.025)), ("sonnet", (3.0, 15.0, 3.75, 0.30)),
           ("opus", (15.0, 75.0, 18.75, 1.50)))
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
@@ -1721,7 +1721,7 @@ COMPLETION_MARKERS = ("No messages returned", "Task completed", "finished succes
 
 
 def crash_info(exit_code: int, output: str, reason: str | None = None) -> dict:
-    """CrashInfo for an exit by signal (exit code > 128), as U§6.8 derives it."""
+    """CrashInfo for an exit by signal (exit code > 128), as upstream derives it."""
     sig = CRASH_SIGNALS.get(exit_code - 128, f"signal {exit_code - 128}")
     partial = output[-2000:]
     if len(output) > 2000:
@@ -1846,7 +1846,7 @@ MESSAGE_TYPES = ("user", "assistant")
 
 
 def transcript_message(line: dict) -> dict | None:
-    """A transcript line as upstream's history Message (U§7.3); None for the CLI's own
+    """A transcript line as upstream's history Message; None for the CLI's own
     bookkeeping lines (attachments, modes, titles, summaries, queue operations...), which
     are no conversation and whose types upstream's document does not know."""
     if line.get("type") not in MESSAGE_TYPES:
@@ -2731,7 +2731,7 @@ def shell_quote(arg: str) -> str:
 
 
 def check_workdir(workdir: str) -> None:
-    """U§12.3, with upstream's messages."""
+    """Upstream's workdir rules, with upstream's messages."""
     prefix = "workdir validation failed: "
     if len(workdir) > 4096:
         raise BadRequest(prefix + "workdir path too long (max 4096 characters)")
@@ -2759,7 +2759,7 @@ def image_matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def check_image(cfg: Config, image: str) -> None:
-    """U§12.4: the allowlist, and the CLI-mount compatibility check."""
+    """Upstream's image rules: the allowlist, and the CLI-mount compatibility check."""
     prefix = "image validation failed: "
     if len(image) > 255 or not IMAGE_NAME_RE.match(image) or ".." in image:
         raise BadRequest(f"{prefix}invalid image name format")
@@ -2784,7 +2784,7 @@ class Volume(NamedTuple):
 
 
 def check_volume(cfg: Config, volume: str) -> Volume:
-    """U§12.2: parse and validate one `host:container[:options]` entry. A pure check (the
+    """Upstream's volume rules: parse and validate one `host:container[:options]` entry. A pure check (the
     allowlist by the path's letters): the host path is opened, never following a link, only
     when its container is made (open_volume)."""
     prefix = "volume validation failed: "
@@ -2842,7 +2842,7 @@ def volume_root(cfg: Config, host: str) -> tuple[str, list[str]] | None:
 
 
 def check_secrets_env(mapping: dict[str, str]) -> None:
-    """U§12.5."""
+    """Upstream's `secrets_env` rules, with upstream's messages."""
     prefix = "secrets validation failed: "
     if len(mapping) > 50:
         raise BadRequest(f"{prefix}too many secrets requested ({len(mapping)}), maximum is 50")
@@ -2864,7 +2864,7 @@ def check_secrets_env(mapping: dict[str, str]) -> None:
 
 
 def check_hooks(hooks: dict) -> dict[str, list[str]]:
-    """U§4.4 limits; each element is one shell command."""
+    """Upstream's lifecycle hook limits; each element is one shell command."""
     prefix = "lifecycle hooks validation failed: "
     checked, total, size = {}, 0, 0
     for key in HOOK_KEYS:
@@ -2905,7 +2905,7 @@ def check_environment(environment: dict) -> None:
 
 @dataclasses.dataclass
 class RunRequest:
-    """A validated run request (RunRequest of U§4.1)."""
+    """A validated run request (upstream's RunRequest)."""
 
     prompt: str
     workdir: str = ""
@@ -4310,7 +4310,7 @@ def job_response(job: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 AGENT_IDLE_TIMEOUT = 1800  # seconds (upstream's default)
-AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (U§5.17)
+AGENT_STOP_GRACE = 5.0  # after closing stdin, then after SIGTERM (as upstream)
 AGENT_EVENTS_KEPT = 1000  # per agent, for Last-Event-ID (and at most agent.max_output bytes)
 AGENT_EVENTS_KEPT_EXITED = 100
 AGENT_SEND_TIMEOUT = 10.0
@@ -4357,7 +4357,7 @@ def error_text(exc: Exception) -> str:
 
 @dataclasses.dataclass
 class AgentRequest:
-    """A validated CreateRequest (U§5.17); `podman` options are an extension."""
+    """A validated CreateRequest (upstream's); `podman` options are an extension."""
 
     run: RunRequest  # what the container needs; the prompt is the first turn
     prompt: str = ""
@@ -4405,7 +4405,7 @@ class AgentEvent:
 
     @staticmethod
     def body(kind: str, at: str, **details: Any) -> bytes:
-        """An Event (U§5.17: type, the details that are set, at) as an SSE frame, but its
+        """An Event (upstream's agent event: type, the details that are set, at) as an SSE frame, but its
         `id:` line."""
         data = json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
         return f"event: {kind}\ndata: {data}\n\n".encode()
@@ -4554,7 +4554,7 @@ class Agent:
             self._on_change(self)
 
     async def send(self, prompt: str) -> str:
-        """Write one turn to the process's stdin (U§5.17's statuses) → its turn id."""
+        """Write one turn to the process's stdin (upstream's statuses) → its turn id."""
         if self.status == "exited":
             raise ApiError(410, "agent: process has exited")
         if self.stdin is None:
@@ -4946,7 +4946,7 @@ class AgentManager:
                 await agent.on_line(stream, line)
 
     async def _stop(self, agent: Agent, cid: str, pump: asyncio.Future) -> None:
-        """Close its stdin, then SIGTERM, then SIGKILL, a grace period apart (U§5.17)."""
+        """Close its stdin, then SIGTERM, then SIGKILL, a grace period apart (as upstream)."""
         with contextlib.suppress(OSError, RuntimeError, AttributeError):
             agent.stdin.write_eof()
         for sig in ("SIGTERM", "SIGKILL"):
@@ -5249,7 +5249,7 @@ class FailureBudget(Buckets):
 
 
 class RateLimiter:
-    """Per-IP request buckets (U§9) and, apart from them, per-IP budgets of failed
+    """Per-IP request buckets (upstream's) and, apart from them, per-IP budgets of failed
     authentications (on even when rate limiting is off), so that tokens cannot be
     guessed at speed."""
 
@@ -5461,7 +5461,8 @@ def split_reference(reference: str) -> tuple[str, str]:
 
 
 def image_info(image_id: str, reference: str, size: int, created: Any, labels: dict) -> dict:
-    """ImageInfoResponse (U§10): rank from the stromboli labels, then from the name."""
+    """ImageInfoResponse (upstream's ranking): rank from the stromboli labels, then from
+    the name."""
     repository, tag = split_reference(reference)
     labels = labels or {}
     name = repository.lower() + ("" if tag == "latest" else f":{tag}")
@@ -6588,7 +6589,7 @@ def http_exception_response(exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def perimeter(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Browser checks, rate limit, then auth, as the route table marks each route (U§3).
+    """Browser checks, rate limit, then auth, as the route table marks each route.
     The credential is checked before the failed-auth budget: past the budget, an IP's
     failed attempts get 429, but a valid credential is always served (whoever shares the
     address cannot lock its owner out with wrong tokens)."""
@@ -6883,7 +6884,7 @@ async def sse_response(request: web.Request, run_id: str) -> web.StreamResponse:
 
 
 async def write_feed(request: web.Request, response: web.StreamResponse, events: Any) -> None:
-    """SSE framing of U§5.5: raw `data:` lines, then `event: done` or `event: error`.
+    """Upstream's SSE framing: raw `data:` lines, then `event: done` or `event: error`.
     Each event carries an `id:` so a client can resume with Last-Event-ID. A client that
     stops reading holds only the transport's buffer, and is dropped after SSE_STALL
     seconds without progress (it can resume with Last-Event-ID)."""
@@ -7196,7 +7197,7 @@ def path_session_id(request: web.Request) -> str:
 
 
 def page_params(request: web.Request, default: int, maximum: int) -> tuple[int, int]:
-    """offset/limit query parameters: invalid or negative values fall back (U§5.12)."""
+    """offset/limit query parameters: invalid or negative values fall back (as upstream)."""
     def number(name: str, fallback: int) -> int:
         try:
             value = int(request.query.get(name, ""))

@@ -1,7 +1,7 @@
 """Tests for stromboli: the real daemon over HTTP, real Podman, the real Claude Code CLI.
 
-Only the Anthropic Messages API is stood in for, by the scripted model server below
-(CONTRACT §5): its reply is chosen by the prompt.
+Only the Anthropic Messages API is stood in for (it cannot be reached from the tests), by
+the scripted model server below: its reply is chosen by the prompt.
 
   "hello"            → text "Hello from the scripted model"
   "bash: CMD"        → a Bash tool_use; after the tool_result: text "tool said: <result>"
