@@ -4405,8 +4405,8 @@ class AgentEvent:
 
     @staticmethod
     def body(kind: str, at: str, **details: Any) -> bytes:
-        """An Event (upstream's agent event: type, the details that are set, at) as an SSE frame, but its
-        `id:` line."""
+        """An Event (upstream's agent event: type, the details that are set, at) as an SSE
+        frame, but its `id:` line."""
         data = json.dumps(drop_none({"type": kind, **details, "at": at}), separators=(",", ":"))
         return f"event: {kind}\ndata: {data}\n\n".encode()
 
