@@ -2784,9 +2784,9 @@ class Volume(NamedTuple):
 
 
 def check_volume(cfg: Config, volume: str) -> Volume:
-    """Upstream's volume rules: parse and validate one `host:container[:options]` entry. A pure check (the
-    allowlist by the path's letters): the host path is opened, never following a link, only
-    when its container is made (open_volume)."""
+    """Upstream's volume rules: parse and validate one `host:container[:options]` entry.
+    A pure check (the allowlist by the path's letters): the host path is opened, never
+    following a link, only when its container is made (open_volume)."""
     prefix = "volume validation failed: "
     parts = volume.split(":")
     if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
