@@ -2984,32 +2984,29 @@ def followers_report(args) -> dict:
             "loadavg_before": open("/proc/loadavg").read().split()[:3]}
 
 
-def followers(args) -> int:
-    """`followers`: clients of an agent's stream that never read, during a flood."""
+def agent_stream_mode(args, name: str, bench) -> int:
+    """Run one agent-stream bench (`followers` or `fanout`) with its own model server and
+    work folder, and print its report."""
     model = ScriptedModel()
     model.start()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-followers-"))
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"stromboli-{name}-"))
     report = followers_report(args)
     try:
-        report["stalled"] = followers_bench(args, model, workdir)
+        report[name] = bench(args, model, workdir)
     finally:
         remove_workdir(workdir)
     print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
     return 0
+
+
+def followers(args) -> int:
+    """`followers`: clients of an agent's stream that never read, during a flood."""
+    return agent_stream_mode(args, "stalled", followers_bench)
 
 
 def fanout(args) -> int:
     """`fanout`: many clients reading an agent's stream while a turn floods it."""
-    model = ScriptedModel()
-    model.start()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stromboli-fanout-"))
-    report = followers_report(args)
-    try:
-        report["fanout"] = fanout_bench(args, model, workdir)
-    finally:
-        remove_workdir(workdir)
-    print(json.dumps(report, indent=2) if args.json else followers_markdown(report))
-    return 0
+    return agent_stream_mode(args, "fanout", fanout_bench)
 
 
 # -- command line ---------------------------------------------------------------------
