@@ -1260,6 +1260,30 @@ class PodmanService:
                 self.process.kill()
 
 
+def podman_namespace_apart(podman_url: str) -> str:
+    """Why Podman would not see the daemon's mounts ("" if it would, or if nobody can tell):
+    it serves from another mount namespace — systemd's ProtectSystem=, PrivateTmp= and the
+    like give the daemon one of its own. Asked of the process behind Podman's local socket
+    (a socket-activated service's is systemd's), else of PID 1. Blocking."""
+    mine = os.stat("/proc/self/ns/mnt").st_ino
+    with contextlib.suppress(OSError):
+        if podman_url.startswith("unix://"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(podman_url.removeprefix("unix://"))
+                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid = int.from_bytes(peer[:4], sys.byteorder)
+            if os.stat(f"/proc/{pid}/ns/mnt").st_ino != mine:
+                return "Podman runs in another mount namespace"
+            return ""
+    try:
+        if os.stat("/proc/1/ns/mnt").st_ino != mine:
+            return "the daemon runs in a mount namespace of its own (systemd's " \
+                   "ProtectSystem=, PrivateTmp=...), where Podman would not see its mounts"
+    except OSError:  # not allowed to look: nothing says they differ
+        pass
+    return ""
+
+
 class Podman:
     """podman-py behind a dedicated thread pool: every call here is awaited, none blocks
     the event loop. Long calls (wait, follow logs) each hold one worker thread."""
@@ -2218,16 +2242,6 @@ def host_tool(name: str) -> str | None:
                                                      "/sbin")))
 
 
-def other_mount_namespace() -> bool:
-    """Whether the daemon runs in another mount namespace than PID 1 — and so, likely,
-    than Podman — as systemd's ProtectSystem=, PrivateTmp= and the like make it: Podman
-    would not see the daemon's mounts. Not allowed to look counts as no."""
-    try:
-        return os.stat("/proc/1/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
 # No journal (a home is scratch space, and it is made in milliseconds), no reserved blocks,
 # inode tables left as the sparse file has them (zeros) rather than written at mount.
 MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-O", "^has_journal", "-E",
@@ -2256,7 +2270,7 @@ class HomeImages:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @staticmethod
-    def unavailable() -> str | None:
+    def unavailable(podman_url: str) -> str | None:
         """Why homes cannot be images on this host, or None."""
         if os.geteuid() != 0:
             return "the daemon does not run as root"
@@ -2265,10 +2279,7 @@ class HomeImages:
         missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if not host_tool(tool)]
         if missing:
             return f"{', '.join(missing)} not found (install e2fsprogs and mount)"
-        if other_mount_namespace():
-            return "the daemon runs in a mount namespace of its own (systemd's ProtectSystem=, " \
-                   "PrivateTmp=...), where Podman would not see its mounts"
-        return None
+        return podman_namespace_apart(podman_url) or None
 
     def image(self, session_id: str) -> pathlib.Path:
         return self.folder / f"{session_id}.img"
@@ -2342,13 +2353,13 @@ class HomeImages:
         return mounted
 
 
-def session_images(cfg: Config) -> HomeImages | None:
+def session_images(cfg: Config, podman_url: str) -> HomeImages | None:
     """How session homes are made (agent.session_filesystem): images when asked for (loop)
     or possible (auto), with a warning when the quota will only be measured; ConfigError
     when loop is asked for and cannot be. Images made before are mounted whatever the
-    mode, when the host can."""
+    mode, when the host can (and Podman, at `podman_url` if known yet, sees the mounts)."""
     mode, quota = cfg.agent_session_filesystem, cfg.agent_session_quota
-    host_problem = HomeImages.unavailable()
+    host_problem = HomeImages.unavailable(podman_url)
     problem = host_problem or ("the quota is under 1m, too small for a filesystem"
                                if quota < 1024 ** 2 else None)
     if mode == "auto" and not problem and cfg.sessions_host_path != cfg.sessions_path:
@@ -3501,15 +3512,8 @@ class VolumeStaging:
             return "the daemon may not mount (no CAP_SYS_ADMIN)"
         if not podman_url.startswith("unix://"):
             return "Podman is not on a local socket"
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(podman_url.removeprefix("unix://"))
-                peer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            pid = int.from_bytes(peer[:4], sys.byteorder)
-            if not same_file(os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")):
-                return "Podman runs in another mount namespace"
-        except OSError as exc:
-            return f"Podman's mount namespace is unknown ({exc.strerror})"
+        if apart := podman_namespace_apart(podman_url):
+            return apart
         self.enabled = True
         return ""
 
@@ -6343,9 +6347,10 @@ class Stromboli:
         self.podman_service = PodmanService(cfg)
         self.podman: Podman | None = None
         self.catalog: PodmanCatalog | None = None
+        known_podman = next(iter(self.podman_service.candidates()), "")  # before any start
         self.sessions = SessionStore(cfg.sessions_path, cfg.sessions_host_path,
                                      cfg.agent_host_uid, cfg.agent_session_quota,
-                                     session_images(cfg))
+                                     session_images(cfg, known_podman))
         self.auth = Auth(cfg, self.store)
         self.limiter = RateLimiter(cfg)
         self.browsers = BrowserGuard(cfg)
